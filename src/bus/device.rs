@@ -1,0 +1,119 @@
+//! `org.hypeman.Device1`: one object per registered device, at
+//! `/org/hypeman/Devices/<id>`.
+//!
+//! The object holds only the id; every property is read through the service, so
+//! it always shows the registry and the kernel as they are now.
+
+use std::sync::Arc;
+
+use zbus::{fdo, interface, OwnedObjectPath};
+
+use super::record::Record;
+use crate::error::Error;
+use crate::service::Service;
+
+/// The object path of a device id. Ids are CUID2s (lowercase alphanumerics), which
+/// are always valid path elements.
+pub fn device_path(id: &str) -> Result<OwnedObjectPath, Error> {
+    OwnedObjectPath::try_from(format!("{}/{id}", crate::MANAGER_PATH))
+        .map_err(|e| Error::Failed(format!("device id {id} makes no valid object path: {e}")))
+}
+
+pub struct DeviceObject {
+    service: Arc<Service>,
+    id: String,
+}
+
+impl DeviceObject {
+    pub fn new(service: Arc<Service>, id: String) -> Self {
+        DeviceObject { service, id }
+    }
+
+    fn record(&self) -> fdo::Result<Record> {
+        self.service
+            .get(&self.id)
+            .map(|v| Record::from(&v))
+            .map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+}
+
+#[interface(name = "org.hypeman.Device1")]
+impl DeviceObject {
+    /// Unregisters this device; refuses while it is attached.
+    async fn delete(&self) -> Result<(), Error> {
+        self.service.delete(&self.id).await.map(|_| ())
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    #[zbus(property)]
+    fn name(&self) -> fdo::Result<String> {
+        Ok(self.record()?.name)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn pci_address(&self) -> fdo::Result<String> {
+        Ok(self.record()?.pci_address)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vendor_id(&self) -> fdo::Result<String> {
+        Ok(self.record()?.vendor_id)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn device_id(&self) -> fdo::Result<String> {
+        Ok(self.record()?.device_id)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vendor_name(&self) -> fdo::Result<String> {
+        Ok(self.record()?.vendor_name)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn device_name(&self) -> fdo::Result<String> {
+        Ok(self.record()?.device_name)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn r#type(&self) -> fdo::Result<String> {
+        Ok(self.record()?.kind)
+    }
+
+    /// The IOMMU group, -1 when the device has none (or is unplugged).
+    #[zbus(property)]
+    fn iommu_group(&self) -> fdo::Result<i64> {
+        Ok(self.record()?.iommu_group.unwrap_or(-1))
+    }
+
+    /// The bound driver, "" when none.
+    #[zbus(property)]
+    fn driver(&self) -> fdo::Result<String> {
+        Ok(self.record()?.driver.unwrap_or_default())
+    }
+
+    #[zbus(property)]
+    fn bound_to_vfio(&self) -> fdo::Result<bool> {
+        Ok(self.record()?.bound_to_vfio)
+    }
+
+    /// The instance holding the device, "" when none.
+    #[zbus(property)]
+    fn attached_to(&self) -> fdo::Result<String> {
+        Ok(self.record()?.attached_to.unwrap_or_default())
+    }
+
+    #[zbus(property)]
+    fn present(&self) -> fdo::Result<bool> {
+        Ok(self.record()?.present)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn created_at(&self) -> fdo::Result<String> {
+        Ok(self.record()?.created_at)
+    }
+}

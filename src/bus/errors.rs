@@ -1,0 +1,32 @@
+//! How service errors travel on the bus: `org.hypeman.Devices.Error.<Name>` with
+//! the human message as the error's description.
+
+use zbus::message::{Header, Message};
+use zbus::names::ErrorName;
+use zbus::DBusError;
+
+use crate::error::Error;
+
+/// Prefix of every error name the daemon sends.
+pub const ERROR_PREFIX: &str = "org.hypeman.Devices.Error";
+
+/// Every full error name, for clients and tests.
+pub fn error_name(short: &str) -> String {
+    format!("{ERROR_PREFIX}.{short}")
+}
+
+impl DBusError for Error {
+    fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
+        let message = self.to_string();
+        Message::error(call, self.name()).build(&(message,))
+    }
+
+    fn name(&self) -> ErrorName<'_> {
+        // Every dbus_name() is a fixed identifier, so the full name is valid.
+        ErrorName::from_string_unchecked(error_name(self.dbus_name()))
+    }
+
+    fn description(&self) -> Option<&str> {
+        None
+    }
+}

@@ -1,0 +1,108 @@
+//! `hypemand`'s life: load, reconcile, serve, and shut down once, properly.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::bus::{self, BusChoice, ServeError};
+use crate::host::sim::{FixtureError, SimHost};
+use crate::host::sysfs::SysfsHost;
+use crate::host::Host;
+use crate::pci::PciIds;
+use crate::registry::store::{Loaded, Store, StoreError};
+use crate::service::Service;
+
+/// Everything `hypemand` can be told on its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub bus: BusChoice,
+    pub state_dir: PathBuf,
+    pub sysfs_root: PathBuf,
+    pub simulate: Option<PathBuf>,
+}
+
+/// Why the daemon stopped with a failure. Each kind has its own exit status (see
+/// README "Exit status"), so a supervisor can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StoreError),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
+    #[error(transparent)]
+    Bus(#[from] ServeError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Exit statuses. 2 is left to the argument parser (bad options).
+pub mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const STATE: u8 = 3;
+    pub const NAME_TAKEN: u8 = 4;
+    pub const BUS: u8 = 5;
+    pub const HOST: u8 = 6;
+}
+
+impl DaemonError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::State(_) | DaemonError::StateDir { .. } => exit::STATE,
+            DaemonError::Fixture(_) => exit::HOST,
+            DaemonError::Bus(ServeError::NameTaken) => exit::NAME_TAKEN,
+            DaemonError::Bus(_) => exit::BUS,
+            DaemonError::Signals(_) => exit::FAILURE,
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let host: Arc<dyn Host> = match &opts.simulate {
+        Some(fixture) => Arc::new(SimHost::from_file(fixture)?),
+        None => Arc::new(SysfsHost::new(&opts.sysfs_root)),
+    };
+    std::fs::create_dir_all(&opts.state_dir).map_err(|source| DaemonError::StateDir {
+        path: opts.state_dir.clone(),
+        source,
+    })?;
+    let store = Store::new(&opts.state_dir);
+    let (registry, loaded) = store.load()?;
+    if let Loaded::MovedAside(to) = &loaded {
+        tracing::error!(moved_to = %to.display(), "started with an empty registry after moving an unreadable one aside");
+    }
+    let ids = PciIds::load();
+    tracing::info!(
+        host = %host.describe(),
+        registry = %store.path().display(),
+        devices = registry.len(),
+        pci_ids = %ids.source(),
+        "starting"
+    );
+    let service = Arc::new(Service::new(host, ids, store, registry));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Signals)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(DaemonError::Signals)?;
+
+    let conn = bus::serve(service.clone(), &opts.bus).await?;
+    tracing::info!(name = crate::BUS_NAME, "ready");
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    // Let a change that is being written finish before the name goes away.
+    service.quiesce().await;
+    if let Err(e) = conn.release_name(crate::BUS_NAME).await {
+        tracing::warn!(error = %e, "could not release the bus name");
+    }
+    Ok(())
+}

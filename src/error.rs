@@ -1,0 +1,59 @@
+//! The errors the daemon answers with. Each maps to one D-Bus error name
+//! (`org.hypeman.Devices.Error.<Name>`, see [`Error::dbus_name`]) and carries a
+//! message a person can act on.
+
+use crate::pci::AddressError;
+use crate::registry::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidPciAddress(#[from] AddressError),
+    #[error("{0}")]
+    InvalidName(ValidationError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("no PCI device {0} on this host; `hypemanctl available` lists the devices there are")]
+    DeviceNotFound(String),
+    #[error("no registered device with id or name {0:?}")]
+    NotFound(String),
+    #[error("{address} is already registered as {name} ({id})")]
+    AlreadyRegistered { address: String, name: String, id: String },
+    #[error("the name {0} is already taken by another device")]
+    NameTaken(String),
+    #[error("{name} is attached to instance {instance}; detach it first")]
+    InUse { name: String, instance: String },
+    #[error("the registry could not be saved, nothing was changed: {0}")]
+    StoreFailed(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<ValidationError> for Error {
+    fn from(e: ValidationError) -> Self {
+        match e {
+            ValidationError::Name(_) => Error::InvalidName(e),
+            ValidationError::InstanceId(_) => Error::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// The last component of the D-Bus error name.
+    pub fn dbus_name(&self) -> &'static str {
+        match self {
+            Error::InvalidPciAddress(_) => "InvalidPciAddress",
+            Error::InvalidName(_) => "InvalidName",
+            Error::InvalidArgument(_) => "InvalidArgument",
+            Error::DeviceNotFound(_) => "DeviceNotFound",
+            Error::NotFound(_) => "NotFound",
+            Error::AlreadyRegistered { .. } => "AlreadyRegistered",
+            Error::NameTaken(_) => "NameTaken",
+            Error::InUse { .. } => "InUse",
+            Error::StoreFailed(_) => "StoreFailed",
+            Error::Failed(_) => "Failed",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,254 @@
+//! The registry: which devices are set aside, under which id and name, and what
+//! the daemon must remember about each that the kernel cannot tell it again.
+
+pub mod store;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pci::{DeviceType, PciAddress};
+
+/// One registered device as the store keeps it.
+///
+/// The live state (driver, `bound_to_vfio`, presence) is deliberately absent: the
+/// kernel is the truth for it and it is read back on every query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDevice {
+    pub id: String,
+    pub name: String,
+    pub pci_address: PciAddress,
+    /// 4 lowercase hex digits, kept so an unplugged device still reports them.
+    pub vendor_id: String,
+    pub device_id: String,
+    #[serde(rename = "type")]
+    pub kind: DeviceType,
+    /// RFC 3339, UTC, whole seconds.
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<String>,
+    /// The driver the device had before the daemon moved it to vfio-pci.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_driver: Option<String>,
+    /// Whether the device should be on vfio-pci (re-claimed after a replug).
+    #[serde(default)]
+    pub want_vfio: bool,
+}
+
+/// Why a name or instance id is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("invalid name {0:?}: use 2-63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit")]
+    Name(String),
+    #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : -")]
+    InstanceId(String),
+}
+
+/// Keeps hostile input short in messages and logs.
+pub fn shorten(s: &str) -> String {
+    if s.chars().count() <= 64 {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(64).collect();
+    out.push('…');
+    out
+}
+
+/// `^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,62}$`
+pub fn validate_name(name: &str) -> Result<(), ValidationError> {
+    let b = name.as_bytes();
+    let ok = (2..=63).contains(&b.len())
+        && b[0].is_ascii_alphanumeric()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::Name(shorten(name)))
+    }
+}
+
+/// 1-128 of `[A-Za-z0-9_.:-]`.
+pub fn validate_instance_id(id: &str) -> Result<(), ValidationError> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::InstanceId(shorten(id)))
+    }
+}
+
+/// A CUID2 as we generate it: 24 lowercase alphanumerics, the first a letter.
+pub fn is_device_id(s: &str) -> bool {
+    s.len() == 24
+        && s.as_bytes()[0].is_ascii_lowercase()
+        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+/// A fresh device id.
+pub fn new_device_id() -> String {
+    loop {
+        let id = cuid2::create_id();
+        if is_device_id(&id) {
+            return id;
+        }
+    }
+}
+
+/// Now, formatted like the seed's `created_at`.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The in-memory registry: devices by id, with the uniqueness rules enforced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    devices: BTreeMap<String, StoredDevice>,
+}
+
+/// A registry invariant that a set of records breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("{address} is already registered as {name} ({id})")]
+    Address { address: PciAddress, name: String, id: String },
+    #[error("the name {0} is already taken")]
+    Name(String),
+    #[error("the id {0} is already taken")]
+    Id(String),
+}
+
+impl Registry {
+    /// Builds a registry, checking every invariant.
+    pub fn from_devices(devices: Vec<StoredDevice>) -> Result<Self, Conflict> {
+        let mut r = Registry::default();
+        for d in devices {
+            r.insert(d)?;
+        }
+        Ok(r)
+    }
+
+    pub fn insert(&mut self, d: StoredDevice) -> Result<(), Conflict> {
+        if self.devices.contains_key(&d.id) {
+            return Err(Conflict::Id(d.id));
+        }
+        if let Some(other) = self.by_address(d.pci_address) {
+            return Err(Conflict::Address {
+                address: d.pci_address,
+                name: other.name.clone(),
+                id: other.id.clone(),
+            });
+        }
+        if self.by_name(&d.name).is_some() {
+            return Err(Conflict::Name(d.name));
+        }
+        self.devices.insert(d.id.clone(), d);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<StoredDevice> {
+        self.devices.remove(id)
+    }
+
+    pub fn by_address(&self, address: PciAddress) -> Option<&StoredDevice> {
+        self.devices.values().find(|d| d.pci_address == address)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&StoredDevice> {
+        self.devices.values().find(|d| d.name == name)
+    }
+
+    /// By id first, then by exact name.
+    pub fn resolve(&self, id_or_name: &str) -> Option<&StoredDevice> {
+        self.devices.get(id_or_name).or_else(|| self.by_name(id_or_name))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &StoredDevice> {
+        self.devices.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample(addr: &str, name: &str) -> StoredDevice {
+        StoredDevice {
+            id: new_device_id(),
+            name: name.into(),
+            pci_address: PciAddress::parse(addr).unwrap(),
+            vendor_id: "10de".into(),
+            device_id: "27b8".into(),
+            kind: DeviceType::Gpu,
+            created_at: "2025-01-15T10:00:00Z".into(),
+            attached_to: None,
+            original_driver: None,
+            want_vfio: false,
+        }
+    }
+
+    #[test]
+    fn name_table() {
+        let good = ["l4-gpu", "ab", "GPU_0", "pci-0000-a2-00-0", "a.b-c_d", "0gpu", &"a".repeat(63)];
+        for n in good {
+            assert_eq!(validate_name(n), Ok(()), "{n}");
+        }
+        let long = "a".repeat(64);
+        let bad = ["", "a", "-gpu", ".gpu", "_gpu", "gpu name", "gpu/0", "../x", "gpu\n", "gpü", &long, "a\0b", "x;y"];
+        for n in bad {
+            assert!(validate_name(n).is_err(), "{n:?}");
+        }
+    }
+
+    #[test]
+    fn instance_ids() {
+        for ok in ["vm-1", "a", "inst:01.x_y", &"z".repeat(128)] {
+            assert!(validate_instance_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "vm 1", "vm/1", &"z".repeat(129), "vm\n"] {
+            assert!(validate_instance_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ids_are_cuid2() {
+        for _ in 0..100 {
+            assert!(is_device_id(&new_device_id()));
+        }
+        assert!(!is_device_id("1z4a98xxat96iws9zmbrgj3a"));
+        assert!(is_device_id("tz4a98xxat96iws9zmbrgj3a"));
+    }
+
+    #[test]
+    fn uniqueness() {
+        let mut r = Registry::default();
+        let a = sample("a2:00.0", "l4-gpu");
+        r.insert(a.clone()).unwrap();
+        let dup_addr = sample("0000:a2:00.0", "other");
+        assert!(matches!(r.insert(dup_addr), Err(Conflict::Address { .. })));
+        let dup_name = sample("a3:00.0", "l4-gpu");
+        assert_eq!(r.insert(dup_name), Err(Conflict::Name("l4-gpu".into())));
+        assert_eq!(r.resolve(&a.id).unwrap().name, "l4-gpu");
+        assert_eq!(r.resolve("l4-gpu").unwrap().id, a.id);
+        assert!(r.resolve("nope").is_none());
+    }
+
+    #[test]
+    fn timestamps_look_like_the_seed() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), "2025-01-15T10:00:00Z".len());
+        assert!(t.ends_with('Z'));
+        assert!(chrono::DateTime::parse_from_rfc3339(&t).is_ok());
+    }
+}
