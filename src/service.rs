@@ -43,6 +43,15 @@ impl DeviceView {
     }
 }
 
+fn require_key(id_or_name: &str) -> Result<()> {
+    if id_or_name.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a device id or name is required; `hypemanctl list` shows them".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A PCI function on the host, registered or not (`ListAvailable`).
 #[derive(Debug, Clone)]
 pub struct AvailableView {
@@ -211,6 +220,7 @@ impl Service {
 
     /// `Get`: one device by id or exact name.
     pub fn get(&self, id_or_name: &str) -> Result<DeviceView> {
+        require_key(id_or_name)?;
         let snapshot = self.snapshot();
         let stored = snapshot
             .resolve(id_or_name)
@@ -220,6 +230,7 @@ impl Service {
 
     /// `Delete`: unregisters. Refuses while the device is attached to an instance.
     pub async fn delete(&self, id_or_name: &str) -> Result<StoredDevice> {
+        require_key(id_or_name)?;
         let _gate = self.gate.lock().await;
         let mut next = (*self.snapshot()).clone();
         let id = next

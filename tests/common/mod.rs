@@ -1,0 +1,235 @@
+//! Shared pieces of the end-to-end tests: a private system-type `dbus-daemon`
+//! with the project's bus policy, the real `hypemand`, and the real clients
+//! (`busctl`, `gdbus`, `hypemanctl`). Every process started here is stopped by
+//! pid when its guard drops, on success and on panic alike.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const NAME: &str = "org.hypeman.Devices";
+pub const PATH: &str = "/org/hypeman/Devices";
+pub const IFACE: &str = "org.hypeman.Devices1";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("examples/hosts").join(name)
+}
+
+/// A child process that is killed (by its pid) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by pid and waits for the exit status.
+    pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status();
+        self.child.wait().expect("wait for child")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A private bus: Debian's system policy plus `dbus/org.hypeman.Devices.conf`.
+pub struct TestBus {
+    pub address: String,
+    pub dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl TestBus {
+    pub fn start() -> TestBus {
+        Self::start_with_includes(&[root().join("dbus/org.hypeman.Devices.conf")])
+    }
+
+    pub fn start_with_includes(includes: &[PathBuf]) -> TestBus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let template = std::fs::read_to_string(root().join("tests/data/system.conf.in")).expect("template");
+        let includes: String = includes
+            .iter()
+            .map(|p| format!("<include>{}</include>\n", p.display()))
+            .collect();
+        let conf = template
+            .replace("@LISTEN@", &format!("unix:path={}/bus", dir.path().display()))
+            .replace("@INCLUDES@", &includes);
+        let conf_path = dir.path().join("system.conf");
+        std::fs::write(&conf_path, conf).expect("write bus config");
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon must be installed (apt-get install dbus-daemon)");
+        let stdout = child.stdout.take().expect("stdout");
+        let proc = Proc { child };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("bus address");
+        let address = line.trim().to_string();
+        assert!(address.starts_with("unix:"), "dbus-daemon printed {address:?}");
+        TestBus { address, dir, _proc: proc }
+    }
+
+    pub fn has_owner(&self, name: &str) -> bool {
+        let out = self.busctl(&[
+            "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "NameHasOwner", "s", name,
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim() == "b true"
+    }
+
+    /// Runs `busctl --address=<bus> ARGS`.
+    pub fn busctl(&self, args: &[&str]) -> Output {
+        Command::new("busctl")
+            .arg(format!("--address={}", self.address))
+            .args(args)
+            .output()
+            .expect("busctl must be installed (apt-get install systemd)")
+    }
+
+    /// `busctl --json=short call org.hypeman.Devices <path> <iface> <method> ...`;
+    /// `Ok(data)` or `Err(stderr)`.
+    pub fn call(&self, path: &str, iface: &str, method: &str, sig_and_args: &[&str]) -> Result<Value, String> {
+        let mut args = vec!["--json=short", "call", NAME, path, iface, method];
+        args.extend_from_slice(sig_and_args);
+        let out = self.busctl(&args);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Null); // a method with no reply arguments
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok(v["data"].clone())
+    }
+
+    /// A manager method through busctl.
+    pub fn manager(&self, method: &str, sig_and_args: &[&str]) -> Result<Value, String> {
+        self.call(PATH, IFACE, method, sig_and_args)
+    }
+
+    /// Runs `gdbus call --address <bus> --dest org.hypeman.Devices ...`.
+    pub fn gdbus_call(&self, path: &str, method: &str, args: &[&str]) -> Output {
+        Command::new("gdbus")
+            .args(["call", "--address", &self.address, "--dest", NAME, "--object-path", path, "--method", method])
+            .args(args)
+            .output()
+            .expect("gdbus must be installed (apt-get install libglib2.0-bin)")
+    }
+
+    /// Runs the real `hypemanctl` against this bus.
+    pub fn hypemanctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_hypemanctl"))
+            .arg(format!("--bus={}", self.address))
+            .args(args)
+            .output()
+            .expect("run hypemanctl")
+    }
+}
+
+/// A running `hypemand` on a [`TestBus`].
+pub struct Daemon {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Daemon {
+    pub fn command(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypemand"));
+        cmd.arg(format!("--bus={}", bus.address))
+            .arg(format!("--state-dir={}", state_dir.display()))
+            .args(host_args)
+            .env("RUST_LOG", "debug");
+        cmd
+    }
+
+    /// Starts `hypemand --simulate FIXTURE` and waits until it owns its name.
+    pub fn simulate(bus: &TestBus, state_dir: &Path, fixture_name: &str) -> Daemon {
+        let f = fixture(fixture_name);
+        Self::start(bus, state_dir, &["--simulate", f.to_str().expect("utf-8 path")])
+    }
+
+    pub fn start(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Daemon {
+        let stderr_path = bus.dir.path().join(format!("hypemand-{}.log", rand_suffix()));
+        let log = std::fs::File::create(&stderr_path).expect("log file");
+        let child = Self::command(bus, state_dir, host_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hypemand");
+        let mut d = Daemon {
+            proc: Proc { child },
+            state_dir: state_dir.to_path_buf(),
+            stderr_path,
+        };
+        // A hang guard, not a timing assertion: a daemon that never comes up fails
+        // the test instead of hanging CI.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !bus.has_owner(NAME) {
+            if let Ok(Some(status)) = d.proc.child.try_wait() {
+                panic!("hypemand exited early ({status}):\n{}", d.log());
+            }
+            assert!(Instant::now() < deadline, "hypemand did not take its name:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: the crash case.
+    pub fn kill9(mut self, bus: &TestBus) {
+        self.proc.signal_and_wait("KILL");
+        wait_until(|| !bus.has_owner(NAME));
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `cond` for up to 20 s (a hang guard).
+pub fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "condition not reached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The D-Bus error name in a busctl failure message, e.g. `AlreadyRegistered`.
+/// busctl prints only the message, so the tests use gdbus where the name matters.
+pub fn gdbus_error_name(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    // "GDBus.Error:org.hypeman.Devices.Error.NotFound: message"
+    err.split("GDBus.Error:")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
