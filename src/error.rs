@@ -18,7 +18,11 @@ pub enum Error {
     #[error("no registered device with id or name {0:?}")]
     NotFound(String),
     #[error("{address} is already registered as {name} ({id})")]
-    AlreadyRegistered { address: String, name: String, id: String },
+    AlreadyRegistered {
+        address: String,
+        name: String,
+        id: String,
+    },
     #[error("the name {0} is already taken by another device")]
     NameTaken(String),
     #[error("{name} is attached to instance {instance}; detach it first")]

@@ -23,7 +23,12 @@ const SEED: &str = r#"{
 }"#;
 
 /// busctl's `{"key": {"type": "s", "data": v}}` to `{"key": v}`, with each type.
-fn unwrap_dict(v: &Value) -> (serde_json::Map<String, Value>, serde_json::Map<String, Value>) {
+fn unwrap_dict(
+    v: &Value,
+) -> (
+    serde_json::Map<String, Value>,
+    serde_json::Map<String, Value>,
+) {
     let mut data = serde_json::Map::new();
     let mut types = serde_json::Map::new();
     for (k, tv) in v.as_object().expect("a{sv}") {
@@ -36,11 +41,14 @@ fn unwrap_dict(v: &Value) -> (serde_json::Map<String, Value>, serde_json::Map<St
 fn is_cuid2(s: &str) -> bool {
     s.len() == 24
         && s.as_bytes()[0].is_ascii_lowercase()
-        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
 fn register(bus: &TestBus, addr: &str, name: &str) -> (String, serde_json::Map<String, Value>) {
-    let data = bus.manager("Register", &["ss", addr, name]).expect("Register");
+    let data = bus
+        .manager("Register", &["ss", addr, name])
+        .expect("Register");
     let path = data[0].as_str().expect("object path").to_string();
     (path, unwrap_dict(&data[1]).0)
 }
@@ -51,7 +59,9 @@ fn register_matches_the_seed_record() {
     let state = tempfile::tempdir().unwrap();
     let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
 
-    let data = bus.manager("Register", &["ss", "0000:a2:00.0", "l4-gpu"]).unwrap();
+    let data = bus
+        .manager("Register", &["ss", "0000:a2:00.0", "l4-gpu"])
+        .unwrap();
     let path = data[0].as_str().unwrap();
     let (rec, types) = unwrap_dict(&data[1]);
     let seed: Value = serde_json::from_str(SEED).unwrap();
@@ -60,7 +70,12 @@ fn register_matches_the_seed_record() {
             "id" => assert!(is_cuid2(rec["id"].as_str().unwrap()), "{:?}", rec["id"]),
             "created_at" => {
                 let t = rec["created_at"].as_str().unwrap();
-                assert!(chrono::DateTime::parse_from_rfc3339(t).is_ok() && t.ends_with('Z') && t.len() == 20, "{t}");
+                assert!(
+                    chrono::DateTime::parse_from_rfc3339(t).is_ok()
+                        && t.ends_with('Z')
+                        && t.len() == 20,
+                    "{t}"
+                );
             }
             // Omitted when not attached; the seed's JSON shows it as null.
             "attached_to" => assert!(!rec.contains_key("attached_to")),
@@ -83,13 +98,21 @@ fn register_matches_the_seed_record() {
 
     // gdbus as a second client, also without a name.
     let out = bus.gdbus_call(PATH, "org.hypeman.Devices1.Register", &["0000:5e:00.0", ""]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("'name': <'pci-0000-5e-00-0'>"), "{text}");
 
     // Get by id and by name agree; List has all three.
     let by_name = unwrap_dict(&bus.manager("Get", &["s", "l4-gpu"]).unwrap()[0]).0;
-    let by_id = unwrap_dict(&bus.manager("Get", &["s", rec["id"].as_str().unwrap()]).unwrap()[0]).0;
+    let by_id = unwrap_dict(
+        &bus.manager("Get", &["s", rec["id"].as_str().unwrap()])
+            .unwrap()[0],
+    )
+    .0;
     assert_eq!(by_name, by_id);
     assert_eq!(by_name["created_at"], rec["created_at"]);
     let list = bus.manager("List", &[]).unwrap();
@@ -97,7 +120,11 @@ fn register_matches_the_seed_record() {
 
     // hypemanctl prints the seed's document, keys in the seed's order.
     let out = bus.hypemanctl(&["--json", "get", "l4-gpu"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     let keys: Vec<&String> = doc.as_object().unwrap().keys().collect();
     let seed_keys: Vec<&String> = seed.as_object().unwrap().keys().collect();
@@ -114,7 +141,10 @@ fn tree_properties_and_object_manager() {
     let (path, rec) = register(&bus, "0000:a2:00.0", "l4-gpu");
 
     let tree = bus.busctl(&["tree", NAME]);
-    assert!(String::from_utf8_lossy(&tree.stdout).contains(&path), "{tree:?}");
+    assert!(
+        String::from_utf8_lossy(&tree.stdout).contains(&path),
+        "{tree:?}"
+    );
 
     let version = bus.busctl(&["get-property", NAME, PATH, IFACE, "Version"]);
     assert_eq!(
@@ -137,24 +167,43 @@ fn tree_properties_and_object_manager() {
         ("BoundToVfio", "b false".into()),
         ("AttachedTo", "s \"\"".into()),
         ("Present", "b true".into()),
-        ("CreatedAt", format!("s \"{}\"", rec["created_at"].as_str().unwrap())),
+        (
+            "CreatedAt",
+            format!("s \"{}\"", rec["created_at"].as_str().unwrap()),
+        ),
     ];
     for (prop, value) in want {
         let out = bus.busctl(&["get-property", NAME, &path, "org.hypeman.Device1", prop]);
-        assert!(out.status.success(), "{prop}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{prop}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), value, "{prop}");
     }
 
     let managed = bus
-        .call(PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", &[])
+        .call(
+            PATH,
+            "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects",
+            &[],
+        )
         .unwrap();
-    assert!(managed[0][&path]["org.hypeman.Device1"]["Name"]["data"] == "l4-gpu", "{managed}");
+    assert!(
+        managed[0][&path]["org.hypeman.Device1"]["Name"]["data"] == "l4-gpu",
+        "{managed}"
+    );
 
     // Delete through the device object: the object goes away.
-    bus.call(&path, "org.hypeman.Device1", "Delete", &[]).unwrap();
+    bus.call(&path, "org.hypeman.Device1", "Delete", &[])
+        .unwrap();
     let tree = bus.busctl(&["tree", NAME]);
     assert!(!String::from_utf8_lossy(&tree.stdout).contains(&path));
-    assert!(bus.manager("List", &[]).unwrap()[0].as_array().unwrap().is_empty());
+    assert!(bus.manager("List", &[]).unwrap()[0]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 fn error_of(bus: &TestBus, method: &str, args: &[&str]) -> String {
@@ -178,12 +227,30 @@ fn every_registry_error_name_from_real_bad_input() {
     register(&bus, "0000:a2:00.0", "l4-gpu");
 
     let e = |n: &str| format!("org.hypeman.Devices.Error.{n}");
-    assert_eq!(error_of(&bus, "Register", &["0000:a2:00.8", ""]), e("InvalidPciAddress"));
-    assert_eq!(error_of(&bus, "Register", &["0000:a2:00.0/../../..", ""]), e("InvalidPciAddress"));
-    assert_eq!(error_of(&bus, "Register", &["0000:5e:00.0", "bad name"]), e("InvalidName"));
-    assert_eq!(error_of(&bus, "Register", &["0000:ff:1f.7", ""]), e("DeviceNotFound"));
-    assert_eq!(error_of(&bus, "Register", &["a2:00.0", "other"]), e("AlreadyRegistered"));
-    assert_eq!(error_of(&bus, "Register", &["0000:5e:00.0", "l4-gpu"]), e("NameTaken"));
+    assert_eq!(
+        error_of(&bus, "Register", &["0000:a2:00.8", ""]),
+        e("InvalidPciAddress")
+    );
+    assert_eq!(
+        error_of(&bus, "Register", &["0000:a2:00.0/../../..", ""]),
+        e("InvalidPciAddress")
+    );
+    assert_eq!(
+        error_of(&bus, "Register", &["0000:5e:00.0", "bad name"]),
+        e("InvalidName")
+    );
+    assert_eq!(
+        error_of(&bus, "Register", &["0000:ff:1f.7", ""]),
+        e("DeviceNotFound")
+    );
+    assert_eq!(
+        error_of(&bus, "Register", &["a2:00.0", "other"]),
+        e("AlreadyRegistered")
+    );
+    assert_eq!(
+        error_of(&bus, "Register", &["0000:5e:00.0", "l4-gpu"]),
+        e("NameTaken")
+    );
     assert_eq!(error_of(&bus, "Get", &["no-such-device"]), e("NotFound"));
     assert_eq!(error_of(&bus, "Get", &[""]), e("InvalidArgument"));
     assert_eq!(error_of(&bus, "Delete", &["no-such-device"]), e("NotFound"));
@@ -192,13 +259,19 @@ fn every_registry_error_name_from_real_bad_input() {
     // The messages say what to do.
     let out = bus.gdbus_call(PATH, "org.hypeman.Devices1.Register", &["a2:00.0", "other"]);
     let msg = String::from_utf8_lossy(&out.stderr);
-    assert!(msg.contains("0000:a2:00.0 is already registered as l4-gpu"), "{msg}");
+    assert!(
+        msg.contains("0000:a2:00.0 is already registered as l4-gpu"),
+        "{msg}"
+    );
     let out = bus.gdbus_call(PATH, "org.hypeman.Devices1.Delete", &["nic0"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("vm-7"));
 
     // A store that cannot be written: the temp file's name is taken by a directory.
     std::fs::create_dir(state.path().join(".devices.json.tmp")).unwrap();
-    assert_eq!(error_of(&bus, "Register", &["0000:5e:00.0", "nvme0"]), e("StoreFailed"));
+    assert_eq!(
+        error_of(&bus, "Register", &["0000:5e:00.0", "nvme0"]),
+        e("StoreFailed")
+    );
     // Nothing visible changed, reads still work.
     let list = bus.manager("List", &[]).unwrap();
     assert_eq!(list[0].as_array().unwrap().len(), 2);
@@ -211,7 +284,10 @@ fn every_registry_error_name_from_real_bad_input() {
     let out = bus.hypemanctl(&["register", "0000:a2:00.0", "--name", "x2"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("hypemanctl: 0000:a2:00.0 is already registered as l4-gpu ("), "{err}");
+    assert!(
+        err.starts_with("hypemanctl: 0000:a2:00.0 is already registered as l4-gpu ("),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1);
 }
 
@@ -244,8 +320,21 @@ fn twenty_concurrent_registrations_one_winner() {
     let children: Vec<Proc> = (0..20)
         .map(|i| {
             let child = Command::new("gdbus")
-                .args(["call", "--address", &bus.address, "--dest", NAME, "--object-path", PATH])
-                .args(["--method", "org.hypeman.Devices1.Register", "0000:a2:00.0", &format!("gpu-{i}")])
+                .args([
+                    "call",
+                    "--address",
+                    &bus.address,
+                    "--dest",
+                    NAME,
+                    "--object-path",
+                    PATH,
+                ])
+                .args([
+                    "--method",
+                    "org.hypeman.Devices1.Register",
+                    "0000:a2:00.0",
+                    &format!("gpu-{i}"),
+                ])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -269,9 +358,16 @@ fn twenty_concurrent_registrations_one_winner() {
         }
     }
     assert_eq!((ok, already), (1, 19));
-    assert_eq!(bus.manager("List", &[]).unwrap()[0].as_array().unwrap().len(), 1);
+    assert_eq!(
+        bus.manager("List", &[]).unwrap()[0]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let stored: Value =
-        serde_json::from_str(&std::fs::read_to_string(state.path().join("devices.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(state.path().join("devices.json")).unwrap())
+            .unwrap();
     assert_eq!(stored["devices"].as_array().unwrap().len(), 1);
 }
 
@@ -282,7 +378,12 @@ fn list_available_shows_every_fixture_device() {
     let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
     let (_, gpu) = register(&bus, "0000:a2:00.0", "l4-gpu");
     let all = bus.manager("ListAvailable", &[]).unwrap();
-    let rows: Vec<_> = all[0].as_array().unwrap().iter().map(|r| unwrap_dict(r).0).collect();
+    let rows: Vec<_> = all[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| unwrap_dict(r).0)
+        .collect();
     let want = [
         ("0000:3b:00.0", "i40e", 40, "pci"),
         ("0000:5e:00.0", "nvme", 55, "pci"),
@@ -320,9 +421,13 @@ fn a_second_daemon_refuses_to_start() {
     let _first = Daemon::simulate(&bus, state.path(), "l4.toml");
     let state2 = tempfile::tempdir().unwrap();
     let fixture = fixture("l4.toml");
-    let out = Daemon::command(&bus, state2.path(), &["--simulate", fixture.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = Daemon::command(
+        &bus,
+        state2.path(),
+        &["--simulate", fixture.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("another hypemand is already running"));
     // The first one still answers.
@@ -333,30 +438,53 @@ fn a_second_daemon_refuses_to_start() {
 fn startup_refusals_have_clear_messages() {
     let bus = TestBus::start();
     let state = tempfile::tempdir().unwrap();
-    std::fs::write(state.path().join("devices.json"), r#"{"version": 9, "devices": []}"#).unwrap();
+    std::fs::write(
+        state.path().join("devices.json"),
+        r#"{"version": 9, "devices": []}"#,
+    )
+    .unwrap();
     let f = fixture("l4.toml");
-    let out = Daemon::command(&bus, state.path(), &["--simulate", f.to_str().unwrap()]).output().unwrap();
+    let out = Daemon::command(&bus, state.path(), &["--simulate", f.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("devices.json") && err.contains("newer"), "{err}");
+    assert!(
+        err.contains("devices.json") && err.contains("newer"),
+        "{err}"
+    );
 
-    let out = Daemon::command(&bus, state.path(), &["--simulate", "/nonexistent.toml"]).output().unwrap();
+    let out = Daemon::command(&bus, state.path(), &["--simulate", "/nonexistent.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
 
-    let out = Daemon::command(&bus, state.path(), &["--no-such-option"]).output().unwrap();
+    let out = Daemon::command(&bus, state.path(), &["--no-such-option"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 
     // A corrupt registry is moved aside and the daemon starts empty.
     std::fs::write(state.path().join("devices.json"), "{truncated").unwrap();
     let d = Daemon::simulate(&bus, state.path(), "l4.toml");
-    assert!(bus.manager("List", &[]).unwrap()[0].as_array().unwrap().is_empty());
+    assert!(bus.manager("List", &[]).unwrap()[0]
+        .as_array()
+        .unwrap()
+        .is_empty());
     let aside: Vec<_> = std::fs::read_dir(state.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("devices.json.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("devices.json.corrupt-")
+        })
         .collect();
     assert_eq!(aside.len(), 1);
-    assert_eq!(std::fs::read_to_string(aside[0].path()).unwrap(), "{truncated");
+    assert_eq!(
+        std::fs::read_to_string(aside[0].path()).unwrap(),
+        "{truncated"
+    );
     assert!(d.log().contains("moved aside"));
 }

@@ -45,10 +45,17 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hypemanctl: cannot start the async runtime: {e}");
@@ -68,7 +75,9 @@ async fn run(args: Args) -> Result<(), ClientError> {
     let client = Client::connect(&args.bus).await?;
     match args.command {
         Command::Register { pci_address, name } => {
-            let r = client.register(&pci_address, name.as_deref().unwrap_or("")).await?;
+            let r = client
+                .register(&pci_address, name.as_deref().unwrap_or(""))
+                .await?;
             print_records(&[r], args.json);
         }
         Command::List => print_records(&client.list().await?, args.json),
@@ -92,7 +101,9 @@ fn print_records(records: &[Record], json: bool) {
     if json {
         match records {
             [one] => print_json(&seed_json(one)),
-            many => print_json(&serde_json::Value::Array(many.iter().map(seed_json).collect())),
+            many => print_json(&serde_json::Value::Array(
+                many.iter().map(seed_json).collect(),
+            )),
         }
         return;
     }
@@ -107,7 +118,9 @@ fn print_records(records: &[Record], json: bool) {
             r.name,
             r.pci_address,
             r.kind,
-            r.iommu_group.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+            r.iommu_group
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "-".into()),
             r.driver.as_deref().unwrap_or("-"),
             if r.bound_to_vfio { "yes" } else { "no" },
             r.attached_to.as_deref().unwrap_or("-"),
@@ -119,7 +132,9 @@ fn print_records(records: &[Record], json: bool) {
 
 fn print_available(devices: &[Available], json: bool) {
     if json {
-        print_json(&serde_json::Value::Array(devices.iter().map(available_json).collect()));
+        print_json(&serde_json::Value::Array(
+            devices.iter().map(available_json).collect(),
+        ));
         return;
     }
     println!(
@@ -133,7 +148,9 @@ fn print_available(devices: &[Available], json: bool) {
             d.vendor_id,
             d.device_id,
             d.kind,
-            d.iommu_group.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+            d.iommu_group
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "-".into()),
             d.current_driver.as_deref().unwrap_or("-"),
             d.registered_as.as_deref().unwrap_or("-"),
             d.vendor_name,

@@ -65,8 +65,10 @@ impl Manager {
 
     /// A PCI device appeared on the host (registered or not).
     #[zbus(signal)]
-    pub async fn host_device_added(emitter: &SignalEmitter<'_>, pci_address: &str)
-        -> zbus::Result<()>;
+    pub async fn host_device_added(
+        emitter: &SignalEmitter<'_>,
+        pci_address: &str,
+    ) -> zbus::Result<()>;
 
     /// A PCI device left the host (registered or not).
     #[zbus(signal)]

@@ -53,7 +53,10 @@ pub enum ServeError {
     Connect(#[source] zbus::Error),
     #[error("cannot export objects: {0}")]
     Export(#[source] zbus::Error),
-    #[error("the name {} is taken: another hypemand is already running on this bus", crate::BUS_NAME)]
+    #[error(
+        "the name {} is taken: another hypemand is already running on this bus",
+        crate::BUS_NAME
+    )]
     NameTaken,
     #[error("cannot own the name org.hypeman.Devices: {0}")]
     Name(#[source] zbus::Error),
@@ -70,7 +73,8 @@ pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> Result<Connection,
         .await
         .map_err(ServeError::Connect)?;
     for d in service.snapshot().iter() {
-        let path = device_path(&d.id).map_err(|e| ServeError::Export(zbus::Error::Failure(e.to_string())))?;
+        let path = device_path(&d.id)
+            .map_err(|e| ServeError::Export(zbus::Error::Failure(e.to_string())))?;
         conn.object_server()
             .at(path, DeviceObject::new(service.clone(), d.id.clone()))
             .await
@@ -88,8 +92,7 @@ pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> Result<Connection,
         .map_err(|e| match e {
             zbus::Error::NameTaken => ServeError::NameTaken,
             e => ServeError::Name(e),
-        })?
-    {
+        })? {
         RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(conn),
         RequestNameReply::Exists | RequestNameReply::InQueue => Err(ServeError::NameTaken),
     }
@@ -104,7 +107,9 @@ struct BusPublisher {
 impl Publisher for BusPublisher {
     fn added<'a>(&'a self, device: &'a DeviceView) -> BoxFuture<'a> {
         Box::pin(async move {
-            let Some(service) = self.service.upgrade() else { return };
+            let Some(service) = self.service.upgrade() else {
+                return;
+            };
             let id = device.stored.id.clone();
             let Ok(path) = device_path(&id) else { return };
             if let Err(e) = self
@@ -121,7 +126,12 @@ impl Publisher for BusPublisher {
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {
         Box::pin(async move {
             let Ok(path) = device_path(id) else { return };
-            if let Err(e) = self.conn.object_server().remove::<DeviceObject, _>(path).await {
+            if let Err(e) = self
+                .conn
+                .object_server()
+                .remove::<DeviceObject, _>(path)
+                .await
+            {
                 tracing::error!(device_id = %id, error = %e, "cannot remove the device object");
             }
         })

@@ -107,7 +107,11 @@ impl IdMatch {
         let (v, d) = s.split_once(':')?;
         Some(IdMatch {
             vendor: parse_hex(v, 0xffff)? as u16,
-            device: if d == "*" { None } else { Some(parse_hex(d, 0xffff)? as u16) },
+            device: if d == "*" {
+                None
+            } else {
+                Some(parse_hex(d, 0xffff)? as u16)
+            },
         })
     }
 
@@ -152,14 +156,20 @@ impl Fixture {
         let mut drivers = BTreeMap::new();
         for d in self.drivers {
             if d.name.is_empty() || d.name.contains('/') {
-                return Err(invalid(format!("driver name {:?} is not a valid module name", d.name)));
+                return Err(invalid(format!(
+                    "driver name {:?} is not a valid module name",
+                    d.name
+                )));
             }
             let ids = d
                 .ids
                 .iter()
                 .map(|s| {
                     IdMatch::parse(s).ok_or_else(|| {
-                        invalid(format!("driver {}: id {s:?} is not vvvv:dddd or vvvv:*", d.name))
+                        invalid(format!(
+                            "driver {}: id {s:?} is not vvvv:dddd or vvvv:*",
+                            d.name
+                        ))
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -177,7 +187,9 @@ impl Fixture {
             let address = PciAddress::parse(&d.address).map_err(|e| invalid(e.to_string()))?;
             let hex = |field: &str, value: &str, max: u32| {
                 parse_hex(value, max).ok_or_else(|| {
-                    invalid(format!("device {address}: {field} {value:?} is not a hex number"))
+                    invalid(format!(
+                        "device {address}: {field} {value:?} is not a hex number"
+                    ))
                 })
             };
             let opt_hex = |field: &str, value: &Option<String>| match value {
@@ -187,8 +199,16 @@ impl Fixture {
             if let Some(drv) = &d.driver {
                 match drivers.get(drv) {
                     Some(info) if info.loaded => {}
-                    Some(_) => return Err(invalid(format!("device {address}: driver {drv} is not loaded"))),
-                    None => return Err(invalid(format!("device {address}: driver {drv} is not listed"))),
+                    Some(_) => {
+                        return Err(invalid(format!(
+                            "device {address}: driver {drv} is not loaded"
+                        )))
+                    }
+                    None => {
+                        return Err(invalid(format!(
+                            "device {address}: driver {drv} is not listed"
+                        )))
+                    }
                 }
             }
             let device = HostDevice {
@@ -259,18 +279,31 @@ mod tests {
             let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             let state = host.state().clone();
             assert!(
-                state.drivers.get("vfio-pci").is_some_and(|d| d.loaded && d.ids.is_empty()),
+                state
+                    .drivers
+                    .get("vfio-pci")
+                    .is_some_and(|d| d.loaded && d.ids.is_empty()),
                 "{name}: vfio-pci must be available and have no id table"
             );
             assert!(!state.devices.is_empty());
         }
         let l4 = SimHost::from_file(&examples().join("l4.toml")).unwrap();
-        let gpu = l4.device(PciAddress::parse("0000:a2:00.0").unwrap()).unwrap().unwrap();
-        assert_eq!((gpu.vendor, gpu.device, gpu.class), (0x10de, 0x27b8, 0x030200));
+        let gpu = l4
+            .device(PciAddress::parse("0000:a2:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (gpu.vendor, gpu.device, gpu.class),
+            (0x10de, 0x27b8, 0x030200)
+        );
         assert_eq!(gpu.iommu_group, Some(82));
         assert_eq!(gpu.driver.as_deref(), Some("nvidia"));
         let no = SimHost::from_file(&examples().join("no-iommu.toml")).unwrap();
-        assert!(no.devices().unwrap().iter().all(|d| d.iommu_group.is_none()));
+        assert!(no
+            .devices()
+            .unwrap()
+            .iter()
+            .all(|d| d.iommu_group.is_none()));
     }
 
     #[test]
@@ -285,7 +318,10 @@ mod tests {
             ("bogus = 1", "not valid"),
         ];
         for (text, want) in cases {
-            let err = Fixture::parse(p, text).and_then(|f| f.into_state(p)).unwrap_err().to_string();
+            let err = Fixture::parse(p, text)
+                .and_then(|f| f.into_state(p))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
     }

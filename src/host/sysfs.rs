@@ -45,11 +45,29 @@ impl SysfsHost {
             class: read_hex(&dir.join("class"), 0xff_ffff)?,
             subsystem_vendor: optional16("subsystem_vendor"),
             subsystem_device: optional16("subsystem_device"),
-            driver: link_name(&dir.join("driver")),
+            driver: driver_name(dir),
             iommu_group: link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
             driver_override,
         })
     }
+}
+
+/// The bound driver: the `driver` link's target name. Copies of sysfs made with
+/// `cp -rL` turn the link into a directory; then `uevent`'s `DRIVER=` tells.
+fn driver_name(dir: &Path) -> Option<String> {
+    let link = dir.join("driver");
+    if let Some(name) = link_name(&link) {
+        return Some(name);
+    }
+    if !link.exists() {
+        return None;
+    }
+    let uevent = std::fs::read_to_string(dir.join("uevent")).ok()?;
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DRIVER="))
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
 impl Host for SysfsHost {
@@ -74,7 +92,9 @@ impl Host for SysfsHost {
                 Ok(d) => out.push(d),
                 // A device can vanish between readdir and read (hot-unplug); any
                 // other unreadable device is reported but does not hide the rest.
-                Err(e) => tracing::warn!(pci_address = %address, error = %e, "skipping unreadable device"),
+                Err(e) => {
+                    tracing::warn!(pci_address = %address, error = %e, "skipping unreadable device")
+                }
             }
         }
         out.sort_by_key(|d| d.address);
@@ -115,22 +135,42 @@ pub(crate) mod tests {
         std::fs::write(real.join("driver_override"), "(null)\n").unwrap();
         let bus = root.join("bus/pci/devices");
         std::fs::create_dir_all(&bus).unwrap();
-        symlink(format!("../../../devices/pci0000:00/{addr}"), bus.join(addr)).unwrap();
+        symlink(
+            format!("../../../devices/pci0000:00/{addr}"),
+            bus.join(addr),
+        )
+        .unwrap();
         if let Some(d) = driver {
             std::fs::create_dir_all(root.join("bus/pci/drivers").join(d)).unwrap();
             symlink(format!("../../../bus/pci/drivers/{d}"), real.join("driver")).unwrap();
         }
         if let Some(g) = group {
             std::fs::create_dir_all(root.join(format!("kernel/iommu_groups/{g}/devices"))).unwrap();
-            symlink(format!("../../../kernel/iommu_groups/{g}"), real.join("iommu_group")).unwrap();
+            symlink(
+                format!("../../../kernel/iommu_groups/{g}"),
+                real.join("iommu_group"),
+            )
+            .unwrap();
         }
     }
 
     #[test]
     fn reads_a_kernel_shaped_tree() {
         let root = tempfile::tempdir().unwrap();
-        add_device(root.path(), "0000:a2:00.0", ("0x10de", "0x27b8", "0x030200"), Some("nvidia"), Some(82));
-        add_device(root.path(), "0000:00:1f.0", ("0x8086", "0x1234", "0x060400"), None, None);
+        add_device(
+            root.path(),
+            "0000:a2:00.0",
+            ("0x10de", "0x27b8", "0x030200"),
+            Some("nvidia"),
+            Some(82),
+        );
+        add_device(
+            root.path(),
+            "0000:00:1f.0",
+            ("0x8086", "0x1234", "0x060400"),
+            None,
+            None,
+        );
         std::fs::create_dir_all(root.path().join("bus/pci/devices/not-an-address")).unwrap();
         let host = SysfsHost::new(root.path());
         let all = host.devices().unwrap();
@@ -138,19 +178,55 @@ pub(crate) mod tests {
         assert_eq!(all[0].address.to_string(), "0000:00:1f.0");
         assert_eq!(all[0].driver, None);
         assert_eq!(all[0].iommu_group, None);
-        let gpu = host.device(PciAddress::parse("a2:00.0").unwrap()).unwrap().unwrap();
-        assert_eq!((gpu.vendor, gpu.device, gpu.class), (0x10de, 0x27b8, 0x030200));
+        let gpu = host
+            .device(PciAddress::parse("a2:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (gpu.vendor, gpu.device, gpu.class),
+            (0x10de, 0x27b8, 0x030200)
+        );
         assert_eq!(gpu.driver.as_deref(), Some("nvidia"));
         assert_eq!(gpu.iommu_group, Some(82));
         assert_eq!(gpu.driver_override, None);
         assert_eq!(gpu.subsystem_device, 0x16ca);
-        assert!(host.device(PciAddress::parse("0000:a3:00.0").unwrap()).unwrap().is_none());
+        assert!(host
+            .device(PciAddress::parse("0000:a3:00.0").unwrap())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn driver_from_uevent_when_the_link_was_flattened() {
+        let root = tempfile::tempdir().unwrap();
+        add_device(
+            root.path(),
+            "0000:02:00.0",
+            ("0x8086", "0x1572", "0x020000"),
+            None,
+            None,
+        );
+        let dev = root.path().join("devices/pci0000:00/0000:02:00.0");
+        std::fs::create_dir(dev.join("driver")).unwrap();
+        std::fs::write(dev.join("uevent"), "DRIVER=i40e\nPCI_CLASS=20000\n").unwrap();
+        let host = SysfsHost::new(root.path());
+        let d = host
+            .device(PciAddress::parse("02:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.driver.as_deref(), Some("i40e"));
     }
 
     #[test]
     fn garbage_attributes_are_errors_not_panics() {
         let root = tempfile::tempdir().unwrap();
-        add_device(root.path(), "0000:01:00.0", ("0x10de", "nonsense", "0x030200"), None, None);
+        add_device(
+            root.path(),
+            "0000:01:00.0",
+            ("0x10de", "nonsense", "0x030200"),
+            None,
+            None,
+        );
         let host = SysfsHost::new(root.path());
         assert!(host.device(PciAddress::parse("01:00.0").unwrap()).is_err());
         assert!(host.devices().unwrap().is_empty());

@@ -68,19 +68,30 @@ impl PciAddress {
         let (domain, bus, device) = match parts.as_slice() {
             [d, b, s] => (*d, *b, *s),
             [b, s] => ("0000", *b, *s),
-            _ => return Err(AddressError::new(input, "it needs two or three ':'-separated fields")),
+            _ => {
+                return Err(AddressError::new(
+                    input,
+                    "it needs two or three ':'-separated fields",
+                ))
+            }
         };
-        let domain =
-            hex_field(domain, 4).ok_or_else(|| AddressError::new(input, "the domain is not 4 hex digits"))?;
-        let bus = hex_field(bus, 2).ok_or_else(|| AddressError::new(input, "the bus is not 2 hex digits"))?;
-        let device =
-            hex_field(device, 2).ok_or_else(|| AddressError::new(input, "the device is not 2 hex digits"))?;
+        let domain = hex_field(domain, 4)
+            .ok_or_else(|| AddressError::new(input, "the domain is not 4 hex digits"))?;
+        let bus = hex_field(bus, 2)
+            .ok_or_else(|| AddressError::new(input, "the bus is not 2 hex digits"))?;
+        let device = hex_field(device, 2)
+            .ok_or_else(|| AddressError::new(input, "the device is not 2 hex digits"))?;
         if device > 0x1f {
             return Err(AddressError::new(input, "the device number is above 1f"));
         }
         let function = match function.as_bytes() {
             [f @ b'0'..=b'7'] => f - b'0',
-            _ => return Err(AddressError::new(input, "the function is not a digit from 0 to 7")),
+            _ => {
+                return Err(AddressError::new(
+                    input,
+                    "the function is not a digit from 0 to 7",
+                ))
+            }
         };
         Ok(PciAddress {
             domain: domain as u16,

@@ -66,7 +66,11 @@ mod tests {
             (0x8086, 0x0c0330, DeviceType::Pci), // USB xHCI
         ];
         for (vendor, class, want) in table {
-            assert_eq!(DeviceType::from_class(vendor, class), want, "{vendor:04x} {class:06x}");
+            assert_eq!(
+                DeviceType::from_class(vendor, class),
+                want,
+                "{vendor:04x} {class:06x}"
+            );
         }
     }
 

@@ -117,8 +117,14 @@ mod tests {
     #[test]
     fn embedded_names() {
         let ids = PciIds::default();
-        assert_eq!(ids.vendor_name(0x10de).as_deref(), Some("NVIDIA Corporation"));
-        assert_eq!(ids.device_name(0x10de, 0x27b8).as_deref(), Some("AD104GL [L4]"));
+        assert_eq!(
+            ids.vendor_name(0x10de).as_deref(),
+            Some("NVIDIA Corporation")
+        );
+        assert_eq!(
+            ids.device_name(0x10de, 0x27b8).as_deref(),
+            Some("AD104GL [L4]")
+        );
         assert_eq!(ids.device_name(0xfffe, 0x0001), None);
     }
 
@@ -132,8 +138,14 @@ mod tests {
         )
         .unwrap();
         let ids = PciIds::from_file_if_newer(&newer).expect("newer file used");
-        assert_eq!(ids.vendor_name(0x10de).as_deref(), Some("NVIDIA Corp (test)"));
-        assert_eq!(ids.device_name(0x10de, 0x27b8).as_deref(), Some("L4 (test)"));
+        assert_eq!(
+            ids.vendor_name(0x10de).as_deref(),
+            Some("NVIDIA Corp (test)")
+        );
+        assert_eq!(
+            ids.device_name(0x10de, 0x27b8).as_deref(),
+            Some("L4 (test)")
+        );
         assert_eq!(ids.source(), "system 2099.01.01");
 
         let older = dir.path().join("old.ids");

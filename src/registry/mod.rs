@@ -86,7 +86,8 @@ pub fn validate_instance_id(id: &str) -> Result<(), ValidationError> {
 pub fn is_device_id(s: &str) -> bool {
     s.len() == 24
         && s.as_bytes()[0].is_ascii_lowercase()
-        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
 /// A fresh device id.
@@ -114,7 +115,11 @@ pub struct Registry {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Conflict {
     #[error("{address} is already registered as {name} ({id})")]
-    Address { address: PciAddress, name: String, id: String },
+    Address {
+        address: PciAddress,
+        name: String,
+        id: String,
+    },
     #[error("the name {0} is already taken")]
     Name(String),
     #[error("the id {0} is already taken")]
@@ -163,7 +168,9 @@ impl Registry {
 
     /// By id first, then by exact name.
     pub fn resolve(&self, id_or_name: &str) -> Option<&StoredDevice> {
-        self.devices.get(id_or_name).or_else(|| self.by_name(id_or_name))
+        self.devices
+            .get(id_or_name)
+            .or_else(|| self.by_name(id_or_name))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &StoredDevice> {
@@ -200,12 +207,23 @@ pub(crate) mod tests {
 
     #[test]
     fn name_table() {
-        let good = ["l4-gpu", "ab", "GPU_0", "pci-0000-a2-00-0", "a.b-c_d", "0gpu", &"a".repeat(63)];
+        let good = [
+            "l4-gpu",
+            "ab",
+            "GPU_0",
+            "pci-0000-a2-00-0",
+            "a.b-c_d",
+            "0gpu",
+            &"a".repeat(63),
+        ];
         for n in good {
             assert_eq!(validate_name(n), Ok(()), "{n}");
         }
         let long = "a".repeat(64);
-        let bad = ["", "a", "-gpu", ".gpu", "_gpu", "gpu name", "gpu/0", "../x", "gpu\n", "gpü", &long, "a\0b", "x;y"];
+        let bad = [
+            "", "a", "-gpu", ".gpu", "_gpu", "gpu name", "gpu/0", "../x", "gpu\n", "gpü", &long,
+            "a\0b", "x;y",
+        ];
         for n in bad {
             assert!(validate_name(n).is_err(), "{n:?}");
         }

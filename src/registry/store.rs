@@ -202,8 +202,14 @@ mod tests {
             std::fs::write(store.path(), junk).unwrap();
             let (r, how) = store.load().unwrap();
             assert!(r.is_empty());
-            let Loaded::MovedAside(to) = how else { panic!("{how:?}") };
-            assert!(to.file_name().unwrap().to_string_lossy().starts_with("devices.json.corrupt-"));
+            let Loaded::MovedAside(to) = how else {
+                panic!("{how:?}")
+            };
+            assert!(to
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("devices.json.corrupt-"));
             assert_eq!(std::fs::read_to_string(&to).unwrap(), junk);
             assert!(!store.path().exists());
         }
@@ -224,10 +230,16 @@ mod tests {
     fn newer_version_is_refused_and_left_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        std::fs::write(store.path(), r#"{"version": 2, "devices": [], "extra": true}"#).unwrap();
+        std::fs::write(
+            store.path(),
+            r#"{"version": 2, "devices": [], "extra": true}"#,
+        )
+        .unwrap();
         let err = store.load().unwrap_err();
         assert!(matches!(err, StoreError::Newer { found: 2, .. }));
-        assert!(err.to_string().contains(&store.path().display().to_string()));
+        assert!(err
+            .to_string()
+            .contains(&store.path().display().to_string()));
         assert!(store.path().exists());
     }
 

@@ -35,7 +35,9 @@ impl Proc {
 
     /// Sends a signal by pid and waits for the exit status.
     pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status();
         self.child.wait().expect("wait for child")
     }
 }
@@ -63,13 +65,17 @@ impl TestBus {
 
     pub fn start_with_includes(includes: &[PathBuf]) -> TestBus {
         let dir = tempfile::tempdir().expect("tempdir");
-        let template = std::fs::read_to_string(root().join("tests/data/system.conf.in")).expect("template");
+        let template =
+            std::fs::read_to_string(root().join("tests/data/system.conf.in")).expect("template");
         let includes: String = includes
             .iter()
             .map(|p| format!("<include>{}</include>\n", p.display()))
             .collect();
         let conf = template
-            .replace("@LISTEN@", &format!("unix:path={}/bus", dir.path().display()))
+            .replace(
+                "@LISTEN@",
+                &format!("unix:path={}/bus", dir.path().display()),
+            )
             .replace("@INCLUDES@", &includes);
         let conf_path = dir.path().join("system.conf");
         std::fs::write(&conf_path, conf).expect("write bus config");
@@ -83,16 +89,30 @@ impl TestBus {
         let stdout = child.stdout.take().expect("stdout");
         let proc = Proc { child };
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("bus address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("bus address");
         let address = line.trim().to_string();
-        assert!(address.starts_with("unix:"), "dbus-daemon printed {address:?}");
-        TestBus { address, dir, _proc: proc }
+        assert!(
+            address.starts_with("unix:"),
+            "dbus-daemon printed {address:?}"
+        );
+        TestBus {
+            address,
+            dir,
+            _proc: proc,
+        }
     }
 
     pub fn has_owner(&self, name: &str) -> bool {
         let out = self.busctl(&[
-            "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-            "NameHasOwner", "s", name,
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameHasOwner",
+            "s",
+            name,
         ]);
         String::from_utf8_lossy(&out.stdout).trim() == "b true"
     }
@@ -108,7 +128,13 @@ impl TestBus {
 
     /// `busctl --json=short call org.hypeman.Devices <path> <iface> <method> ...`;
     /// `Ok(data)` or `Err(stderr)`.
-    pub fn call(&self, path: &str, iface: &str, method: &str, sig_and_args: &[&str]) -> Result<Value, String> {
+    pub fn call(
+        &self,
+        path: &str,
+        iface: &str,
+        method: &str,
+        sig_and_args: &[&str],
+    ) -> Result<Value, String> {
         let mut args = vec!["--json=short", "call", NAME, path, iface, method];
         args.extend_from_slice(sig_and_args);
         let out = self.busctl(&args);
@@ -130,7 +156,17 @@ impl TestBus {
     /// Runs `gdbus call --address <bus> --dest org.hypeman.Devices ...`.
     pub fn gdbus_call(&self, path: &str, method: &str, args: &[&str]) -> Output {
         Command::new("gdbus")
-            .args(["call", "--address", &self.address, "--dest", NAME, "--object-path", path, "--method", method])
+            .args([
+                "call",
+                "--address",
+                &self.address,
+                "--dest",
+                NAME,
+                "--object-path",
+                path,
+                "--method",
+                method,
+            ])
             .args(args)
             .output()
             .expect("gdbus must be installed (apt-get install libglib2.0-bin)")
@@ -166,11 +202,18 @@ impl Daemon {
     /// Starts `hypemand --simulate FIXTURE` and waits until it owns its name.
     pub fn simulate(bus: &TestBus, state_dir: &Path, fixture_name: &str) -> Daemon {
         let f = fixture(fixture_name);
-        Self::start(bus, state_dir, &["--simulate", f.to_str().expect("utf-8 path")])
+        Self::start(
+            bus,
+            state_dir,
+            &["--simulate", f.to_str().expect("utf-8 path")],
+        )
     }
 
     pub fn start(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Daemon {
-        let stderr_path = bus.dir.path().join(format!("hypemand-{}.log", rand_suffix()));
+        let stderr_path = bus
+            .dir
+            .path()
+            .join(format!("hypemand-{}.log", rand_suffix()));
         let log = std::fs::File::create(&stderr_path).expect("log file");
         let child = Self::command(bus, state_dir, host_args)
             .stdout(Stdio::null())
@@ -189,7 +232,11 @@ impl Daemon {
             if let Ok(Some(status)) = d.proc.child.try_wait() {
                 panic!("hypemand exited early ({status}):\n{}", d.log());
             }
-            assert!(Instant::now() < deadline, "hypemand did not take its name:\n{}", d.log());
+            assert!(
+                Instant::now() < deadline,
+                "hypemand did not take its name:\n{}",
+                d.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -209,7 +256,11 @@ impl Daemon {
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Polls `cond` for up to 20 s (a hang guard).

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (run as root).
+# Safe to run again: apt-get skips what is already there.
+set -euo pipefail
+packages=(
+  dbus-daemon      # the private test bus
+  systemd          # busctl, systemd-analyze
+  libglib2.0-bin   # gdbus
+  jq               # the demo's JSON output
+)
+if [ "$(id -u)" != 0 ]; then
+  echo "install-test-deps: run as root (apt-get needs it)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends "${packages[@]}"

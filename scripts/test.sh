@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: install what the tests need, then run every test, as root.
+#   sudo scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
+cargo build --locked --all-targets
+cargo test --locked --all-targets -- --include-ignored

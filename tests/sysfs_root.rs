@@ -1,0 +1,140 @@
+//! End to end: `hypemand --sysfs-root` on a copy of this machine's real PCI sysfs.
+//!
+//! The copy is made by reading the real /sys (never writing it) and laying the
+//! files and links out as the kernel does. The expected values are read from the
+//! real /sys independently of the daemon's code, so the test fails if the daemon
+//! misreads what a real kernel wrote.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use common::*;
+
+struct Seen {
+    address: String,
+    vendor: String,
+    device: String,
+    driver: Option<String>,
+    group: Option<i64>,
+}
+
+fn link_target_name(p: &Path) -> Option<String> {
+    std::fs::read_link(p)
+        .ok()?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+}
+
+/// Copies the PCI part of /sys into `root`, returning what the kernel reported.
+fn capture(root: &Path) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let devices = Path::new("/sys/bus/pci/devices");
+    let mut entries: Vec<_> = std::fs::read_dir(devices).unwrap().flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let addr = e.file_name().to_string_lossy().into_owned();
+        let src = e.path();
+        let dst = root.join("devices/pci").join(&addr);
+        std::fs::create_dir_all(&dst).unwrap();
+        for attr in [
+            "vendor",
+            "device",
+            "class",
+            "subsystem_vendor",
+            "subsystem_device",
+            "driver_override",
+            "uevent",
+        ] {
+            if let Ok(bytes) = std::fs::read(src.join(attr)) {
+                std::fs::write(dst.join(attr), bytes).unwrap();
+            }
+        }
+        let driver = link_target_name(&src.join("driver"));
+        if let Some(d) = &driver {
+            std::fs::create_dir_all(root.join("bus/pci/drivers").join(d)).unwrap();
+            symlink(format!("../../../bus/pci/drivers/{d}"), dst.join("driver")).unwrap();
+        }
+        let group = link_target_name(&src.join("iommu_group"));
+        if let Some(g) = &group {
+            std::fs::create_dir_all(root.join("kernel/iommu_groups").join(g)).unwrap();
+            symlink(
+                format!("../../../kernel/iommu_groups/{g}"),
+                dst.join("iommu_group"),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
+        symlink(
+            format!("../../../devices/pci/{addr}"),
+            root.join("bus/pci/devices").join(&addr),
+        )
+        .unwrap();
+        let hex = |a: &str| {
+            std::fs::read_to_string(src.join(a))
+                .unwrap()
+                .trim()
+                .trim_start_matches("0x")
+                .to_lowercase()
+        };
+        seen.push(Seen {
+            vendor: hex("vendor"),
+            device: hex("device"),
+            address: addr,
+            driver,
+            group: group.and_then(|g| g.parse().ok()),
+        });
+    }
+    seen
+}
+
+#[test]
+fn reports_what_the_real_kernel_reported() {
+    if !Path::new("/sys/bus/pci/devices").exists() {
+        eprintln!("no PCI sysfs on this machine; nothing to compare against");
+        return;
+    }
+    let tree = tempfile::tempdir().unwrap();
+    let seen = capture(tree.path());
+    assert!(!seen.is_empty());
+
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--sysfs-root", tree.path().to_str().unwrap()],
+    );
+
+    let all = bus.manager("ListAvailable", &[]).unwrap();
+    let rows = all[0].as_array().unwrap();
+    assert_eq!(rows.len(), seen.len());
+    for (row, want) in rows.iter().zip(&seen) {
+        assert_eq!(row["pci_address"]["data"], want.address.as_str());
+        assert_eq!(row["vendor_id"]["data"], want.vendor.as_str());
+        assert_eq!(row["device_id"]["data"], want.device.as_str());
+        match &want.driver {
+            Some(d) => assert_eq!(row["current_driver"]["data"], d.as_str()),
+            None => assert!(row.get("current_driver").is_none()),
+        }
+        match want.group {
+            Some(g) => assert_eq!(row["iommu_group"]["data"], g),
+            None => assert!(row.get("iommu_group").is_none()),
+        }
+    }
+
+    let first = &seen[0];
+    let reg = bus
+        .manager("Register", &["ss", &first.address, "captured"])
+        .unwrap();
+    assert_eq!(reg[1]["pci_address"]["data"], first.address.as_str());
+    let got = bus.manager("Get", &["s", "captured"]).unwrap();
+    assert_eq!(got[0]["vendor_id"]["data"], first.vendor.as_str());
+    assert_eq!(got[0]["device_id"]["data"], first.device.as_str());
+    assert_eq!(got[0]["present"]["data"], true);
+    match &first.driver {
+        Some(d) => assert_eq!(got[0]["driver"]["data"], d.as_str()),
+        None => assert!(got[0].get("driver").is_none()),
+    }
+}
