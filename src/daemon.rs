@@ -10,6 +10,7 @@ use crate::host::Host;
 use crate::pci::PciIds;
 use crate::registry::store::{Loaded, Store, StoreError};
 use crate::service::Service;
+use crate::vfio::Kernel;
 
 /// Everything `hypemand` can be told on its command line.
 #[derive(Debug, Clone)]
@@ -18,6 +19,11 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub sysfs_root: PathBuf,
     pub simulate: Option<PathBuf>,
+    /// With `simulate`: where the simulated kernel keeps its state between
+    /// daemon runs (absent: every start is a fresh boot).
+    pub simulate_state: Option<PathBuf>,
+    /// The deadline of each sysfs operation.
+    pub sysfs_timeout: std::time::Duration,
 }
 
 /// Why the daemon stopped with a failure. Each kind has its own exit status (see
@@ -64,8 +70,12 @@ impl DaemonError {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let host: Arc<dyn Host> = match &opts.simulate {
-        Some(fixture) => Arc::new(SimHost::from_file(fixture)?),
+    let sim = match &opts.simulate {
+        Some(fixture) => Some(Arc::new(SimHost::open(fixture, opts.simulate_state.as_deref())?)),
+        None => None,
+    };
+    let host: Arc<dyn Host> = match &sim {
+        Some(sim) => sim.clone(),
         None => Arc::new(SysfsHost::new(&opts.sysfs_root)),
     };
     std::fs::create_dir_all(&opts.state_dir).map_err(|source| DaemonError::StateDir {
@@ -85,14 +95,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         pci_ids = %ids.source(),
         "starting"
     );
-    let service = Arc::new(Service::new(host, ids, store, registry));
+    let kernel = Kernel::new(host, opts.sysfs_timeout);
+    let service = Arc::new(Service::new(kernel, ids, store, registry));
+    // Desired state first (after a reboot the devices are back on their native
+    // drivers), so the first client already sees them where they belong.
+    service.reconcile().await;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Signals)?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(DaemonError::Signals)?;
 
-    let conn = bus::serve(service.clone(), &opts.bus).await?;
+    let conn = bus::serve(service.clone(), &opts.bus, sim).await?;
     tracing::info!(name = crate::BUS_NAME, "ready");
 
     tokio::select! {

@@ -27,6 +27,16 @@ pub enum Error {
     NameTaken(String),
     #[error("{name} is attached to instance {instance}; detach it first")]
     InUse { name: String, instance: String },
+    #[error("{0}")]
+    NoIommu(String),
+    #[error("{0}")]
+    VfioUnavailable(String),
+    #[error("{0}")]
+    IommuGroupConflict(String),
+    #[error("{0}")]
+    BindFailed(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error("the registry could not be saved, nothing was changed: {0}")]
     StoreFailed(String),
     #[error("{0}")]
@@ -54,8 +64,27 @@ impl Error {
             Error::AlreadyRegistered { .. } => "AlreadyRegistered",
             Error::NameTaken(_) => "NameTaken",
             Error::InUse { .. } => "InUse",
+            Error::NoIommu(_) => "NoIommu",
+            Error::VfioUnavailable(_) => "VfioUnavailable",
+            Error::IommuGroupConflict(_) => "IommuGroupConflict",
+            Error::BindFailed(_) => "BindFailed",
+            Error::Timeout(_) => "Timeout",
             Error::StoreFailed(_) => "StoreFailed",
             Error::Failed(_) => "Failed",
+        }
+    }
+}
+
+impl From<crate::vfio::VfioError> for Error {
+    fn from(e: crate::vfio::VfioError) -> Self {
+        use crate::vfio::VfioError as V;
+        let message = e.to_string();
+        match e {
+            V::NoIommu(_) => Error::NoIommu(message),
+            V::VfioUnavailable => Error::VfioUnavailable(message),
+            V::GroupConflict { .. } => Error::IommuGroupConflict(message),
+            V::Step { .. } if e.is_timeout() => Error::Timeout(message),
+            V::Step { .. } => Error::BindFailed(message),
         }
     }
 }

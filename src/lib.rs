@@ -13,6 +13,7 @@ pub mod host;
 pub mod pci;
 pub mod registry;
 pub mod service;
+pub mod vfio;
 
 /// The well-known bus name.
 pub const BUS_NAME: &str = "org.hypeman.Devices";

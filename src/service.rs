@@ -1,21 +1,27 @@
 //! The one place the rules live.
 //!
 //! Every D-Bus method (and, later, every udev event) enters here. The service owns
-//! the registry: reads take a snapshot and never wait for the disk; changes are
-//! serialised by one gate, written to the store first and only then made visible
-//! and published, so nothing a client saw can be lost by a crash.
+//! the registry: reads take a snapshot and never wait for the disk or for another
+//! device's kernel operation; changes to the registry are serialised by one gate
+//! and written to the store before they become visible; operations on one device
+//! are serialised by that device's own lock, so a bind stuck in the kernel holds
+//! up nobody else.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
 use crate::host::{Host, HostDevice};
 use crate::pci::{DeviceType, PciAddress, PciIds};
 use crate::registry::store::Store;
 use crate::registry::{
-    new_device_id, now_rfc3339, shorten, validate_name, Conflict, Registry, StoredDevice,
+    new_device_id, now_rfc3339, shorten, validate_instance_id, validate_name, Conflict, Registry,
+    StoredDevice,
 };
+use crate::vfio::{Kernel, StepError};
+use crate::VFIO_DRIVER;
 
 /// A registered device as clients see it: what the store keeps, joined with what
 /// the kernel says right now.
@@ -33,7 +39,7 @@ impl DeviceView {
         self.live.as_ref()?.driver.as_deref()
     }
     pub fn bound_to_vfio(&self) -> bool {
-        self.driver() == Some(crate::VFIO_DRIVER)
+        self.driver() == Some(VFIO_DRIVER)
     }
     pub fn present(&self) -> bool {
         self.live.is_some()
@@ -41,15 +47,6 @@ impl DeviceView {
     pub fn iommu_group(&self) -> Option<u32> {
         self.live.as_ref()?.iommu_group
     }
-}
-
-fn require_key(id_or_name: &str) -> Result<()> {
-    if id_or_name.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a device id or name is required; `hypemanctl list` shows them".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// A PCI function on the host, registered or not (`ListAvailable`).
@@ -63,34 +60,55 @@ pub struct AvailableView {
 }
 
 /// Where the service announces changes that clients must see (the bus layer).
-///
-/// Called while the change gate is held, so announcements arrive in the order
-/// the changes were made.
 pub trait Publisher: Send + Sync {
+    /// A device was registered (called while the registry gate is held, so
+    /// announcements come in the order the changes were made).
     fn added<'a>(&'a self, device: &'a DeviceView) -> BoxFuture<'a>;
+    /// A device was unregistered (likewise under the gate).
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a>;
+    /// A device's state changed from `before` to `after`.
+    fn changed<'a>(&'a self, before: &'a DeviceView, after: &'a DeviceView) -> BoxFuture<'a>;
 }
 
 pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 pub struct Service {
-    host: Arc<dyn Host>,
+    kernel: Kernel,
     ids: PciIds,
     store: Store,
     registry: RwLock<Arc<Registry>>,
-    /// Serialises changes; held across the store write, never by readers.
+    /// Serialises registry changes; held across the store write, never by readers.
     gate: tokio::sync::Mutex<()>,
+    /// One lock per PCI address: operations on one device happen one at a time.
+    device_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
     publisher: OnceLock<Arc<dyn Publisher>>,
 }
 
+fn require_key(id_or_name: &str) -> Result<()> {
+    if id_or_name.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a device id or name is required; `hypemanctl list` shows them".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn host_error(what: String, e: StepError) -> Error {
+    match e {
+        StepError::Timeout(d) => Error::Timeout(format!("{what}: the kernel did not answer within {d:?}")),
+        e => Error::Failed(format!("{what}: {e}")),
+    }
+}
+
 impl Service {
-    pub fn new(host: Arc<dyn Host>, ids: PciIds, store: Store, registry: Registry) -> Self {
+    pub fn new(kernel: Kernel, ids: PciIds, store: Store, registry: Registry) -> Self {
         Service {
-            host,
+            kernel,
             ids,
             store,
             registry: RwLock::new(Arc::new(registry)),
             gate: tokio::sync::Mutex::new(()),
+            device_locks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
         }
     }
@@ -101,22 +119,20 @@ impl Service {
     }
 
     pub fn host(&self) -> &dyn Host {
-        &*self.host
+        &**self.kernel.host()
     }
 
     /// The registry as it is now. Cheap: an `Arc` clone.
     pub fn snapshot(&self) -> Arc<Registry> {
-        self.registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.registry.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn install(&self, next: Registry) {
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
     }
 
-    /// Writes `next` to disk off the reactor, then makes it current.
+    /// Writes `next` to disk off the reactor, then makes it current. The caller
+    /// holds the gate.
     async fn commit(&self, next: Registry) -> Result<()> {
         let store = self.store.clone();
         let next = tokio::task::spawn_blocking(move || store.save(&next).map(|()| next))
@@ -130,10 +146,54 @@ impl Service {
         Ok(())
     }
 
-    fn live(&self, address: PciAddress) -> Result<Option<HostDevice>> {
-        self.host.device(address).map_err(|e| {
-            tracing::warn!(pci_address = %address, error = %e, "cannot read device from the host");
-            Error::Failed(format!("cannot read {address} from the host: {e}"))
+    /// Changes one stored device durably; `NotFound` if it is gone.
+    async fn modify(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut StoredDevice),
+    ) -> Result<StoredDevice> {
+        let _gate = self.gate.lock().await;
+        let mut next = (*self.snapshot()).clone();
+        let d = next.get_mut(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let before = d.clone();
+        f(d);
+        let after = d.clone();
+        if after != before {
+            self.commit(next).await?;
+        }
+        Ok(after)
+    }
+
+    fn device_lock(&self, a: PciAddress) -> Arc<tokio::sync::Mutex<()>> {
+        self.device_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(a)
+            .or_default()
+            .clone()
+    }
+
+    fn resolve(&self, id_or_name: &str) -> Result<StoredDevice> {
+        require_key(id_or_name)?;
+        self.snapshot()
+            .resolve(id_or_name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(shorten(id_or_name)))
+    }
+
+    async fn live(&self, address: PciAddress) -> Result<Option<HostDevice>> {
+        self.kernel
+            .read(address)
+            .await
+            .map_err(|e| host_error(format!("cannot read {address} from the host"), e))
+    }
+
+    async fn present(&self, stored: &StoredDevice) -> Result<HostDevice> {
+        self.live(stored.pci_address).await?.ok_or_else(|| {
+            Error::DeviceNotFound(format!(
+                "{} (registered as {}; it is not on the host now, unplugged?)",
+                stored.pci_address, stored.name
+            ))
         })
     }
 
@@ -156,9 +216,10 @@ impl Service {
         }
     }
 
-    fn view_live(&self, stored: &StoredDevice) -> Result<DeviceView> {
-        let live = self.live(stored.pci_address)?;
-        Ok(self.view(stored.clone(), live))
+    async fn publish_change(&self, before: &DeviceView, after: &DeviceView) {
+        if let Some(p) = self.publisher.get() {
+            p.changed(before, after).await;
+        }
     }
 
     /// `Register`: sets a host device aside under a new id and a unique name.
@@ -168,7 +229,8 @@ impl Service {
             validate_name(name)?;
         }
         let host = self
-            .live(address)?
+            .live(address)
+            .await?
             .ok_or_else(|| Error::DeviceNotFound(address.to_string()))?;
         let name = if name.is_empty() {
             address.default_name()
@@ -213,58 +275,36 @@ impl Service {
         Ok(view)
     }
 
-    /// `List`: every registered device with its live state.
-    pub fn list(&self) -> Result<Vec<DeviceView>> {
-        self.snapshot().iter().map(|d| self.view_live(d)).collect()
+    /// `List`: every registered device with its live state, read in one go.
+    pub async fn list(&self) -> Result<Vec<DeviceView>> {
+        let stored: Vec<StoredDevice> = self.snapshot().iter().cloned().collect();
+        let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
+        let live = self
+            .kernel
+            .run(move |h| addresses.into_iter().map(|a| h.device(a)).collect::<Result<Vec<_>, _>>())
+            .await
+            .map_err(|e| host_error("cannot read the registered devices from the host".into(), e))?;
+        Ok(stored
+            .into_iter()
+            .zip(live)
+            .map(|(s, l)| self.view(s, l))
+            .collect())
     }
 
     /// `Get`: one device by id or exact name.
-    pub fn get(&self, id_or_name: &str) -> Result<DeviceView> {
-        require_key(id_or_name)?;
-        let snapshot = self.snapshot();
-        let stored = snapshot
-            .resolve(id_or_name)
-            .ok_or_else(|| Error::NotFound(shorten(id_or_name)))?;
-        self.view_live(stored)
-    }
-
-    /// `Delete`: unregisters. Refuses while the device is attached to an instance.
-    pub async fn delete(&self, id_or_name: &str) -> Result<StoredDevice> {
-        require_key(id_or_name)?;
-        let _gate = self.gate.lock().await;
-        let mut next = (*self.snapshot()).clone();
-        let id = next
-            .resolve(id_or_name)
-            .map(|d| d.id.clone())
-            .ok_or_else(|| Error::NotFound(shorten(id_or_name)))?;
-        let removed = next
-            .remove(&id)
-            .ok_or_else(|| Error::NotFound(shorten(id_or_name)))?;
-        if let Some(instance) = &removed.attached_to {
-            return Err(Error::InUse {
-                name: removed.name.clone(),
-                instance: instance.clone(),
-            });
-        }
-        self.commit(next).await?;
-        tracing::info!(
-            pci_address = %removed.pci_address,
-            device_id = %removed.id,
-            device_name = %removed.name,
-            "device unregistered"
-        );
-        if let Some(p) = self.publisher.get() {
-            p.removed(&removed.id).await;
-        }
-        Ok(removed)
+    pub async fn get(&self, id_or_name: &str) -> Result<DeviceView> {
+        let stored = self.resolve(id_or_name)?;
+        let live = self.live(stored.pci_address).await?;
+        Ok(self.view(stored, live))
     }
 
     /// `ListAvailable`: every PCI function on the host, registered or not.
-    pub fn list_available(&self) -> Result<Vec<AvailableView>> {
+    pub async fn list_available(&self) -> Result<Vec<AvailableView>> {
         let devices = self
-            .host
-            .devices()
-            .map_err(|e| Error::Failed(format!("cannot list the host's PCI devices: {e}")))?;
+            .kernel
+            .run(|h| h.devices())
+            .await
+            .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
         let snapshot = self.snapshot();
         Ok(devices
             .into_iter()
@@ -280,12 +320,528 @@ impl Service {
             })
             .collect())
     }
-}
 
-impl Service {
-    /// Waits for an in-flight change to finish and blocks new ones; used at
-    /// shutdown so no acknowledged write is cut short.
+    /// Runs `op` holding the device's lock, with the stored record re-read
+    /// under the lock (it may have changed or gone while we waited), then
+    /// publishes what changed.
+    async fn with_device<F, Fut>(&self, id_or_name: &str, op: F) -> Result<DeviceView>
+    where
+        F: FnOnce(StoredDevice) -> Fut,
+        Fut: Future<Output = Result<(DeviceView, DeviceView)>>,
+    {
+        let first = self.resolve(id_or_name)?;
+        let lock = self.device_lock(first.pci_address);
+        let _held = lock.lock().await;
+        let stored = self.resolve(&first.id)?;
+        let (before, after) = op(stored).await?;
+        self.publish_change(&before, &after).await;
+        Ok(after)
+    }
+
+    /// `Bind`: moves the device to vfio-pci (idempotent).
+    pub async fn bind(&self, id_or_name: &str) -> Result<DeviceView> {
+        self.with_device(id_or_name, |s| self.bind_locked(s, false)).await
+    }
+
+    /// `Unbind`: gives the device back to its host driver (idempotent).
+    pub async fn unbind(&self, id_or_name: &str) -> Result<DeviceView> {
+        self.with_device(id_or_name, |s| async move {
+            if let Some(instance) = &s.attached_to {
+                return Err(Error::InUse {
+                    name: s.name.clone(),
+                    instance: instance.clone(),
+                });
+            }
+            self.unbind_locked(s).await
+        })
+        .await
+    }
+
+    /// `Attach`: binds if needed, then marks the device as held by `instance`.
+    pub async fn attach(&self, id_or_name: &str, instance: &str) -> Result<DeviceView> {
+        validate_instance_id(instance)?;
+        let instance = instance.to_string();
+        self.with_device(id_or_name, |s| async move {
+            match &s.attached_to {
+                Some(other) if *other != instance => {
+                    return Err(Error::InUse {
+                        name: s.name.clone(),
+                        instance: other.clone(),
+                    })
+                }
+                Some(_) => {
+                    let live = self.live(s.pci_address).await?;
+                    let v = self.view(s, live);
+                    return Ok((v.clone(), v));
+                }
+                None => {}
+            }
+            let (before, bound) = self.bind_locked(s, true).await?;
+            let stored = self
+                .modify(&bound.stored.id, |d| d.attached_to = Some(instance.clone()))
+                .await?;
+            tracing::info!(
+                pci_address = %stored.pci_address,
+                device_id = %stored.id,
+                device_name = %stored.name,
+                instance = %instance,
+                "device attached"
+            );
+            Ok((before, self.view(stored, bound.live)))
+        })
+        .await
+    }
+
+    /// `Detach`: clears the attachment; the device stays on vfio-pci.
+    pub async fn detach(&self, id_or_name: &str) -> Result<DeviceView> {
+        self.with_device(id_or_name, |s| async move {
+            let live = self.live(s.pci_address).await?;
+            let before = self.view(s.clone(), live.clone());
+            if s.attached_to.is_none() {
+                return Ok((before.clone(), before));
+            }
+            let stored = self.modify(&s.id, |d| d.attached_to = None).await?;
+            tracing::info!(
+                pci_address = %stored.pci_address,
+                device_id = %stored.id,
+                device_name = %stored.name,
+                "device detached"
+            );
+            Ok((before, self.view(stored, live)))
+        })
+        .await
+    }
+
+    /// `Delete`: unregisters. Refuses while attached; a device the daemon moved
+    /// to vfio-pci is given back to its driver first.
+    pub async fn delete(&self, id_or_name: &str) -> Result<StoredDevice> {
+        let first = self.resolve(id_or_name)?;
+        let lock = self.device_lock(first.pci_address);
+        let _held = lock.lock().await;
+        let stored = self.resolve(&first.id)?;
+        if let Some(instance) = &stored.attached_to {
+            return Err(Error::InUse {
+                name: stored.name.clone(),
+                instance: instance.clone(),
+            });
+        }
+        if stored.want_vfio || stored.original_driver.is_some() {
+            if let Some(live) = self.live(stored.pci_address).await? {
+                if live.driver.as_deref() == Some(VFIO_DRIVER) {
+                    let (before, after) = self.unbind_locked(stored.clone()).await?;
+                    self.publish_change(&before, &after).await;
+                }
+            }
+        }
+        let _gate = self.gate.lock().await;
+        let mut next = (*self.snapshot()).clone();
+        let removed = next
+            .remove(&stored.id)
+            .ok_or_else(|| Error::NotFound(shorten(id_or_name)))?;
+        self.commit(next).await?;
+        tracing::info!(
+            pci_address = %removed.pci_address,
+            device_id = %removed.id,
+            device_name = %removed.name,
+            "device unregistered"
+        );
+        if let Some(p) = self.publisher.get() {
+            p.removed(&removed.id).await;
+        }
+        Ok(removed)
+    }
+
+    /// Moves a device to vfio-pci; the caller holds its lock. `strict` (Attach)
+    /// requires the whole IOMMU group to be assignable now, not merely movable.
+    async fn bind_locked(&self, s: StoredDevice, strict: bool) -> Result<(DeviceView, DeviceView)> {
+        let dev = self.present(&s).await?;
+        let before = self.view(s.clone(), Some(dev.clone()));
+        let snapshot = self.snapshot();
+        let registered = |a: PciAddress| snapshot.by_address(a).is_some();
+        let on_vfio = dev.driver.as_deref() == Some(VFIO_DRIVER);
+        if strict || !on_vfio {
+            self.kernel.check(&dev, strict, registered).await?;
+        }
+        if on_vfio {
+            // Already there: nothing on the host changes; remember it should stay.
+            let stored = self.modify(&s.id, |d| d.want_vfio = true).await?;
+            return Ok((before, self.view(stored, Some(dev))));
+        }
+        // Store before touching: if we crash half way, the next start knows the
+        // device should be on vfio-pci and which driver it came from.
+        let original = s.original_driver.clone().or_else(|| dev.driver.clone());
+        self.modify(&s.id, |d| {
+            d.want_vfio = true;
+            d.original_driver = original.clone();
+        })
+        .await?;
+        match self.kernel.take(&dev).await {
+            Ok(after) => {
+                tracing::info!(
+                    pci_address = %s.pci_address,
+                    device_id = %s.id,
+                    device_name = %s.name,
+                    from = ?dev.driver,
+                    "device bound to vfio-pci"
+                );
+                let stored = self.resolve(&s.id)?;
+                Ok((before, self.view(stored, Some(after))))
+            }
+            Err(e) => {
+                if let Err(se) = self
+                    .modify(&s.id, |d| {
+                        d.want_vfio = s.want_vfio;
+                        d.original_driver = s.original_driver.clone();
+                    })
+                    .await
+                {
+                    tracing::error!(pci_address = %s.pci_address, error = %se, "cannot record the failed bind");
+                }
+                tracing::warn!(pci_address = %s.pci_address, device_name = %s.name, error = %e, "bind failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Gives a device back to its host driver; the caller holds its lock.
+    async fn unbind_locked(&self, s: StoredDevice) -> Result<(DeviceView, DeviceView)> {
+        let dev = self.present(&s).await?;
+        let before = self.view(s.clone(), Some(dev.clone()));
+        if dev.driver.as_deref() != Some(VFIO_DRIVER) {
+            let stored = self
+                .modify(&s.id, |d| {
+                    d.want_vfio = false;
+                    d.original_driver = None;
+                })
+                .await?;
+            return Ok((before, self.view(stored, Some(dev))));
+        }
+        // Store first (keeping the original driver): a crash half way leaves a
+        // record that the next start completes.
+        self.modify(&s.id, |d| d.want_vfio = false).await?;
+        match self.kernel.give_back(&dev, s.original_driver.as_deref()).await {
+            Ok(after) => {
+                let stored = self.modify(&s.id, |d| d.original_driver = None).await?;
+                tracing::info!(
+                    pci_address = %s.pci_address,
+                    device_id = %s.id,
+                    device_name = %s.name,
+                    to = ?after.driver,
+                    "device given back to the host"
+                );
+                Ok((before, self.view(stored, Some(after))))
+            }
+            Err(e) => {
+                if let Err(se) = self.modify(&s.id, |d| d.want_vfio = s.want_vfio).await {
+                    tracing::error!(pci_address = %s.pci_address, error = %se, "cannot record the failed unbind");
+                }
+                tracing::warn!(pci_address = %s.pci_address, device_name = %s.name, error = %e, "unbind failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Brings the host in line with the registry: a device that should be on
+    /// vfio-pci but is elsewhere (after a reboot, a replug) is bound again, and
+    /// one whose unbind was cut short is given back. Failures are logged.
+    pub async fn reconcile(&self) {
+        let devices: Vec<StoredDevice> = self.snapshot().iter().cloned().collect();
+        for s in devices {
+            if let Err(e) = self.reconcile_one(&s.id).await {
+                tracing::warn!(
+                    pci_address = %s.pci_address,
+                    device_id = %s.id,
+                    device_name = %s.name,
+                    error = %e,
+                    "could not bring the device to its desired state"
+                );
+            }
+        }
+    }
+
+    /// Reconciles one device (also the path a returning device takes).
+    pub async fn reconcile_one(&self, id: &str) -> Result<()> {
+        self.with_device(id, |s| async move {
+            let live = self.live(s.pci_address).await?;
+            let view = self.view(s.clone(), live.clone());
+            let Some(dev) = live else { return Ok((view.clone(), view)) };
+            let on_vfio = dev.driver.as_deref() == Some(VFIO_DRIVER);
+            if s.want_vfio && !on_vfio {
+                tracing::info!(
+                    pci_address = %s.pci_address,
+                    device_id = %s.id,
+                    device_name = %s.name,
+                    driver = ?dev.driver,
+                    "device should be on vfio-pci: binding it again"
+                );
+                return self.bind_locked(s, false).await;
+            }
+            if !s.want_vfio && s.original_driver.is_some() && on_vfio {
+                tracing::info!(
+                    pci_address = %s.pci_address,
+                    device_id = %s.id,
+                    device_name = %s.name,
+                    "an unbind was cut short: giving the device back"
+                );
+                return self.unbind_locked(s).await;
+            }
+            Ok((view.clone(), view))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Waits for an in-flight registry change to finish and blocks new ones;
+    /// used at shutdown so no acknowledged write is cut short.
     pub async fn quiesce(&self) {
         std::mem::forget(self.gate.lock().await);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The transition table: every state crossed with every operation, and every
+    //! injected fault at every step, on the simulated kernel.
+
+    use super::*;
+    use crate::host::sim::{Fault, FaultKind, SimHost};
+    use crate::host::Op;
+    use std::path::Path;
+    use std::time::Duration;
+
+    const GPU: &str = "0000:a2:00.0";
+
+    struct Fixture {
+        sim: Arc<SimHost>,
+        service: Service,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/l4.toml");
+        let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
+        let kernel = Kernel::new(sim.clone(), Duration::from_millis(300));
+        let service = Service::new(kernel, PciIds::default(), Store::new(dir.path()), Registry::default());
+        Fixture { sim, service, _dir: dir }
+    }
+
+    fn addr() -> PciAddress {
+        PciAddress::parse(GPU).unwrap()
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum State {
+        Unbound,
+        Native,
+        Vfio,
+        Attached,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Action {
+        Bind,
+        Unbind,
+        Attach1,
+        Attach2,
+        Detach,
+        Delete,
+    }
+
+    const STATES: [State; 4] = [State::Unbound, State::Native, State::Vfio, State::Attached];
+    const ACTIONS: [Action; 6] = [Action::Bind, Action::Unbind, Action::Attach1, Action::Attach2, Action::Detach, Action::Delete];
+
+    async fn enter(f: &Fixture, state: State) {
+        f.service.register(GPU, "l4-gpu").await.unwrap();
+        match state {
+            State::Unbound => f.sim.unbind(addr(), "nvidia").unwrap(),
+            State::Native => {}
+            State::Vfio => {
+                f.service.bind("l4-gpu").await.unwrap();
+            }
+            State::Attached => {
+                f.service.attach("l4-gpu", "vm-1").await.unwrap();
+            }
+        }
+    }
+
+    async fn act(f: &Fixture, action: Action) -> Result<()> {
+        match action {
+            Action::Bind => f.service.bind("l4-gpu").await.map(|_| ()),
+            Action::Unbind => f.service.unbind("l4-gpu").await.map(|_| ()),
+            Action::Attach1 => f.service.attach("l4-gpu", "vm-1").await.map(|_| ()),
+            Action::Attach2 => f.service.attach("l4-gpu", "vm-2").await.map(|_| ()),
+            Action::Detach => f.service.detach("l4-gpu").await.map(|_| ()),
+            Action::Delete => f.service.delete("l4-gpu").await.map(|_| ()),
+        }
+    }
+
+    /// What each (state, action) must lead to: Ok((driver, attached, registered))
+    /// or the error name.
+    fn expected(state: State, action: Action) -> std::result::Result<(Option<&'static str>, Option<&'static str>, bool), &'static str> {
+        use Action as A;
+        use State as S;
+        let vfio = Some(VFIO_DRIVER);
+        let nv = Some("nvidia");
+        match (state, action) {
+            (S::Unbound, A::Bind) => Ok((vfio, None, true)),
+            (S::Unbound, A::Unbind | A::Detach) => Ok((None, None, true)),
+            (S::Unbound, A::Attach1) => Ok((vfio, Some("vm-1"), true)),
+            (S::Unbound, A::Attach2) => Ok((vfio, Some("vm-2"), true)),
+            (S::Unbound, A::Delete) => Ok((None, None, false)),
+            (S::Native, A::Bind) => Ok((vfio, None, true)),
+            (S::Native, A::Unbind | A::Detach) => Ok((nv, None, true)),
+            (S::Native, A::Attach1) => Ok((vfio, Some("vm-1"), true)),
+            (S::Native, A::Attach2) => Ok((vfio, Some("vm-2"), true)),
+            (S::Native, A::Delete) => Ok((nv, None, false)),
+            (S::Vfio, A::Bind | A::Detach) => Ok((vfio, None, true)),
+            (S::Vfio, A::Unbind) => Ok((nv, None, true)),
+            (S::Vfio, A::Attach1) => Ok((vfio, Some("vm-1"), true)),
+            (S::Vfio, A::Attach2) => Ok((vfio, Some("vm-2"), true)),
+            (S::Vfio, A::Delete) => Ok((nv, None, false)),
+            (S::Attached, A::Bind | A::Attach1) => Ok((vfio, Some("vm-1"), true)),
+            (S::Attached, A::Detach) => Ok((vfio, None, true)),
+            (S::Attached, A::Unbind | A::Attach2 | A::Delete) => Err("InUse"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_state_by_every_operation() {
+        for state in STATES {
+            for action in ACTIONS {
+                let f = setup();
+                enter(&f, state).await;
+                let host_before = f.sim.device(addr()).unwrap().unwrap();
+                let got = act(&f, action).await;
+                let dev = f.sim.device(addr()).unwrap().unwrap();
+                let stored = f.service.snapshot().by_address(addr()).cloned();
+                let case = format!("{state:?} x {action:?}");
+                match expected(state, action) {
+                    Ok((driver, attached, registered)) => {
+                        assert!(got.is_ok(), "{case}: {got:?}");
+                        assert_eq!(dev.driver.as_deref(), driver, "{case}");
+                        assert_eq!(stored.is_some(), registered, "{case}");
+                        if let Some(s) = stored {
+                            assert_eq!(s.attached_to.as_deref(), attached, "{case}");
+                            assert_eq!(s.want_vfio, driver == Some(VFIO_DRIVER), "{case}");
+                        }
+                        // The override is set exactly while on vfio-pci.
+                        let want_override = (driver == Some(VFIO_DRIVER)).then(|| VFIO_DRIVER.to_string());
+                        assert_eq!(dev.driver_override, want_override, "{case}");
+                    }
+                    Err(name) => {
+                        let e = got.expect_err(&case);
+                        assert_eq!(e.dbus_name(), name, "{case}: {e}");
+                        assert_eq!(dev, host_before, "{case}: the host changed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn fault_kinds(op: Op) -> Vec<FaultKind> {
+        let mut k = vec![FaultKind::Errno(5), FaultKind::Errno(16), FaultKind::Stall];
+        if op == Op::Unbind {
+            k.push(FaultKind::Grab);
+        }
+        k
+    }
+
+    /// Every fault at every step of every path that touches the host: either the
+    /// operation succeeds as it would have, or it fails and the device's driver,
+    /// override and stored record are exactly as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_fault_at_every_step_restores_the_device() {
+        let paths = [
+            (State::Native, Action::Bind),
+            (State::Unbound, Action::Bind),
+            (State::Native, Action::Attach1),
+            (State::Vfio, Action::Unbind),
+            (State::Vfio, Action::Delete),
+        ];
+        let mut failures_seen = 0;
+        for (state, action) in paths {
+            for op in Op::ALL {
+                for kind in fault_kinds(op) {
+                    let f = setup();
+                    enter(&f, state).await;
+                    let host_before = f.sim.device(addr()).unwrap().unwrap();
+                    let stored_before = f.service.snapshot().by_address(addr()).cloned();
+                    f.sim.inject(Fault { op, address: addr(), kind: kind.clone() });
+                    let got = act(&f, action).await;
+                    f.sim.clear_faults();
+                    let case = format!("{state:?} x {action:?} with {kind:?} on {op}");
+                    match got {
+                        Ok(()) => {
+                            let (driver, _, registered) = expected(state, action).unwrap();
+                            let dev = f.sim.device(addr()).unwrap().unwrap();
+                            assert_eq!(dev.driver.as_deref(), driver, "{case}");
+                            assert_eq!(f.service.snapshot().by_address(addr()).is_some(), registered, "{case}");
+                        }
+                        Err(e) => {
+                            failures_seen += 1;
+                            let dev = f.sim.device(addr()).unwrap().unwrap();
+                            assert_eq!(dev, host_before, "{case}: {e}");
+                            assert_eq!(f.service.snapshot().by_address(addr()).cloned(), stored_before, "{case}");
+                            let name = e.dbus_name();
+                            if kind == FaultKind::Stall {
+                                assert_eq!(name, "Timeout", "{case}: {e}");
+                            } else {
+                                assert_eq!(name, "BindFailed", "{case}: {e}");
+                            }
+                            assert!(e.to_string().contains("step"), "{case}: {e}");
+                            assert!(e.to_string().contains("put back"), "{case}: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(failures_seen > 20, "only {failures_seen} faults made an operation fail");
+    }
+
+    #[tokio::test]
+    async fn group_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/desktop.toml");
+        let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
+        let kernel = Kernel::new(sim.clone(), Duration::from_secs(5));
+        let s = Service::new(kernel, PciIds::default(), Store::new(dir.path()), Registry::default());
+        s.register("0000:01:00.0", "gpu").await.unwrap();
+        let e = s.bind("gpu").await.unwrap_err();
+        assert_eq!(e.dbus_name(), "IommuGroupConflict");
+        assert!(e.to_string().contains("0000:01:00.1 (driver snd_hda_intel)"), "{e}");
+        s.register("0000:01:00.1", "gpu-audio").await.unwrap();
+        // The GPU is registered, so it can follow: the audio function may go first.
+        s.bind("gpu-audio").await.unwrap();
+        // But it cannot be attached while the GPU still sits on nvidia.
+        let e = s.attach("gpu-audio", "vm-1").await.unwrap_err();
+        assert_eq!(e.dbus_name(), "IommuGroupConflict");
+        s.bind("gpu").await.unwrap();
+        s.attach("gpu-audio", "vm-1").await.unwrap();
+        s.attach("gpu", "vm-1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn vfio_missing_and_no_iommu() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/l4.toml"))
+            .unwrap()
+            .replace("name = \"vfio-pci\"", "name = \"vfio-pci\"\nloaded = false\nloadable = false");
+        let fixture = dir.path().join("novfio.toml");
+        std::fs::write(&fixture, text).unwrap();
+        let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
+        let s = Service::new(Kernel::new(sim.clone(), Duration::from_secs(5)), PciIds::default(), Store::new(dir.path()), Registry::default());
+        s.register(GPU, "gpu").await.unwrap();
+        assert_eq!(s.bind("gpu").await.unwrap_err().dbus_name(), "VfioUnavailable");
+        assert_eq!(sim.device(addr()).unwrap().unwrap().driver.as_deref(), Some("nvidia"));
+
+        // Loadable but not loaded: modprobe (simulated) brings it.
+        let text = std::fs::read_to_string(&fixture).unwrap().replace("loadable = false", "loadable = true");
+        std::fs::write(&fixture, text).unwrap();
+        let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
+        let dir2 = tempfile::tempdir().unwrap();
+        let s = Service::new(Kernel::new(sim.clone(), Duration::from_secs(5)), PciIds::default(), Store::new(dir2.path()), Registry::default());
+        s.register(GPU, "gpu").await.unwrap();
+        assert!(s.bind("gpu").await.unwrap().bound_to_vfio());
     }
 }

@@ -25,9 +25,23 @@ struct Args {
     /// Run against a simulated host described by this fixture instead of the real one.
     #[arg(long, value_name = "FIXTURE")]
     simulate: Option<PathBuf>,
+    /// With --simulate: keep the simulated kernel's state in this file, so a
+    /// daemon restart is not a reboot (delete the file to reboot).
+    #[arg(long, value_name = "FILE", requires = "simulate")]
+    simulate_state: Option<PathBuf>,
+    /// Deadline of each sysfs operation, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
+    sysfs_timeout: f64,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works.
     #[arg(long)]
     log_level: Option<String>,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds between 0 and 3600")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -66,6 +80,8 @@ fn main() -> ExitCode {
         state_dir,
         sysfs_root: args.sysfs_root,
         simulate: args.simulate,
+        simulate_state: args.simulate_state,
+        sysfs_timeout: std::time::Duration::from_secs_f64(args.sysfs_timeout),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -29,9 +29,10 @@ impl DeviceObject {
         DeviceObject { service, id }
     }
 
-    fn record(&self) -> fdo::Result<Record> {
+    async fn record(&self) -> fdo::Result<Record> {
         self.service
             .get(&self.id)
+            .await
             .map(|v| Record::from(&v))
             .map_err(|e| fdo::Error::Failed(e.to_string()))
     }
@@ -44,76 +45,96 @@ impl DeviceObject {
         self.service.delete(&self.id).await.map(|_| ())
     }
 
+    /// Moves this device to vfio-pci (idempotent).
+    async fn bind(&self) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.bind(&self.id).await?))
+    }
+
+    /// Gives this device back to its host driver (idempotent).
+    async fn unbind(&self) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.unbind(&self.id).await?))
+    }
+
+    /// Binds if needed, then marks this device attached to `instance_id`.
+    async fn attach(&self, instance_id: &str) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.attach(&self.id, instance_id).await?))
+    }
+
+    /// Clears the attachment; the device stays on vfio-pci.
+    async fn detach(&self) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.detach(&self.id).await?))
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn id(&self) -> String {
         self.id.clone()
     }
 
     #[zbus(property)]
-    fn name(&self) -> fdo::Result<String> {
-        Ok(self.record()?.name)
+    async fn name(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.name)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn pci_address(&self) -> fdo::Result<String> {
-        Ok(self.record()?.pci_address)
+    async fn pci_address(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.pci_address)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn vendor_id(&self) -> fdo::Result<String> {
-        Ok(self.record()?.vendor_id)
+    async fn vendor_id(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.vendor_id)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn device_id(&self) -> fdo::Result<String> {
-        Ok(self.record()?.device_id)
+    async fn device_id(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.device_id)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn vendor_name(&self) -> fdo::Result<String> {
-        Ok(self.record()?.vendor_name)
+    async fn vendor_name(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.vendor_name)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn device_name(&self) -> fdo::Result<String> {
-        Ok(self.record()?.device_name)
+    async fn device_name(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.device_name)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn r#type(&self) -> fdo::Result<String> {
-        Ok(self.record()?.kind)
+    async fn r#type(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.kind)
     }
 
     /// The IOMMU group, -1 when the device has none (or is unplugged).
     #[zbus(property)]
-    fn iommu_group(&self) -> fdo::Result<i64> {
-        Ok(self.record()?.iommu_group.unwrap_or(-1))
+    async fn iommu_group(&self) -> fdo::Result<i64> {
+        Ok(self.record().await?.iommu_group.unwrap_or(-1))
     }
 
     /// The bound driver, "" when none.
     #[zbus(property)]
-    fn driver(&self) -> fdo::Result<String> {
-        Ok(self.record()?.driver.unwrap_or_default())
+    async fn driver(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.driver.unwrap_or_default())
     }
 
     #[zbus(property)]
-    fn bound_to_vfio(&self) -> fdo::Result<bool> {
-        Ok(self.record()?.bound_to_vfio)
+    async fn bound_to_vfio(&self) -> fdo::Result<bool> {
+        Ok(self.record().await?.bound_to_vfio)
     }
 
     /// The instance holding the device, "" when none.
     #[zbus(property)]
-    fn attached_to(&self) -> fdo::Result<String> {
-        Ok(self.record()?.attached_to.unwrap_or_default())
+    async fn attached_to(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.attached_to.unwrap_or_default())
     }
 
     #[zbus(property)]
-    fn present(&self) -> fdo::Result<bool> {
-        Ok(self.record()?.present)
+    async fn present(&self) -> fdo::Result<bool> {
+        Ok(self.record().await?.present)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
-    fn created_at(&self) -> fdo::Result<String> {
-        Ok(self.record()?.created_at)
+    async fn created_at(&self) -> fdo::Result<String> {
+        Ok(self.record().await?.created_at)
     }
 }

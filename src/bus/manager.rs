@@ -35,12 +35,12 @@ impl Manager {
 
     /// Every registered device.
     async fn list(&self) -> Result<Vec<Record>, Error> {
-        Ok(self.service.list()?.iter().map(Record::from).collect())
+        Ok(self.service.list().await?.iter().map(Record::from).collect())
     }
 
     /// One device, by id or exact name.
     async fn get(&self, id_or_name: &str) -> Result<Record, Error> {
-        Ok(Record::from(&self.service.get(id_or_name)?))
+        Ok(Record::from(&self.service.get(id_or_name).await?))
     }
 
     /// Unregisters a device; refuses while it is attached.
@@ -52,10 +52,30 @@ impl Manager {
     async fn list_available(&self) -> Result<Vec<Available>, Error> {
         Ok(self
             .service
-            .list_available()?
+            .list_available().await?
             .iter()
             .map(Available::from)
             .collect())
+    }
+
+    /// Moves a device to vfio-pci (idempotent).
+    async fn bind(&self, id_or_name: &str) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.bind(id_or_name).await?))
+    }
+
+    /// Gives a device back to its host driver (idempotent).
+    async fn unbind(&self, id_or_name: &str) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.unbind(id_or_name).await?))
+    }
+
+    /// Binds if needed, then marks the device attached to `instance_id`.
+    async fn attach(&self, id_or_name: &str, instance_id: &str) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.attach(id_or_name, instance_id).await?))
+    }
+
+    /// Clears the attachment; the device stays on vfio-pci.
+    async fn detach(&self, id_or_name: &str) -> Result<Record, Error> {
+        Ok(Record::from(&self.service.detach(id_or_name).await?))
     }
 
     #[zbus(property)]

@@ -5,6 +5,7 @@ pub mod device;
 pub mod errors;
 pub mod manager;
 pub mod record;
+pub mod simulator;
 
 use std::sync::Arc;
 
@@ -64,14 +65,19 @@ pub enum ServeError {
 
 /// Exports the manager, the ObjectManager and every registered device, then takes
 /// the well-known name, so the first client to see the name sees everything.
-pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> Result<Connection, ServeError> {
-    let conn = bus
+pub async fn serve(
+    service: Arc<Service>,
+    bus: &BusChoice,
+    sim: Option<Arc<crate::host::sim::SimHost>>,
+) -> Result<Connection, ServeError> {
+    let mut builder = bus
         .builder()
         .serve_at(crate::MANAGER_PATH, Manager::new(service.clone()))
-        .serve_at(crate::MANAGER_PATH, ObjectManager)
-        .build()
-        .await
-        .map_err(ServeError::Connect)?;
+        .serve_at(crate::MANAGER_PATH, ObjectManager);
+    if let Some(sim) = sim {
+        builder = builder.serve_at(simulator::SIMULATOR_PATH, simulator::Simulator::new(sim));
+    }
+    let conn = builder.build().await.map_err(ServeError::Connect)?;
     for d in service.snapshot().iter() {
         let path = device_path(&d.id)
             .map_err(|e| ServeError::Export(zbus::Error::Failure(e.to_string())))?;
@@ -119,6 +125,42 @@ impl Publisher for BusPublisher {
                 .await
             {
                 tracing::error!(device_id = %id, error = %e, "cannot export the device object");
+            }
+        })
+    }
+
+    fn changed<'a>(&'a self, before: &'a DeviceView, after: &'a DeviceView) -> BoxFuture<'a> {
+        Box::pin(async move {
+            let id = &after.stored.id;
+            let Ok(path) = device_path(id) else { return };
+            let iface = match self.conn.object_server().interface::<_, DeviceObject>(path).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!(device_id = %id, error = %e, "no device object to signal on");
+                    return;
+                }
+            };
+            let obj = iface.get().await;
+            let em = iface.signal_emitter();
+            let emit = |r: zbus::Result<()>| {
+                if let Err(e) = r {
+                    tracing::warn!(device_id = %id, error = %e, "cannot emit PropertiesChanged");
+                }
+            };
+            if before.driver() != after.driver() {
+                emit(obj.driver_changed(em).await);
+            }
+            if before.bound_to_vfio() != after.bound_to_vfio() {
+                emit(obj.bound_to_vfio_changed(em).await);
+            }
+            if before.stored.attached_to != after.stored.attached_to {
+                emit(obj.attached_to_changed(em).await);
+            }
+            if before.present() != after.present() {
+                emit(obj.present_changed(em).await);
+            }
+            if before.iommu_group() != after.iommu_group() {
+                emit(obj.iommu_group_changed(em).await);
             }
         })
     }

@@ -39,6 +39,83 @@ pub enum HostError {
     },
     #[error(transparent)]
     Attr(#[from] crate::pci::sysfs::AttrError),
+    /// A write the kernel refused, with its errno.
+    #[error("writing {value:?} to {path} failed: {}", errno_text(*.errno))]
+    Write { path: String, value: String, errno: i32 },
+    /// The driver is not loaded (no `drivers/<name>`).
+    #[error("driver {0} is not loaded")]
+    NoDriver(String),
+    #[error("no PCI device {0} on this host")]
+    NoDevice(PciAddress),
+}
+
+/// `ENODEV (No such device)`, for messages a person reads.
+pub fn errno_text(errno: i32) -> String {
+    let name = errno_name(errno).unwrap_or("errno");
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+    format!("{name} ({text})")
+}
+
+/// The errno values a sysfs write can plausibly fail with, by name.
+pub const ERRNOS: [(&str, i32); 10] = [
+    ("EPERM", 1),
+    ("ENOENT", 2),
+    ("EINTR", 4),
+    ("EIO", 5),
+    ("ENXIO", 6),
+    ("EAGAIN", 11),
+    ("EACCES", 13),
+    ("EBUSY", 16),
+    ("ENODEV", 19),
+    ("EINVAL", 22),
+];
+
+pub fn errno_name(errno: i32) -> Option<&'static str> {
+    ERRNOS.iter().find(|(_, n)| *n == errno).map(|(s, _)| *s)
+}
+
+pub fn errno_by_name(name: &str) -> Option<i32> {
+    ERRNOS.iter().find(|(s, _)| *s == name).map(|(_, n)| *n)
+}
+
+/// The kernel operations the daemon performs, by the name faults and messages use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    /// Write a driver name to `driver_override`.
+    SetOverride,
+    /// Write an empty line to `driver_override`.
+    ClearOverride,
+    /// Write the address to `drivers/<name>/unbind`.
+    Unbind,
+    /// Write the address to `drivers/<name>/bind`.
+    Bind,
+    /// Write the address to `drivers_probe`.
+    Probe,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [Op::SetOverride, Op::ClearOverride, Op::Unbind, Op::Bind, Op::Probe];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::SetOverride => "set_override",
+            Op::ClearOverride => "clear_override",
+            Op::Unbind => "unbind",
+            Op::Bind => "bind",
+            Op::Probe => "probe",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A source of truth about PCI devices: the real sysfs or the simulated kernel.
@@ -51,4 +128,26 @@ pub trait Host: Send + Sync + 'static {
 
     /// One function; `Ok(None)` when no such device exists (unplugged or never there).
     fn device(&self, address: PciAddress) -> Result<Option<HostDevice>, HostError>;
+
+    /// The devices in an IOMMU group, sorted by address.
+    fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError>;
+
+    /// Whether `drivers/<name>` exists.
+    fn driver_loaded(&self, driver: &str) -> bool;
+
+    /// Tries once to load a driver module (`modprobe`); true when it is loaded
+    /// afterwards.
+    fn load_driver(&self, driver: &str) -> bool;
+
+    /// `driver_override`: `Some(driver)` sets it, `None` clears it.
+    fn set_override(&self, address: PciAddress, driver: Option<&str>) -> Result<(), HostError>;
+
+    /// `drivers/<driver>/unbind`.
+    fn unbind(&self, address: PciAddress, driver: &str) -> Result<(), HostError>;
+
+    /// `drivers/<driver>/bind`.
+    fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError>;
+
+    /// `drivers_probe`.
+    fn probe(&self, address: PciAddress) -> Result<(), HostError>;
 }

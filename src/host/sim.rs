@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::{Host, HostDevice, HostError};
+use super::{errno_by_name, Host, HostDevice, HostError, Op};
 use crate::pci::sysfs::parse_hex;
 use crate::pci::PciAddress;
 
@@ -134,11 +135,6 @@ pub struct SimState {
     pub devices: BTreeMap<PciAddress, HostDevice>,
 }
 
-pub struct SimHost {
-    source: PathBuf,
-    state: Mutex<SimState>,
-}
-
 impl Fixture {
     pub fn parse(path: &Path, text: &str) -> Result<Fixture, FixtureError> {
         toml::from_str(text).map_err(|e| FixtureError::Parse {
@@ -230,30 +226,212 @@ impl Fixture {
     }
 }
 
+/// What an injected fault does to one operation on one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The write fails with this errno and changes nothing.
+    Errno(i32),
+    /// The write blocks (past any deadline) until faults are cleared, then fails
+    /// with EINTR and changes nothing.
+    Stall,
+    /// For `unbind`: the unbind happens, then the device's native driver grabs it
+    /// straight back, as a racing probe would.
+    Grab,
+}
+
+impl FaultKind {
+    /// `ENODEV`, `EBUSY`, ... (see [`super::ERRNOS`]), `stall` or `grab`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stall" => Some(FaultKind::Stall),
+            "grab" => Some(FaultKind::Grab),
+            _ => errno_by_name(s).map(FaultKind::Errno),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub op: Op,
+    pub address: PciAddress,
+    pub kind: FaultKind,
+}
+
+/// The longest a stalled write blocks when nobody clears the fault.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+const ENOENT: i32 = 2;
+const EINTR: i32 = 4;
+const EBUSY: i32 = 16;
+const ENODEV: i32 = 19;
+
+/// What survives a daemon restart of the simulated host (not a reboot).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    loaded: BTreeMap<String, bool>,
+    devices: BTreeMap<String, SavedDevice>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedDevice {
+    driver: Option<String>,
+    driver_override: Option<String>,
+}
+
+pub struct SimHost {
+    source: PathBuf,
+    state: Mutex<SimState>,
+    faults: Mutex<Vec<Fault>>,
+    /// Wakes stalled writes when faults are cleared.
+    faults_cleared: Condvar,
+    /// Where the kernel state is kept between daemon runs, if anywhere.
+    state_file: Option<PathBuf>,
+}
+
 impl SimHost {
     /// Boots a simulated host from a fixture file.
     pub fn from_file(path: &Path) -> Result<Self, FixtureError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FixtureError::Read {
-            path: path.to_path_buf(),
+        Self::open(path, None)
+    }
+
+    /// Boots from `fixture`, or, when `state_file` holds a saved state, resumes
+    /// the host as it was (a daemon restart is not a reboot). Every change is
+    /// saved there. Deleting the file is a reboot.
+    pub fn open(fixture: &Path, state_file: Option<&Path>) -> Result<Self, FixtureError> {
+        let text = std::fs::read_to_string(fixture).map_err(|source| FixtureError::Read {
+            path: fixture.to_path_buf(),
             source,
         })?;
-        let state = Fixture::parse(path, &text)?.into_state(path)?;
+        let mut state = Fixture::parse(fixture, &text)?.into_state(fixture)?;
+        if let Some(file) = state_file {
+            if let Ok(bytes) = std::fs::read(file) {
+                let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| FixtureError::Parse {
+                    path: file.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+                for (name, loaded) in saved.loaded {
+                    if let Some(d) = state.drivers.get_mut(&name) {
+                        d.loaded = loaded;
+                    }
+                }
+                for (addr, sd) in saved.devices {
+                    let Ok(a) = PciAddress::parse(&addr) else { continue };
+                    if let Some(d) = state.devices.get_mut(&a) {
+                        d.driver = sd.driver;
+                        d.driver_override = sd.driver_override;
+                    }
+                }
+            }
+        }
         Ok(SimHost {
-            source: path.to_path_buf(),
+            source: fixture.to_path_buf(),
             state: Mutex::new(state),
+            faults: Mutex::new(Vec::new()),
+            faults_cleared: Condvar::new(),
+            state_file: state_file.map(Path::to_path_buf),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
-        // The state is plain data; a panic elsewhere cannot leave it half-written
-        // in a way that matters more than losing the whole host would.
+        // The state is plain data and every change to it is a single assignment,
+        // so a poisoned lock still guards a consistent state.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, state: &SimState) {
+        let Some(file) = &self.state_file else { return };
+        let saved = Saved {
+            loaded: state.drivers.iter().map(|(n, d)| (n.clone(), d.loaded)).collect(),
+            devices: state
+                .devices
+                .iter()
+                .map(|(a, d)| {
+                    let sd = SavedDevice {
+                        driver: d.driver.clone(),
+                        driver_override: d.driver_override.clone(),
+                    };
+                    (a.to_string(), sd)
+                })
+                .collect(),
+        };
+        let tmp = file.with_extension("tmp");
+        let result = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::from)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = result {
+            tracing::warn!(path = %file.display(), error = %e, "cannot save the simulated host's state");
+        }
+    }
+
+    /// Adds a fault; it stays until [`SimHost::clear_faults`].
+    pub fn inject(&self, fault: Fault) {
+        tracing::info!(op = %fault.op, pci_address = %fault.address, kind = ?fault.kind, "simulator: fault injected");
+        self.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
+    }
+
+    /// Removes every fault and releases stalled writes.
+    pub fn clear_faults(&self) {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.faults_cleared.notify_all();
+    }
+
+    fn fault(&self, op: Op, address: PciAddress) -> Option<FaultKind> {
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults
+            .iter()
+            .find(|f| f.op == op && f.address == address)
+            .map(|f| f.kind.clone())
+    }
+
+    /// Applies an injected errno or stall before an operation. `Ok` means go on.
+    fn before(&self, op: Op, address: PciAddress, path: &str, value: &str) -> Result<Option<FaultKind>, HostError> {
+        let fail = |errno| HostError::Write {
+            path: path.to_string(),
+            value: value.to_string(),
+            errno,
+        };
+        match self.fault(op, address) {
+            Some(FaultKind::Errno(e)) => Err(fail(e)),
+            Some(FaultKind::Stall) => {
+                tracing::info!(%op, pci_address = %address, "simulator: write stalled");
+                let started = Instant::now();
+                let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+                while faults.iter().any(|f| f.op == op && f.address == address && f.kind == FaultKind::Stall)
+                    && started.elapsed() < STALL_LIMIT
+                {
+                    faults = match self.faults_cleared.wait_timeout(faults, Duration::from_millis(200)) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                }
+                Err(fail(EINTR))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The first loaded driver whose id table matches (what a probe without an
+    /// override picks).
+    fn matching_driver(state: &SimState, d: &HostDevice) -> Option<String> {
+        state
+            .drivers
+            .iter()
+            .find(|(_, drv)| drv.loaded && drv.ids.iter().any(|m| m.matches(d.vendor, d.device)))
+            .map(|(n, _)| n.clone())
+    }
+
+    fn loaded(state: &SimState, driver: &str) -> bool {
+        state.drivers.get(driver).is_some_and(|d| d.loaded)
     }
 }
 
 impl Host for SimHost {
     fn describe(&self) -> String {
-        format!("simulated host from {}", self.source.display())
+        match &self.state_file {
+            Some(f) => format!("simulated host from {} (state kept in {})", self.source.display(), f.display()),
+            None => format!("simulated host from {}", self.source.display()),
+        }
     }
 
     fn devices(&self) -> Result<Vec<HostDevice>, HostError> {
@@ -262,6 +440,134 @@ impl Host for SimHost {
 
     fn device(&self, address: PciAddress) -> Result<Option<HostDevice>, HostError> {
         Ok(self.state().devices.get(&address).cloned())
+    }
+
+    fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError> {
+        Ok(self
+            .state()
+            .devices
+            .values()
+            .filter(|d| d.iommu_group == Some(group))
+            .cloned()
+            .collect())
+    }
+
+    fn driver_loaded(&self, driver: &str) -> bool {
+        Self::loaded(&self.state(), driver)
+    }
+
+    fn load_driver(&self, driver: &str) -> bool {
+        let mut state = self.state();
+        let Some(d) = state.drivers.get_mut(driver) else { return false };
+        if !d.loaded && d.loadable {
+            d.loaded = true;
+            tracing::info!(driver, "simulator: module loaded");
+            self.save(&state);
+        }
+        Self::loaded(&state, driver)
+    }
+
+    fn set_override(&self, address: PciAddress, driver: Option<&str>) -> Result<(), HostError> {
+        let op = if driver.is_some() { Op::SetOverride } else { Op::ClearOverride };
+        let path = format!("devices/{address}/driver_override");
+        self.before(op, address, &path, driver.unwrap_or(""))?;
+        let mut state = self.state();
+        let d = state.devices.get_mut(&address).ok_or(HostError::Write {
+            path,
+            value: driver.unwrap_or("").into(),
+            errno: ENOENT,
+        })?;
+        d.driver_override = driver.map(str::to_string);
+        self.save(&state);
+        Ok(())
+    }
+
+    fn unbind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let path = format!("bus/pci/drivers/{driver}/unbind");
+        let fault = self.before(Op::Unbind, address, &path, &address.to_string())?;
+        let fail = |errno| HostError::Write {
+            path: path.clone(),
+            value: address.to_string(),
+            errno,
+        };
+        let mut state = self.state();
+        if !Self::loaded(&state, driver) {
+            return Err(fail(ENOENT));
+        }
+        let d = state.devices.get(&address).ok_or_else(|| fail(ENODEV))?;
+        if d.driver.as_deref() != Some(driver) {
+            return Err(fail(ENODEV));
+        }
+        let grabber = match fault {
+            Some(FaultKind::Grab) => Self::matching_driver(&state, d),
+            _ => None,
+        };
+        if let Some(d) = state.devices.get_mut(&address) {
+            d.driver = None;
+            if let Some(g) = grabber {
+                tracing::info!(pci_address = %address, driver = %g, "simulator: driver grabbed the device back");
+                d.driver = Some(g);
+            }
+        }
+        self.save(&state);
+        Ok(())
+    }
+
+    fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let path = format!("bus/pci/drivers/{driver}/bind");
+        self.before(Op::Bind, address, &path, &address.to_string())?;
+        let fail = |errno| HostError::Write {
+            path: path.clone(),
+            value: address.to_string(),
+            errno,
+        };
+        let mut state = self.state();
+        if !Self::loaded(&state, driver) {
+            return Err(fail(ENOENT));
+        }
+        let ids_match = {
+            let d = state.devices.get(&address).ok_or_else(|| fail(ENODEV))?;
+            if d.driver.is_some() {
+                return Err(fail(EBUSY));
+            }
+            match &d.driver_override {
+                Some(o) => o == driver,
+                None => state.drivers.get(driver).is_some_and(|drv| drv.ids.iter().any(|m| m.matches(d.vendor, d.device))),
+            }
+        };
+        if !ids_match {
+            return Err(fail(ENODEV));
+        }
+        if let Some(d) = state.devices.get_mut(&address) {
+            d.driver = Some(driver.to_string());
+        }
+        self.save(&state);
+        Ok(())
+    }
+
+    fn probe(&self, address: PciAddress) -> Result<(), HostError> {
+        let path = "bus/pci/drivers_probe".to_string();
+        self.before(Op::Probe, address, &path, &address.to_string())?;
+        let mut state = self.state();
+        let d = state.devices.get(&address).ok_or(HostError::Write {
+            path,
+            value: address.to_string(),
+            errno: ENODEV,
+        })?;
+        if d.driver.is_some() {
+            return Ok(());
+        }
+        let chosen = match &d.driver_override {
+            Some(o) => Self::loaded(&state, o).then(|| o.clone()),
+            None => Self::matching_driver(&state, d),
+        };
+        if let Some(c) = chosen {
+            if let Some(d) = state.devices.get_mut(&address) {
+                d.driver = Some(c);
+            }
+            self.save(&state);
+        }
+        Ok(())
     }
 }
 

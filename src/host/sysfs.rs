@@ -11,11 +11,41 @@ use crate::pci::PciAddress;
 
 pub struct SysfsHost {
     root: PathBuf,
+    /// `modprobe` is tried at most once per driver name per daemon run.
+    modprobed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl SysfsHost {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        SysfsHost { root: root.into() }
+        SysfsHost {
+            root: root.into(),
+            modprobed: Default::default(),
+        }
+    }
+
+    fn driver_dir(&self, driver: &str) -> Result<PathBuf, HostError> {
+        // Driver names come from the kernel's own links or from our constants,
+        // but a name with a separator must never become a path.
+        if driver.is_empty() || driver.contains('/') || driver.contains("..") {
+            return Err(HostError::NoDriver(driver.to_string()));
+        }
+        Ok(self.root.join("bus/pci/drivers").join(driver))
+    }
+
+    /// Writes one value to an existing sysfs attribute (never creates a file).
+    fn write_attr(&self, path: &Path, value: &str) -> Result<(), HostError> {
+        use std::io::Write;
+        let to_err = |e: std::io::Error| HostError::Write {
+            path: path.display().to_string(),
+            value: value.trim_end().to_string(),
+            errno: e.raw_os_error().unwrap_or(5),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(to_err)?;
+        // sysfs takes one write(2) per value; write_all would retry a short write.
+        f.write_all(value.as_bytes()).map_err(to_err)
     }
 
     fn devices_dir(&self) -> PathBuf {
@@ -107,6 +137,90 @@ impl Host for SysfsHost {
             return Ok(None);
         }
         self.read_device(address, &dir).map(Some)
+    }
+
+    fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError> {
+        let dir = self.root.join(format!("kernel/iommu_groups/{group}/devices"));
+        let listed: Vec<PciAddress> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| PciAddress::parse(&e.file_name().to_string_lossy()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if listed.is_empty() {
+            // A captured tree may lack kernel/iommu_groups; the links still tell.
+            return Ok(self
+                .devices()?
+                .into_iter()
+                .filter(|d| d.iommu_group == Some(group))
+                .collect());
+        }
+        let mut out = Vec::new();
+        for a in listed {
+            if let Some(d) = self.device(a)? {
+                out.push(d);
+            }
+        }
+        out.sort_by_key(|d| d.address);
+        Ok(out)
+    }
+
+    fn driver_loaded(&self, driver: &str) -> bool {
+        self.driver_dir(driver).is_ok_and(|d| d.is_dir())
+    }
+
+    fn load_driver(&self, driver: &str) -> bool {
+        if self.driver_loaded(driver) {
+            return true;
+        }
+        // Only the running kernel's own sysfs can gain a driver through modprobe;
+        // a test tree under another root must not load modules on the machine.
+        if self.root != Path::new("/sys") {
+            return false;
+        }
+        let first = self
+            .modprobed
+            .lock()
+            .map(|mut tried| tried.insert(driver.to_string()))
+            .unwrap_or(false);
+        if first {
+            match std::process::Command::new("modprobe").arg(driver).status() {
+                Ok(st) => tracing::info!(driver, status = %st, "ran modprobe"),
+                Err(e) => tracing::warn!(driver, error = %e, "cannot run modprobe"),
+            }
+        }
+        self.driver_loaded(driver)
+    }
+
+    fn set_override(&self, address: PciAddress, driver: Option<&str>) -> Result<(), HostError> {
+        let value = match driver {
+            Some(d) => {
+                self.driver_dir(d)?;
+                format!("{d}\n")
+            }
+            None => "\n".to_string(),
+        };
+        self.write_attr(&self.device_dir(address).join("driver_override"), &value)
+    }
+
+    fn unbind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let path = self.driver_dir(driver)?.join("unbind");
+        self.write_attr(&path, &address.to_string())
+    }
+
+    fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let dir = self.driver_dir(driver)?;
+        if !dir.is_dir() {
+            return Err(HostError::NoDriver(driver.to_string()));
+        }
+        self.write_attr(&dir.join("bind"), &address.to_string())
+    }
+
+    fn probe(&self, address: PciAddress) -> Result<(), HostError> {
+        let path = self.root.join("bus/pci/drivers_probe");
+        self.write_attr(&path, &address.to_string())
     }
 }
 

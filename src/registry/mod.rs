@@ -154,6 +154,10 @@ impl Registry {
         Ok(())
     }
 
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut StoredDevice> {
+        self.devices.get_mut(id)
+    }
+
     pub fn remove(&mut self, id: &str) -> Option<StoredDevice> {
         self.devices.remove(id)
     }
