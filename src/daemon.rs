@@ -71,7 +71,10 @@ impl DaemonError {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let sim = match &opts.simulate {
-        Some(fixture) => Some(Arc::new(SimHost::open(fixture, opts.simulate_state.as_deref())?)),
+        Some(fixture) => Some(Arc::new(SimHost::open(
+            fixture,
+            opts.simulate_state.as_deref(),
+        )?)),
         None => None,
     };
     let host: Arc<dyn Host> = match &sim {

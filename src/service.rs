@@ -95,7 +95,9 @@ fn require_key(id_or_name: &str) -> Result<()> {
 
 fn host_error(what: String, e: StepError) -> Error {
     match e {
-        StepError::Timeout(d) => Error::Timeout(format!("{what}: the kernel did not answer within {d:?}")),
+        StepError::Timeout(d) => {
+            Error::Timeout(format!("{what}: the kernel did not answer within {d:?}"))
+        }
         e => Error::Failed(format!("{what}: {e}")),
     }
 }
@@ -124,7 +126,10 @@ impl Service {
 
     /// The registry as it is now. Cheap: an `Arc` clone.
     pub fn snapshot(&self) -> Arc<Registry> {
-        self.registry.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn install(&self, next: Registry) {
@@ -147,14 +152,12 @@ impl Service {
     }
 
     /// Changes one stored device durably; `NotFound` if it is gone.
-    async fn modify(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut StoredDevice),
-    ) -> Result<StoredDevice> {
+    async fn modify(&self, id: &str, f: impl FnOnce(&mut StoredDevice)) -> Result<StoredDevice> {
         let _gate = self.gate.lock().await;
         let mut next = (*self.snapshot()).clone();
-        let d = next.get_mut(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let d = next
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
         let before = d.clone();
         f(d);
         let after = d.clone();
@@ -281,9 +284,16 @@ impl Service {
         let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
         let live = self
             .kernel
-            .run(move |h| addresses.into_iter().map(|a| h.device(a)).collect::<Result<Vec<_>, _>>())
+            .run(move |h| {
+                addresses
+                    .into_iter()
+                    .map(|a| h.device(a))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .await
-            .map_err(|e| host_error("cannot read the registered devices from the host".into(), e))?;
+            .map_err(|e| {
+                host_error("cannot read the registered devices from the host".into(), e)
+            })?;
         Ok(stored
             .into_iter()
             .zip(live)
@@ -340,7 +350,8 @@ impl Service {
 
     /// `Bind`: moves the device to vfio-pci (idempotent).
     pub async fn bind(&self, id_or_name: &str) -> Result<DeviceView> {
-        self.with_device(id_or_name, |s| self.bind_locked(s, false)).await
+        self.with_device(id_or_name, |s| self.bind_locked(s, false))
+            .await
     }
 
     /// `Unbind`: gives the device back to its host driver (idempotent).
@@ -519,7 +530,11 @@ impl Service {
         // Store first (keeping the original driver): a crash half way leaves a
         // record that the next start completes.
         self.modify(&s.id, |d| d.want_vfio = false).await?;
-        match self.kernel.give_back(&dev, s.original_driver.as_deref()).await {
+        match self
+            .kernel
+            .give_back(&dev, s.original_driver.as_deref())
+            .await
+        {
             Ok(after) => {
                 let stored = self.modify(&s.id, |d| d.original_driver = None).await?;
                 tracing::info!(
@@ -564,7 +579,9 @@ impl Service {
         self.with_device(id, |s| async move {
             let live = self.live(s.pci_address).await?;
             let view = self.view(s.clone(), live.clone());
-            let Some(dev) = live else { return Ok((view.clone(), view)) };
+            let Some(dev) = live else {
+                return Ok((view.clone(), view));
+            };
             let on_vfio = dev.driver.as_deref() == Some(VFIO_DRIVER);
             if s.want_vfio && !on_vfio {
                 tracing::info!(
@@ -622,8 +639,17 @@ mod tests {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/l4.toml");
         let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
         let kernel = Kernel::new(sim.clone(), Duration::from_millis(300));
-        let service = Service::new(kernel, PciIds::default(), Store::new(dir.path()), Registry::default());
-        Fixture { sim, service, _dir: dir }
+        let service = Service::new(
+            kernel,
+            PciIds::default(),
+            Store::new(dir.path()),
+            Registry::default(),
+        );
+        Fixture {
+            sim,
+            service,
+            _dir: dir,
+        }
     }
 
     fn addr() -> PciAddress {
@@ -649,7 +675,14 @@ mod tests {
     }
 
     const STATES: [State; 4] = [State::Unbound, State::Native, State::Vfio, State::Attached];
-    const ACTIONS: [Action; 6] = [Action::Bind, Action::Unbind, Action::Attach1, Action::Attach2, Action::Detach, Action::Delete];
+    const ACTIONS: [Action; 6] = [
+        Action::Bind,
+        Action::Unbind,
+        Action::Attach1,
+        Action::Attach2,
+        Action::Detach,
+        Action::Delete,
+    ];
 
     async fn enter(f: &Fixture, state: State) {
         f.service.register(GPU, "l4-gpu").await.unwrap();
@@ -678,7 +711,10 @@ mod tests {
 
     /// What each (state, action) must lead to: Ok((driver, attached, registered))
     /// or the error name.
-    fn expected(state: State, action: Action) -> std::result::Result<(Option<&'static str>, Option<&'static str>, bool), &'static str> {
+    fn expected(
+        state: State,
+        action: Action,
+    ) -> std::result::Result<(Option<&'static str>, Option<&'static str>, bool), &'static str> {
         use Action as A;
         use State as S;
         let vfio = Some(VFIO_DRIVER);
@@ -726,7 +762,8 @@ mod tests {
                             assert_eq!(s.want_vfio, driver == Some(VFIO_DRIVER), "{case}");
                         }
                         // The override is set exactly while on vfio-pci.
-                        let want_override = (driver == Some(VFIO_DRIVER)).then(|| VFIO_DRIVER.to_string());
+                        let want_override =
+                            (driver == Some(VFIO_DRIVER)).then(|| VFIO_DRIVER.to_string());
                         assert_eq!(dev.driver_override, want_override, "{case}");
                     }
                     Err(name) => {
@@ -767,7 +804,11 @@ mod tests {
                     enter(&f, state).await;
                     let host_before = f.sim.device(addr()).unwrap().unwrap();
                     let stored_before = f.service.snapshot().by_address(addr()).cloned();
-                    f.sim.inject(Fault { op, address: addr(), kind: kind.clone() });
+                    f.sim.inject(Fault {
+                        op,
+                        address: addr(),
+                        kind: kind.clone(),
+                    });
                     let got = act(&f, action).await;
                     f.sim.clear_faults();
                     let case = format!("{state:?} x {action:?} with {kind:?} on {op}");
@@ -776,13 +817,21 @@ mod tests {
                             let (driver, _, registered) = expected(state, action).unwrap();
                             let dev = f.sim.device(addr()).unwrap().unwrap();
                             assert_eq!(dev.driver.as_deref(), driver, "{case}");
-                            assert_eq!(f.service.snapshot().by_address(addr()).is_some(), registered, "{case}");
+                            assert_eq!(
+                                f.service.snapshot().by_address(addr()).is_some(),
+                                registered,
+                                "{case}"
+                            );
                         }
                         Err(e) => {
                             failures_seen += 1;
                             let dev = f.sim.device(addr()).unwrap().unwrap();
                             assert_eq!(dev, host_before, "{case}: {e}");
-                            assert_eq!(f.service.snapshot().by_address(addr()).cloned(), stored_before, "{case}");
+                            assert_eq!(
+                                f.service.snapshot().by_address(addr()).cloned(),
+                                stored_before,
+                                "{case}"
+                            );
                             let name = e.dbus_name();
                             if kind == FaultKind::Stall {
                                 assert_eq!(name, "Timeout", "{case}: {e}");
@@ -796,7 +845,10 @@ mod tests {
                 }
             }
         }
-        assert!(failures_seen > 20, "only {failures_seen} faults made an operation fail");
+        assert!(
+            failures_seen > 20,
+            "only {failures_seen} faults made an operation fail"
+        );
     }
 
     #[tokio::test]
@@ -805,11 +857,20 @@ mod tests {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/desktop.toml");
         let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
         let kernel = Kernel::new(sim.clone(), Duration::from_secs(5));
-        let s = Service::new(kernel, PciIds::default(), Store::new(dir.path()), Registry::default());
+        let s = Service::new(
+            kernel,
+            PciIds::default(),
+            Store::new(dir.path()),
+            Registry::default(),
+        );
         s.register("0000:01:00.0", "gpu").await.unwrap();
         let e = s.bind("gpu").await.unwrap_err();
         assert_eq!(e.dbus_name(), "IommuGroupConflict");
-        assert!(e.to_string().contains("0000:01:00.1 (driver snd_hda_intel)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("0000:01:00.1 (driver snd_hda_intel)"),
+            "{e}"
+        );
         s.register("0000:01:00.1", "gpu-audio").await.unwrap();
         // The GPU is registered, so it can follow: the audio function may go first.
         s.bind("gpu-audio").await.unwrap();
@@ -824,23 +885,46 @@ mod tests {
     #[tokio::test]
     async fn vfio_missing_and_no_iommu() {
         let dir = tempfile::tempdir().unwrap();
-        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/l4.toml"))
-            .unwrap()
-            .replace("name = \"vfio-pci\"", "name = \"vfio-pci\"\nloaded = false\nloadable = false");
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hosts/l4.toml"),
+        )
+        .unwrap()
+        .replace(
+            "name = \"vfio-pci\"",
+            "name = \"vfio-pci\"\nloaded = false\nloadable = false",
+        );
         let fixture = dir.path().join("novfio.toml");
         std::fs::write(&fixture, text).unwrap();
         let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
-        let s = Service::new(Kernel::new(sim.clone(), Duration::from_secs(5)), PciIds::default(), Store::new(dir.path()), Registry::default());
+        let s = Service::new(
+            Kernel::new(sim.clone(), Duration::from_secs(5)),
+            PciIds::default(),
+            Store::new(dir.path()),
+            Registry::default(),
+        );
         s.register(GPU, "gpu").await.unwrap();
-        assert_eq!(s.bind("gpu").await.unwrap_err().dbus_name(), "VfioUnavailable");
-        assert_eq!(sim.device(addr()).unwrap().unwrap().driver.as_deref(), Some("nvidia"));
+        assert_eq!(
+            s.bind("gpu").await.unwrap_err().dbus_name(),
+            "VfioUnavailable"
+        );
+        assert_eq!(
+            sim.device(addr()).unwrap().unwrap().driver.as_deref(),
+            Some("nvidia")
+        );
 
         // Loadable but not loaded: modprobe (simulated) brings it.
-        let text = std::fs::read_to_string(&fixture).unwrap().replace("loadable = false", "loadable = true");
+        let text = std::fs::read_to_string(&fixture)
+            .unwrap()
+            .replace("loadable = false", "loadable = true");
         std::fs::write(&fixture, text).unwrap();
         let sim = Arc::new(SimHost::from_file(&fixture).unwrap());
         let dir2 = tempfile::tempdir().unwrap();
-        let s = Service::new(Kernel::new(sim.clone(), Duration::from_secs(5)), PciIds::default(), Store::new(dir2.path()), Registry::default());
+        let s = Service::new(
+            Kernel::new(sim.clone(), Duration::from_secs(5)),
+            PciIds::default(),
+            Store::new(dir2.path()),
+            Registry::default(),
+        );
         s.register(GPU, "gpu").await.unwrap();
         assert!(s.bind("gpu").await.unwrap().bound_to_vfio());
     }

@@ -70,12 +70,22 @@ pub enum VfioError {
 
 impl VfioError {
     pub fn is_timeout(&self) -> bool {
-        matches!(self, VfioError::Step { error: StepError::Timeout(_), .. })
+        matches!(
+            self,
+            VfioError::Step {
+                error: StepError::Timeout(_),
+                ..
+            }
+        )
     }
 }
 
 fn list(blockers: &[Blocker]) -> String {
-    blockers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    blockers
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn driver_text(d: Option<&str>) -> String {
@@ -117,7 +127,12 @@ impl Kernel {
         self.run(move |h| h.device(address)).await
     }
 
-    async fn op(&self, op: Op, address: PciAddress, driver: Option<String>) -> Result<(), StepError> {
+    async fn op(
+        &self,
+        op: Op,
+        address: PciAddress,
+        driver: Option<String>,
+    ) -> Result<(), StepError> {
         self.run(move |h| match (op, driver.as_deref()) {
             (Op::SetOverride, Some(d)) => h.set_override(address, Some(d)),
             (Op::ClearOverride, _) => h.set_override(address, None),
@@ -160,7 +175,11 @@ impl Kernel {
         let blockers: Vec<Blocker> = members
             .into_iter()
             .filter(|m| m.address != dev.address && !is_bridge(m.class))
-            .filter(|m| m.driver.as_deref().is_some_and(|d| !CEDING_DRIVERS.contains(&d)))
+            .filter(|m| {
+                m.driver
+                    .as_deref()
+                    .is_some_and(|d| !CEDING_DRIVERS.contains(&d))
+            })
             .filter(|m| strict || !movable(m.address))
             .map(|m| Blocker {
                 address: m.address,
@@ -194,7 +213,9 @@ impl Kernel {
             self.op(Op::Probe, a, None)
                 .await
                 .map_err(|e| ("drivers_probe".to_string(), e))?;
-            self.verify(a, Some(VFIO_DRIVER)).await.map_err(|e| ("verify".to_string(), e))
+            self.verify(a, Some(VFIO_DRIVER))
+                .await
+                .map_err(|e| ("verify".to_string(), e))
         }
         .await;
         self.finish("binding to vfio-pci", before, result).await
@@ -202,7 +223,11 @@ impl Kernel {
 
     /// Gives `before` (on vfio-pci now) back to `original`, or to whatever the
     /// kernel's probe picks when the original is unknown.
-    pub async fn give_back(&self, before: &HostDevice, original: Option<&str>) -> Result<HostDevice, VfioError> {
+    pub async fn give_back(
+        &self,
+        before: &HostDevice,
+        original: Option<&str>,
+    ) -> Result<HostDevice, VfioError> {
         let a = before.address;
         let original = original.map(str::to_string);
         let result = async {
@@ -218,9 +243,15 @@ impl Kernel {
                 .await
                 .map_err(|e| ("drivers_probe".to_string(), e))?;
             let Some(orig) = &original else {
-                return self.verify_not(a, VFIO_DRIVER).await.map_err(|e| ("verify".to_string(), e));
+                return self
+                    .verify_not(a, VFIO_DRIVER)
+                    .await
+                    .map_err(|e| ("verify".to_string(), e));
             };
-            let now = self.read(a).await.map_err(|e| ("read back".to_string(), e))?;
+            let now = self
+                .read(a)
+                .await
+                .map_err(|e| ("read back".to_string(), e))?;
             let now_driver = now.as_ref().and_then(|d| d.driver.clone());
             if now_driver.as_deref() != Some(orig.as_str()) {
                 if let Some(other) = now_driver {
@@ -232,7 +263,9 @@ impl Kernel {
                     .await
                     .map_err(|e| (format!("bind to {orig}"), e))?;
             }
-            self.verify(a, Some(orig)).await.map_err(|e| ("verify".to_string(), e))
+            self.verify(a, Some(orig))
+                .await
+                .map_err(|e| ("verify".to_string(), e))
         }
         .await;
         self.finish("giving back", before, result).await
@@ -272,8 +305,13 @@ impl Kernel {
     /// Brings the device's driver and override back to `target`'s.
     pub async fn restore(&self, target: &HostDevice) -> Result<(), StepError> {
         let a = target.address;
-        let override_op = if target.driver_override.is_some() { Op::SetOverride } else { Op::ClearOverride };
-        self.op(override_op, a, target.driver_override.clone()).await?;
+        let override_op = if target.driver_override.is_some() {
+            Op::SetOverride
+        } else {
+            Op::ClearOverride
+        };
+        self.op(override_op, a, target.driver_override.clone())
+            .await?;
         let now = self.read(a).await?.ok_or(HostError::NoDevice(a))?;
         if now.driver != target.driver {
             if let Some(d) = now.driver {

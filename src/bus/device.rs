@@ -57,7 +57,9 @@ impl DeviceObject {
 
     /// Binds if needed, then marks this device attached to `instance_id`.
     async fn attach(&self, instance_id: &str) -> Result<Record, Error> {
-        Ok(Record::from(&self.service.attach(&self.id, instance_id).await?))
+        Ok(Record::from(
+            &self.service.attach(&self.id, instance_id).await?,
+        ))
     }
 
     /// Clears the attachment; the device stays on vfio-pci.

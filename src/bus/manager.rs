@@ -35,7 +35,13 @@ impl Manager {
 
     /// Every registered device.
     async fn list(&self) -> Result<Vec<Record>, Error> {
-        Ok(self.service.list().await?.iter().map(Record::from).collect())
+        Ok(self
+            .service
+            .list()
+            .await?
+            .iter()
+            .map(Record::from)
+            .collect())
     }
 
     /// One device, by id or exact name.
@@ -52,7 +58,8 @@ impl Manager {
     async fn list_available(&self) -> Result<Vec<Available>, Error> {
         Ok(self
             .service
-            .list_available().await?
+            .list_available()
+            .await?
             .iter()
             .map(Available::from)
             .collect())
@@ -70,7 +77,9 @@ impl Manager {
 
     /// Binds if needed, then marks the device attached to `instance_id`.
     async fn attach(&self, id_or_name: &str, instance_id: &str) -> Result<Record, Error> {
-        Ok(Record::from(&self.service.attach(id_or_name, instance_id).await?))
+        Ok(Record::from(
+            &self.service.attach(id_or_name, instance_id).await?,
+        ))
     }
 
     /// Clears the attachment; the device stays on vfio-pci.

@@ -133,7 +133,12 @@ impl Publisher for BusPublisher {
         Box::pin(async move {
             let id = &after.stored.id;
             let Ok(path) = device_path(id) else { return };
-            let iface = match self.conn.object_server().interface::<_, DeviceObject>(path).await {
+            let iface = match self
+                .conn
+                .object_server()
+                .interface::<_, DeviceObject>(path)
+                .await
+            {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::debug!(device_id = %id, error = %e, "no device object to signal on");

@@ -29,15 +29,23 @@ impl Simulator {
     /// `pci_address` fail with `error`: an errno name (ENODEV, EBUSY, EIO, ...),
     /// `stall` (blocks until ClearFaults) or `grab` (unbind only: the native
     /// driver takes the device straight back).
-    async fn inject_fault(&self, operation: &str, pci_address: &str, error: &str) -> fdo::Result<()> {
+    async fn inject_fault(
+        &self,
+        operation: &str,
+        pci_address: &str,
+        error: &str,
+    ) -> fdo::Result<()> {
         let op = Op::parse(operation).ok_or_else(|| {
             fdo::Error::InvalidArgs(format!(
                 "unknown operation {operation:?}; use one of set_override, clear_override, unbind, bind, probe"
             ))
         })?;
-        let address = PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let address =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
         let kind = FaultKind::parse(error).ok_or_else(|| {
-            fdo::Error::InvalidArgs(format!("unknown error {error:?}; use an errno name such as EBUSY, or stall, or grab"))
+            fdo::Error::InvalidArgs(format!(
+                "unknown error {error:?}; use an errno name such as EBUSY, or stall, or grab"
+            ))
         })?;
         self.sim.inject(Fault { op, address, kind });
         Ok(())

@@ -41,7 +41,11 @@ pub enum HostError {
     Attr(#[from] crate::pci::sysfs::AttrError),
     /// A write the kernel refused, with its errno.
     #[error("writing {value:?} to {path} failed: {}", errno_text(*.errno))]
-    Write { path: String, value: String, errno: i32 },
+    Write {
+        path: String,
+        value: String,
+        errno: i32,
+    },
     /// The driver is not loaded (no `drivers/<name>`).
     #[error("driver {0} is not loaded")]
     NoDriver(String),
@@ -95,7 +99,13 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [Op::SetOverride, Op::ClearOverride, Op::Unbind, Op::Bind, Op::Probe];
+    pub const ALL: [Op; 5] = [
+        Op::SetOverride,
+        Op::ClearOverride,
+        Op::Unbind,
+        Op::Bind,
+        Op::Probe,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -305,17 +305,20 @@ impl SimHost {
         let mut state = Fixture::parse(fixture, &text)?.into_state(fixture)?;
         if let Some(file) = state_file {
             if let Ok(bytes) = std::fs::read(file) {
-                let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| FixtureError::Parse {
-                    path: file.to_path_buf(),
-                    message: e.to_string(),
-                })?;
+                let saved: Saved =
+                    serde_json::from_slice(&bytes).map_err(|e| FixtureError::Parse {
+                        path: file.to_path_buf(),
+                        message: e.to_string(),
+                    })?;
                 for (name, loaded) in saved.loaded {
                     if let Some(d) = state.drivers.get_mut(&name) {
                         d.loaded = loaded;
                     }
                 }
                 for (addr, sd) in saved.devices {
-                    let Ok(a) = PciAddress::parse(&addr) else { continue };
+                    let Ok(a) = PciAddress::parse(&addr) else {
+                        continue;
+                    };
                     if let Some(d) = state.devices.get_mut(&a) {
                         d.driver = sd.driver;
                         d.driver_override = sd.driver_override;
@@ -341,7 +344,11 @@ impl SimHost {
     fn save(&self, state: &SimState) {
         let Some(file) = &self.state_file else { return };
         let saved = Saved {
-            loaded: state.drivers.iter().map(|(n, d)| (n.clone(), d.loaded)).collect(),
+            loaded: state
+                .drivers
+                .iter()
+                .map(|(n, d)| (n.clone(), d.loaded))
+                .collect(),
             devices: state
                 .devices
                 .iter()
@@ -367,12 +374,18 @@ impl SimHost {
     /// Adds a fault; it stays until [`SimHost::clear_faults`].
     pub fn inject(&self, fault: Fault) {
         tracing::info!(op = %fault.op, pci_address = %fault.address, kind = ?fault.kind, "simulator: fault injected");
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fault);
     }
 
     /// Removes every fault and releases stalled writes.
     pub fn clear_faults(&self) {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.faults_cleared.notify_all();
     }
 
@@ -385,7 +398,13 @@ impl SimHost {
     }
 
     /// Applies an injected errno or stall before an operation. `Ok` means go on.
-    fn before(&self, op: Op, address: PciAddress, path: &str, value: &str) -> Result<Option<FaultKind>, HostError> {
+    fn before(
+        &self,
+        op: Op,
+        address: PciAddress,
+        path: &str,
+        value: &str,
+    ) -> Result<Option<FaultKind>, HostError> {
         let fail = |errno| HostError::Write {
             path: path.to_string(),
             value: value.to_string(),
@@ -397,10 +416,15 @@ impl SimHost {
                 tracing::info!(%op, pci_address = %address, "simulator: write stalled");
                 let started = Instant::now();
                 let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
-                while faults.iter().any(|f| f.op == op && f.address == address && f.kind == FaultKind::Stall)
+                while faults
+                    .iter()
+                    .any(|f| f.op == op && f.address == address && f.kind == FaultKind::Stall)
                     && started.elapsed() < STALL_LIMIT
                 {
-                    faults = match self.faults_cleared.wait_timeout(faults, Duration::from_millis(200)) {
+                    faults = match self
+                        .faults_cleared
+                        .wait_timeout(faults, Duration::from_millis(200))
+                    {
                         Ok((g, _)) => g,
                         Err(p) => p.into_inner().0,
                     };
@@ -429,7 +453,11 @@ impl SimHost {
 impl Host for SimHost {
     fn describe(&self) -> String {
         match &self.state_file {
-            Some(f) => format!("simulated host from {} (state kept in {})", self.source.display(), f.display()),
+            Some(f) => format!(
+                "simulated host from {} (state kept in {})",
+                self.source.display(),
+                f.display()
+            ),
             None => format!("simulated host from {}", self.source.display()),
         }
     }
@@ -458,7 +486,9 @@ impl Host for SimHost {
 
     fn load_driver(&self, driver: &str) -> bool {
         let mut state = self.state();
-        let Some(d) = state.drivers.get_mut(driver) else { return false };
+        let Some(d) = state.drivers.get_mut(driver) else {
+            return false;
+        };
         if !d.loaded && d.loadable {
             d.loaded = true;
             tracing::info!(driver, "simulator: module loaded");
@@ -468,7 +498,11 @@ impl Host for SimHost {
     }
 
     fn set_override(&self, address: PciAddress, driver: Option<&str>) -> Result<(), HostError> {
-        let op = if driver.is_some() { Op::SetOverride } else { Op::ClearOverride };
+        let op = if driver.is_some() {
+            Op::SetOverride
+        } else {
+            Op::ClearOverride
+        };
         let path = format!("devices/{address}/driver_override");
         self.before(op, address, &path, driver.unwrap_or(""))?;
         let mut state = self.state();
@@ -532,7 +566,10 @@ impl Host for SimHost {
             }
             match &d.driver_override {
                 Some(o) => o == driver,
-                None => state.drivers.get(driver).is_some_and(|drv| drv.ids.iter().any(|m| m.matches(d.vendor, d.device))),
+                None => state
+                    .drivers
+                    .get(driver)
+                    .is_some_and(|drv| drv.ids.iter().any(|m| m.matches(d.vendor, d.device))),
             }
         };
         if !ids_match {

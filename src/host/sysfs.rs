@@ -40,8 +40,11 @@ impl SysfsHost {
             value: value.trim_end().to_string(),
             errno: e.raw_os_error().unwrap_or(5),
         };
+        // O_TRUNC as a shell's `>` does: sysfs ignores it, a plain file (a test
+        // tree) is left holding exactly the value.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
+            .truncate(true)
             .open(path)
             .map_err(to_err)?;
         // sysfs takes one write(2) per value; write_all would retry a short write.
@@ -140,7 +143,9 @@ impl Host for SysfsHost {
     }
 
     fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError> {
-        let dir = self.root.join(format!("kernel/iommu_groups/{group}/devices"));
+        let dir = self
+            .root
+            .join(format!("kernel/iommu_groups/{group}/devices"));
         let listed: Vec<PciAddress> = std::fs::read_dir(&dir)
             .map(|entries| {
                 entries

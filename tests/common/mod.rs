@@ -63,6 +63,47 @@ impl TestBus {
         Self::start_with_includes(&[root().join("dbus/org.hypeman.Devices.conf")])
     }
 
+    /// A bus on which tests may also drive the simulator (`org.hypeman.Simulator1`).
+    pub fn start_sim() -> TestBus {
+        Self::start_with_includes(&[
+            root().join("dbus/org.hypeman.Devices.conf"),
+            root().join("tests/data/simulator.conf"),
+        ])
+    }
+
+    /// `Simulator1.InjectFault(op, address, error)`.
+    pub fn inject(&self, op: &str, address: &str, error: &str) {
+        self.call(
+            "/org/hypeman/Simulator",
+            "org.hypeman.Simulator1",
+            "InjectFault",
+            &["sss", op, address, error],
+        )
+        .expect("InjectFault");
+    }
+
+    pub fn clear_faults(&self) {
+        self.call(
+            "/org/hypeman/Simulator",
+            "org.hypeman.Simulator1",
+            "ClearFaults",
+            &[],
+        )
+        .expect("ClearFaults");
+    }
+
+    /// The host's view of one device from `ListAvailable`: (driver, group).
+    pub fn host_driver(&self, address: &str) -> Option<String> {
+        let all = self.manager("ListAvailable", &[]).expect("ListAvailable");
+        all[0]
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|r| r["pci_address"]["data"] == address)
+            .and_then(|r| r.get("current_driver"))
+            .and_then(|d| d["data"].as_str().map(str::to_string))
+    }
+
     pub fn start_with_includes(includes: &[PathBuf]) -> TestBus {
         let dir = tempfile::tempdir().expect("tempdir");
         let template =

@@ -1,0 +1,465 @@
+//! End to end: moving devices to vfio-pci and back with the real `hypemand` on a
+//! private bus, driven by `busctl` and `gdbus`.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const GPU: &str = "0000:a2:00.0";
+
+fn field(v: &serde_json::Value, key: &str) -> serde_json::Value {
+    v[key]["data"].clone()
+}
+
+fn error_name(bus: &TestBus, method: &str, args: &[&str]) -> String {
+    let out = bus.gdbus_call(PATH, &format!("org.hypeman.Devices1.{method}"), args);
+    assert!(!out.status.success(), "{method} {args:?} succeeded");
+    gdbus_error_name(&out)
+}
+
+fn error_text(bus: &TestBus, method: &str, args: &[&str]) -> String {
+    let out = bus.gdbus_call(PATH, &format!("org.hypeman.Devices1.{method}"), args);
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn desktop_group_needs_both_functions() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "desktop.toml");
+    bus.manager("Register", &["ss", "0000:01:00.0", "rtx"])
+        .unwrap();
+
+    // 1. The GPU alone: its HDMI audio function is in the way, and named.
+    assert_eq!(
+        error_name(&bus, "Bind", &["rtx"]),
+        "org.hypeman.Devices.Error.IommuGroupConflict"
+    );
+    let text = error_text(&bus, "Bind", &["rtx"]);
+    assert!(
+        text.contains("0000:01:00.1") && text.contains("snd_hda_intel"),
+        "{text}"
+    );
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
+
+    // 2. Register and bind the audio function, then the GPU: both on vfio-pci.
+    bus.manager("Register", &["ss", "0000:01:00.1", "rtx-audio"])
+        .unwrap();
+    let audio = bus.manager("Bind", &["s", "rtx-audio"]).unwrap();
+    assert_eq!(field(&audio[0], "bound_to_vfio"), true);
+    let gpu = bus.manager("Bind", &["s", "rtx"]).unwrap();
+    assert_eq!(field(&gpu[0], "driver"), "vfio-pci");
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(bus.host_driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
+
+    // 3. Unbind both: each back on its own driver.
+    bus.manager("Unbind", &["s", "rtx"]).unwrap();
+    bus.manager("Unbind", &["s", "rtx-audio"]).unwrap();
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert_eq!(
+        bus.host_driver("0000:01:00.1").as_deref(),
+        Some("snd_hda_intel")
+    );
+}
+
+#[test]
+fn l4_lifecycle_across_restarts_and_reboots() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let kernel_state = state.path().join("sim-kernel.json");
+    let f = fixture("l4.toml");
+    let args = [
+        "--simulate",
+        f.to_str().unwrap(),
+        "--simulate-state",
+        kernel_state.to_str().unwrap(),
+    ];
+
+    // 1. Bind.
+    let d = Daemon::start(&bus, state.path(), &args);
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    let rec = bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(field(&rec[0], "bound_to_vfio"), true);
+    // Idempotent.
+    bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
+
+    // 2. Restart the daemon, the kernel's state kept: still bound.
+    d.kill9(&bus);
+    let d = Daemon::start(&bus, state.path(), &args);
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("vfio-pci"));
+    assert!(!d.log().contains("binding it again"), "{}", d.log());
+
+    // 3. Reboot: the kernel comes back with the L4 on nvidia; the daemon takes it
+    //    back at start-up.
+    drop(d);
+    wait_until(|| !bus.has_owner(NAME));
+    std::fs::remove_file(&kernel_state).unwrap();
+    let d = Daemon::start(&bus, state.path(), &args);
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("vfio-pci"));
+    assert!(d.log().contains("binding it again"), "{}", d.log());
+    let got = bus.manager("Get", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(field(&got[0], "driver"), "vfio-pci");
+
+    // 4. Attach vm-1; vm-2 and Delete are refused.
+    let rec = bus.manager("Attach", &["ss", "l4-gpu", "vm-1"]).unwrap();
+    assert_eq!(field(&rec[0], "attached_to"), "vm-1");
+    bus.manager("Attach", &["ss", "l4-gpu", "vm-1"]).unwrap();
+    assert_eq!(
+        error_name(&bus, "Attach", &["l4-gpu", "vm-2"]),
+        "org.hypeman.Devices.Error.InUse"
+    );
+    assert!(error_text(&bus, "Attach", &["l4-gpu", "vm-2"]).contains("vm-1"));
+    assert_eq!(
+        error_name(&bus, "Delete", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.InUse"
+    );
+    assert_eq!(
+        error_name(&bus, "Unbind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.InUse"
+    );
+    assert_eq!(
+        error_name(&bus, "Attach", &["l4-gpu", "bad instance"]),
+        "org.hypeman.Devices.Error.InvalidArgument"
+    );
+
+    // The attachment survives a crash.
+    d.kill9(&bus);
+    let _d = Daemon::start(&bus, state.path(), &args);
+    let got = bus.manager("Get", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(field(&got[0], "attached_to"), "vm-1");
+
+    // 5. Detach (stays on vfio-pci), Unbind, Delete: back on nvidia.
+    let rec = bus.manager("Detach", &["s", "l4-gpu"]).unwrap();
+    assert!(rec[0].get("attached_to").is_none());
+    assert_eq!(field(&rec[0], "driver"), "vfio-pci");
+    let rec = bus.manager("Unbind", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(field(&rec[0], "driver"), "nvidia");
+    bus.manager("Unbind", &["s", "l4-gpu"]).unwrap();
+    bus.manager("Delete", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("nvidia"));
+}
+
+#[test]
+fn delete_gives_a_bound_device_back() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let data = bus
+        .manager("Register", &["ss", "0000:3b:00.0", "nic"])
+        .unwrap();
+    let path = data[0].as_str().unwrap().to_string();
+    // Through the device object this time.
+    bus.call(&path, "org.hypeman.Device1", "Bind", &[]).unwrap();
+    assert_eq!(bus.host_driver("0000:3b:00.0").as_deref(), Some("vfio-pci"));
+    bus.call(&path, "org.hypeman.Device1", "Attach", &["s", "vm-9"])
+        .unwrap();
+    bus.call(&path, "org.hypeman.Device1", "Detach", &[])
+        .unwrap();
+    bus.call(&path, "org.hypeman.Device1", "Delete", &[])
+        .unwrap();
+    assert_eq!(bus.host_driver("0000:3b:00.0").as_deref(), Some("i40e"));
+}
+
+#[test]
+fn no_iommu_refuses_and_changes_nothing() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "no-iommu.toml");
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    let before = bus.manager("ListAvailable", &[]).unwrap();
+    assert_eq!(
+        error_name(&bus, "Bind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.NoIommu"
+    );
+    assert!(error_text(&bus, "Bind", &["l4-gpu"]).contains("intel_iommu=on"));
+    assert_eq!(
+        error_name(&bus, "Attach", &["l4-gpu", "vm-1"]),
+        "org.hypeman.Devices.Error.NoIommu"
+    );
+    assert_eq!(bus.manager("ListAvailable", &[]).unwrap(), before);
+}
+
+#[test]
+fn injected_faults_answer_typed_errors_and_restore() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let f = fixture("l4.toml");
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--simulate", f.to_str().unwrap(), "--sysfs-timeout", "1"],
+    );
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+
+    bus.inject("unbind", GPU, "EBUSY");
+    assert_eq!(
+        error_name(&bus, "Bind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.BindFailed"
+    );
+    let text = error_text(&bus, "Bind", &["l4-gpu"]);
+    assert!(
+        text.contains("unbind from nvidia") && text.contains("EBUSY"),
+        "{text}"
+    );
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("nvidia"));
+    bus.clear_faults();
+
+    bus.inject("unbind", GPU, "grab");
+    assert_eq!(
+        error_name(&bus, "Bind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.BindFailed"
+    );
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("nvidia"));
+    bus.clear_faults();
+
+    bus.inject("probe", GPU, "stall");
+    assert_eq!(
+        error_name(&bus, "Bind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.Timeout"
+    );
+    bus.clear_faults();
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("nvidia"));
+    let got = bus.manager("Get", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(field(&got[0], "bound_to_vfio"), false);
+
+    // With the faults gone it works.
+    bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("vfio-pci"));
+}
+
+/// One client's Bind is stuck in the kernel; everyone else is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_bind_stalls_nobody_else() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let f = fixture("l4.toml");
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--simulate", f.to_str().unwrap(), "--sysfs-timeout", "60"],
+    );
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    bus.manager("Register", &["ss", "0000:3b:00.0", "nic"])
+        .unwrap();
+    bus.inject("set_override", GPU, "stall");
+
+    let mut stalled = Proc {
+        child: std::process::Command::new("busctl")
+            .arg(format!("--address={}", bus.address))
+            .args([
+                "--timeout=120",
+                "call",
+                NAME,
+                PATH,
+                IFACE,
+                "Bind",
+                "s",
+                "l4-gpu",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    // Wait until the daemon is inside the stalled write.
+    wait_until(|| {
+        std::fs::read_to_string(&_d.stderr_path)
+            .unwrap_or_default()
+            .contains("write stalled")
+    });
+
+    let client = hypeman_devices::client::Client::connect(
+        &hypeman_devices::bus::BusChoice::Address(bus.address.clone()),
+    )
+    .await
+    .unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..100 {
+        let t = Instant::now();
+        let r = client.get("l4-gpu").await.unwrap();
+        worst = worst.max(t.elapsed());
+        assert_eq!(r.driver.as_deref(), Some("nvidia"));
+    }
+    let list = client.list().await.unwrap();
+    assert_eq!(list.len(), 2);
+    // A Bind of an unrelated device goes through while the GPU's is stuck.
+    let nic = tokio::time::timeout(Duration::from_secs(30), async {
+        bus.manager("Bind", &["s", "nic"])
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(nic[0]["driver"]["data"], "vfio-pci");
+    // All of that happened while the stalled Bind was still waiting.
+    assert!(
+        stalled.child.try_wait().unwrap().is_none(),
+        "the stalled Bind finished early"
+    );
+    eprintln!("slowest of 100 Get calls during the stall: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(100),
+        "a Get took {worst:?} during the stall"
+    );
+
+    bus.clear_faults();
+    let status = stalled.child.wait().unwrap();
+    assert!(!status.success(), "the stalled Bind must fail, not succeed");
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("nvidia"));
+}
+
+/// The real backend on a plain directory: files and links shaped like sysfs but
+/// no kernel behind them. Writes land in files and nothing rebinds, so Bind must
+/// fail within the deadline and leave the device as it was.
+#[test]
+fn real_backend_on_a_plain_tree_fails_safely() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let dev = root.join("devices/pci0000:a0/0000:a2:00.0");
+    std::fs::create_dir_all(&dev).unwrap();
+    for (f, v) in [
+        ("vendor", "0x10de\n"),
+        ("device", "0x27b8\n"),
+        ("class", "0x030200\n"),
+        ("driver_override", "(null)\n"),
+    ] {
+        std::fs::write(dev.join(f), v).unwrap();
+    }
+    for d in ["nvidia", "vfio-pci"] {
+        let dir = root.join("bus/pci/drivers").join(d);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bind"), "").unwrap();
+        std::fs::write(dir.join("unbind"), "").unwrap();
+    }
+    std::fs::write(root.join("bus/pci/drivers_probe"), "").unwrap();
+    std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
+    symlink(
+        "../../../devices/pci0000:a0/0000:a2:00.0",
+        root.join("bus/pci/devices/0000:a2:00.0"),
+    )
+    .unwrap();
+    symlink("../../../bus/pci/drivers/nvidia", dev.join("driver")).unwrap();
+    std::fs::create_dir_all(root.join("kernel/iommu_groups/82/devices")).unwrap();
+    symlink("../../../kernel/iommu_groups/82", dev.join("iommu_group")).unwrap();
+    symlink(
+        "../../../../devices/pci0000:a0/0000:a2:00.0",
+        root.join("kernel/iommu_groups/82/devices/0000:a2:00.0"),
+    )
+    .unwrap();
+
+    let read_state = |dev: &Path| {
+        let link = std::fs::read_link(dev.join("driver")).unwrap();
+        let ov = std::fs::read_to_string(dev.join("driver_override")).unwrap();
+        let ov = ov.trim();
+        (
+            link,
+            if ov.is_empty() || ov == "(null)" {
+                None
+            } else {
+                Some(ov.to_string())
+            },
+        )
+    };
+    let before = read_state(&dev);
+
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &[
+            "--sysfs-root",
+            root.to_str().unwrap(),
+            "--sysfs-timeout",
+            "2",
+        ],
+    );
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    assert_eq!(
+        error_name(&bus, "Bind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.BindFailed"
+    );
+    assert_eq!(read_state(&dev), before);
+    let text = error_text(&bus, "Bind", &["l4-gpu"]);
+    assert!(
+        text.contains("verify") && text.contains("put back"),
+        "{text}"
+    );
+
+    // A write that never completes (a FIFO nobody reads): Timeout, then restored.
+    std::fs::remove_file(root.join("bus/pci/drivers_probe")).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(root.join("bus/pci/drivers_probe"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        error_name(&bus, "Bind", &["l4-gpu"]),
+        "org.hypeman.Devices.Error.Timeout"
+    );
+    assert_eq!(read_state(&dev), before);
+    let got = bus.manager("Get", &["s", "l4-gpu"]).unwrap();
+    assert_eq!(field(&got[0], "bound_to_vfio"), false);
+}
+
+/// `PropertiesChanged` for every change of Driver, BoundToVfio and AttachedTo,
+/// as a second client (gdbus monitor) sees them.
+#[test]
+fn property_changes_are_signalled() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let data = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    let path = data[0].as_str().unwrap().to_string();
+    let out_path = bus.dir.path().join("monitor.txt");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let _monitor = Proc {
+        child: std::process::Command::new("gdbus")
+            .args([
+                "monitor",
+                "--address",
+                &bus.address,
+                "--dest",
+                NAME,
+                "--object-path",
+                &path,
+            ])
+            .stdout(out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    wait_until(|| read().contains("is owned by"));
+
+    bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
+    bus.manager("Get", &["s", "l4-gpu"]).unwrap(); // a read changes nothing
+    bus.manager("Bind", &["s", "l4-gpu"]).unwrap(); // nor does an idempotent Bind
+    bus.manager("Attach", &["ss", "l4-gpu", "vm-1"]).unwrap();
+    bus.manager("Detach", &["s", "l4-gpu"]).unwrap();
+    bus.manager("Unbind", &["s", "l4-gpu"]).unwrap();
+    let want = [
+        "{'Driver': <'vfio-pci'>}",
+        "{'BoundToVfio': <true>}",
+        "{'AttachedTo': <'vm-1'>}",
+        "{'AttachedTo': <''>}",
+        "{'Driver': <'nvidia'>}",
+        "{'BoundToVfio': <false>}",
+    ];
+    wait_until(|| read().matches("PropertiesChanged").count() >= want.len());
+    let text = read();
+    let changes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("PropertiesChanged"))
+        .map(|l| {
+            l.split("'org.hypeman.Device1', ")
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches(", @as [])")
+        })
+        .collect();
+    assert_eq!(changes, want, "{text}");
+}
