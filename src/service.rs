@@ -82,6 +82,8 @@ pub struct Service {
     /// One lock per PCI address: operations on one device happen one at a time.
     device_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
     publisher: OnceLock<Arc<dyn Publisher>>,
+    /// Set at shutdown: no new change may start.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn require_key(id_or_name: &str) -> Result<()> {
@@ -112,7 +114,15 @@ impl Service {
             gate: tokio::sync::Mutex::new(()),
             device_locks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn refuse_if_stopping(&self) -> Result<()> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Failed("hypemand is stopping; try again once it is back".into()));
+        }
+        Ok(())
     }
 
     /// Connects the bus layer. Only the first call has an effect.
@@ -254,6 +264,7 @@ impl Service {
         };
 
         let _gate = self.gate.lock().await;
+        self.refuse_if_stopping()?;
         let mut next = (*self.snapshot()).clone();
         next.insert(stored.clone()).map_err(|c| match c {
             Conflict::Address { address, name, id } => Error::AlreadyRegistered {
@@ -339,9 +350,11 @@ impl Service {
         F: FnOnce(StoredDevice) -> Fut,
         Fut: Future<Output = Result<(DeviceView, DeviceView)>>,
     {
+        self.refuse_if_stopping()?;
         let first = self.resolve(id_or_name)?;
         let lock = self.device_lock(first.pci_address);
         let _held = lock.lock().await;
+        self.refuse_if_stopping()?;
         let stored = self.resolve(&first.id)?;
         let (before, after) = op(stored).await?;
         self.publish_change(&before, &after).await;
@@ -426,9 +439,11 @@ impl Service {
     /// `Delete`: unregisters. Refuses while attached; a device the daemon moved
     /// to vfio-pci is given back to its driver first.
     pub async fn delete(&self, id_or_name: &str) -> Result<StoredDevice> {
+        self.refuse_if_stopping()?;
         let first = self.resolve(id_or_name)?;
         let lock = self.device_lock(first.pci_address);
         let _held = lock.lock().await;
+        self.refuse_if_stopping()?;
         let stored = self.resolve(&first.id)?;
         if let Some(instance) = &stored.attached_to {
             return Err(Error::InUse {
@@ -608,9 +623,22 @@ impl Service {
         .map(|_| ())
     }
 
-    /// Waits for an in-flight registry change to finish and blocks new ones;
-    /// used at shutdown so no acknowledged write is cut short.
+    /// Refuses new changes, waits for every device operation in flight (each
+    /// ends within its deadlines, rolled back if it failed) and for the last
+    /// registry write; used at shutdown so nothing acknowledged is cut short and
+    /// no device is left between drivers.
     pub async fn quiesce(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let locks: Vec<_> = self
+            .device_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for l in locks {
+            std::mem::forget(l.lock_owned().await);
+        }
         std::mem::forget(self.gate.lock().await);
     }
 }
