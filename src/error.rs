@@ -41,6 +41,12 @@ pub enum Error {
     StoreFailed(String),
     #[error("{0}")]
     Failed(String),
+    /// polkit (or, without polkitd, the uid rule) said no.
+    #[error("{0}")]
+    AccessDenied(String),
+    /// polkit would ask for a password, but the caller did not allow interaction.
+    #[error("{0}")]
+    InteractiveAuthorizationRequired(String),
 }
 
 impl From<ValidationError> for Error {
@@ -71,6 +77,19 @@ impl Error {
             Error::Timeout(_) => "Timeout",
             Error::StoreFailed(_) => "StoreFailed",
             Error::Failed(_) => "Failed",
+            Error::AccessDenied(_) => "AccessDenied",
+            Error::InteractiveAuthorizationRequired(_) => "InteractiveAuthorizationRequired",
+        }
+    }
+
+    /// The full D-Bus error name. Authorization errors use the bus's standard
+    /// names, so every D-Bus client already knows what they mean.
+    pub fn dbus_error_name(&self) -> String {
+        match self {
+            Error::AccessDenied(_) | Error::InteractiveAuthorizationRequired(_) => {
+                format!("org.freedesktop.DBus.Error.{}", self.dbus_name())
+            }
+            _ => format!("org.hypeman.Devices.Error.{}", self.dbus_name()),
         }
     }
 }

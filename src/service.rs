@@ -186,7 +186,8 @@ impl Service {
             .clone()
     }
 
-    fn resolve(&self, id_or_name: &str) -> Result<StoredDevice> {
+    /// A registered device's stored record, by id or exact name.
+    pub fn resolve(&self, id_or_name: &str) -> Result<StoredDevice> {
         require_key(id_or_name)?;
         self.snapshot()
             .resolve(id_or_name)
@@ -233,6 +234,14 @@ impl Service {
         if let Some(p) = self.publisher.get() {
             p.changed(before, after).await;
         }
+    }
+
+    /// A host device by address, as `Register` would find it.
+    pub async fn inspect(&self, pci_address: &str) -> Result<HostDevice> {
+        let address = PciAddress::parse(pci_address)?;
+        self.live(address)
+            .await?
+            .ok_or_else(|| Error::DeviceNotFound(address.to_string()))
     }
 
     /// `Register`: sets a host device aside under a new id and a unique name.

@@ -6,7 +6,11 @@
 
 use std::sync::Arc;
 
-use zbus::{fdo, interface, OwnedObjectPath};
+use zbus::message::Header;
+use zbus::{fdo, interface, Connection, OwnedObjectPath};
+
+use super::bouncer::Action;
+use super::manager::authorize;
 
 use super::record::Record;
 use crate::error::Error;
@@ -41,29 +45,56 @@ impl DeviceObject {
 #[interface(name = "org.hypeman.Device1")]
 impl DeviceObject {
     /// Unregisters this device; refuses while it is attached.
-    async fn delete(&self) -> Result<(), Error> {
+    async fn delete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        authorize(&self.service, conn, &header, Action::Delete, &self.id).await?;
         self.service.delete(&self.id).await.map(|_| ())
     }
 
     /// Moves this device to vfio-pci (idempotent).
-    async fn bind(&self) -> Result<Record, Error> {
+    async fn bind(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Record, Error> {
+        authorize(&self.service, conn, &header, Action::Bind, &self.id).await?;
         Ok(Record::from(&self.service.bind(&self.id).await?))
     }
 
     /// Gives this device back to its host driver (idempotent).
-    async fn unbind(&self) -> Result<Record, Error> {
+    async fn unbind(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Record, Error> {
+        authorize(&self.service, conn, &header, Action::Bind, &self.id).await?;
         Ok(Record::from(&self.service.unbind(&self.id).await?))
     }
 
     /// Binds if needed, then marks this device attached to `instance_id`.
-    async fn attach(&self, instance_id: &str) -> Result<Record, Error> {
+    async fn attach(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        instance_id: &str,
+    ) -> Result<Record, Error> {
+        crate::registry::validate_instance_id(instance_id)?;
+        authorize(&self.service, conn, &header, Action::Attach, &self.id).await?;
         Ok(Record::from(
             &self.service.attach(&self.id, instance_id).await?,
         ))
     }
 
     /// Clears the attachment; the device stays on vfio-pci.
-    async fn detach(&self) -> Result<Record, Error> {
+    async fn detach(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Record, Error> {
+        authorize(&self.service, conn, &header, Action::Attach, &self.id).await?;
         Ok(Record::from(&self.service.detach(&self.id).await?))
     }
 

@@ -22,8 +22,8 @@ impl DBusError for Error {
     }
 
     fn name(&self) -> ErrorName<'_> {
-        // Every dbus_name() is a fixed identifier, so the full name is valid.
-        ErrorName::from_string_unchecked(error_name(self.dbus_name()))
+        // Every name is built from fixed identifiers, so it is valid.
+        ErrorName::from_string_unchecked(self.dbus_error_name())
     }
 
     fn description(&self) -> Option<&str> {

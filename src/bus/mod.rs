@@ -1,6 +1,7 @@
 //! D-Bus adapters: they turn calls into service calls and service changes into
 //! objects and signals. No rule lives here.
 
+pub mod bouncer;
 pub mod device;
 pub mod errors;
 pub mod manager;

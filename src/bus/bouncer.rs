@@ -1,0 +1,173 @@
+//! The bouncer: the one place authorization is decided. Every method that
+//! changes anything passes through [`check`] before it touches the service.
+//!
+//! The subject is the caller's unique bus name from the message header, so
+//! polkitd looks up the caller's own uid, session and process, never the
+//! daemon's. Checks hold no lock: a caller waiting on a password prompt delays
+//! nobody else.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use zbus::message::{Flags, Header};
+use zbus::Connection;
+use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
+
+use crate::error::Error;
+
+/// How long a check without interaction may take before polkit counts as failing.
+const NON_INTERACTIVE_LIMIT: Duration = Duration::from_secs(25);
+
+/// The polkit actions (`polkit/org.hypeman.devices.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Register,
+    Delete,
+    /// Bind and Unbind.
+    Bind,
+    /// Attach and Detach.
+    Attach,
+}
+
+impl Action {
+    pub fn id(self) -> &'static str {
+        match self {
+            Action::Register => "org.hypeman.devices.register",
+            Action::Delete => "org.hypeman.devices.delete",
+            Action::Bind => "org.hypeman.devices.bind",
+            Action::Attach => "org.hypeman.devices.attach",
+        }
+    }
+}
+
+/// What the check is about; passed to polkit as details so rules can grant
+/// one device and not another.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub pci_address: String,
+    /// `vendor:device`, e.g. `10de:27b8`.
+    pub device_id: String,
+    pub name: String,
+}
+
+/// What was decided and why, for the log and the reply.
+enum Verdict {
+    Granted(&'static str),
+    Denied(String),
+    NeedsInteraction,
+}
+
+/// Authorizes the caller of the message `header` for `action` on `target`.
+pub async fn check(conn: &Connection, header: &Header<'_>, action: Action, target: &Target) -> Result<(), Error> {
+    let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
+    let interactive = header.primary().flags().contains(Flags::ALLOW_INTERACTIVE_AUTH);
+    let uid = caller_uid(conn, &sender).await;
+    let verdict = match ask_polkit(conn, header, action, target, interactive).await {
+        Ok(r) if r.is_authorized => Verdict::Granted("polkit"),
+        Ok(r) if r.is_challenge && !interactive => Verdict::NeedsInteraction,
+        Ok(r) if r.details.contains_key("polkit.dismissed") => {
+            Verdict::Denied("the authentication dialog was dismissed".into())
+        }
+        Ok(_) => Verdict::Denied(format!("polkit does not allow {}", action.id())),
+        Err(e) => {
+            tracing::warn!(error = %e, action = action.id(), "polkit is unavailable; only root may make changes");
+            match uid {
+                Some(0) => Verdict::Granted("root, polkit unavailable"),
+                _ => Verdict::Denied(format!("polkit is unavailable ({e}), and only root may {} without it", verb(action))),
+            }
+        }
+    };
+    let uid_text = uid.map_or_else(|| "unknown".to_string(), |u| u.to_string());
+    match verdict {
+        Verdict::Granted(by) => {
+            tracing::debug!(
+                uid = %uid_text, sender = %sender, action = action.id(),
+                pci_address = %target.pci_address, device_name = %target.name,
+                result = "granted", by, "authorization"
+            );
+            Ok(())
+        }
+        Verdict::NeedsInteraction => {
+            tracing::info!(
+                uid = %uid_text, sender = %sender, action = action.id(),
+                pci_address = %target.pci_address, device_name = %target.name,
+                result = "interaction required", "authorization"
+            );
+            Err(Error::InteractiveAuthorizationRequired(format!(
+                "{} needs an administrator's password: call again allowing interactive authorization (hypemanctl --allow-interactive), or be granted {} by a polkit rule",
+                capitalise(verb(action)),
+                action.id()
+            )))
+        }
+        Verdict::Denied(why) => {
+            tracing::info!(
+                uid = %uid_text, sender = %sender, action = action.id(),
+                pci_address = %target.pci_address, device_name = %target.name,
+                result = "denied", reason = %why, "authorization"
+            );
+            Err(Error::AccessDenied(format!(
+                "not allowed to {} {} ({}): {why}",
+                verb(action),
+                target.name,
+                target.pci_address
+            )))
+        }
+    }
+}
+
+fn verb(action: Action) -> &'static str {
+    match action {
+        Action::Register => "register",
+        Action::Delete => "delete",
+        Action::Bind => "bind or unbind",
+        Action::Attach => "attach or detach",
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+async fn ask_polkit(
+    conn: &Connection,
+    header: &Header<'_>,
+    action: Action,
+    target: &Target,
+    interactive: bool,
+) -> Result<zbus_polkit::policykit1::AuthorizationResult, String> {
+    let subject = Subject::new_for_message_header(header).map_err(|e| e.to_string())?;
+    let authority = AuthorityProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let details = HashMap::from([
+        ("pci_address", target.pci_address.as_str()),
+        ("device_id", target.device_id.as_str()),
+        ("name", target.name.as_str()),
+    ]);
+    let flags = if interactive {
+        CheckAuthorizationFlags::ALLOW_USER_INTERACTION
+    } else {
+        CheckAuthorizationFlags::empty()
+    };
+    let call = authority.check_authorization(&subject, action.id(), &details, flags, "");
+    if interactive {
+        // A person may be typing a password; polkit's agent has its own timeout.
+        return call.await.map_err(|e| e.to_string());
+    }
+    match tokio::time::timeout(NON_INTERACTIVE_LIMIT, call).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {NON_INTERACTIVE_LIMIT:?}")),
+    }
+}
+
+/// The caller's uid, from the bus daemon.
+async fn caller_uid(conn: &Connection, sender: &str) -> Option<u32> {
+    let proxy = zbus::fdo::DBusProxy::new(conn).await.ok()?;
+    let name = zbus::names::BusName::try_from(sender).ok()?;
+    proxy.get_connection_unix_user(name).await.ok()
+}
