@@ -7,6 +7,9 @@ packages=(
   systemd          # busctl, systemd-analyze
   libglib2.0-bin   # gdbus
   jq               # the demo's JSON output
+  polkitd          # the real polkit daemon and pkaction, for authorization tests
+  util-linux       # unshare (polkitd's private mounts), setpriv (test callers)
+  passwd           # useradd/userdel for the test users
 )
 if [ "$(id -u)" != 0 ]; then
   echo "install-test-deps: run as root (apt-get needs it)" >&2

@@ -120,7 +120,9 @@ impl Service {
 
     fn refuse_if_stopping(&self) -> Result<()> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::Failed("hypemand is stopping; try again once it is back".into()));
+            return Err(Error::Failed(
+                "hypemand is stopping; try again once it is back".into(),
+            ));
         }
         Ok(())
     }
@@ -637,7 +639,8 @@ impl Service {
     /// registry write; used at shutdown so nothing acknowledged is cut short and
     /// no device is left between drivers.
     pub async fn quiesce(&self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let locks: Vec<_> = self
             .device_locks
             .lock()

@@ -1,6 +1,9 @@
 //! The bouncer: the one place authorization is decided. Every method that
 //! changes anything passes through [`check`] before it touches the service.
 //!
+//! Root (uid 0, as the bus daemon reports the caller) is let through without a
+//! round trip: polkitd itself grants uid 0 unconditionally, before any rule.
+//!
 //! The subject is the caller's unique bus name from the message header, so
 //! polkitd looks up the caller's own uid, session and process, never the
 //! daemon's. Checks hold no lock: a caller waiting on a password prompt delays
@@ -58,10 +61,29 @@ enum Verdict {
 }
 
 /// Authorizes the caller of the message `header` for `action` on `target`.
-pub async fn check(conn: &Connection, header: &Header<'_>, action: Action, target: &Target) -> Result<(), Error> {
+pub async fn check(
+    conn: &Connection,
+    header: &Header<'_>,
+    action: Action,
+    target: &Target,
+) -> Result<(), Error> {
     let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
-    let interactive = header.primary().flags().contains(Flags::ALLOW_INTERACTIVE_AUTH);
+    let interactive = header
+        .primary()
+        .flags()
+        .contains(Flags::ALLOW_INTERACTIVE_AUTH);
     let uid = caller_uid(conn, &sender).await;
+    // polkitd grants uid 0 everything before it runs a single rule, so asking it
+    // cannot change the answer; it only makes root wait behind any slow rule
+    // (polkitd evaluates rules one at a time, on its main loop).
+    if uid == Some(0) {
+        tracing::debug!(
+            uid = 0, sender = %sender, action = action.id(),
+            pci_address = %target.pci_address, device_name = %target.name,
+            result = "granted", by = "root", "authorization"
+        );
+        return Ok(());
+    }
     let verdict = match ask_polkit(conn, header, action, target, interactive).await {
         Ok(r) if r.is_authorized => Verdict::Granted("polkit"),
         Ok(r) if r.is_challenge && !interactive => Verdict::NeedsInteraction,
@@ -71,10 +93,10 @@ pub async fn check(conn: &Connection, header: &Header<'_>, action: Action, targe
         Ok(_) => Verdict::Denied(format!("polkit does not allow {}", action.id())),
         Err(e) => {
             tracing::warn!(error = %e, action = action.id(), "polkit is unavailable; only root may make changes");
-            match uid {
-                Some(0) => Verdict::Granted("root, polkit unavailable"),
-                _ => Verdict::Denied(format!("polkit is unavailable ({e}), and only root may {} without it", verb(action))),
-            }
+            Verdict::Denied(format!(
+                "polkit is unavailable ({e}), and only root may {} without it",
+                verb(action)
+            ))
         }
     };
     let uid_text = uid.map_or_else(|| "unknown".to_string(), |u| u.to_string());

@@ -63,7 +63,11 @@ impl Manager {
         let target = Target {
             pci_address: host.address.to_string(),
             device_id: format!("{:04x}:{:04x}", host.vendor, host.device),
-            name: if name.is_empty() { host.address.default_name() } else { name.to_string() },
+            name: if name.is_empty() {
+                host.address.default_name()
+            } else {
+                name.to_string()
+            },
         };
         bouncer::check(conn, &header, Action::Register, &target).await?;
         let view = self.service.register(pci_address, name).await?;

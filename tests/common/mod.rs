@@ -106,6 +106,12 @@ impl TestBus {
 
     pub fn start_with_includes(includes: &[PathBuf]) -> TestBus {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Other users (polkitd, test callers) must reach the bus socket.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let template =
             std::fs::read_to_string(root().join("tests/data/system.conf.in")).expect("template");
         let includes: String = includes
@@ -124,7 +130,7 @@ impl TestBus {
             .arg(format!("--config-file={}", conf_path.display()))
             .args(["--nofork", "--print-address=1"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log"))
             .spawn()
             .expect("dbus-daemon must be installed (apt-get install dbus-daemon)");
         let stdout = child.stdout.take().expect("stdout");
@@ -143,6 +149,11 @@ impl TestBus {
             dir,
             _proc: proc,
         }
+    }
+
+    /// What dbus-daemon printed on stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dbus-daemon.log")).unwrap_or_default()
     }
 
     pub fn has_owner(&self, name: &str) -> bool {
@@ -324,4 +335,164 @@ pub fn gdbus_error_name(out: &Output) -> String {
         .unwrap_or("")
         .trim()
         .to_string()
+}
+
+/// The real polkitd on a test bus, in a private mount namespace where the
+/// project's policy and the given rules replace the machine's.
+pub struct Polkitd {
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Polkitd {
+    /// The bus must include `org.freedesktop.PolicyKit1.conf`
+    /// (see [`TestBus::start_polkit`]). `rules` are (file name, JavaScript).
+    pub fn start(bus: &TestBus, rules: &[(&str, String)]) -> Polkitd {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let actions = dir.path().join("actions");
+        let rules_dir = dir.path().join("rules");
+        let empty = dir.path().join("empty");
+        for d in [&actions, &rules_dir, &empty] {
+            std::fs::create_dir(d).expect("mkdir");
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        std::fs::copy(
+            root().join("polkit/org.hypeman.devices.policy"),
+            actions.join("org.hypeman.devices.policy"),
+        )
+        .expect("copy policy");
+        for (name, js) in rules {
+            std::fs::write(rules_dir.join(name), js).expect("write rule");
+        }
+        let status = Command::new("chown")
+            .args(["-R", "polkitd:"])
+            .arg(&rules_dir)
+            .status()
+            .expect("chown");
+        assert!(
+            status.success(),
+            "the polkitd user must exist (apt-get install polkitd)"
+        );
+        std::fs::set_permissions(&rules_dir, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod rules");
+        let script = format!(
+            "mount --bind {a} /usr/share/polkit-1/actions && mount --bind {r} /etc/polkit-1/rules.d && \
+             mount --bind {e} /usr/share/polkit-1/rules.d && exec /usr/lib/polkit-1/polkitd --no-debug",
+            a = actions.display(),
+            r = rules_dir.display(),
+            e = empty.display()
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("polkitd.log")).expect("log"))
+            .spawn()
+            .expect("unshare");
+        let mut p = Polkitd {
+            proc: Proc { child },
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !bus.has_owner("org.freedesktop.PolicyKit1") {
+            if let Ok(Some(st)) = p.proc.child.try_wait() {
+                panic!("polkitd exited ({st}): {}", p.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "polkitd did not start: {}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("polkitd.log")).unwrap_or_default()
+    }
+}
+
+impl TestBus {
+    /// A bus that also lets polkitd own its name.
+    pub fn start_polkit() -> TestBus {
+        Self::start_with_includes(&[
+            root().join("dbus/org.hypeman.Devices.conf"),
+            PathBuf::from("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf"),
+        ])
+    }
+}
+
+/// Test users, created for a test and removed (with their groups) when dropped.
+pub struct TestUsers {
+    pub names: Vec<String>,
+    created_group: Option<String>,
+}
+
+impl TestUsers {
+    /// Creates one user per role, named `hm<role><pid>`; those in `admins` join
+    /// group `group` (created if missing, and then removed again).
+    pub fn create(roles: &[&str], admins: &[&str], group: &str) -> TestUsers {
+        let exists = Command::new("getent")
+            .args(["group", group])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        let mut users = TestUsers {
+            names: Vec::new(),
+            created_group: None,
+        };
+        if !exists {
+            let st = Command::new("groupadd")
+                .arg(group)
+                .status()
+                .expect("groupadd");
+            assert!(st.success(), "groupadd {group}");
+            users.created_group = Some(group.to_string());
+        }
+        for role in roles {
+            let name = Self::name_of(role);
+            let _ = Command::new("userdel").arg(&name).output(); // left over from a killed run
+            let mut cmd = Command::new("useradd");
+            cmd.args(["-M", "-s", "/usr/sbin/nologin"]);
+            if admins.contains(role) {
+                cmd.args(["-G", group]);
+            }
+            let st = cmd.arg(&name).status().expect("useradd");
+            assert!(st.success(), "useradd {name}");
+            users.names.push(name);
+        }
+        users
+    }
+
+    pub fn name_of(role: &str) -> String {
+        format!("hm{role}{}", std::process::id() % 100_000)
+    }
+}
+
+impl Drop for TestUsers {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("userdel").arg(n).output();
+        }
+        if let Some(g) = &self.created_group {
+            let _ = Command::new("groupdel").arg(g).output();
+        }
+    }
+}
+
+/// A command run as `user` (with its groups), through setpriv.
+pub fn as_user(user: &str, program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        user,
+        "--regid",
+        user,
+        "--init-groups",
+        "--",
+        program,
+    ]);
+    cmd
 }

@@ -1,0 +1,460 @@
+//! Authorization against the real polkitd on a private bus: who may change
+//! what, what happens when polkitd is slow or gone, and whether the shipped
+//! policy, rule and bus configuration load.
+//!
+//! The tests of this file share the `hypeman` group, so they run one at a time.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const DEV: &str = "org.hypeman.Device1";
+
+fn shipped_rule() -> String {
+    std::fs::read_to_string(root().join("polkit/50-org.hypeman.devices.rules")).unwrap()
+}
+
+fn test_rule(no: &str, slow: &str) -> String {
+    format!(
+        r#"polkit.addRule(function(action, subject) {{
+    if (action.id.indexOf("org.hypeman.devices.") !== 0) return;
+    if (subject.user == "{no}") return polkit.Result.NO;
+    if (subject.user == "{slow}") {{ polkit.spawn(["sleep", "2"]); return polkit.Result.YES; }}
+}});
+"#
+    )
+}
+
+/// `gdbus call` as `user` (root when `None`), with or without interaction.
+fn call(
+    bus: &TestBus,
+    user: Option<&str>,
+    interactive: bool,
+    path: &str,
+    method: &str,
+    args: &[&str],
+) -> Output {
+    let mut cmd = match user {
+        Some(u) => as_user(u, "gdbus"),
+        None => Command::new("gdbus"),
+    };
+    cmd.args([
+        "call",
+        "--address",
+        &bus.address,
+        "--dest",
+        NAME,
+        "--object-path",
+        path,
+        "--method",
+        method,
+    ]);
+    if interactive {
+        cmd.arg("--interactive");
+    }
+    cmd.args(args).output().expect("gdbus")
+}
+
+/// "ok" or the last component of the error name.
+fn outcome(out: &Output) -> String {
+    if out.status.success() {
+        return "ok".into();
+    }
+    let name = gdbus_error_name(out);
+    match name.rsplit_once('.') {
+        Some((_, short)) => short.to_string(),
+        None => format!("?{}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+fn object_path(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text
+        .find("'/org/hypeman/Devices/")
+        .expect("object path in reply")
+        + 1;
+    let end = text[start..].find('\'').unwrap() + start;
+    text[start..end].to_string()
+}
+
+fn m(method: &str) -> String {
+    format!("{IFACE}.{method}")
+}
+
+fn d(method: &str) -> String {
+    format!("{DEV}.{method}")
+}
+
+/// The whole observable state: the registry and every host driver.
+fn snapshot(bus: &TestBus) -> (serde_json::Value, serde_json::Value) {
+    (
+        bus.manager("List", &[]).unwrap(),
+        bus.manager("ListAvailable", &[]).unwrap(),
+    )
+}
+
+#[test]
+fn authorization_matrix() {
+    let _s = serial();
+    let users = TestUsers::create(&["adm", "plain", "no"], &["adm"], "hypeman");
+    let (adm, plain, no) = (&users.names[0], &users.names[1], &users.names[2]);
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(
+        &bus,
+        &[
+            ("50-org.hypeman.devices.rules", shipped_rule()),
+            ("10-test.rules", test_rule(no, "nobody")),
+        ],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+
+    // Callers who may: every change succeeds, on the manager and on the object.
+    for user in [None, Some(adm.as_str())] {
+        let who = user.unwrap_or("root");
+        let name = format!("nic-{who}");
+        let reg = call(
+            &bus,
+            user,
+            false,
+            PATH,
+            &m("Register"),
+            &["0000:3b:00.0", &name],
+        );
+        assert_eq!(outcome(&reg), "ok", "{who} Register: {reg:?}");
+        for (method, args) in [
+            ("Bind", vec![name.as_str()]),
+            ("Attach", vec![name.as_str(), "vm-1"]),
+            ("Detach", vec![name.as_str()]),
+            ("Unbind", vec![name.as_str()]),
+            ("Delete", vec![name.as_str()]),
+        ] {
+            let out = call(&bus, user, false, PATH, &m(method), &args);
+            assert_eq!(outcome(&out), "ok", "{who} {method}: {out:?}");
+        }
+        let reg = call(
+            &bus,
+            user,
+            false,
+            PATH,
+            &m("Register"),
+            &["0000:3b:00.0", &name],
+        );
+        let path = object_path(&reg);
+        for (method, args) in [
+            ("Bind", vec![]),
+            ("Attach", vec!["vm-2"]),
+            ("Detach", vec![]),
+            ("Unbind", vec![]),
+            ("Delete", vec![]),
+        ] {
+            let out = call(&bus, user, false, &path, &d(method), &args);
+            assert_eq!(outcome(&out), "ok", "{who} object {method}: {out:?}");
+        }
+        assert_eq!(bus.host_driver("0000:3b:00.0").as_deref(), Some("i40e"));
+    }
+
+    // Callers who may not: every change is refused and changes nothing.
+    let victim = bus
+        .manager("Register", &["ss", "0000:a2:00.0", "victim"])
+        .unwrap();
+    let victim_path = victim[0].as_str().unwrap().to_string();
+    let before = snapshot(&bus);
+    let cases: [(&str, bool, &str); 4] = [
+        (plain, false, "InteractiveAuthorizationRequired"),
+        (plain, true, "AccessDenied"),
+        (no, false, "AccessDenied"),
+        (no, true, "AccessDenied"),
+    ];
+    for (user, interactive, want) in cases {
+        let cells: Vec<(String, &str, Vec<&str>)> = vec![
+            (m("Register"), PATH, vec!["0000:5e:00.0", "nvme"]),
+            (m("Bind"), PATH, vec!["victim"]),
+            (m("Unbind"), PATH, vec!["victim"]),
+            (m("Attach"), PATH, vec!["victim", "vm-1"]),
+            (m("Detach"), PATH, vec!["victim"]),
+            (m("Delete"), PATH, vec!["victim"]),
+            (d("Bind"), &victim_path, vec![]),
+            (d("Unbind"), &victim_path, vec![]),
+            (d("Attach"), &victim_path, vec!["vm-1"]),
+            (d("Detach"), &victim_path, vec![]),
+            (d("Delete"), &victim_path, vec![]),
+        ];
+        for (method, path, args) in cells {
+            let out = call(&bus, Some(user), interactive, path, &method, &args);
+            assert_eq!(
+                outcome(&out),
+                want,
+                "{user} (interactive {interactive}) {method}: {out:?}"
+            );
+        }
+        assert_eq!(snapshot(&bus), before, "a refused call changed something");
+    }
+    // The messages say what to do.
+    let out = call(&bus, Some(plain), false, PATH, &m("Bind"), &["victim"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--allow-interactive"),
+        "{out:?}"
+    );
+
+    // Reads need nothing, for everyone.
+    for user in [
+        None,
+        Some(adm.as_str()),
+        Some(plain.as_str()),
+        Some(no.as_str()),
+    ] {
+        for (path, method, args) in [
+            (PATH, m("List"), vec![]),
+            (PATH, m("Get"), vec!["victim"]),
+            (PATH, m("ListAvailable"), vec![]),
+            (
+                PATH,
+                "org.freedesktop.DBus.ObjectManager.GetManagedObjects".to_string(),
+                vec![],
+            ),
+            (
+                PATH,
+                "org.freedesktop.DBus.Introspectable.Introspect".to_string(),
+                vec![],
+            ),
+            (
+                victim_path.as_str(),
+                "org.freedesktop.DBus.Properties.Get".to_string(),
+                vec![DEV, "Driver"],
+            ),
+            (
+                victim_path.as_str(),
+                "org.freedesktop.DBus.Properties.GetAll".to_string(),
+                vec![DEV],
+            ),
+            (PATH, "org.freedesktop.DBus.Peer.Ping".to_string(), vec![]),
+        ] {
+            let out = call(&bus, user, false, path, &method, &args);
+            assert_eq!(outcome(&out), "ok", "{user:?} {method}: {out:?}");
+        }
+    }
+}
+
+#[test]
+fn a_slow_check_delays_nobody_else() {
+    let _s = serial();
+    let users = TestUsers::create(&["adm", "slow"], &["adm"], "hypeman");
+    let (adm, slow) = (&users.names[0], &users.names[1]);
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(
+        &bus,
+        &[
+            ("50-org.hypeman.devices.rules", shipped_rule()),
+            ("10-test.rules", test_rule("nobody", slow)),
+        ],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    bus.manager("Register", &["ss", "0000:a2:00.0", "l4-gpu"])
+        .unwrap();
+
+    let mut waiting = Proc {
+        child: as_user(slow, "gdbus")
+            .args([
+                "call",
+                "--address",
+                &bus.address,
+                "--dest",
+                NAME,
+                "--object-path",
+                PATH,
+            ])
+            .args(["--method", &m("Register"), "0000:3b:00.0", "slow-nic"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    // Give the slow caller's check time to reach polkitd (a sync point, not an
+    // assertion: if it had not, the test below would only be easier).
+    std::thread::sleep(Duration::from_millis(300));
+
+    // polkitd runs its JavaScript rules one at a time, so a second non-root
+    // user's check waits inside polkitd while the rule sleeps. Root's checks do
+    // not run rules (polkitd grants uid 0 itself), so root's Register is the
+    // call that shows whether hypemand itself holds anyone up.
+    let t = Instant::now();
+    let out = call(
+        &bus,
+        None,
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:5e:00.0", "nvme"],
+    );
+    let register_took = t.elapsed();
+    assert_eq!(outcome(&out), "ok", "{out:?}");
+    let t = Instant::now();
+    let out = call(&bus, None, false, PATH, &m("Get"), &["l4-gpu"]);
+    let get_took = t.elapsed();
+    assert_eq!(outcome(&out), "ok");
+    assert!(
+        waiting.child.try_wait().unwrap().is_none(),
+        "the slow caller finished first (root Register {register_took:?})"
+    );
+    eprintln!(
+        "during a 2 s polkit check: root's Register {register_took:?}, root's Get {get_took:?}"
+    );
+    assert!(
+        register_took < Duration::from_millis(200),
+        "Register took {register_took:?}"
+    );
+    assert!(
+        get_took < Duration::from_millis(200),
+        "Get took {get_took:?}"
+    );
+    assert!(
+        waiting.child.wait().unwrap().success(),
+        "the slow caller is granted in the end"
+    );
+
+    // And a group member's call, granted by a rule, still completes once
+    // polkitd is free: nothing in hypemand stayed blocked.
+    let out = call(&bus, Some(adm), false, PATH, &m("Bind"), &["nvme"]);
+    assert_eq!(outcome(&out), "ok", "{out:?}");
+}
+
+#[test]
+fn without_polkitd_only_root_may_change() {
+    let _s = serial();
+    let users = TestUsers::create(&["plain", "adm"], &["adm"], "hypeman");
+    let (plain, adm) = (&users.names[0], &users.names[1]);
+    let bus = TestBus::start_polkit();
+    let pk = Polkitd::start(&bus, &[("50-org.hypeman.devices.rules", shipped_rule())]);
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    assert_eq!(
+        outcome(&call(
+            &bus,
+            Some(adm),
+            false,
+            PATH,
+            &m("Register"),
+            &["0000:5e:00.0", "nvme"]
+        )),
+        "ok"
+    );
+
+    // polkitd goes away mid-run.
+    drop(pk);
+    wait_until(|| !bus.has_owner("org.freedesktop.PolicyKit1"));
+    let out = call(
+        &bus,
+        Some(plain),
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:3b:00.0", "nic"],
+    );
+    assert_eq!(outcome(&out), "AccessDenied", "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("polkit is unavailable"),
+        "{out:?}"
+    );
+    let out = call(&bus, Some(adm), false, PATH, &m("Delete"), &["nvme"]);
+    assert_eq!(
+        outcome(&out),
+        "AccessDenied",
+        "group members need polkit too: {out:?}"
+    );
+    assert_eq!(
+        outcome(&call(
+            &bus,
+            None,
+            false,
+            PATH,
+            &m("Register"),
+            &["0000:3b:00.0", "nic"]
+        )),
+        "ok"
+    );
+    assert_eq!(
+        outcome(&call(&bus, None, false, PATH, &m("Bind"), &["nic"])),
+        "ok"
+    );
+    assert_eq!(
+        outcome(&call(&bus, Some(plain), false, PATH, &m("Get"), &["nic"])),
+        "ok"
+    );
+}
+
+#[test]
+fn shipped_policy_and_bus_config_load() {
+    let _s = serial();
+    let users = TestUsers::create(&["plain"], &[], "hypeman");
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(&bus, &[("50-org.hypeman.devices.rules", shipped_rule())]);
+
+    for (action, implicit) in [
+        ("org.hypeman.devices.register", "auth_admin"),
+        ("org.hypeman.devices.delete", "auth_admin"),
+        ("org.hypeman.devices.bind", "auth_admin"),
+        ("org.hypeman.devices.attach", "auth_admin_keep"),
+    ] {
+        let out = Command::new("pkaction")
+            .args(["--verbose", "--action-id", action])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!("implicit active:   {implicit}")),
+            "{action}: {text}"
+        );
+        assert!(text.contains("Authentication is required"), "{text}");
+    }
+
+    // dbus-daemon loaded the project's bus configuration without a complaint
+    // (the one line about the fd limit is the container's, not ours).
+    let complaints: Vec<String> = bus
+        .log()
+        .lines()
+        .filter(|l| !l.contains("Failed to set fd limit"))
+        .map(str::to_string)
+        .collect();
+    assert!(complaints.is_empty(), "dbus-daemon said: {complaints:?}");
+
+    // A non-root process cannot own org.hypeman.Devices.
+    let state = tempfile::tempdir().unwrap();
+    let st = Command::new("chown")
+        .arg(&users.names[0])
+        .arg(state.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let f = fixture("l4.toml");
+    let out = as_user(&users.names[0], env!("CARGO_BIN_EXE_hypemand"))
+        .arg(format!("--bus={}", bus.address))
+        .arg(format!("--state-dir={}", state.path().display()))
+        .args(["--simulate", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not allowed to own") || err.contains("AccessDenied"),
+        "{err}"
+    );
+    assert!(!bus.has_owner(NAME));
+}
