@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::bus::{self, BusChoice, ServeError};
 use crate::host::sim::{FixtureError, SimHost};
 use crate::host::sysfs::SysfsHost;
-use crate::host::Host;
+use crate::host::{EventKind, Host, HostEvent};
+use crate::hotplug;
 use crate::pci::PciIds;
 use crate::registry::store::{Loaded, Store, StoreError};
 use crate::service::Service;
@@ -98,9 +99,37 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         pci_ids = %ids.source(),
         "starting"
     );
-    let kernel = Kernel::new(host, opts.sysfs_timeout);
-    let service = Arc::new(Service::new(kernel, ids, store, registry));
-    // Desired state first (after a reboot the devices are back on their native
+    let kernel = Kernel::new(host.clone(), opts.sysfs_timeout);
+    let service = Arc::new(Service::new(kernel.clone(), ids, store, registry));
+
+    // Events first, enumeration second: nothing can happen in between unseen.
+    let (events, rx) = hotplug::channel();
+    if let Some(sim) = &sim {
+        let tx = events.clone();
+        sim.set_event_sink(Box::new(move |e| {
+            let _ = tx.send(hotplug::Msg::Event(e));
+        }));
+    } else if opts.sysfs_root == std::path::Path::new("/sys") {
+        if let Err(e) = hotplug::open_udev(events.clone()) {
+            tracing::warn!(error = %e, "cannot open the udev monitor; hotplug will not be followed");
+        }
+    } else {
+        tracing::info!(sysfs_root = %opts.sysfs_root.display(), "not the running kernel's sysfs: hotplug is not followed");
+    }
+    let _dispatcher = hotplug::spawn_dispatcher(service.clone(), rx);
+    match kernel.run(|h| h.devices()).await {
+        Ok(devices) => {
+            for d in devices {
+                let mut ev = HostEvent::new(EventKind::Add, d.address);
+                ev.enumerated = true;
+                let _ = events.send(hotplug::Msg::Event(ev));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot enumerate the host's PCI devices"),
+    }
+    hotplug::sync(&events).await;
+    service.remember(&[]);
+    // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.
     service.reconcile().await;
 

@@ -10,6 +10,7 @@ pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod host;
+pub mod hotplug;
 pub mod pci;
 pub mod registry;
 pub mod service;

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
-use crate::host::{Host, HostDevice};
+use crate::host::{EventKind, Host, HostDevice, HostEvent};
 use crate::pci::{DeviceType, PciAddress, PciIds};
 use crate::registry::store::Store;
 use crate::registry::{
@@ -68,6 +68,10 @@ pub trait Publisher: Send + Sync {
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a>;
     /// A device's state changed from `before` to `after`.
     fn changed<'a>(&'a self, before: &'a DeviceView, after: &'a DeviceView) -> BoxFuture<'a>;
+    /// A PCI function appeared on the host (registered or not).
+    fn host_added<'a>(&'a self, address: PciAddress) -> BoxFuture<'a>;
+    /// A PCI function left the host (registered or not).
+    fn host_removed<'a>(&'a self, address: PciAddress) -> BoxFuture<'a>;
 }
 
 pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -82,6 +86,10 @@ pub struct Service {
     /// One lock per PCI address: operations on one device happen one at a time.
     device_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
     publisher: OnceLock<Arc<dyn Publisher>>,
+    /// The last host state the clients were told about, per address (`None`:
+    /// known to be absent; no entry: never looked at). Hotplug events compare
+    /// against it so that `PropertiesChanged` goes out only on a real change.
+    seen: Mutex<HashMap<PciAddress, Option<HostDevice>>>,
     /// Set at shutdown: no new change may start.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -115,6 +123,7 @@ impl Service {
             device_locks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -233,6 +242,10 @@ impl Service {
     }
 
     async fn publish_change(&self, before: &DeviceView, after: &DeviceView) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(after.stored.pci_address, after.live.clone());
         if let Some(p) = self.publisher.get() {
             p.changed(before, after).await;
         }
@@ -287,6 +300,10 @@ impl Service {
             Conflict::Id(id) => Error::Failed(format!("generated id {id} collided; try again")),
         })?;
         self.commit(next).await?;
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address, Some(host.clone()));
         let view = self.view(stored, Some(host));
         tracing::info!(
             pci_address = %address,
@@ -367,9 +384,25 @@ impl Service {
         let _held = lock.lock().await;
         self.refuse_if_stopping()?;
         let stored = self.resolve(&first.id)?;
-        let (before, after) = op(stored).await?;
-        self.publish_change(&before, &after).await;
-        Ok(after)
+        let initial = self.live(stored.pci_address).await.ok().flatten();
+        match op(stored.clone()).await {
+            Ok((before, after)) => {
+                self.publish_change(&before, &after).await;
+                Ok(after)
+            }
+            Err(e) => {
+                // A failed operation may still have moved something (a rollback
+                // that could not finish, a device that vanished): say what is
+                // true now.
+                if let Ok(now) = self.live(stored.pci_address).await {
+                    let current = self.resolve(&stored.id).unwrap_or_else(|_| stored.clone());
+                    let before = self.view(stored, initial);
+                    let after = self.view(current, now);
+                    self.publish_change(&before, &after).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// `Bind`: moves the device to vfio-pci (idempotent).
@@ -632,6 +665,132 @@ impl Service {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Handles a batch of hotplug events (udev, or the simulated kernel).
+    ///
+    /// Every `add` and `remove` is announced (`HostDeviceAdded`/`Removed`), for
+    /// registered and unregistered devices alike. The rest is coalesced per
+    /// device: each address in the batch is read once, and a registered device's
+    /// object signals only what really changed. A registered device that came
+    /// back and should be on vfio-pci is bound again, through the same code and
+    /// rollback as `Bind`, in a task of its own so events keep flowing.
+    pub async fn on_events(self: &Arc<Self>, batch: Vec<HostEvent>) {
+        let mut order: Vec<PciAddress> = Vec::new();
+        let mut last: HashMap<PciAddress, EventKind> = HashMap::new();
+        let mut added: std::collections::HashSet<PciAddress> = Default::default();
+        for ev in &batch {
+            if ev.error_event {
+                tracing::warn!(pci_address = %ev.address, "the kernel reports a PCIe error event (AER recovery) for this device");
+            }
+            tracing::debug!(pci_address = %ev.address, action = ev.kind.as_str(), enumerated = ev.enumerated, "host event");
+            if !ev.enumerated {
+                if let Some(p) = self.publisher.get() {
+                    match ev.kind {
+                        EventKind::Add => p.host_added(ev.address).await,
+                        EventKind::Remove => p.host_removed(ev.address).await,
+                        _ => {}
+                    }
+                }
+                if ev.kind == EventKind::Add {
+                    added.insert(ev.address);
+                }
+            }
+            if last.insert(ev.address, ev.kind).is_none() {
+                order.push(ev.address);
+            }
+        }
+        for address in order {
+            // The kernel sends `remove` as the device goes: trust it rather than
+            // a sysfs read that may still see the last of it.
+            let live = if last.get(&address) == Some(&EventKind::Remove) {
+                None
+            } else {
+                match self.live(address).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(pci_address = %address, error = %e, "cannot refresh the device after an event");
+                        continue;
+                    }
+                }
+            };
+            self.refresh(address, live, added.contains(&address)).await;
+        }
+    }
+
+    async fn refresh(self: &Arc<Self>, address: PciAddress, live: Option<HostDevice>, came_back: bool) {
+        let Some(stored) = self.snapshot().by_address(address).cloned() else {
+            self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(address, live);
+            return;
+        };
+        let on_vfio = live.as_ref().and_then(|d| d.driver.as_deref()) == Some(VFIO_DRIVER);
+        if came_back && stored.want_vfio && live.is_some() && !on_vfio {
+            tracing::info!(
+                pci_address = %address,
+                device_id = %stored.id,
+                device_name = %stored.name,
+                "a registered device came back: moving it to vfio-pci again"
+            );
+            let this = self.clone();
+            let (id, name) = (stored.id.clone(), stored.name.clone());
+            // Its own task: it waits for the device's lock, and events keep flowing.
+            tokio::spawn(async move {
+                if let Err(e) = this.reconcile_one(&id).await {
+                    tracing::warn!(pci_address = %address, device_name = %name, error = %e, "could not move the returning device to vfio-pci");
+                }
+            });
+        }
+        // An operation on the device is under way: it publishes the final state
+        // itself, so the intermediate steps it causes are not announced.
+        let lock = self.device_lock(address);
+        let Ok(_held) = lock.try_lock() else { return };
+        let previous = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address, live.clone());
+        if let Some(prev) = previous {
+            if prev != live {
+                let before = self.view(stored.clone(), prev);
+                let after = self.view(stored, live);
+                if let Some(p) = self.publisher.get() {
+                    p.changed(&before, &after).await;
+                }
+            }
+        }
+    }
+
+    /// Records the start-up view of the host without announcing it: the
+    /// baseline later events are compared with.
+    pub fn remember(&self, devices: &[HostDevice]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for d in devices {
+            seen.insert(d.address, Some(d.clone()));
+        }
+        for s in self.snapshot().iter() {
+            seen.entry(s.pci_address).or_insert(None);
+        }
+    }
+
+    /// A one-line summary for systemd's status.
+    pub fn summary(&self) -> String {
+        let snapshot = self.snapshot();
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let on_vfio = snapshot
+            .iter()
+            .filter(|d| {
+                seen.get(&d.pci_address)
+                    .and_then(|l| l.as_ref())
+                    .and_then(|l| l.driver.as_deref())
+                    == Some(VFIO_DRIVER)
+            })
+            .count();
+        let attached = snapshot.iter().filter(|d| d.attached_to.is_some()).count();
+        let n = snapshot.len();
+        format!(
+            "{n} device{} registered, {on_vfio} on vfio-pci, {attached} attached",
+            if n == 1 { "" } else { "s" }
+        )
     }
 
     /// Refuses new changes, waits for every device operation in flight (each

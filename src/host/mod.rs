@@ -28,6 +28,53 @@ pub struct HostDevice {
     pub driver_override: Option<String>,
 }
 
+/// What a uevent (or the simulated kernel) says happened to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Add,
+    Remove,
+    Bind,
+    Unbind,
+    Change,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Add => "add",
+            EventKind::Remove => "remove",
+            EventKind::Bind => "bind",
+            EventKind::Unbind => "unbind",
+            EventKind::Change => "change",
+        }
+    }
+}
+
+/// One hotplug event for one PCI function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEvent {
+    pub kind: EventKind,
+    pub address: PciAddress,
+    /// A `change` carrying `ERROR_EVENT` (AER recovery).
+    pub error_event: bool,
+    /// Produced by the start-up enumeration rather than by the kernel.
+    pub enumerated: bool,
+}
+
+impl HostEvent {
+    pub fn new(kind: EventKind, address: PciAddress) -> Self {
+        HostEvent {
+            kind,
+            address,
+            error_event: false,
+            enumerated: false,
+        }
+    }
+}
+
+/// Where a host backend delivers its events.
+pub type EventSink = Box<dyn Fn(HostEvent) + Send + Sync>;
+
 /// Why the host could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {

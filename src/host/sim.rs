@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{errno_by_name, Host, HostDevice, HostError, Op};
+use super::{errno_by_name, EventKind, EventSink, Host, HostDevice, HostError, HostEvent, Op};
 use crate::pci::sysfs::parse_hex;
 use crate::pci::PciAddress;
 
@@ -133,6 +133,8 @@ pub struct SimDriver {
 pub struct SimState {
     pub drivers: BTreeMap<String, SimDriver>,
     pub devices: BTreeMap<PciAddress, HostDevice>,
+    /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
+    pub unplugged: BTreeMap<PciAddress, HostDevice>,
 }
 
 impl Fixture {
@@ -222,7 +224,11 @@ impl Fixture {
                 return Err(invalid(format!("device {address} is listed twice")));
             }
         }
-        Ok(SimState { drivers, devices })
+        Ok(SimState {
+            drivers,
+            devices,
+            unplugged: BTreeMap::new(),
+        })
     }
 }
 
@@ -270,6 +276,8 @@ const ENODEV: i32 = 19;
 struct Saved {
     loaded: BTreeMap<String, bool>,
     devices: BTreeMap<String, SavedDevice>,
+    #[serde(default)]
+    unplugged: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -286,6 +294,8 @@ pub struct SimHost {
     faults_cleared: Condvar,
     /// Where the kernel state is kept between daemon runs, if anywhere.
     state_file: Option<PathBuf>,
+    /// Where hotplug events go (the daemon's event path), once connected.
+    sink: Mutex<Option<EventSink>>,
 }
 
 impl SimHost {
@@ -315,6 +325,12 @@ impl SimHost {
                         d.loaded = loaded;
                     }
                 }
+                for addr in &saved.unplugged {
+                    let Ok(a) = PciAddress::parse(addr) else { continue };
+                    if let Some(d) = state.devices.remove(&a) {
+                        state.unplugged.insert(a, d);
+                    }
+                }
                 for (addr, sd) in saved.devices {
                     let Ok(a) = PciAddress::parse(&addr) else {
                         continue;
@@ -332,6 +348,7 @@ impl SimHost {
             faults: Mutex::new(Vec::new()),
             faults_cleared: Condvar::new(),
             state_file: state_file.map(Path::to_path_buf),
+            sink: Mutex::new(None),
         })
     }
 
@@ -360,6 +377,7 @@ impl SimHost {
                     (a.to_string(), sd)
                 })
                 .collect(),
+            unplugged: state.unplugged.keys().map(ToString::to_string).collect(),
         };
         let tmp = file.with_extension("tmp");
         let result = serde_json::to_vec(&saved)
@@ -369,6 +387,90 @@ impl SimHost {
         if let Err(e) = result {
             tracing::warn!(path = %file.display(), error = %e, "cannot save the simulated host's state");
         }
+    }
+
+    /// Connects the event path; events before this are not delivered.
+    pub fn set_event_sink(&self, sink: EventSink) {
+        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    fn emit(&self, kind: EventKind, address: PciAddress) {
+        if let Some(sink) = &*self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
+            sink(HostEvent::new(kind, address));
+        }
+    }
+
+    /// Hot-removes a device: its driver lets go (`unbind`), then it leaves the
+    /// bus (`remove`).
+    pub fn unplug(&self, address: PciAddress) -> Result<(), String> {
+        let had_driver = {
+            let mut state = self.state();
+            let Some(dev) = state.devices.remove(&address) else {
+                return Err(format!("{address} is not on the simulated host"));
+            };
+            let had = dev.driver.is_some();
+            state.unplugged.insert(address, dev);
+            self.save(&state);
+            had
+        };
+        tracing::info!(pci_address = %address, "simulator: unplugged");
+        if had_driver {
+            self.emit(EventKind::Unbind, address);
+        }
+        self.emit(EventKind::Remove, address);
+        Ok(())
+    }
+
+    /// Hot-adds a device that was unplugged: it appears (`add`) with no driver
+    /// and no override, then its native driver probes it (`bind`), as the
+    /// kernel would.
+    pub fn plug(&self, address: PciAddress) -> Result<(), String> {
+        let native = {
+            let mut state = self.state();
+            let Some(mut dev) = state.unplugged.remove(&address) else {
+                return Err(format!("{address} is not unplugged (plug only brings back an unplugged device)"));
+            };
+            dev.driver = None;
+            dev.driver_override = None;
+            let native = Self::matching_driver(&state, &dev);
+            state.devices.insert(address, dev);
+            self.save(&state);
+            native
+        };
+        tracing::info!(pci_address = %address, "simulator: plugged");
+        self.emit(EventKind::Add, address);
+        if let Some(n) = native {
+            if let Some(d) = self.state().devices.get_mut(&address) {
+                if d.driver.is_none() {
+                    d.driver = Some(n);
+                }
+            }
+            self.save(&self.state());
+            self.emit(EventKind::Bind, address);
+        }
+        Ok(())
+    }
+
+    /// An outside actor binds `driver` (as `echo ADDR > drivers/X/bind` would,
+    /// after unbinding the current driver).
+    pub fn driver_bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let current = self.device(address)?.ok_or(HostError::NoDevice(address))?.driver;
+        if let Some(c) = current {
+            if c == driver {
+                return Ok(());
+            }
+            self.unbind(address, &c)?;
+            self.emit(EventKind::Unbind, address);
+        }
+        if let Err(e) = self.bind(address, driver) {
+            // The way driverctl does it: an override makes the driver take a
+            // device its id table does not list (vfio-pci has none).
+            let HostError::Write { errno: ENODEV, .. } = e else { return Err(e) };
+            self.set_override(address, Some(driver))?;
+            self.bind(address, driver)?;
+        }
+        self.emit(EventKind::Bind, address);
+        Ok(())
     }
 
     /// Adds a fault; it stays until [`SimHost::clear_faults`].
@@ -536,6 +638,7 @@ impl Host for SimHost {
             Some(FaultKind::Grab) => Self::matching_driver(&state, d),
             _ => None,
         };
+        let grabbed = grabber.is_some();
         if let Some(d) = state.devices.get_mut(&address) {
             d.driver = None;
             if let Some(g) = grabber {
@@ -544,6 +647,10 @@ impl Host for SimHost {
             }
         }
         self.save(&state);
+        drop(state);
+        if grabbed {
+            self.emit(EventKind::Bind, address);
+        }
         Ok(())
     }
 

@@ -1,0 +1,131 @@
+//! Hotplug: kernel events in, one ordered stream into the service.
+//!
+//! Both the udev monitor (real host) and the simulated kernel feed the same
+//! channel, and one dispatcher task drains it in batches, so a burst of events
+//! costs one read per device rather than one per event, and never blocks a
+//! method call: the dispatcher is just another task on the runtime.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::host::{EventKind, HostEvent};
+use crate::pci::PciAddress;
+use crate::service::Service;
+
+/// The most events handled as one batch.
+const MAX_BATCH: usize = 4096;
+
+pub enum Msg {
+    Event(HostEvent),
+    /// Answered once every event sent before it has been handled.
+    Sync(oneshot::Sender<()>),
+}
+
+pub type Sender = mpsc::UnboundedSender<Msg>;
+pub type Receiver = mpsc::UnboundedReceiver<Msg>;
+
+pub fn channel() -> (Sender, Receiver) {
+    mpsc::unbounded_channel()
+}
+
+/// Runs until every sender is gone.
+pub fn spawn_dispatcher(service: Arc<Service>, mut rx: Receiver) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = Vec::new();
+            let mut syncs = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Event(e) => batch.push(e),
+                    Msg::Sync(s) => syncs.push(s),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                service.on_events(batch).await;
+            }
+            for s in syncs {
+                let _ = s.send(());
+            }
+        }
+    })
+}
+
+/// Waits until the dispatcher has handled everything sent so far.
+pub async fn sync(tx: &Sender) {
+    let (done, wait) = oneshot::channel();
+    if tx.send(Msg::Sync(done)).is_ok() {
+        let _ = wait.await;
+    }
+}
+
+/// Which netlink group carries events here: `udev` (processed by udevd) when
+/// udevd runs, else the raw `kernel` group (nothing arrives on `udev` without
+/// udevd, as in containers and test machines).
+pub fn netlink_group() -> &'static str {
+    if Path::new("/run/udev/control").exists() {
+        "udev"
+    } else {
+        "kernel"
+    }
+}
+
+/// Opens the udev monitor for subsystem `pci` and forwards its events. Must be
+/// called before the first enumeration, so no event falls between the two.
+pub fn open_udev(tx: Sender) -> std::io::Result<()> {
+    let group = netlink_group();
+    let builder = match group {
+        "udev" => udev::MonitorBuilder::new()?,
+        _ => udev::MonitorBuilder::new_kernel()?,
+    };
+    let socket = builder.match_subsystem("pci")?.listen()?;
+    // SAFETY: the monitor socket owns its file descriptor from `listen()` until
+    // it is dropped, which only happens when the AsyncFd holding it is dropped.
+    let fd = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(format!("cannot watch the udev monitor: {e}")))?;
+    tracing::info!(group, "listening for PCI uevents");
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "the udev monitor failed; hotplug is no longer followed");
+                    return;
+                }
+            };
+            for event in guard.get_inner().iter() {
+                let Some(ev) = to_host_event(&event) else { continue };
+                if tx.send(Msg::Event(ev)).is_err() {
+                    return;
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+fn to_host_event(event: &udev::Event) -> Option<HostEvent> {
+    let kind = match event.event_type() {
+        udev::EventType::Add => EventKind::Add,
+        udev::EventType::Remove => EventKind::Remove,
+        udev::EventType::Bind => EventKind::Bind,
+        udev::EventType::Unbind => EventKind::Unbind,
+        udev::EventType::Change => EventKind::Change,
+        udev::EventType::Unknown => return None,
+    };
+    let name = event.sysname().to_string_lossy().into_owned();
+    let Ok(address) = PciAddress::parse(&name) else {
+        tracing::debug!(sysname = %name, "ignoring a uevent for a non-PCI-function name");
+        return None;
+    };
+    let mut ev = HostEvent::new(kind, address);
+    ev.error_event = event.property_value("ERROR_EVENT").is_some();
+    Some(ev)
+}
