@@ -1,0 +1,207 @@
+//! End to end: hotplug on the simulated host, through the same event path as
+//! udev, seen by real clients.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The burst measures call latency, so the tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const GPU: &str = "0000:a2:00.0";
+const NIC: &str = "0000:3b:00.0";
+const SIM: &str = "/org/hypeman/Simulator";
+const SIM_IFACE: &str = "org.hypeman.Simulator1";
+
+/// `gdbus monitor` on the daemon (one object path, or all), written to a file.
+struct Monitor {
+    _proc: Proc,
+    out: std::path::PathBuf,
+}
+
+impl Monitor {
+    fn start(bus: &TestBus, path: Option<&str>, file: &str) -> Monitor {
+        let out = bus.dir.path().join(file);
+        let mut cmd = Command::new("gdbus");
+        cmd.args(["monitor", "--address", &bus.address, "--dest", NAME]);
+        if let Some(p) = path {
+            cmd.args(["--object-path", p]);
+        }
+        let child = cmd
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Monitor { _proc: Proc { child }, out };
+        wait_until(|| m.text().contains("is owned by"));
+        m
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.text().contains(needle) {
+            assert!(Instant::now() < deadline, "never saw {needle:?} in:\n{}", self.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn sim(bus: &TestBus, method: &str, args: &[&str]) {
+    bus.call(SIM, SIM_IFACE, method, args).unwrap_or_else(|e| panic!("{method}: {e}"));
+}
+
+fn get(bus: &TestBus, key: &str) -> serde_json::Value {
+    bus.manager("Get", &["s", key]).unwrap()[0].clone()
+}
+
+#[test]
+fn unplug_and_plug_bring_the_gpu_back_to_vfio() {
+    let _s = serial();
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    let path = reg[0].as_str().unwrap().to_string();
+    bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
+    let dev = Monitor::start(&bus, Some(&path), "dev.txt");
+    let mgr = Monitor::start(&bus, Some(PATH), "mgr.txt");
+
+    sim(&bus, "Unplug", &["s", GPU]);
+    dev.wait_for("{'Present': <false>}");
+    mgr.wait_for(&format!("HostDeviceRemoved ('{GPU}',)"));
+    assert_eq!(get(&bus, "l4-gpu")["present"]["data"], false);
+    assert!(get(&bus, "l4-gpu").get("driver").is_none());
+
+    sim(&bus, "Plug", &["s", GPU]);
+    mgr.wait_for(&format!("HostDeviceAdded ('{GPU}',)"));
+    dev.wait_for("{'BoundToVfio': <true>}");
+    let text = dev.text();
+    let native = text.find("{'Driver': <'nvidia'>}").expect(&text);
+    let vfio = text.rfind("{'Driver': <'vfio-pci'>}").expect(&text);
+    assert!(native < vfio, "the native driver binds first, then vfio-pci:\n{text}");
+    assert!(text.contains("{'Present': <true>}"), "{text}");
+    let now = get(&bus, "l4-gpu");
+    assert_eq!(now["present"]["data"], true);
+    assert_eq!(now["bound_to_vfio"]["data"], true);
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+fn an_unregistered_device_emits_nothing_on_device_objects() {
+    let _s = serial();
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    let all = Monitor::start(&bus, None, "all.txt");
+
+    sim(&bus, "DriverBind", &["ss", NIC, "vfio-pci"]);
+    assert_eq!(bus.host_driver(NIC).as_deref(), Some("vfio-pci"));
+    // A later event whose signal we can wait for: everything before it has been
+    // handled by then.
+    sim(&bus, "Unplug", &["s", NIC]);
+    all.wait_for(&format!("HostDeviceRemoved ('{NIC}',)"));
+    assert!(!all.text().contains("PropertiesChanged"), "{}", all.text());
+
+    // A registered device's outside rebind is announced.
+    sim(&bus, "DriverBind", &["ss", GPU, "vfio-pci"]);
+    all.wait_for("{'Driver': <'vfio-pci'>}");
+    all.wait_for("{'BoundToVfio': <true>}");
+}
+
+#[test]
+fn the_simulator_exists_only_when_simulating() {
+    let _s = serial();
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    assert!(bus.call(SIM, "org.freedesktop.DBus.Introspectable", "Introspect", &[]).unwrap()[0]
+        .as_str()
+        .unwrap()
+        .contains(SIM_IFACE));
+    drop(d);
+    wait_until(|| !bus.has_owner(NAME));
+
+    // The real backend, on an (empty) directory instead of /sys.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tree.path().join("bus/pci/devices")).unwrap();
+    let _d = Daemon::start(&bus, state.path(), &["--sysfs-root", tree.path().to_str().unwrap()]);
+    let err = bus.call(SIM, SIM_IFACE, "ClearFaults", &[]).unwrap_err();
+    assert!(err.contains("Unknown object") || err.contains("doesn't exist") || err.contains("Unknown"), "{err}");
+    let tree_out = bus.busctl(&["tree", NAME]);
+    assert!(!String::from_utf8_lossy(&tree_out.stdout).contains("Simulator"));
+}
+
+/// 1000 plug/unplug events while another client keeps calling: calls stay
+/// fast, and afterwards the daemon's view matches the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_events() {
+    let _s = serial();
+    use hypeman_devices::bus::BusChoice;
+    use hypeman_devices::client::Client;
+    use zbus::Connection;
+
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    bus.manager("Register", &["ss", NIC, "nic"]).unwrap();
+    bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
+
+    let addr = BusChoice::Address(bus.address.clone());
+    let driver: Connection = addr.builder().build().await.unwrap();
+    let burst = tokio::spawn(async move {
+        let started = Instant::now();
+        for i in 0..500 {
+            let target = if i % 2 == 0 { GPU } else { NIC };
+            for method in ["Unplug", "Plug"] {
+                driver
+                    .call_method(Some(NAME), SIM, Some(SIM_IFACE), method, &(target,))
+                    .await
+                    .unwrap();
+            }
+        }
+        started.elapsed()
+    });
+
+    let client = Client::connect(&addr).await.unwrap();
+    let mut latencies = Vec::new();
+    while !burst.is_finished() {
+        let t = Instant::now();
+        client.get("nic").await.unwrap();
+        latencies.push(t.elapsed());
+    }
+    let burst_took = burst.await.unwrap();
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    eprintln!(
+        "1000 events in {burst_took:?}; {} Get calls meanwhile, p50 {:?}, p99 {p99:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    assert!(latencies.len() >= 10, "too few calls measured to judge");
+    assert!(p99 < Duration::from_millis(20), "p99 {p99:?}");
+
+    // Afterwards: everything present, the L4 back on vfio-pci, the NIC on its
+    // driver, and the records say so.
+    wait_until(|| bus.host_driver(GPU).as_deref() == Some("vfio-pci"));
+    let gpu = get(&bus, "l4-gpu");
+    assert_eq!(gpu["present"]["data"], true);
+    assert_eq!(gpu["driver"]["data"], "vfio-pci");
+    let nic = get(&bus, "nic");
+    assert_eq!(nic["present"]["data"], true);
+    assert_eq!(nic["driver"]["data"], "i40e");
+    assert_eq!(bus.host_driver(NIC).as_deref(), Some("i40e"));
+}
