@@ -10,6 +10,8 @@ packages=(
   polkitd          # the real polkit daemon and pkaction, for authorization tests
   util-linux       # unshare (polkitd's private mounts), setpriv (test callers)
   passwd           # useradd/userdel for the test users
+  pkg-config libudev-dev   # building the udev crate (libudev)
+  umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi   # uevent tests
 )
 if [ "$(id -u)" != 0 ]; then
   echo "install-test-deps: run as root (apt-get needs it)" >&2

@@ -100,7 +100,9 @@ pub fn open_udev(tx: Sender) -> std::io::Result<()> {
                 }
             };
             for event in guard.get_inner().iter() {
-                let Some(ev) = to_host_event(&event) else { continue };
+                let Some(ev) = to_host_event(&event) else {
+                    continue;
+                };
                 if tx.send(Msg::Event(ev)).is_err() {
                     return;
                 }

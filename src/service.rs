@@ -718,9 +718,17 @@ impl Service {
         }
     }
 
-    async fn refresh(self: &Arc<Self>, address: PciAddress, live: Option<HostDevice>, came_back: bool) {
+    async fn refresh(
+        self: &Arc<Self>,
+        address: PciAddress,
+        live: Option<HostDevice>,
+        came_back: bool,
+    ) {
         let Some(stored) = self.snapshot().by_address(address).cloned() else {
-            self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(address, live);
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(address, live);
             return;
         };
         let on_vfio = live.as_ref().and_then(|d| d.driver.as_deref()) == Some(VFIO_DRIVER);

@@ -39,7 +39,10 @@ impl Monitor {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let m = Monitor { _proc: Proc { child }, out };
+        let m = Monitor {
+            _proc: Proc { child },
+            out,
+        };
         wait_until(|| m.text().contains("is owned by"));
         m
     }
@@ -51,14 +54,19 @@ impl Monitor {
     fn wait_for(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.text().contains(needle) {
-            assert!(Instant::now() < deadline, "never saw {needle:?} in:\n{}", self.text());
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?} in:\n{}",
+                self.text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
 fn sim(bus: &TestBus, method: &str, args: &[&str]) {
-    bus.call(SIM, SIM_IFACE, method, args).unwrap_or_else(|e| panic!("{method}: {e}"));
+    bus.call(SIM, SIM_IFACE, method, args)
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
 }
 
 fn get(bus: &TestBus, key: &str) -> serde_json::Value {
@@ -89,7 +97,10 @@ fn unplug_and_plug_bring_the_gpu_back_to_vfio() {
     let text = dev.text();
     let native = text.find("{'Driver': <'nvidia'>}").expect(&text);
     let vfio = text.rfind("{'Driver': <'vfio-pci'>}").expect(&text);
-    assert!(native < vfio, "the native driver binds first, then vfio-pci:\n{text}");
+    assert!(
+        native < vfio,
+        "the native driver binds first, then vfio-pci:\n{text}"
+    );
     assert!(text.contains("{'Present': <true>}"), "{text}");
     let now = get(&bus, "l4-gpu");
     assert_eq!(now["present"]["data"], true);
@@ -126,7 +137,14 @@ fn the_simulator_exists_only_when_simulating() {
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::simulate(&bus, state.path(), "l4.toml");
-    assert!(bus.call(SIM, "org.freedesktop.DBus.Introspectable", "Introspect", &[]).unwrap()[0]
+    assert!(bus
+        .call(
+            SIM,
+            "org.freedesktop.DBus.Introspectable",
+            "Introspect",
+            &[]
+        )
+        .unwrap()[0]
         .as_str()
         .unwrap()
         .contains(SIM_IFACE));
@@ -136,9 +154,16 @@ fn the_simulator_exists_only_when_simulating() {
     // The real backend, on an (empty) directory instead of /sys.
     let tree = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tree.path().join("bus/pci/devices")).unwrap();
-    let _d = Daemon::start(&bus, state.path(), &["--sysfs-root", tree.path().to_str().unwrap()]);
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--sysfs-root", tree.path().to_str().unwrap()],
+    );
     let err = bus.call(SIM, SIM_IFACE, "ClearFaults", &[]).unwrap_err();
-    assert!(err.contains("Unknown object") || err.contains("doesn't exist") || err.contains("Unknown"), "{err}");
+    assert!(
+        err.contains("Unknown object") || err.contains("doesn't exist") || err.contains("Unknown"),
+        "{err}"
+    );
     let tree_out = bus.busctl(&["tree", NAME]);
     assert!(!String::from_utf8_lossy(&tree_out.stdout).contains("Simulator"));
 }
@@ -146,6 +171,8 @@ fn the_simulator_exists_only_when_simulating() {
 /// 1000 plug/unplug events while another client keeps calling: calls stay
 /// fast, and afterwards the daemon's view matches the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The guard only keeps this file's other tests out while the burst runs.
+#[allow(clippy::await_holding_lock)]
 async fn a_burst_of_events() {
     let _s = serial();
     use hypeman_devices::bus::BusChoice;

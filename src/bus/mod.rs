@@ -173,10 +173,11 @@ impl Publisher for BusPublisher {
 
     fn host_added<'a>(&'a self, address: crate::pci::PciAddress) -> BoxFuture<'a> {
         Box::pin(async move {
-            let emitter = match zbus::object_server::SignalEmitter::new(&self.conn, crate::MANAGER_PATH) {
-                Ok(e) => e,
-                Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceAdded"),
-            };
+            let emitter =
+                match zbus::object_server::SignalEmitter::new(&self.conn, crate::MANAGER_PATH) {
+                    Ok(e) => e,
+                    Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceAdded"),
+                };
             if let Err(e) = Manager::host_device_added(&emitter, &address.to_string()).await {
                 tracing::warn!(pci_address = %address, error = %e, "cannot emit HostDeviceAdded");
             }
@@ -185,10 +186,11 @@ impl Publisher for BusPublisher {
 
     fn host_removed<'a>(&'a self, address: crate::pci::PciAddress) -> BoxFuture<'a> {
         Box::pin(async move {
-            let emitter = match zbus::object_server::SignalEmitter::new(&self.conn, crate::MANAGER_PATH) {
-                Ok(e) => e,
-                Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceRemoved"),
-            };
+            let emitter =
+                match zbus::object_server::SignalEmitter::new(&self.conn, crate::MANAGER_PATH) {
+                    Ok(e) => e,
+                    Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceRemoved"),
+                };
             if let Err(e) = Manager::host_device_removed(&emitter, &address.to_string()).await {
                 tracing::warn!(pci_address = %address, error = %e, "cannot emit HostDeviceRemoved");
             }

@@ -53,20 +53,23 @@ impl Simulator {
 
     /// Hot-removes a device (its driver unbinds, then it leaves the bus).
     async fn unplug(&self, pci_address: &str) -> fdo::Result<()> {
-        let a = PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
         self.sim.unplug(a).map_err(fdo::Error::InvalidArgs)
     }
 
     /// Brings an unplugged device back; its native driver binds first, as the
     /// kernel's would.
     async fn plug(&self, pci_address: &str) -> fdo::Result<()> {
-        let a = PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
         self.sim.plug(a).map_err(fdo::Error::InvalidArgs)
     }
 
     /// An outside actor binds `driver` to the device.
     async fn driver_bind(&self, pci_address: &str, driver: &str) -> fdo::Result<()> {
-        let a = PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
         self.sim
             .driver_bind(a, driver)
             .map_err(|e| fdo::Error::Failed(e.to_string()))

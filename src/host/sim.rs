@@ -326,7 +326,9 @@ impl SimHost {
                     }
                 }
                 for addr in &saved.unplugged {
-                    let Ok(a) = PciAddress::parse(addr) else { continue };
+                    let Ok(a) = PciAddress::parse(addr) else {
+                        continue;
+                    };
                     if let Some(d) = state.devices.remove(&a) {
                         state.unplugged.insert(a, d);
                     }
@@ -428,7 +430,9 @@ impl SimHost {
         let native = {
             let mut state = self.state();
             let Some(mut dev) = state.unplugged.remove(&address) else {
-                return Err(format!("{address} is not unplugged (plug only brings back an unplugged device)"));
+                return Err(format!(
+                    "{address} is not unplugged (plug only brings back an unplugged device)"
+                ));
             };
             dev.driver = None;
             dev.driver_override = None;
@@ -454,7 +458,10 @@ impl SimHost {
     /// An outside actor binds `driver` (as `echo ADDR > drivers/X/bind` would,
     /// after unbinding the current driver).
     pub fn driver_bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
-        let current = self.device(address)?.ok_or(HostError::NoDevice(address))?.driver;
+        let current = self
+            .device(address)?
+            .ok_or(HostError::NoDevice(address))?
+            .driver;
         if let Some(c) = current {
             if c == driver {
                 return Ok(());
@@ -465,7 +472,9 @@ impl SimHost {
         if let Err(e) = self.bind(address, driver) {
             // The way driverctl does it: an override makes the driver take a
             // device its id table does not list (vfio-pci has none).
-            let HostError::Write { errno: ENODEV, .. } = e else { return Err(e) };
+            let HostError::Write { errno: ENODEV, .. } = e else {
+                return Err(e);
+            };
             self.set_override(address, Some(driver))?;
             self.bind(address, driver)?;
         }
