@@ -10,6 +10,7 @@ packages=(
   polkitd          # the real polkit daemon and pkaction, for authorization tests
   util-linux       # unshare (polkitd's private mounts), setpriv (test callers)
   passwd           # useradd/userdel for the test users
+  make             # make install / uninstall tests
   pkg-config libudev-dev   # building the udev crate (libudev)
   umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi   # uevent tests
 )

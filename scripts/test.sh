@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo build --locked --all-targets
 cargo test --locked --all-targets -- --include-ignored
+scripts/test-deb.sh

@@ -11,6 +11,7 @@ use crate::hotplug;
 use crate::pci::PciIds;
 use crate::registry::store::{Loaded, Store, StoreError};
 use crate::service::Service;
+use crate::systemd;
 use crate::vfio::Kernel;
 
 /// Everything `hypemand` can be told on its command line.
@@ -139,12 +140,17 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(DaemonError::Signals)?;
 
     let conn = bus::serve(service.clone(), &opts.bus, sim).await?;
-    tracing::info!(name = crate::BUS_NAME, "ready");
+    let summary = service.summary();
+    tracing::info!(name = crate::BUS_NAME, status = %summary, "ready");
+    systemd::ready(&summary);
+    let _status = systemd::spawn_status(service.clone());
+    let _watchdog = systemd::spawn_watchdog(service.clone());
 
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
+    systemd::stopping();
     // Let a change that is being written finish before the name goes away.
     service.quiesce().await;
     if let Err(e) = conn.release_name(crate::BUS_NAME).await {

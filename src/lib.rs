@@ -14,6 +14,7 @@ pub mod hotplug;
 pub mod pci;
 pub mod registry;
 pub mod service;
+pub mod systemd;
 pub mod vfio;
 
 /// The well-known bus name.

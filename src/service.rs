@@ -90,6 +90,8 @@ pub struct Service {
     /// known to be absent; no entry: never looked at). Hotplug events compare
     /// against it so that `PropertiesChanged` goes out only on a real change.
     seen: Mutex<HashMap<PciAddress, Option<HostDevice>>>,
+    /// Woken on every registry or device change (for systemd's status line).
+    change_notify: tokio::sync::Notify,
     /// Set at shutdown: no new change may start.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -124,7 +126,15 @@ impl Service {
             publisher: OnceLock::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
+            change_notify: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves at the next change of the registry or of a device's state (or
+    /// at once if one happened since the last call). One waiter: systemd's
+    /// status line.
+    pub async fn changed(&self) {
+        self.change_notify.notified().await;
     }
 
     fn refuse_if_stopping(&self) -> Result<()> {
@@ -169,6 +179,7 @@ impl Service {
                 Error::StoreFailed(e.to_string())
             })?;
         self.install(next);
+        self.change_notify.notify_one();
         Ok(())
     }
 
@@ -246,6 +257,7 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(after.stored.pci_address, after.live.clone());
+        self.change_notify.notify_one();
         if let Some(p) = self.publisher.get() {
             p.changed(before, after).await;
         }
@@ -759,6 +771,7 @@ impl Service {
             .insert(address, live.clone());
         if let Some(prev) = previous {
             if prev != live {
+                self.change_notify.notify_one();
                 let before = self.view(stored.clone(), prev);
                 let after = self.view(stored, live);
                 if let Some(p) = self.publisher.get() {

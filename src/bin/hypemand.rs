@@ -46,6 +46,34 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// journald (with structured fields: `pci_address` becomes `PCI_ADDRESS`) when
+/// systemd connected stderr to the journal, else human-readable stderr.
+fn init_logging(filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let env_filter = tracing_subscriber::EnvFilter::new(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        match tracing_journald::layer() {
+            Ok(journald) => {
+                tracing_subscriber::registry()
+                    .with(env_filter)
+                    .with(journald.with_syslog_identifier("hypemand".into()))
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("hypemand: cannot log to journald ({e}); logging to stderr"),
+        }
+    }
+    tracing_subscriber::registry()
+        .with(env_filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+}
+
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
@@ -63,11 +91,7 @@ fn main() -> ExitCode {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(&filter);
 
     // STATE_DIRECTORY may list several directories separated by ':'; ours is the first.
     let state_dir = args.state_dir.unwrap_or_else(|| {

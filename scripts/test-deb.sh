@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the Debian package with cargo-deb and checks what it holds.
+# If cargo-deb cannot be installed here, says so and stops (exit 0): the same
+# files are tested through `make install` by tests/systemd.rs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  if ! cargo install cargo-deb --locked; then
+    echo "test-deb: cargo-deb could not be installed; no .deb built (make install is tested instead)"
+    exit 0
+  fi
+fi
+
+cargo deb --locked --output target/debian/
+deb=$(ls -t target/debian/*.deb | head -n1)
+echo "== $deb"
+dpkg-deb -c "$deb" | tee target/debian/contents.txt
+
+failed=0
+for path in \
+  ./usr/libexec/hypemand \
+  ./usr/bin/hypemanctl \
+  ./usr/lib/systemd/system/hypemand.service \
+  ./usr/share/dbus-1/system.d/org.hypeman.Devices.conf \
+  ./usr/share/dbus-1/system-services/org.hypeman.Devices.service \
+  ./usr/share/polkit-1/actions/org.hypeman.devices.policy \
+  ./usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules
+do
+  if ! grep -q " $path\$" target/debian/contents.txt; then
+    echo "test-deb: $path is missing from the package" >&2
+    failed=$((failed + 1))
+  fi
+done
+control=$(mktemp -d)
+trap 'rm -rf "$control"' EXIT
+dpkg-deb -e "$deb" "$control"
+for script in postinst prerm postrm; do
+  if [ ! -x "$control/$script" ]; then
+    echo "test-deb: maintainer script $script is missing" >&2
+    failed=$((failed + 1))
+  fi
+done
+grep -q 'rm -rf /var/lib/hypeman' "$control/postrm" || { echo "test-deb: purge does not remove /var/lib/hypeman" >&2; failed=$((failed + 1)); }
+if [ "$failed" != 0 ]; then
+  echo "test-deb: $failed problem(s)" >&2
+  exit 1
+fi
+echo "test-deb: the package holds every file and maintainer script"

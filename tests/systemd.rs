@@ -1,0 +1,312 @@
+//! systemd integration without systemd: the notify protocol over a datagram
+//! socket the test binds, `systemd-analyze` on the shipped unit, and the
+//! installed tree of `make install`.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Receives notify messages until `pred` holds for one, or the hang guard ends.
+fn recv_until(
+    sock: &UnixDatagram,
+    mut pred: impl FnMut(&str) -> bool,
+    all: &mut Vec<(Instant, String)>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "notify message never came; got {all:?}"
+        );
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                all.push((Instant::now(), msg.clone()));
+                if pred(&msg) {
+                    return msg;
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
+
+#[test]
+fn notify_ready_status_watchdog_stopping() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let sock_path = bus.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let f = fixture("l4.toml");
+    let mut daemon = Proc {
+        child: Daemon::command(&bus, state.path(), &["--simulate", f.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let mut all = Vec::new();
+
+    let ready = recv_until(&sock, |m| m.contains("READY=1"), &mut all);
+    // READY comes only once the name is owned: a call right now succeeds.
+    assert!(
+        bus.manager("List", &[]).is_ok(),
+        "not callable right after READY"
+    );
+    assert!(
+        ready.contains("STATUS=0 devices registered, 0 on vfio-pci, 0 attached"),
+        "{ready}"
+    );
+
+    bus.manager("Register", &["ss", "0000:a2:00.0", "l4-gpu"])
+        .unwrap();
+    recv_until(
+        &sock,
+        |m| m.contains("STATUS=1 device registered, 0 on vfio-pci, 0 attached"),
+        &mut all,
+    );
+    bus.manager("Attach", &["ss", "l4-gpu", "vm-1"]).unwrap();
+    recv_until(
+        &sock,
+        |m| m.contains("STATUS=1 device registered, 1 on vfio-pci, 1 attached"),
+        &mut all,
+    );
+
+    // WATCHDOG_USEC=200 ms: a ping every 100 ms. Count them over a second.
+    let start = Instant::now();
+    let mut pings = 0;
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < Duration::from_secs(1) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                pings += 1;
+            }
+        }
+    }
+    eprintln!("{pings} watchdog pings in 1 s (expected about 10)");
+    assert!(
+        (5..=20).contains(&pings),
+        "{pings} watchdog pings in 1 s at a 100 ms period"
+    );
+
+    let t = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.pid().to_string()])
+        .status();
+    recv_until(&sock, |m| m.contains("STOPPING=1"), &mut all);
+    let status = loop {
+        if let Some(st) = daemon.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "hypemand did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = t.elapsed();
+    eprintln!("SIGTERM to exit: {took:?}");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took < Duration::from_secs(1),
+        "SIGTERM to exit took {took:?}"
+    );
+    assert!(!bus.has_owner(NAME));
+}
+
+fn analyze(args: &[&str]) -> std::process::Output {
+    Command::new("systemd-analyze")
+        .args(args)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)")
+}
+
+/// The unit with ExecStart pointed at the binary we built.
+fn unit_for_tests(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(root().join("systemd/hypemand.service"))
+        .unwrap()
+        .replace("/usr/libexec/hypemand", env!("CARGO_BIN_EXE_hypemand"));
+    let path = dir.join("hypemand.service");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_unit_verifies_and_is_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_for_tests(dir.path());
+    let out = analyze(&["verify", unit.to_str().unwrap()]);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = analyze(&["security", "--offline=yes", unit.to_str().unwrap()]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .expect(&text);
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    eprintln!("systemd-analyze security: {score}");
+    assert!(score <= 2.5, "exposure {score} > 2.5:\n{text}");
+}
+
+#[test]
+fn make_install_lays_out_a_tree_that_loads() {
+    let dest = tempfile::tempdir().unwrap();
+    let build_dir = Path::new(env!("CARGO_BIN_EXE_hypemand"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new("make")
+        .current_dir(root())
+        .arg("install")
+        .arg(format!("DESTDIR={}", dest.path().display()))
+        .arg(format!("BUILD_DIR={}", build_dir.display()))
+        .output()
+        .expect("make (apt-get install make)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = dest.path();
+    for (path, mode) in [
+        ("usr/libexec/hypemand", 0o755),
+        ("usr/bin/hypemanctl", 0o755),
+        ("usr/lib/systemd/system/hypemand.service", 0o644),
+        ("usr/share/dbus-1/system.d/org.hypeman.Devices.conf", 0o644),
+        (
+            "usr/share/dbus-1/system-services/org.hypeman.Devices.service",
+            0o644,
+        ),
+        (
+            "usr/share/polkit-1/actions/org.hypeman.devices.policy",
+            0o644,
+        ),
+        (
+            "usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules",
+            0o644,
+        ),
+    ] {
+        let meta = std::fs::metadata(d.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            mode,
+            "{path}"
+        );
+    }
+
+    // The installed unit verifies, with ExecStart where the tree put it.
+    let unit_text =
+        std::fs::read_to_string(d.join("usr/lib/systemd/system/hypemand.service")).unwrap();
+    assert!(unit_text.contains("ExecStart=/usr/libexec/hypemand"));
+    let check = tempfile::tempdir().unwrap();
+    let unit = check.path().join("hypemand.service");
+    std::fs::write(
+        &unit,
+        unit_text.replace(
+            "/usr/libexec/hypemand",
+            d.join("usr/libexec/hypemand").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = analyze(&["verify", unit.to_str().unwrap()]);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // dbus-daemon loads the installed policy, and finds the activation file.
+    let conf = check.path().join("system.conf");
+    let template = std::fs::read_to_string(root().join("tests/data/system.conf.in")).unwrap();
+    std::fs::write(
+        &conf,
+        template
+            .replace(
+                "@LISTEN@",
+                &format!("unix:path={}/bus", check.path().display()),
+            )
+            .replace(
+                "@INCLUDES@",
+                &format!(
+                    "<include>{}</include><servicedir>{}</servicedir>",
+                    d.join("usr/share/dbus-1/system.d/org.hypeman.Devices.conf")
+                        .display(),
+                    d.join("usr/share/dbus-1/system-services").display()
+                ),
+            ),
+    )
+    .unwrap();
+    let mut bus = Proc {
+        child: Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(bus.child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let address = line.trim().to_string();
+    assert!(
+        address.starts_with("unix:"),
+        "dbus-daemon did not start with the installed files"
+    );
+    let out = Command::new("busctl")
+        .arg(format!("--address={address}"))
+        .args([
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "ListActivatableNames",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("org.hypeman.Devices"),
+        "{out:?}"
+    );
+    drop(bus);
+
+    // And uninstall removes what install put there.
+    let out = Command::new("make")
+        .current_dir(root())
+        .arg("uninstall")
+        .arg(format!("DESTDIR={}", d.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!d.join("usr/libexec/hypemand").exists());
+    assert!(!d
+        .join("usr/share/polkit-1/actions/org.hypeman.devices.policy")
+        .exists());
+}
