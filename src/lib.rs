@@ -6,6 +6,7 @@
 //! D-Bus; [`daemon`] wires it all for `hypemand`.
 
 pub mod bus;
+pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod error;

@@ -1,47 +1,18 @@
 //! hypemanctl: the command-line client of hypemand. Thin: parse, call, print.
 
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use hypeman_devices::bus::record::{Available, Record};
-use hypeman_devices::bus::BusChoice;
-use hypeman_devices::client::{available_json, seed_json, Client, ClientError};
-
-/// Register and inspect PCI devices set aside for VM passthrough.
-#[derive(Parser, Debug)]
-#[command(name = "hypemanctl", version)]
-struct Args {
-    /// Bus hypemand is on: system, session, or a D-Bus address.
-    #[arg(long, default_value = "system", global = true)]
-    bus: BusChoice,
-    /// Print JSON (the seed's documents) instead of a table.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Register a host PCI device for passthrough.
-    Register {
-        pci_address: String,
-        /// Name for the device [default: pci-<address>]
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// List registered devices.
-    List,
-    /// Show one registered device by id or name.
-    Get { id_or_name: String },
-    /// Unregister a device.
-    Delete { id_or_name: String },
-    /// List every PCI device on the host.
-    Available,
-}
+use clap::Parser;
+use futures_util::StreamExt;
+use hypeman_devices::cli::{generate_assets, CtlArgs, CtlCommand};
+use hypeman_devices::client::{AvailableDevice, Client, ClientError, DeviceInfo};
+use serde_json::{json, Value};
+use zbus::{MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match CtlArgs::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
@@ -52,6 +23,15 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let CtlCommand::GenerateAssets { dir } = &args.command {
+        return match generate_assets(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hypemanctl: cannot write to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -71,70 +51,97 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), ClientError> {
-    let client = Client::connect(&args.bus).await?;
+async fn run(args: CtlArgs) -> Result<(), ClientError> {
+    let interactive = args
+        .allow_interactive
+        .unwrap_or_else(|| std::io::stdin().is_terminal());
+    let client = Client::connect(&args.bus)
+        .await?
+        .allow_interactive(interactive);
+    let json = args.json;
     match args.command {
-        Command::Register { pci_address, name } => {
-            let r = client
+        CtlCommand::Register { pci_address, name } => {
+            let d = client
                 .register(&pci_address, name.as_deref().unwrap_or(""))
                 .await?;
-            print_records(&[r], args.json);
+            print_devices(&[d], json, true);
         }
-        Command::List => print_records(&client.list().await?, args.json),
-        Command::Get { id_or_name } => print_records(&[client.get(&id_or_name).await?], args.json),
-        Command::Delete { id_or_name } => {
+        CtlCommand::List => print_devices(&client.list().await?, json, false),
+        CtlCommand::Get { id_or_name } => {
+            print_devices(&[client.get(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Delete { id_or_name } => {
             client.delete(&id_or_name).await?;
-            if !args.json {
+            if json {
+                println!("{}", json!({ "deleted": id_or_name }));
+            } else {
                 println!("deleted {id_or_name}");
             }
         }
-        Command::Available => print_available(&client.available().await?, args.json),
+        CtlCommand::Available => print_available(&client.available().await?, json),
+        CtlCommand::Bind { id_or_name } => {
+            print_devices(&[client.bind(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Unbind { id_or_name } => {
+            print_devices(&[client.unbind(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Attach {
+            id_or_name,
+            instance,
+        } => print_devices(&[client.attach(&id_or_name, &instance).await?], json, true),
+        CtlCommand::Detach { id_or_name } => {
+            print_devices(&[client.detach(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Status => status(&client, json).await?,
+        CtlCommand::Monitor => monitor(&client, json).await?,
+        CtlCommand::GenerateAssets { .. } => {}
     }
     Ok(())
 }
 
-fn print_json(v: &serde_json::Value) {
+fn pretty(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn print_records(records: &[Record], json: bool) {
+/// A table with names, driver and vfio columns, or the seed's JSON (one
+/// document for one device, an array for a list).
+fn print_devices(devices: &[DeviceInfo], json: bool, single: bool) {
     if json {
-        match records {
-            [one] => print_json(&seed_json(one)),
-            many => print_json(&serde_json::Value::Array(
-                many.iter().map(seed_json).collect(),
-            )),
+        match devices {
+            [one] if single => pretty(one),
+            many => pretty(&many),
         }
         return;
     }
     println!(
-        "{:<24}  {:<16}  {:<12}  {:<4}  {:>5}  {:<12}  {:<4}  {:<10}  DEVICE",
-        "ID", "NAME", "PCI ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED"
+        "{:<24}  {:<16}  {:<12}  {:<4}  {:>5}  {:<14}  {:<4}  {:<12}  DEVICE",
+        "ID", "NAME", "PCI ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED TO"
     );
-    for r in records {
+    for d in devices {
+        let driver = match (&d.driver, d.present) {
+            (_, false) => "(unplugged)".to_string(),
+            (Some(dr), true) => dr.clone(),
+            (None, true) => "-".to_string(),
+        };
         println!(
-            "{:<24}  {:<16}  {:<12}  {:<4}  {:>5}  {:<12}  {:<4}  {:<10}  {} {}",
-            r.id,
-            r.name,
-            r.pci_address,
-            r.kind,
-            r.iommu_group
-                .map(|g| g.to_string())
-                .unwrap_or_else(|| "-".into()),
-            r.driver.as_deref().unwrap_or("-"),
-            if r.bound_to_vfio { "yes" } else { "no" },
-            r.attached_to.as_deref().unwrap_or("-"),
-            r.vendor_name,
-            r.device_name
+            "{:<24}  {:<16}  {:<12}  {:<4}  {:>5}  {:<14}  {:<4}  {:<12}  {} {}",
+            d.id,
+            d.name,
+            d.pci_address,
+            d.kind,
+            d.iommu_group.map_or_else(|| "-".into(), |g| g.to_string()),
+            driver,
+            if d.bound_to_vfio { "yes" } else { "no" },
+            d.attached_to.as_deref().unwrap_or("-"),
+            d.vendor_name,
+            d.device_name
         );
     }
 }
 
-fn print_available(devices: &[Available], json: bool) {
+fn print_available(devices: &[AvailableDevice], json: bool) {
     if json {
-        print_json(&serde_json::Value::Array(
-            devices.iter().map(available_json).collect(),
-        ));
+        pretty(&devices);
         return;
     }
     println!(
@@ -148,13 +155,170 @@ fn print_available(devices: &[Available], json: bool) {
             d.vendor_id,
             d.device_id,
             d.kind,
-            d.iommu_group
-                .map(|g| g.to_string())
-                .unwrap_or_else(|| "-".into()),
+            d.iommu_group.map_or_else(|| "-".into(), |g| g.to_string()),
             d.current_driver.as_deref().unwrap_or("-"),
             d.registered_as.as_deref().unwrap_or("-"),
             d.vendor_name,
             d.device_name
         );
     }
+}
+
+async fn status(client: &Client, json: bool) -> Result<(), ClientError> {
+    let version = client.version().await?;
+    let devices = client.list().await?;
+    let host = client.available().await?;
+    let on_vfio = devices.iter().filter(|d| d.bound_to_vfio).count();
+    let attached = devices.iter().filter(|d| d.attached_to.is_some()).count();
+    if json {
+        pretty(&json!({
+            "version": version,
+            "registered": devices.len(),
+            "bound_to_vfio": on_vfio,
+            "attached": attached,
+            "host_devices": host.len(),
+        }));
+    } else {
+        println!("hypemand {version}");
+        println!(
+            "{} registered, {on_vfio} on vfio-pci, {attached} attached; {} PCI devices on the host",
+            devices.len(),
+            host.len()
+        );
+    }
+    Ok(())
+}
+
+fn variant_json(v: &OwnedVariant) -> Value {
+    if let Ok(s) = String::try_from(v.clone()) {
+        return json!(s);
+    }
+    if let Ok(b) = bool::try_from(v.clone()) {
+        return json!(b);
+    }
+    if let Ok(i) = i64::try_from(v.clone()) {
+        return json!(i);
+    }
+    json!(format!("{:?}", &**v))
+}
+
+fn id_of(path: &str) -> String {
+    path.rsplit('/').next().unwrap_or(path).to_string()
+}
+
+/// One line per event, as it happens: registrations, removals, property
+/// changes, host devices coming and going.
+async fn monitor(client: &Client, json: bool) -> Result<(), ClientError> {
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(hypeman_devices::BUS_NAME)
+        .path_namespace(hypeman_devices::MANAGER_PATH)
+        .build()
+        .map_err(ClientError::Bus)?;
+    let mut stream = MessageStream::for_match_rule(rule, client.connection(), None).await?;
+    let mut names: HashMap<String, String> = client
+        .list()
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.name))
+        .collect();
+    eprintln!(
+        "hypemanctl: monitoring {} (Ctrl-C to stop)",
+        hypeman_devices::BUS_NAME
+    );
+    let mut out = std::io::stdout();
+    while let Some(msg) = stream.next().await {
+        let Ok(msg) = msg else { continue };
+        let header = msg.header();
+        let (Some(member), Some(path)) = (header.member(), header.path()) else {
+            continue;
+        };
+        let path = path.as_str().to_string();
+        let line: Option<(Value, String)> = match member.as_str() {
+            "InterfacesAdded" => {
+                type Ifaces = HashMap<String, HashMap<String, OwnedVariant>>;
+                let Ok((obj, ifaces)) = msg.body().deserialize::<(OwnedObjectPath, Ifaces)>()
+                else {
+                    continue;
+                };
+                let props = ifaces
+                    .get("org.hypeman.Device1")
+                    .cloned()
+                    .unwrap_or_default();
+                let get = |k: &str| props.get(k).map(variant_json).unwrap_or(Value::Null);
+                let id = id_of(obj.as_str());
+                let name = get("Name").as_str().unwrap_or_default().to_string();
+                let addr = get("PciAddress").as_str().unwrap_or_default().to_string();
+                names.insert(id.clone(), name.clone());
+                Some((
+                    json!({"event": "registered", "id": id, "name": name, "pci_address": addr}),
+                    format!("registered {name} ({id}) at {addr}"),
+                ))
+            }
+            "InterfacesRemoved" => {
+                let Ok((obj, _)) = msg.body().deserialize::<(OwnedObjectPath, Vec<String>)>()
+                else {
+                    continue;
+                };
+                let id = id_of(obj.as_str());
+                let name = names.remove(&id).unwrap_or_default();
+                Some((
+                    json!({"event": "unregistered", "id": id, "name": name}),
+                    format!("unregistered {name} ({id})"),
+                ))
+            }
+            "PropertiesChanged" => {
+                type Changed = (String, HashMap<String, OwnedVariant>, Vec<String>);
+                let Ok((_, changed, _)) = msg.body().deserialize::<Changed>() else {
+                    continue;
+                };
+                let id = id_of(&path);
+                let name = names.get(&id).cloned().unwrap_or_default();
+                let mut props: Vec<(String, Value)> = changed
+                    .iter()
+                    .map(|(k, v)| (k.clone(), variant_json(v)))
+                    .collect();
+                props.sort_by(|a, b| a.0.cmp(&b.0));
+                let text = props
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}={}",
+                            v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let map: serde_json::Map<String, Value> = props.into_iter().collect();
+                Some((
+                    json!({"event": "changed", "id": id, "name": name, "properties": map}),
+                    format!("changed {name} ({id}): {text}"),
+                ))
+            }
+            "HostDeviceAdded" | "HostDeviceRemoved" => {
+                let Ok(addr) = msg.body().deserialize::<String>() else {
+                    continue;
+                };
+                let (event, verb) = if member.as_str() == "HostDeviceAdded" {
+                    ("host_device_added", "appeared")
+                } else {
+                    ("host_device_removed", "disappeared")
+                };
+                Some((
+                    json!({"event": event, "pci_address": addr}),
+                    format!("host device {addr} {verb}"),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((j, text)) = line {
+            let _ = if json {
+                writeln!(out, "{j}")
+            } else {
+                writeln!(out, "{text}")
+            };
+            let _ = out.flush();
+        }
+    }
+    Ok(())
 }

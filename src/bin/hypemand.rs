@@ -5,46 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hypeman_devices::bus::BusChoice;
+use hypeman_devices::cli::DaemonArgs;
 use hypeman_devices::daemon::{self, exit, Options};
-
-/// Keeps the registry of PCI devices set aside for VM passthrough, on D-Bus as
-/// org.hypeman.Devices.
-#[derive(Parser, Debug)]
-#[command(name = "hypemand", version)]
-struct Args {
-    /// Bus to serve on: system, session, or a D-Bus address.
-    #[arg(long, default_value = "system")]
-    bus: BusChoice,
-    /// Directory holding devices.json [default: $STATE_DIRECTORY, else /var/lib/hypeman]
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// Root of the sysfs the real host backend reads and writes.
-    #[arg(long, default_value = "/sys")]
-    sysfs_root: PathBuf,
-    /// Run against a simulated host described by this fixture instead of the real one.
-    #[arg(long, value_name = "FIXTURE")]
-    simulate: Option<PathBuf>,
-    /// With --simulate: keep the simulated kernel's state in this file, so a
-    /// daemon restart is not a reboot (delete the file to reboot).
-    #[arg(long, value_name = "FILE", requires = "simulate")]
-    simulate_state: Option<PathBuf>,
-    /// Deadline of each sysfs operation, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
-    sysfs_timeout: f64,
-    /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works.
-    #[arg(long)]
-    log_level: Option<String>,
-}
-
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a number of seconds between 0 and 3600"
-        )),
-    }
-}
 
 /// journald (with structured fields: `pci_address` becomes `PCI_ADDRESS`) when
 /// systemd connected stderr to the journal, else human-readable stderr.
@@ -75,7 +37,7 @@ fn init_logging(filter: &str) {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match DaemonArgs::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();

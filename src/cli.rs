@@ -1,0 +1,125 @@
+//! The command lines of `hypemand` and `hypemanctl`, in one place so that
+//! `hypemanctl generate-assets` can write both man pages and the completions.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::bus::BusChoice;
+
+/// Keeps the registry of PCI devices set aside for VM passthrough, on D-Bus as
+/// org.hypeman.Devices.
+#[derive(Parser, Debug)]
+#[command(name = "hypemand", version)]
+pub struct DaemonArgs {
+    /// Bus to serve on: system, session, or a D-Bus address.
+    #[arg(long, default_value = "system")]
+    pub bus: BusChoice,
+    /// Directory holding devices.json [default: $STATE_DIRECTORY, else /var/lib/hypeman]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Root of the sysfs the real host backend reads and writes.
+    #[arg(long, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Run against a simulated host described by this fixture instead of the real one.
+    #[arg(long, value_name = "FIXTURE")]
+    pub simulate: Option<PathBuf>,
+    /// With --simulate: keep the simulated kernel's state in this file, so a
+    /// daemon restart is not a reboot (delete the file to reboot).
+    #[arg(long, value_name = "FILE", requires = "simulate")]
+    pub simulate_state: Option<PathBuf>,
+    /// Deadline of each sysfs operation, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub sysfs_timeout: f64,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 3600"
+        )),
+    }
+}
+
+/// Register PCI devices for VM passthrough and move them to vfio-pci and back,
+/// through hypemand.
+#[derive(Parser, Debug)]
+#[command(name = "hypemanctl", version)]
+pub struct CtlArgs {
+    /// Bus hypemand is on: system, session, or a D-Bus address.
+    #[arg(long, default_value = "system", global = true)]
+    pub bus: BusChoice,
+    /// Print JSON (the seed's documents) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Let polkit ask for a password [default: yes when stdin is a terminal]
+    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_interactive: Option<bool>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Register a host PCI device for passthrough.
+    Register {
+        /// dddd:bb:dd.f or bb:dd.f
+        pci_address: String,
+        /// Name for the device [default: pci-<address>]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List registered devices.
+    List,
+    /// Show one registered device.
+    Get { id_or_name: String },
+    /// Unregister a device (gives it back to its driver first if hypemand took it).
+    Delete { id_or_name: String },
+    /// List every PCI device on the host, registered or not.
+    Available,
+    /// Move a device to vfio-pci.
+    Bind { id_or_name: String },
+    /// Give a device back to its host driver.
+    Unbind { id_or_name: String },
+    /// Bind if needed, then mark a device as held by a VM instance.
+    Attach {
+        id_or_name: String,
+        instance: String,
+    },
+    /// Clear a device's attachment (it stays on vfio-pci).
+    Detach { id_or_name: String },
+    /// Print one line per event as it happens (Ctrl-C to stop).
+    Monitor,
+    /// The daemon's version and counts.
+    Status,
+    /// Write shell completions and man pages into a directory (used by make install).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
+}
+
+/// Writes bash, zsh and fish completions for hypemanctl and the man pages of
+/// both programs into `dir`.
+pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir)?;
+    for (shell, file) in [
+        (Shell::Bash, "hypemanctl.bash"),
+        (Shell::Zsh, "_hypemanctl"),
+        (Shell::Fish, "hypemanctl.fish"),
+    ] {
+        let mut out = std::fs::File::create(dir.join(file))?;
+        clap_complete::generate(shell, &mut CtlArgs::command(), "hypemanctl", &mut out);
+    }
+    let mut ctl = std::fs::File::create(dir.join("hypemanctl.1"))?;
+    clap_mangen::Man::new(CtlArgs::command()).render(&mut ctl)?;
+    let mut daemon = std::fs::File::create(dir.join("hypemand.8"))?;
+    clap_mangen::Man::new(DaemonArgs::command())
+        .section("8")
+        .render(&mut daemon)?;
+    Ok(())
+}
