@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo build --locked --all-targets
 cargo test --locked --all-targets -- --include-ignored
+cargo test --locked --doc
 scripts/test-deb.sh

@@ -5,6 +5,7 @@
 //! kernel cannot remember; [`service`] holds the rules; [`bus`] puts the service on
 //! D-Bus; [`daemon`] wires it all for `hypemand`.
 
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod client;
