@@ -137,7 +137,8 @@ fn sorted_us(v: &[Duration]) -> Vec<f64> {
 }
 
 fn rss_kib(pid: u32) -> BenchResult<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(err("read /proc status"))?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(err("read /proc status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -161,7 +162,10 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         .replace("@LISTEN@", &format!("unix:path={}/bus", d.display()))
         .replace(
             "@INCLUDES@",
-            &format!("<include>{0}/policy.conf</include><include>{0}/sim.conf</include>", d.display()),
+            &format!(
+                "<include>{0}/policy.conf</include><include>{0}/sim.conf</include>",
+                d.display()
+            ),
         );
     std::fs::write(d.join("system.conf"), conf).map_err(err("write bus config"))?;
     let mut bus = Guard(
@@ -175,12 +179,16 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     );
     let mut line = String::new();
     let out = bus.0.stdout.take().ok_or("no bus stdout")?;
-    BufReader::new(out).read_line(&mut line).map_err(err("bus address"))?;
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(err("bus address"))?;
     let address = line.trim().to_string();
 
     // startup_ready_ms: spawn to READY=1 with N stored devices.
     let notify = UnixDatagram::bind(d.join("notify")).map_err(err("notify socket"))?;
-    notify.set_read_timeout(Some(Duration::from_secs(60))).map_err(err("timeout"))?;
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(err("timeout"))?;
     let started = Instant::now();
     let daemon = Guard(
         Command::new(&cfg.hypemand)
@@ -204,22 +212,48 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     let startup_ready_ms = started.elapsed().as_secs_f64() * 1e3;
     let pid = daemon.0.id();
 
-    let conn = Connection::from(
-        zbus::connection::Builder::address(address.as_str())
-            .build()
-            .await
-            .map_err(err("connect"))?,
-    );
+    let conn: Connection = zbus::connection::Builder::address(address.as_str())
+        .build()
+        .await
+        .map_err(err("connect"))?;
     let call = |conn: &Connection, iface: &str, method: &str, path: &str, body: Value| {
         let conn = conn.clone();
         let (iface, method, path) = (iface.to_string(), method.to_string(), path.to_string());
         async move {
             let r = match body {
-                Value::Null => conn.call_method(Some(crate::BUS_NAME), path.as_str(), Some(iface.as_str()), method.as_str(), &()).await,
-                Value::String(s) => conn.call_method(Some(crate::BUS_NAME), path.as_str(), Some(iface.as_str()), method.as_str(), &(s,)).await,
+                Value::Null => {
+                    conn.call_method(
+                        Some(crate::BUS_NAME),
+                        path.as_str(),
+                        Some(iface.as_str()),
+                        method.as_str(),
+                        &(),
+                    )
+                    .await
+                }
+                Value::String(s) => {
+                    conn.call_method(
+                        Some(crate::BUS_NAME),
+                        path.as_str(),
+                        Some(iface.as_str()),
+                        method.as_str(),
+                        &(s,),
+                    )
+                    .await
+                }
                 Value::Array(a) => {
-                    let a: Vec<String> = a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect();
-                    conn.call_method(Some(crate::BUS_NAME), path.as_str(), Some(iface.as_str()), method.as_str(), &(a[0].as_str(), a[1].as_str())).await
+                    let a: Vec<String> = a
+                        .iter()
+                        .map(|v| v.as_str().unwrap_or_default().to_string())
+                        .collect();
+                    conn.call_method(
+                        Some(crate::BUS_NAME),
+                        path.as_str(),
+                        Some(iface.as_str()),
+                        method.as_str(),
+                        &(a[0].as_str(), a[1].as_str()),
+                    )
+                    .await
                 }
                 _ => return Err("bad body".to_string()),
             };
@@ -260,7 +294,14 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     // register_per_s: durable Registers into a registry already holding N.
     let t = Instant::now();
     for i in n..n + extra {
-        call(&conn, IFACE, "Register", m, json!([pci_address(i), format!("new-{i}")])).await?;
+        call(
+            &conn,
+            IFACE,
+            "Register",
+            m,
+            json!([pci_address(i), format!("new-{i}")]),
+        )
+        .await?;
     }
     let register_per_s = extra as f64 / t.elapsed().as_secs_f64();
 
@@ -282,7 +323,9 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         .path(gpu_path.as_str())
         .build()
         .map_err(err("match rule"))?;
-    let mut stream = MessageStream::for_match_rule(rule, &conn, None).await.map_err(err("subscribe"))?;
+    let mut stream = MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .map_err(err("subscribe"))?;
     let mut hotplug = Vec::new();
     let addr16 = pci_address(16);
     for _ in 0..if cfg.quick { 5 } else { 50 } {
@@ -296,8 +339,14 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
                     .ok_or("signal stream ended")?
                     .map_err(err("signal"))?;
                 type Changed = (String, HashMap<String, OwnedVariant>, Vec<String>);
-                let Ok((_, changed, _)) = msg.body().deserialize::<Changed>() else { continue };
-                if changed.get("Present").and_then(|v| bool::try_from(v.clone()).ok()) == Some(want) {
+                let Ok((_, changed, _)) = msg.body().deserialize::<Changed>() else {
+                    continue;
+                };
+                if changed
+                    .get("Present")
+                    .and_then(|v| bool::try_from(v.clone()).ok())
+                    == Some(want)
+                {
                     break;
                 }
             }
@@ -310,9 +359,12 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     let per = if cfg.quick { 50 } else { 500 };
     let mut conns = Vec::new();
     for _ in 0..64 {
-        conns.push(Connection::from(
-            zbus::connection::Builder::address(address.as_str()).build().await.map_err(err("connect"))?,
-        ));
+        conns.push(
+            zbus::connection::Builder::address(address.as_str())
+                .build()
+                .await
+                .map_err(err("connect"))?,
+        );
     }
     let t = Instant::now();
     let tasks: Vec<_> = conns
@@ -324,7 +376,13 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
                 let mut errors = 0u64;
                 for _ in 0..per {
                     let r = conn
-                        .call_method(Some(crate::BUS_NAME), crate::MANAGER_PATH, Some(IFACE), "Get", &(name.as_str(),))
+                        .call_method(
+                            Some(crate::BUS_NAME),
+                            crate::MANAGER_PATH,
+                            Some(IFACE),
+                            "Get",
+                            &(name.as_str(),),
+                        )
                         .await;
                     if r.is_err() {
                         errors += 1;
@@ -348,15 +406,24 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     out.insert("ping_p99_us".into(), json!(round(percentile(&pings, 0.99))));
     out.insert("get_p50_us".into(), json!(round(percentile(&gets, 0.5))));
     out.insert("get_p99_us".into(), json!(round(percentile(&gets, 0.99))));
-    out.insert("get_over_ping".into(), json!(round(percentile(&gets, 0.5) / percentile(&pings, 0.5))));
+    out.insert(
+        "get_over_ping".into(),
+        json!(round(percentile(&gets, 0.5) / percentile(&pings, 0.5))),
+    );
     out.insert("list_ms".into(), json!(round(median_ms(&mut lists))));
     out.insert("available_ms".into(), json!(round(median_ms(&mut avail))));
     out.insert("register_per_s".into(), json!(round(register_per_s)));
     out.insert("startup_ready_ms".into(), json!(round(startup_ready_ms)));
     out.insert("rss_idle_kib".into(), json!(rss_idle_kib));
     out.insert("bind_unbind_per_s".into(), json!(round(bind_unbind_per_s)));
-    out.insert("hotplug_to_signal_p99_ms".into(), json!(round(percentile(&hotplug, 0.99) / 1e3)));
-    out.insert("concurrent_get_per_s".into(), json!(round(concurrent_get_per_s)));
+    out.insert(
+        "hotplug_to_signal_p99_ms".into(),
+        json!(round(percentile(&hotplug, 0.99) / 1e3)),
+    );
+    out.insert(
+        "concurrent_get_per_s".into(),
+        json!(round(concurrent_get_per_s)),
+    );
     out.insert("errors".into(), json!(errors));
     drop(daemon);
     drop(bus);
@@ -365,7 +432,13 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
 
 async fn device_id(conn: &Connection, name: &str) -> BenchResult<String> {
     let reply = conn
-        .call_method(Some(crate::BUS_NAME), crate::MANAGER_PATH, Some(IFACE), "Get", &(name,))
+        .call_method(
+            Some(crate::BUS_NAME),
+            crate::MANAGER_PATH,
+            Some(IFACE),
+            "Get",
+            &(name,),
+        )
         .await
         .map_err(err("Get"))?;
     let r: crate::bus::record::Record = reply.body().deserialize().map_err(err("record"))?;
@@ -380,7 +453,11 @@ pub fn table(figures: &serde_json::Map<String, Value>) -> String {
         let verdict = match (target, v.as_f64()) {
             (Some((_, bound, at_most)), Some(x)) => {
                 let ok = if *at_most { x <= *bound } else { x >= *bound };
-                format!("{} {bound}  {}", if *at_most { "<=" } else { ">=" }, if ok { "met" } else { "MISSED" })
+                format!(
+                    "{} {bound}  {}",
+                    if *at_most { "<=" } else { ">=" },
+                    if ok { "met" } else { "MISSED" }
+                )
             }
             _ => String::new(),
         };

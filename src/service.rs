@@ -187,12 +187,14 @@ impl Service {
     async fn modify(&self, id: &str, f: impl FnOnce(&mut StoredDevice)) -> Result<StoredDevice> {
         let _gate = self.gate.lock().await;
         let mut next = (*self.snapshot()).clone();
-        let d = next
-            .get_mut(id)
+        let before = next
+            .resolve(id)
+            .cloned()
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let before = d.clone();
-        f(d);
-        let after = d.clone();
+        let after = next
+            .update(&before.id, f)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
         if after != before {
             self.commit(next).await?;
         }
@@ -350,6 +352,35 @@ impl Service {
             .zip(live)
             .map(|(s, l)| self.view(s, l))
             .collect())
+    }
+
+    /// A device's host state as last seen (kept current by hotplug events and by
+    /// every operation), without a host read: what property reads answer from.
+    pub async fn cached_live(&self, stored: &StoredDevice) -> Result<Option<HostDevice>> {
+        let known = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stored.pci_address)
+            .cloned();
+        match known {
+            Some(l) => Ok(l),
+            None => {
+                let l = self.live(stored.pci_address).await?;
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(stored.pci_address, l.clone());
+                Ok(l)
+            }
+        }
+    }
+
+    /// Vendor and device names of a stored device.
+    pub fn names_of(&self, stored: &StoredDevice) -> (String, String) {
+        let vendor = u16::from_str_radix(&stored.vendor_id, 16).unwrap_or(0);
+        let device = u16::from_str_radix(&stored.device_id, 16).unwrap_or(0);
+        self.names(vendor, device)
     }
 
     /// `Get`: one device by id or exact name.
@@ -631,8 +662,31 @@ impl Service {
     /// vfio-pci but is elsewhere (after a reboot, a replug) is bound again, and
     /// one whose unbind was cut short is given back. Failures are logged.
     pub async fn reconcile(&self) {
-        let devices: Vec<StoredDevice> = self.snapshot().iter().cloned().collect();
-        for s in devices {
+        let devices: Vec<StoredDevice> = self
+            .snapshot()
+            .iter()
+            .filter(|d| d.want_vfio || d.original_driver.is_some())
+            .cloned()
+            .collect();
+        let addrs: Vec<PciAddress> = devices.iter().map(|d| d.pci_address).collect();
+        let live = self
+            .kernel
+            .run(move |h| {
+                addrs
+                    .into_iter()
+                    .map(|a| h.device(a))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .unwrap_or_default();
+        for (i, s) in devices.into_iter().enumerate() {
+            // Only devices away from where they belong need the device's lock.
+            if let Some(Some(l)) = live.get(i) {
+                let on_vfio = l.driver.as_deref() == Some(VFIO_DRIVER);
+                if on_vfio == s.want_vfio {
+                    continue;
+                }
+            }
             if let Err(e) = self.reconcile_one(&s.id).await {
                 tracing::warn!(
                     pci_address = %s.pci_address,
@@ -712,19 +766,50 @@ impl Service {
                 order.push(ev.address);
             }
         }
-        for address in order {
-            // The kernel sends `remove` as the device goes: trust it rather than
-            // a sysfs read that may still see the last of it.
-            let live = if last.get(&address) == Some(&EventKind::Remove) {
-                None
-            } else {
-                match self.live(address).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(pci_address = %address, error = %e, "cannot refresh the device after an event");
-                        continue;
-                    }
+        // The enumeration already read its devices; the rest are read in one go.
+        let known: HashMap<PciAddress, HostDevice> = batch
+            .iter()
+            .filter_map(|e| e.device.clone().map(|d| (e.address, d)))
+            .collect();
+        // The kernel sends `remove` as the device goes: trust it rather than a
+        // sysfs read that may still see the last of it.
+        let to_read: Vec<PciAddress> = order
+            .iter()
+            .copied()
+            .filter(|a| !known.contains_key(a) && last.get(a) != Some(&EventKind::Remove))
+            .collect();
+        let read = {
+            let addrs = to_read.clone();
+            self.kernel
+                .run(move |h| {
+                    Ok(addrs
+                        .into_iter()
+                        .map(|a| (a, h.device(a)))
+                        .collect::<Vec<_>>())
+                })
+                .await
+                .unwrap_or_default()
+        };
+        let mut fresh: HashMap<PciAddress, Option<HostDevice>> = HashMap::new();
+        for (a, r) in read {
+            match r {
+                Ok(l) => {
+                    fresh.insert(a, l);
                 }
+                Err(e) => {
+                    tracing::warn!(pci_address = %a, error = %e, "cannot refresh the device after an event")
+                }
+            }
+        }
+        for address in order {
+            let live = if let Some(d) = known.get(&address) {
+                Some(d.clone())
+            } else if last.get(&address) == Some(&EventKind::Remove) {
+                None
+            } else if let Some(l) = fresh.remove(&address) {
+                l
+            } else {
+                continue;
             };
             self.refresh(address, live, added.contains(&address)).await;
         }

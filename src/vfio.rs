@@ -123,8 +123,10 @@ impl Kernel {
         }
     }
 
+    /// Reads one device. Inline, not on a blocking thread: reading a device's
+    /// attributes never waits on its driver, and Get is the hottest path.
     pub async fn read(&self, address: PciAddress) -> Result<Option<HostDevice>, StepError> {
-        self.run(move |h| h.device(address)).await
+        self.host.device(address).map_err(StepError::Host)
     }
 
     async fn op(

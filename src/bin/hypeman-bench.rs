@@ -28,17 +28,28 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let hypemand = args.hypemand.unwrap_or_else(bench::default_hypemand);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hypeman-bench: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let sizes = if args.scaling { vec![256, 1024, 4096, 16384] } else { vec![args.devices] };
+    let sizes = if args.scaling {
+        vec![256, 1024, 4096, 16384]
+    } else {
+        vec![args.devices]
+    };
     let mut runs = Vec::new();
     for n in sizes {
-        let cfg = Config { devices: n, quick: args.quick, hypemand: hypemand.clone() };
+        let cfg = Config {
+            devices: n,
+            quick: args.quick,
+            hypemand: hypemand.clone(),
+        };
         match runtime.block_on(bench::run(&cfg)) {
             Ok(figures) => {
                 eprintln!("== N = {n}\n{}", bench::table(&figures));

@@ -187,9 +187,26 @@ async fn ask_polkit(
     }
 }
 
-/// The caller's uid, from the bus daemon.
+/// The caller's uid, from the bus daemon. Unique names are never reused on a
+/// bus, so the answer is remembered (a bounded cache, cleared when full).
 async fn caller_uid(conn: &Connection, sender: &str) -> Option<u32> {
+    static UIDS: std::sync::Mutex<Option<HashMap<String, u32>>> = std::sync::Mutex::new(None);
+    if let Some(uid) = UIDS
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref().and_then(|m| m.get(sender).copied()))
+    {
+        return Some(uid);
+    }
     let proxy = zbus::fdo::DBusProxy::new(conn).await.ok()?;
     let name = zbus::names::BusName::try_from(sender).ok()?;
-    proxy.get_connection_unix_user(name).await.ok()
+    let uid = proxy.get_connection_unix_user(name).await.ok()?;
+    if let Ok(mut m) = UIDS.lock() {
+        let m = m.get_or_insert_with(HashMap::new);
+        if m.len() >= 4096 {
+            m.clear();
+        }
+        m.insert(sender.to_string(), uid);
+    }
+    Some(uid)
 }

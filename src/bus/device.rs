@@ -14,6 +14,8 @@ use super::manager::authorize;
 
 use super::record::Record;
 use crate::error::Error;
+use crate::host::HostDevice;
+use crate::registry::StoredDevice;
 use crate::service::Service;
 
 /// The object path of a device id. Ids are CUID2s (lowercase alphanumerics), which
@@ -33,11 +35,20 @@ impl DeviceObject {
         DeviceObject { service, id }
     }
 
-    async fn record(&self) -> fdo::Result<Record> {
+    /// One field of the stored record: an index lookup, no copy of the rest.
+    fn stored<T>(&self, f: impl FnOnce(&StoredDevice) -> T) -> fdo::Result<T> {
+        let snapshot = self.service.snapshot();
+        snapshot.resolve(&self.id).map(f).ok_or_else(|| {
+            fdo::Error::UnknownObject(format!("device {} is no longer registered", self.id))
+        })
+    }
+
+    /// The host state as last seen (no host read on the common path).
+    async fn live(&self) -> fdo::Result<Option<HostDevice>> {
+        let stored = self.stored(Clone::clone)?;
         self.service
-            .get(&self.id)
+            .cached_live(&stored)
             .await
-            .map(|v| Record::from(&v))
             .map_err(|e| fdo::Error::Failed(e.to_string()))
     }
 }
@@ -105,69 +116,77 @@ impl DeviceObject {
 
     #[zbus(property)]
     async fn name(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.name)
+        self.stored(|d| d.name.clone())
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn pci_address(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.pci_address)
+        self.stored(|d| d.pci_address.to_string())
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn vendor_id(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.vendor_id)
+        self.stored(|d| d.vendor_id.clone())
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn device_id(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.device_id)
+        self.stored(|d| d.device_id.clone())
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn vendor_name(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.vendor_name)
+        self.stored(|d| self.service.names_of(d).0)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn device_name(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.device_name)
+        self.stored(|d| self.service.names_of(d).1)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn r#type(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.kind)
+        self.stored(|d| d.kind.as_str().to_string())
     }
 
     /// The IOMMU group, -1 when the device has none (or is unplugged).
     #[zbus(property)]
     async fn iommu_group(&self) -> fdo::Result<i64> {
-        Ok(self.record().await?.iommu_group.unwrap_or(-1))
+        Ok(self
+            .live()
+            .await?
+            .and_then(|d| d.iommu_group)
+            .map_or(-1, i64::from))
     }
 
     /// The bound driver, "" when none.
     #[zbus(property)]
     async fn driver(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.driver.unwrap_or_default())
+        Ok(self
+            .live()
+            .await?
+            .and_then(|d| d.driver)
+            .unwrap_or_default())
     }
 
     #[zbus(property)]
     async fn bound_to_vfio(&self) -> fdo::Result<bool> {
-        Ok(self.record().await?.bound_to_vfio)
+        Ok(self.live().await?.and_then(|d| d.driver).as_deref() == Some(crate::VFIO_DRIVER))
     }
 
     /// The instance holding the device, "" when none.
     #[zbus(property)]
     async fn attached_to(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.attached_to.unwrap_or_default())
+        self.stored(|d| d.attached_to.clone().unwrap_or_default())
     }
 
     #[zbus(property)]
     async fn present(&self) -> fdo::Result<bool> {
-        Ok(self.record().await?.present)
+        Ok(self.live().await?.is_some())
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     async fn created_at(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.created_at)
+        self.stored(|d| d.created_at.clone())
     }
 }

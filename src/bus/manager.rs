@@ -13,6 +13,10 @@ use super::record::{Available, Record};
 use crate::error::Error;
 use crate::service::Service;
 
+/// Replies of this many entries are followed by a heap trim: megabytes of
+/// buffers would otherwise stay with the process after they are sent.
+const LARGE_REPLY: usize = 1024;
+
 pub struct Manager {
     service: Arc<Service>,
 }
@@ -103,13 +107,17 @@ impl Manager {
 
     /// Every PCI device on the host, registered or not.
     async fn list_available(&self) -> Result<Vec<Available>, Error> {
-        Ok(self
+        let available: Vec<Available> = self
             .service
             .list_available()
             .await?
             .iter()
             .map(Available::from)
-            .collect())
+            .collect();
+        if available.len() >= LARGE_REPLY {
+            crate::daemon::trim_soon();
+        }
+        Ok(available)
     }
 
     /// Moves a device to vfio-pci (idempotent).

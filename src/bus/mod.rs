@@ -73,8 +73,7 @@ pub async fn serve(
 ) -> Result<Connection, ServeError> {
     let mut builder = bus
         .builder()
-        .serve_at(crate::MANAGER_PATH, Manager::new(service.clone()))
-        .serve_at(crate::MANAGER_PATH, ObjectManager);
+        .serve_at(crate::MANAGER_PATH, Manager::new(service.clone()));
     if let Some(sim) = sim {
         builder = builder.serve_at(simulator::SIMULATOR_PATH, simulator::Simulator::new(sim));
     }
@@ -87,6 +86,17 @@ pub async fn serve(
             .await
             .map_err(ServeError::Export)?;
     }
+    tracing::debug!(
+        devices = service.snapshot().len(),
+        "device objects exported"
+    );
+    // The ObjectManager goes in after the stored devices: it would announce each
+    // of them (InterfacesAdded) to a bus where nobody can know our name yet.
+    conn.object_server()
+        .at(crate::MANAGER_PATH, ObjectManager)
+        .await
+        .map_err(ServeError::Export)?;
+    tracing::debug!("object manager exported");
     service.set_publisher(Arc::new(BusPublisher {
         conn: conn.clone(),
         service: Arc::downgrade(&service),

@@ -59,6 +59,8 @@ pub struct HostEvent {
     pub error_event: bool,
     /// Produced by the start-up enumeration rather than by the kernel.
     pub enumerated: bool,
+    /// The device as the enumeration read it (saves reading it again).
+    pub device: Option<HostDevice>,
 }
 
 impl HostEvent {
@@ -68,6 +70,7 @@ impl HostEvent {
             address,
             error_event: false,
             enumerated: false,
+            device: None,
         }
     }
 }

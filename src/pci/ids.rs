@@ -16,10 +16,12 @@ pub const SYSTEM_PATHS: [&str; 2] = ["/usr/share/misc/pci.ids", "/usr/share/hwda
 /// A loaded system database: vendor id -> (vendor name, device id -> device name).
 type Table = HashMap<u16, (String, HashMap<u16, String>)>;
 
-/// Looks up names; cheap to query, built once at start-up.
+/// Looks up names; built once at start-up. Answers are memoised: the embedded
+/// database is searched linearly, and `List` asks for thousands of names.
 #[derive(Debug, Default)]
 pub struct PciIds {
     system: Option<(String, Table)>,
+    memo: std::sync::Mutex<HashMap<(u16, Option<u16>), Option<std::sync::Arc<str>>>>,
 }
 
 impl PciIds {
@@ -44,6 +46,7 @@ impl PciIds {
         tracing::info!(path = %path.display(), %version, "using the system pci.ids");
         Some(PciIds {
             system: Some((version, table)),
+            memo: Default::default(),
         })
     }
 
@@ -55,7 +58,29 @@ impl PciIds {
         }
     }
 
+    fn memoised(
+        &self,
+        key: (u16, Option<u16>),
+        look: impl FnOnce() -> Option<String>,
+    ) -> Option<String> {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        memo.entry(key)
+            .or_insert_with(|| look().map(std::sync::Arc::from))
+            .as_deref()
+            .map(str::to_string)
+    }
+
     pub fn vendor_name(&self, vendor: u16) -> Option<String> {
+        self.memoised((vendor, None), || self.lookup_vendor(vendor))
+    }
+
+    pub fn device_name(&self, vendor: u16, device: u16) -> Option<String> {
+        self.memoised((vendor, Some(device)), || {
+            self.lookup_device(vendor, device)
+        })
+    }
+
+    fn lookup_vendor(&self, vendor: u16) -> Option<String> {
         match &self.system {
             Some((_, t)) => t.get(&vendor).map(|(n, _)| n.clone()),
             None => pci_ids::Vendors::iter()
@@ -64,7 +89,7 @@ impl PciIds {
         }
     }
 
-    pub fn device_name(&self, vendor: u16, device: u16) -> Option<String> {
+    fn lookup_device(&self, vendor: u16, device: u16) -> Option<String> {
         match &self.system {
             Some((_, t)) => t.get(&vendor).and_then(|(_, d)| d.get(&device)).cloned(),
             None => pci_ids::Device::from_vid_pid(vendor, device).map(|d| d.name().to_string()),

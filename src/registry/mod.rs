@@ -109,6 +109,9 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     devices: BTreeMap<String, StoredDevice>,
+    /// Indexes: address and name to id (both unique).
+    by_address: std::collections::HashMap<PciAddress, String>,
+    by_name: std::collections::HashMap<String, String>,
 }
 
 /// A registry invariant that a set of records breaks.
@@ -150,24 +153,38 @@ impl Registry {
         if self.by_name(&d.name).is_some() {
             return Err(Conflict::Name(d.name));
         }
+        self.by_address.insert(d.pci_address, d.id.clone());
+        self.by_name.insert(d.name.clone(), d.id.clone());
         self.devices.insert(d.id.clone(), d);
         Ok(())
     }
 
-    pub fn get_mut(&mut self, id: &str) -> Option<&mut StoredDevice> {
-        self.devices.get_mut(id)
+    /// Changes a device's mutable fields (attachment, desired state). The id,
+    /// name and address are the index keys and must not be changed through it.
+    pub fn update(&mut self, id: &str, f: impl FnOnce(&mut StoredDevice)) -> Option<&StoredDevice> {
+        let d = self.devices.get_mut(id)?;
+        let (addr, name) = (d.pci_address, d.name.clone());
+        f(d);
+        d.pci_address = addr;
+        d.name = name;
+        Some(d)
     }
 
     pub fn remove(&mut self, id: &str) -> Option<StoredDevice> {
-        self.devices.remove(id)
+        let d = self.devices.remove(id)?;
+        self.by_address.remove(&d.pci_address);
+        self.by_name.remove(&d.name);
+        Some(d)
     }
 
     pub fn by_address(&self, address: PciAddress) -> Option<&StoredDevice> {
-        self.devices.values().find(|d| d.pci_address == address)
+        self.by_address
+            .get(&address)
+            .and_then(|id| self.devices.get(id))
     }
 
     pub fn by_name(&self, name: &str) -> Option<&StoredDevice> {
-        self.devices.values().find(|d| d.name == name)
+        self.by_name.get(name).and_then(|id| self.devices.get(id))
     }
 
     /// By id first, then by exact name.

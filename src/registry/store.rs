@@ -137,7 +137,7 @@ impl Store {
             version: VERSION,
             devices: registry.iter().collect(),
         };
-        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| err(e.into()))?;
+        let mut json = serde_json::to_vec(&file).map_err(|e| err(e.into()))?;
         json.push(b'\n');
         let tmp = self.dir.join(format!(".{FILE_NAME}.tmp"));
         let result = write_synced(&tmp, &json)
