@@ -6,10 +6,20 @@ use std::process::Command;
 #[test]
 fn bench_smoke_run_reports_every_figure() {
     let out = Command::new(env!("CARGO_BIN_EXE_hypeman-bench"))
-        .args(["--devices", "64", "--quick", "--hypemand", env!("CARGO_BIN_EXE_hypemand")])
+        .args([
+            "--devices",
+            "64",
+            "--quick",
+            "--hypemand",
+            env!("CARGO_BIN_EXE_hypemand"),
+        ])
         .output()
         .expect("run hypeman-bench");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for key in [
         "ping_p50_us",
@@ -27,7 +37,9 @@ fn bench_smoke_run_reports_every_figure() {
         "concurrent_get_per_s",
         "errors",
     ] {
-        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number in {v}"));
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"));
         assert!(x.is_finite() && x >= 0.0, "{key} = {x}");
     }
     assert_eq!(v["errors"], 0);

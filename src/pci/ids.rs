@@ -16,12 +16,15 @@ pub const SYSTEM_PATHS: [&str; 2] = ["/usr/share/misc/pci.ids", "/usr/share/hwda
 /// A loaded system database: vendor id -> (vendor name, device id -> device name).
 type Table = HashMap<u16, (String, HashMap<u16, String>)>;
 
+/// Answers already looked up: (vendor, device or None for the vendor) -> name.
+type Memo = std::sync::Mutex<HashMap<(u16, Option<u16>), Option<std::sync::Arc<str>>>>;
+
 /// Looks up names; built once at start-up. Answers are memoised: the embedded
 /// database is searched linearly, and `List` asks for thousands of names.
 #[derive(Debug, Default)]
 pub struct PciIds {
     system: Option<(String, Table)>,
-    memo: std::sync::Mutex<HashMap<(u16, Option<u16>), Option<std::sync::Arc<str>>>>,
+    memo: Memo,
 }
 
 impl PciIds {
