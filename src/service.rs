@@ -1156,6 +1156,50 @@ mod tests {
         );
     }
 
+    /// The re-claim after a replug, with every fault at every step: it fails,
+    /// and the device stays as the kernel plugged it (on its native driver,
+    /// no override) with the registry unchanged, ready for the next try.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_fault_during_the_reclaim_after_a_replug() {
+        for op in Op::ALL {
+            for kind in fault_kinds(op) {
+                let f = setup();
+                enter(&f, State::Vfio).await;
+                f.sim.unplug(addr()).unwrap();
+                f.sim.plug(addr()).unwrap();
+                let plugged = f.sim.device(addr()).unwrap().unwrap();
+                assert_eq!(plugged.driver.as_deref(), Some("nvidia"));
+                let stored_before = f.service.snapshot().by_address(addr()).cloned().unwrap();
+                f.sim.inject(Fault {
+                    op,
+                    address: addr(),
+                    kind: kind.clone(),
+                });
+                let got = f.service.reconcile_one(&stored_before.id).await;
+                f.sim.clear_faults();
+                let case = format!("reclaim with {kind:?} on {op}");
+                let now = f.sim.device(addr()).unwrap().unwrap();
+                match got {
+                    Ok(()) => assert_eq!(now.driver.as_deref(), Some(VFIO_DRIVER), "{case}"),
+                    Err(e) => {
+                        assert_eq!(now, plugged, "{case}: {e}");
+                        assert_eq!(
+                            f.service.snapshot().by_address(addr()).cloned().unwrap(),
+                            stored_before,
+                            "{case}"
+                        );
+                        // And the next try, without the fault, succeeds.
+                        f.service.reconcile_one(&stored_before.id).await.unwrap();
+                        assert_eq!(
+                            f.sim.device(addr()).unwrap().unwrap().driver.as_deref(),
+                            Some(VFIO_DRIVER)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn group_rules() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,278 @@
+//! Hostile D-Bus input: every bad call gets a typed error (or the bus's own
+//! signature error), nothing panics, and memory stays bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hypeman_devices::bus::BusChoice;
+use zbus::Connection;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+async fn connect(bus: &TestBus) -> Connection {
+    BusChoice::Address(bus.address.clone())
+        .builder()
+        .build()
+        .await
+        .unwrap()
+}
+
+/// The D-Bus error name of a call that must fail.
+async fn error_name<B>(conn: &Connection, path: &str, iface: &str, method: &str, body: &B) -> String
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    match conn
+        .call_method(Some(NAME), path, Some(iface), method, body)
+        .await
+    {
+        Ok(_) => panic!("{method} succeeded"),
+        Err(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+        Err(zbus::Error::FDO(e)) => zbus::DBusError::name(&*e).to_string(),
+        Err(e) => panic!("{method}: not a D-Bus error: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_calls_get_typed_errors() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let conn = connect(&bus).await;
+    let reg = conn
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(IFACE),
+            "Register",
+            &("0000:a2:00.0", "l4-gpu"),
+        )
+        .await
+        .unwrap();
+    let (dev_path, _): (zbus::OwnedObjectPath, hypeman_devices::bus::record::Record) =
+        reg.body().deserialize().unwrap();
+    let dev_path = dev_path.to_string();
+    let rss_before = rss_kib(d.proc.pid());
+
+    // Wrong signatures: the bus's own InvalidArgs.
+    let invalid_args = "org.freedesktop.DBus.Error.InvalidArgs";
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Register", &("0000:a2:00.0",)).await,
+        invalid_args
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Register", &(1i32, 2i32)).await,
+        invalid_args
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Get", &(42u64,)).await,
+        invalid_args
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Attach", &("l4-gpu",)).await,
+        invalid_args
+    );
+    assert_eq!(
+        error_name(&conn, &dev_path, "org.hypeman.Device1", "Attach", &(true,)).await,
+        invalid_args
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "NoSuchMethod", &()).await,
+        "org.freedesktop.DBus.Error.UnknownMethod"
+    );
+
+    // A 1 MiB name (and 1 MiB in every other string argument).
+    let huge = "a".repeat(1 << 20);
+    let e = |n: &str| format!("org.hypeman.Devices.Error.{n}");
+    assert_eq!(
+        error_name(
+            &conn,
+            PATH,
+            IFACE,
+            "Register",
+            &("0000:5e:00.0", huge.as_str())
+        )
+        .await,
+        e("InvalidName")
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Register", &(huge.as_str(), "")).await,
+        e("InvalidPciAddress")
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Get", &(huge.as_str(),)).await,
+        e("NotFound")
+    );
+    assert_eq!(
+        error_name(&conn, PATH, IFACE, "Attach", &("l4-gpu", huge.as_str())).await,
+        e("InvalidArgument")
+    );
+
+    // Control characters (D-Bus strings cannot carry NUL: the library refuses
+    // to send one, so it never reaches the daemon).
+    for bad in ["\u{1}", "gpu\u{1b}[31m", "gpu\n", "\u{7f}", "l4-gpu\t"] {
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Register", &("0000:5e:00.0", bad)).await,
+            e("InvalidName"),
+            "{bad:?}"
+        );
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Register", &(bad, "")).await,
+            e("InvalidPciAddress"),
+            "{bad:?}"
+        );
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Attach", &("l4-gpu", bad)).await,
+            e("InvalidArgument"),
+            "{bad:?}"
+        );
+    }
+    // A NUL is not valid D-Bus: the bus drops a sender that tries (here, a
+    // throwaway connection) and the daemon never sees it.
+    {
+        let nul = connect(&bus).await;
+        assert!(nul
+            .call_method(Some(NAME), PATH, Some(IFACE), "Get", &("a\0b",))
+            .await
+            .is_err());
+    }
+    assert!(conn
+        .call_method(Some(NAME), PATH, Some(IFACE), "List", &())
+        .await
+        .is_ok());
+
+    // Path traversal in every string argument.
+    for t in [
+        "../../",
+        "0000:00:00.0/../..",
+        "/sys/bus/pci/devices/0000:a2:00.0",
+        "../../../etc/passwd",
+        "0000:a2:00.0/driver",
+    ] {
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Register", &(t, "")).await,
+            e("InvalidPciAddress"),
+            "{t}"
+        );
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Register", &("0000:5e:00.0", t)).await,
+            e("InvalidName"),
+            "{t}"
+        );
+        for m in ["Get", "Delete", "Bind", "Unbind", "Detach"] {
+            assert_eq!(
+                error_name(&conn, PATH, IFACE, m, &(t,)).await,
+                e("NotFound"),
+                "{m} {t}"
+            );
+        }
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Attach", &(t, "vm-1")).await,
+            e("NotFound"),
+            "{t}"
+        );
+        assert_eq!(
+            error_name(&conn, PATH, IFACE, "Attach", &("l4-gpu", t)).await,
+            e("InvalidArgument"),
+            "{t}"
+        );
+        assert_eq!(
+            error_name(
+                &conn,
+                "/org/hypeman/Simulator",
+                "org.hypeman.Simulator1",
+                "Unplug",
+                &(t,)
+            )
+            .await,
+            invalid_args,
+            "{t}"
+        );
+    }
+
+    // 10,000 requests in flight from 100 connections.
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(connect(&bus).await);
+    }
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                let calls = (0..100).map(|i| {
+                    let c = c.clone();
+                    async move {
+                        let key = if i % 2 == 0 {
+                            "l4-gpu"
+                        } else {
+                            "no-such-device"
+                        };
+                        c.call_method(Some(NAME), PATH, Some(IFACE), "Get", &(key,))
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| (i, e))
+                    }
+                });
+                futures_util::future::join_all(calls).await
+            })
+        })
+        .collect();
+    let (mut ok, mut not_found, mut other) = (0, 0, 0);
+    for t in tasks {
+        for r in t.await.unwrap() {
+            match r {
+                Ok(()) => ok += 1,
+                Err((_, zbus::Error::MethodError(n, _, _))) if n.as_str() == e("NotFound") => {
+                    not_found += 1
+                }
+                Err((_, err)) => {
+                    other += 1;
+                    eprintln!("unexpected: {err}");
+                }
+            }
+        }
+    }
+    assert_eq!((ok, not_found, other), (5000, 5000, 0));
+
+    // A client that goes away in the middle of calls, a stalled Bind included.
+    bus.inject("set_override", "0000:a2:00.0", "stall");
+    {
+        let quitter = connect(&bus).await;
+        let bind = quitter.call_method(Some(NAME), PATH, Some(IFACE), "Bind", &("l4-gpu",));
+        let _ = tokio::time::timeout(Duration::from_millis(300), bind).await;
+        let get = quitter.call_method(Some(NAME), PATH, Some(IFACE), "List", &());
+        let _ = tokio::time::timeout(Duration::from_millis(1), get).await;
+        // Dropped here, with both calls unanswered.
+    }
+    bus.clear_faults();
+    // The daemon is alive, the device is where it was, and it can be bound.
+    let rec = conn
+        .call_method(Some(NAME), PATH, Some(IFACE), "Get", &("l4-gpu",))
+        .await
+        .unwrap();
+    let r: hypeman_devices::bus::record::Record = rec.body().deserialize().unwrap();
+    assert_eq!(r.driver.as_deref(), Some("nvidia"));
+    conn.call_method(Some(NAME), PATH, Some(IFACE), "Bind", &("l4-gpu",))
+        .await
+        .unwrap();
+    assert_eq!(bus.host_driver("0000:a2:00.0").as_deref(), Some("vfio-pci"));
+
+    let rss_after = rss_kib(d.proc.pid());
+    eprintln!("daemon RSS: {rss_before} KiB before the hostile calls, {rss_after} KiB after");
+    // The bound we state: the hostile calls and 10,000 queued requests may cost
+    // at most 32 MiB, and nothing is kept per rejected call.
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+}
