@@ -540,7 +540,8 @@ impl Service {
         }
         if stored.want_vfio || stored.original_driver.is_some() {
             if let Some(live) = self.live(stored.pci_address).await? {
-                if live.driver.as_deref() == Some(VFIO_DRIVER) {
+                let stranded = live.driver.is_none() && stored.original_driver.is_some();
+                if live.driver.as_deref() == Some(VFIO_DRIVER) || stranded {
                     let (before, after) = self.unbind_locked(stored.clone()).await?;
                     self.publish_change(&before, &after).await;
                 }
@@ -620,7 +621,10 @@ impl Service {
     async fn unbind_locked(&self, s: StoredDevice) -> Result<(DeviceView, DeviceView)> {
         let dev = self.present(&s).await?;
         let before = self.view(s.clone(), Some(dev.clone()));
-        if dev.driver.as_deref() != Some(VFIO_DRIVER) {
+        // A device left with no driver by an unbind cut short (a crash between
+        // unbind and probe) is given back too, not only one still on vfio-pci.
+        let stranded = dev.driver.is_none() && s.original_driver.is_some();
+        if dev.driver.as_deref() != Some(VFIO_DRIVER) && !stranded {
             let stored = self
                 .modify(&s.id, |d| {
                     d.want_vfio = false;
@@ -683,7 +687,8 @@ impl Service {
             // Only devices away from where they belong need the device's lock.
             if let Some(Some(l)) = live.get(i) {
                 let on_vfio = l.driver.as_deref() == Some(VFIO_DRIVER);
-                if on_vfio == s.want_vfio {
+                let stranded = l.driver.is_none() && s.original_driver.is_some();
+                if on_vfio == s.want_vfio && !stranded {
                     continue;
                 }
             }
@@ -718,7 +723,8 @@ impl Service {
                 );
                 return self.bind_locked(s, false).await;
             }
-            if !s.want_vfio && s.original_driver.is_some() && on_vfio {
+            let stranded = dev.driver.is_none() && s.original_driver.is_some();
+            if !s.want_vfio && s.original_driver.is_some() && (on_vfio || stranded) {
                 tracing::info!(
                     pci_address = %s.pci_address,
                     device_id = %s.id,
