@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod error;
 pub mod host;
 pub mod hotplug;
+pub mod memory;
 pub mod pci;
 pub mod registry;
 pub mod service;

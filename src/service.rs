@@ -180,6 +180,7 @@ impl Service {
             })?;
         self.install(next);
         self.change_notify.notify_one();
+        crate::memory::trim_soon();
         Ok(())
     }
 

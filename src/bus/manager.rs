@@ -115,7 +115,7 @@ impl Manager {
             .map(Available::from)
             .collect();
         if available.len() >= LARGE_REPLY {
-            crate::daemon::trim_soon();
+            crate::memory::trim_soon();
         }
         Ok(available)
     }

@@ -1,0 +1,27 @@
+//! The store loader on arbitrary file contents: never panics; either loads a
+//! registry that saves and loads back identically, refuses a newer version, or
+//! moves the file aside without losing a byte of it.
+#![no_main]
+use hypeman_devices::registry::store::{Loaded, Store, StoreError};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let store = Store::new(dir.path());
+    if std::fs::write(store.path(), data).is_err() {
+        return;
+    }
+    match store.load() {
+        Ok((registry, Loaded::Existing)) => {
+            store.save(&registry).expect("save what was loaded");
+            assert_eq!(store.load().expect("load what was saved").0, registry);
+        }
+        Ok((registry, Loaded::MovedAside(to))) => {
+            assert!(registry.is_empty());
+            assert_eq!(std::fs::read(to).expect("the moved file"), data);
+        }
+        Ok((_, Loaded::Fresh)) => panic!("a file was there"),
+        Err(StoreError::Newer { .. }) => assert!(store.path().exists()),
+        Err(e) => panic!("unexpected: {e}"),
+    }
+});
