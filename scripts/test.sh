@@ -8,3 +8,4 @@ cargo build --locked --all-targets
 cargo test --locked --all-targets -- --include-ignored
 cargo test --locked --doc
 scripts/test-deb.sh
+scripts/test-fuzz.sh
