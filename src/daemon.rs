@@ -162,4 +162,3 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     Ok(())
 }
-

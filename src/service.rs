@@ -338,13 +338,13 @@ impl Service {
         let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
         let live = self
             .kernel
-            .run(move |h| {
-                addresses
-                    .into_iter()
-                    .map(|a| h.device(a))
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .read_many(addresses)
             .await
+            .and_then(|v| {
+                v.into_iter()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StepError::Host)
+            })
             .map_err(|e| {
                 host_error("cannot read the registered devices from the host".into(), e)
             })?;
@@ -674,16 +674,14 @@ impl Service {
             .cloned()
             .collect();
         let addrs: Vec<PciAddress> = devices.iter().map(|d| d.pci_address).collect();
-        let live = self
+        let live: Vec<Option<HostDevice>> = self
             .kernel
-            .run(move |h| {
-                addrs
-                    .into_iter()
-                    .map(|a| h.device(a))
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .read_many(addrs)
             .await
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.ok().flatten())
+            .collect();
         for (i, s) in devices.into_iter().enumerate() {
             // Only devices away from where they belong need the device's lock.
             if let Some(Some(l)) = live.get(i) {
@@ -785,17 +783,12 @@ impl Service {
             .copied()
             .filter(|a| !known.contains_key(a) && last.get(a) != Some(&EventKind::Remove))
             .collect();
-        let read = {
-            let addrs = to_read.clone();
-            self.kernel
-                .run(move |h| {
-                    Ok(addrs
-                        .into_iter()
-                        .map(|a| (a, h.device(a)))
-                        .collect::<Vec<_>>())
-                })
-                .await
-                .unwrap_or_default()
+        let read: Vec<_> = match self.kernel.read_many(to_read.clone()).await {
+            Ok(results) => to_read.iter().copied().zip(results).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot refresh devices after events");
+                Vec::new()
+            }
         };
         let mut fresh: HashMap<PciAddress, Option<HostDevice>> = HashMap::new();
         for (a, r) in read {

@@ -129,6 +129,15 @@ impl Kernel {
         self.host.device(address).map_err(StepError::Host)
     }
 
+    /// Reads many devices in one blocking call, each with its own outcome.
+    pub async fn read_many(
+        &self,
+        addresses: Vec<PciAddress>,
+    ) -> Result<Vec<Result<Option<HostDevice>, HostError>>, StepError> {
+        self.run(move |h| Ok(addresses.into_iter().map(|a| h.device(a)).collect()))
+            .await
+    }
+
     async fn op(
         &self,
         op: Op,

@@ -161,8 +161,9 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 .args(["-KILL", &pid.to_string()])
                 .status();
         });
-        let mut in_flight: Option<(Op, Option<String>)> = None;
-        loop {
+        // Calls go on until one fails because the daemon is gone: that one was
+        // in flight at the kill.
+        let in_flight: (Op, Option<String>) = loop {
             let addr = usable[rng.below(usable.len() as u64) as usize].clone();
             let existing = model.get(&addr).cloned();
             let op = match (&existing, rng.below(4)) {
@@ -206,19 +207,16 @@ async fn sigkill_at_random_moments_loses_nothing() {
                     | ClientError::NameTaken(_)
                     | ClientError::AlreadyRegistered(_),
                 ) => acked += 1,
-                Err(_) => {
-                    in_flight = Some((op, target));
-                    break;
-                }
+                Err(_) => break (op, target),
             }
-        }
+        };
         killer.join().unwrap();
         d.kill9(&bus);
         kills += 1;
 
         // The call in flight may or may not have happened: take the daemon's
         // word for that one device, and only that one.
-        if let Some((op, Some(addr))) = in_flight {
+        if let (op, Some(addr)) = in_flight {
             let d = Daemon::start(&bus, &state, &args);
             let client = Client::connect(&BusChoice::Address(bus.address.clone()))
                 .await

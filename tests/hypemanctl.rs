@@ -8,19 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const SEED: &str = r#"{
-  "id": "tz4a98xxat96iws9zmbrgj3a",
-  "bound_to_vfio": false,
-  "created_at": "2025-01-15T10:00:00Z",
-  "device_id": "27b8",
-  "iommu_group": 82,
-  "pci_address": "0000:a2:00.0",
-  "type": "gpu",
-  "vendor_id": "10de",
-  "attached_to": null,
-  "name": "l4-gpu"
-}"#;
-
 fn ctl(bus: &TestBus, args: &[&str]) -> Output {
     bus.hypemanctl(args)
 }

@@ -8,20 +8,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// The seed's example document, for its keys and the values the L4 host shares.
-const SEED: &str = r#"{
-  "id": "tz4a98xxat96iws9zmbrgj3a",
-  "bound_to_vfio": false,
-  "created_at": "2025-01-15T10:00:00Z",
-  "device_id": "27b8",
-  "iommu_group": 82,
-  "pci_address": "0000:a2:00.0",
-  "type": "gpu",
-  "vendor_id": "10de",
-  "attached_to": null,
-  "name": "l4-gpu"
-}"#;
-
 /// busctl's `{"key": {"type": "s", "data": v}}` to `{"key": v}`, with each type.
 fn unwrap_dict(
     v: &Value,

@@ -26,12 +26,19 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "60 s; run by .ci/run"]
 async fn soak_64_clients_with_hotplug() {
-    let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     let bus = TestBus::start_sim();
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host.toml");
     std::fs::write(&host, hypeman_devices::bench::generated_host(256)).unwrap();
-    let d = Daemon::start(&bus, &dir.path().join("state"), &["--simulate", host.to_str().unwrap()]);
+    let d = Daemon::start(
+        &bus,
+        &dir.path().join("state"),
+        &["--simulate", host.to_str().unwrap()],
+    );
     // RUST_LOG=debug would make the log the biggest cost of the soak.
     let addr = BusChoice::Address(bus.address.clone());
 
@@ -42,7 +49,10 @@ async fn soak_64_clients_with_hotplug() {
         if i % 16 == 15 {
             continue;
         }
-        admin.register(&pci_address(i), &format!("hp-{i}")).await.unwrap();
+        admin
+            .register(&pci_address(i), &format!("hp-{i}"))
+            .await
+            .unwrap();
         admin.bind(&format!("hp-{i}")).await.unwrap();
     }
     let plugger = {
@@ -54,9 +64,15 @@ async fn soak_64_clients_with_hotplug() {
             while !stop.load(Ordering::Relaxed) {
                 let a = pci_address(i);
                 for m in ["Unplug", "Plug"] {
-                    conn.call_method(Some(NAME), "/org/hypeman/Simulator", Some("org.hypeman.Simulator1"), m, &(a.as_str(),))
-                        .await
-                        .unwrap();
+                    conn.call_method(
+                        Some(NAME),
+                        "/org/hypeman/Simulator",
+                        Some("org.hypeman.Simulator1"),
+                        m,
+                        &(a.as_str(),),
+                    )
+                    .await
+                    .unwrap();
                     events += 1;
                 }
                 i = if i >= 231 { 200 } else { i + 1 };
@@ -97,7 +113,11 @@ async fn soak_64_clients_with_hotplug() {
                     match r {
                         Ok(()) => {}
                         // Answers about the state the random walk is in are not errors.
-                        Err(ClientError::NotFound(_) | ClientError::AlreadyRegistered(_) | ClientError::InUse(_)) => {}
+                        Err(
+                            ClientError::NotFound(_)
+                            | ClientError::AlreadyRegistered(_)
+                            | ClientError::InUse(_),
+                        ) => {}
                         Err(e) => {
                             errors += 1;
                             eprintln!("client {c}: {e}");
@@ -111,7 +131,10 @@ async fn soak_64_clients_with_hotplug() {
 
     tokio::time::sleep(Duration::from_secs(5.min(secs / 4 + 1))).await;
     let rss_start = rss_kib(d.proc.pid());
-    tokio::time::sleep(Duration::from_secs(secs.saturating_sub(5.min(secs / 4 + 1)))).await;
+    tokio::time::sleep(Duration::from_secs(
+        secs.saturating_sub(5.min(secs / 4 + 1)),
+    ))
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     let (mut errors, mut calls) = (0, 0);
@@ -130,7 +153,10 @@ async fn soak_64_clients_with_hotplug() {
         "soak {secs} s: {calls} calls, {errors} errors, p99 {p99:?}, {events} hotplug events, RSS {rss_start} KiB -> {rss_end} KiB"
     );
     assert_eq!(errors, 0);
-    assert!(rss_end * 10 <= rss_start * 11, "RSS grew from {rss_start} to {rss_end} KiB");
+    assert!(
+        rss_end * 10 <= rss_start * 11,
+        "RSS grew from {rss_start} to {rss_end} KiB"
+    );
     // Afterwards every hotplugged device is back on vfio-pci.
     for i in 200..232 {
         if i % 16 == 15 {

@@ -15,6 +15,20 @@ pub const NAME: &str = "org.hypeman.Devices";
 pub const PATH: &str = "/org/hypeman/Devices";
 pub const IFACE: &str = "org.hypeman.Devices1";
 
+/// The seed's example document (the original API's registration reply).
+pub const SEED: &str = r#"{
+  "id": "tz4a98xxat96iws9zmbrgj3a",
+  "bound_to_vfio": false,
+  "created_at": "2025-01-15T10:00:00Z",
+  "device_id": "27b8",
+  "iommu_group": 82,
+  "pci_address": "0000:a2:00.0",
+  "type": "gpu",
+  "vendor_id": "10de",
+  "attached_to": null,
+  "name": "l4-gpu"
+}"#;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
