@@ -130,7 +130,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Err(e) => tracing::error!(error = %e, "cannot enumerate the host's PCI devices"),
     }
     hotplug::sync(&events).await;
-    service.remember(&[]);
+    service.remember_absent();
     tracing::debug!("host enumerated");
     // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.

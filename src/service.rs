@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
-use crate::host::{EventKind, Host, HostDevice, HostEvent};
+use crate::host::{EventKind, HostDevice, HostEvent};
 use crate::pci::{DeviceType, PciAddress, PciIds};
 use crate::registry::store::Store;
 use crate::registry::{
@@ -149,10 +149,6 @@ impl Service {
     /// Connects the bus layer. Only the first call has an effect.
     pub fn set_publisher(&self, p: Arc<dyn Publisher>) {
         let _ = self.publisher.set(p);
-    }
-
-    pub fn host(&self) -> &dyn Host {
-        &**self.kernel.host()
     }
 
     /// The registry as it is now. Cheap: an `Arc` clone.
@@ -866,13 +862,10 @@ impl Service {
         }
     }
 
-    /// Records the start-up view of the host without announcing it: the
-    /// baseline later events are compared with.
-    pub fn remember(&self, devices: &[HostDevice]) {
+    /// After the start-up enumeration: registered devices it did not find are
+    /// known to be absent (the baseline later events are compared with).
+    pub fn remember_absent(&self) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for d in devices {
-            seen.insert(d.address, Some(d.clone()));
-        }
         for s in self.snapshot().iter() {
             seen.entry(s.pci_address).or_insert(None);
         }

@@ -7,14 +7,6 @@ use zbus::DBusError;
 
 use crate::error::Error;
 
-/// Prefix of every error name the daemon sends.
-pub const ERROR_PREFIX: &str = "org.hypeman.Devices.Error";
-
-/// Every full error name, for clients and tests.
-pub fn error_name(short: &str) -> String {
-    format!("{ERROR_PREFIX}.{short}")
-}
-
 impl DBusError for Error {
     fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
         let message = self.to_string();
