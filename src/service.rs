@@ -920,7 +920,7 @@ mod tests {
 
     use super::*;
     use crate::host::sim::{Fault, FaultKind, SimHost};
-    use crate::host::Op;
+    use crate::host::{Host, Op};
     use std::path::Path;
     use std::time::Duration;
 
