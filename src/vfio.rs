@@ -104,10 +104,6 @@ impl Kernel {
         Kernel { host, deadline }
     }
 
-    pub fn host(&self) -> &Arc<dyn Host> {
-        &self.host
-    }
-
     /// Runs one host call on a blocking thread. On timeout the thread is left to
     /// finish on its own (a write stuck in the kernel cannot be cancelled).
     pub async fn run<T: Send + 'static>(
