@@ -824,6 +824,29 @@ impl Service {
                 .insert(address, live);
             return;
         };
+        // An operation on the device is under way: it publishes the final state
+        // itself, so the intermediate steps it causes are not announced.
+        let lock = self.device_lock(address);
+        if let Ok(_held) = lock.try_lock() {
+            let previous = self
+                .seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(address, live.clone());
+            if let Some(prev) = previous {
+                if prev != live {
+                    self.change_notify.notify_one();
+                    let before = self.view(stored.clone(), prev);
+                    let after = self.view(stored.clone(), live.clone());
+                    if let Some(p) = self.publisher.get() {
+                        p.changed(&before, &after).await;
+                    }
+                }
+            }
+        }
+        // What the event showed is announced first (the native driver, back
+        // from the unplug), and only then does the re-claim take the device:
+        // clients see the device return before they see it move.
         let on_vfio = live.as_ref().and_then(|d| d.driver.as_deref()) == Some(VFIO_DRIVER);
         if came_back && stored.want_vfio && live.is_some() && !on_vfio {
             tracing::info!(
@@ -840,25 +863,6 @@ impl Service {
                     tracing::warn!(pci_address = %address, device_name = %name, error = %e, "could not move the returning device to vfio-pci");
                 }
             });
-        }
-        // An operation on the device is under way: it publishes the final state
-        // itself, so the intermediate steps it causes are not announced.
-        let lock = self.device_lock(address);
-        let Ok(_held) = lock.try_lock() else { return };
-        let previous = self
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(address, live.clone());
-        if let Some(prev) = previous {
-            if prev != live {
-                self.change_notify.notify_one();
-                let before = self.view(stored.clone(), prev);
-                let after = self.view(stored, live);
-                if let Some(p) = self.publisher.get() {
-                    p.changed(&before, &after).await;
-                }
-            }
         }
     }
 

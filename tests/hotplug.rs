@@ -94,6 +94,8 @@ fn unplug_and_plug_bring_the_gpu_back_to_vfio() {
     sim(&bus, "Plug", &["s", GPU]);
     mgr.wait_for(&format!("HostDeviceAdded ('{GPU}',)"));
     dev.wait_for("{'BoundToVfio': <true>}");
+    dev.wait_for("{'Present': <true>}");
+    dev.wait_for("{'IommuGroup': <int64 82>}");
     let text = dev.text();
     let native = text.find("{'Driver': <'nvidia'>}").expect(&text);
     let vfio = text.rfind("{'Driver': <'vfio-pci'>}").expect(&text);
