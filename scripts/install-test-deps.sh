@@ -8,7 +8,7 @@ packages=(
   libglib2.0-bin   # gdbus
   jq               # the demo's JSON output
   polkitd          # the real polkit daemon and pkaction, for authorization tests
-  util-linux       # unshare (polkitd's private mounts), setpriv (test callers)
+  util-linux bsdutils       # unshare (polkitd's private mounts), setpriv (test callers), script (a pty for pkttyagent)
   passwd           # useradd/userdel for the test users
   make             # make install / uninstall tests
   pkg-config libudev-dev   # building the udev crate (libudev)

@@ -1,8 +1,11 @@
 //! The bouncer: the one place authorization is decided. Every method that
 //! changes anything passes through [`check`] before it touches the service.
 //!
-//! Root (uid 0, as the bus daemon reports the caller) is let through without a
-//! round trip: polkitd itself grants uid 0 unconditionally, before any rule.
+//! Every caller is checked with polkitd, root included: the answer is
+//! polkitd's to give, and a rule set that denies nothing today may tomorrow.
+//! Only when polkitd is absent or failing does the bouncer decide alone, and
+//! then it lets uid 0 through and nobody else (so a host without polkit is
+//! still administrable by root, and never open to anyone else).
 //!
 //! The subject is the caller's unique bus name from the message header, so
 //! polkitd looks up the caller's own uid, session and process, never the
@@ -73,17 +76,6 @@ pub async fn check(
         .flags()
         .contains(Flags::ALLOW_INTERACTIVE_AUTH);
     let uid = caller_uid(conn, &sender).await;
-    // polkitd grants uid 0 everything before it runs a single rule, so asking it
-    // cannot change the answer; it only makes root wait behind any slow rule
-    // (polkitd evaluates rules one at a time, on its main loop).
-    if uid == Some(0) {
-        tracing::debug!(
-            uid = 0, sender = %sender, action = action.id(),
-            pci_address = %target.pci_address, device_name = %target.name,
-            result = "granted", by = "root", "authorization"
-        );
-        return Ok(());
-    }
     let verdict = match ask_polkit(conn, header, action, target, interactive).await {
         Ok(r) if r.is_authorized => Verdict::Granted("polkit"),
         Ok(r) if r.is_challenge && !interactive => Verdict::NeedsInteraction,
@@ -91,6 +83,10 @@ pub async fn check(
             Verdict::Denied("the authentication dialog was dismissed".into())
         }
         Ok(_) => Verdict::Denied(format!("polkit does not allow {}", action.id())),
+        Err(e) if uid == Some(0) => {
+            tracing::warn!(error = %e, action = action.id(), "polkit is unavailable; root may still make changes");
+            Verdict::Granted("root, polkit unavailable")
+        }
         Err(e) => {
             tracing::warn!(error = %e, action = action.id(), "polkit is unavailable; only root may make changes");
             Verdict::Denied(format!(
