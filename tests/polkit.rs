@@ -463,7 +463,7 @@ fn shipped_policy_and_bus_config_load() {
 /// polkitd (which is free meanwhile), for as long as the person takes.
 struct Prompt {
     caller: Proc,
-    script: Proc,
+    _script: Proc,
     agent_pid: Option<u32>,
 }
 
@@ -518,7 +518,7 @@ impl Prompt {
         };
         let mut p = Prompt {
             caller,
-            script,
+            _script: script,
             agent_pid: None,
         };
         wait_until(|| {
