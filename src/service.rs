@@ -17,8 +17,8 @@ use crate::host::{EventKind, HostDevice, HostEvent};
 use crate::pci::{DeviceType, PciAddress, PciIds};
 use crate::registry::store::Store;
 use crate::registry::{
-    new_device_id, now_rfc3339, shorten, validate_instance_id, validate_name, Conflict, Registry,
-    StoredDevice,
+    new_device_id, now_rfc3339, shorten, validate_instance_id, validate_name, Change, ChangeError,
+    Conflict, Registry, StoredDevice,
 };
 use crate::vfio::{Kernel, StepError};
 use crate::VFIO_DRIVER;
@@ -159,22 +159,32 @@ impl Service {
             .clone()
     }
 
-    fn install(&self, next: Registry) {
-        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-    }
-
-    /// Writes `next` to disk off the reactor, then makes it current. The caller
-    /// holds the gate.
-    async fn commit(&self, next: Registry) -> Result<()> {
+    /// Checks `change`, writes the registry as it will be to disk off the
+    /// reactor, then applies it. The caller holds the gate, so nothing else
+    /// changes the registry in between.
+    async fn commit(&self, change: Change) -> Result<()> {
+        let current = self.snapshot();
+        current.check(&change).map_err(change_error)?;
         let store = self.store.clone();
-        let next = tokio::task::spawn_blocking(move || store.save(&next).map(|()| next))
-            .await
-            .map_err(|e| Error::StoreFailed(format!("the writer thread failed: {e}")))?
-            .map_err(|e| {
-                tracing::error!(error = %e, "registry write failed");
-                Error::StoreFailed(e.to_string())
-            })?;
-        self.install(next);
+        let change = tokio::task::spawn_blocking(move || {
+            // `current` is dropped here, so applying below copies nothing
+            // unless a reader still holds this snapshot.
+            store.save_with(&current, &change).map(|()| change)
+        })
+        .await
+        .map_err(|e| Error::StoreFailed(format!("the writer thread failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "registry write failed");
+            Error::StoreFailed(e.to_string())
+        })?;
+        {
+            let mut guard = self.registry.write().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = Arc::make_mut(&mut guard).apply(change) {
+                // Unreachable while the gate is held; said loudly if it ever is.
+                tracing::error!(error = %e, "a checked change no longer applies");
+                return Err(Error::Failed(e.to_string()));
+            }
+        }
         self.change_notify.notify_one();
         crate::memory::trim_soon();
         Ok(())
@@ -183,17 +193,19 @@ impl Service {
     /// Changes one stored device durably; `NotFound` if it is gone.
     async fn modify(&self, id: &str, f: impl FnOnce(&mut StoredDevice)) -> Result<StoredDevice> {
         let _gate = self.gate.lock().await;
-        let mut next = (*self.snapshot()).clone();
-        let before = next
+        let before = self
+            .snapshot()
             .resolve(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let after = next
-            .update(&before.id, f)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let mut after = before.clone();
+        f(&mut after);
+        // The id, name and address are keys: they never change this way.
+        after.id.clone_from(&before.id);
+        after.name.clone_from(&before.name);
+        after.pci_address = before.pci_address;
         if after != before {
-            self.commit(next).await?;
+            self.commit(Change::Replace(after.clone())).await?;
         }
         Ok(after)
     }
@@ -300,17 +312,7 @@ impl Service {
 
         let _gate = self.gate.lock().await;
         self.refuse_if_stopping()?;
-        let mut next = (*self.snapshot()).clone();
-        next.insert(stored.clone()).map_err(|c| match c {
-            Conflict::Address { address, name, id } => Error::AlreadyRegistered {
-                address: address.to_string(),
-                name,
-                id,
-            },
-            Conflict::Name(n) => Error::NameTaken(n),
-            Conflict::Id(id) => Error::Failed(format!("generated id {id} collided; try again")),
-        })?;
-        self.commit(next).await?;
+        self.commit(Change::Add(stored.clone())).await?;
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -545,11 +547,12 @@ impl Service {
             }
         }
         let _gate = self.gate.lock().await;
-        let mut next = (*self.snapshot()).clone();
-        let removed = next
-            .remove(&stored.id)
+        let removed = self
+            .snapshot()
+            .resolve(&stored.id)
+            .cloned()
             .ok_or_else(|| Error::NotFound(shorten(id_or_name)))?;
-        self.commit(next).await?;
+        self.commit(Change::Remove(removed.id.clone())).await?;
         tracing::info!(
             pci_address = %removed.pci_address,
             device_id = %removed.id,
@@ -914,6 +917,27 @@ impl Service {
             std::mem::forget(l.lock_owned().await);
         }
         std::mem::forget(self.gate.lock().await);
+    }
+}
+
+/// What a refused registry change means to the caller.
+fn change_error(e: ChangeError) -> Error {
+    match e {
+        ChangeError::Conflict(Conflict::Address { address, name, id }) => {
+            Error::AlreadyRegistered {
+                address: address.to_string(),
+                name,
+                id,
+            }
+        }
+        ChangeError::Conflict(Conflict::Name(n)) => Error::NameTaken(n),
+        ChangeError::Conflict(Conflict::Id(id)) => {
+            Error::Failed(format!("generated id {id} collided; try again"))
+        }
+        ChangeError::Missing(id) => Error::NotFound(id),
+        ChangeError::KeyChanged(id) => Error::Failed(format!(
+            "internal error: the keys of device {id} were about to change"
+        )),
     }
 }
 

