@@ -116,10 +116,47 @@ pub fn now_rfc3339() -> String {
 /// copy made when a reader still holds an old snapshot is a shallow one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    devices: BTreeMap<Arc<str>, Arc<StoredDevice>>,
+    devices: BTreeMap<Arc<str>, Entry>,
     /// Indexes: address and name to id (both unique).
     by_address: HashMap<PciAddress, Arc<str>>,
     by_name: HashMap<Arc<str>, Arc<str>>,
+}
+
+/// A record in the registry, with its JSON encoded once, when it was stored:
+/// writing the store then copies bytes instead of encoding every record on
+/// every change (encoding was most of a Register's CPU time at 4096 devices).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    device: Arc<StoredDevice>,
+    /// `None` only if encoding failed; the store then encodes (and reports).
+    json: Option<Box<str>>,
+}
+
+impl Entry {
+    fn new(device: StoredDevice) -> Self {
+        let json = serde_json::to_string(&device)
+            .ok()
+            .map(String::into_boxed_str);
+        Entry {
+            device: Arc::new(device),
+            json,
+        }
+    }
+}
+
+impl std::ops::Deref for Entry {
+    type Target = StoredDevice;
+    fn deref(&self) -> &StoredDevice {
+        &self.device
+    }
+}
+
+/// A record as the store writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub device: &'a StoredDevice,
+    /// The record's compact JSON, when already encoded.
+    pub json: Option<&'a str>,
 }
 
 /// One durable change to the registry.
@@ -186,7 +223,7 @@ impl Registry {
         let id: Arc<str> = Arc::from(d.id.as_str());
         self.by_address.insert(d.pci_address, id.clone());
         self.by_name.insert(Arc::from(d.name.as_str()), id.clone());
-        self.devices.insert(id, Arc::new(d));
+        self.devices.insert(id, Entry::new(d));
         Ok(())
     }
 
@@ -194,7 +231,7 @@ impl Registry {
         let d = self.devices.remove(id)?;
         self.by_address.remove(&d.pci_address);
         self.by_name.remove(d.name.as_str());
-        Some(Arc::unwrap_or_clone(d))
+        Some(Arc::unwrap_or_clone(d.device))
     }
 
     pub fn by_address(&self, address: PciAddress) -> Option<&StoredDevice> {
@@ -257,12 +294,21 @@ impl Registry {
     }
 
     /// The records as they will be once `change` (already checked) is
-    /// applied, in the same order as [`Registry::iter`].
+    /// applied, in the same order as [`Registry::iter`], each with its JSON
+    /// when it is already encoded.
     pub fn iter_after<'a>(
         &'a self,
         change: &'a Change,
-    ) -> Box<dyn Iterator<Item = &'a StoredDevice> + Send + 'a> {
+    ) -> Box<dyn Iterator<Item = Stored<'a>> + Send + 'a> {
         use std::ops::Bound::{Excluded, Unbounded};
+        let kept = |(_, e): (&'a Arc<str>, &'a Entry)| Stored {
+            device: &e.device,
+            json: e.json.as_deref(),
+        };
+        let fresh = |d: &'a StoredDevice| Stored {
+            device: d,
+            json: None,
+        };
         match change {
             Change::Add(new) => {
                 let id = new.id.as_str();
@@ -270,16 +316,24 @@ impl Registry {
                 let after = self.devices.range::<str, _>((Excluded(id), Unbounded));
                 Box::new(
                     before
-                        .map(|(_, d)| &**d)
-                        .chain(std::iter::once(new))
-                        .chain(after.map(|(_, d)| &**d)),
+                        .map(kept)
+                        .chain(std::iter::once(fresh(new)))
+                        .chain(after.map(kept)),
                 )
             }
-            Change::Replace(new) => Box::new(
-                self.iter()
-                    .map(move |d| if d.id == new.id { new } else { d }),
+            Change::Replace(new) => Box::new(self.devices.iter().map(move |e| {
+                if **e.0 == *new.id {
+                    fresh(new)
+                } else {
+                    kept(e)
+                }
+            })),
+            Change::Remove(id) => Box::new(
+                self.devices
+                    .iter()
+                    .filter(move |(k, _)| ***k != **id)
+                    .map(kept),
             ),
-            Change::Remove(id) => Box::new(self.iter().filter(move |d| d.id != *id)),
         }
     }
 
@@ -290,7 +344,7 @@ impl Registry {
             Change::Add(d) => self.insert(d)?,
             Change::Replace(d) => {
                 if let Some(slot) = self.devices.get_mut(d.id.as_str()) {
-                    *slot = Arc::new(d);
+                    *slot = Entry::new(d);
                 }
             }
             Change::Remove(id) => {
@@ -356,7 +410,7 @@ pub(crate) mod tests {
             Change::Remove("id5".into()),
         ];
         for c in changes {
-            let written: Vec<StoredDevice> = r.iter_after(&c).cloned().collect();
+            let written: Vec<StoredDevice> = r.iter_after(&c).map(|s| s.device.clone()).collect();
             let mut applied = r.clone();
             applied.apply(c.clone()).unwrap();
             let after: Vec<StoredDevice> = applied.iter().cloned().collect();

@@ -9,9 +9,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+#[cfg(test)]
+use serde::Serialize;
 
-use super::{Change, Conflict, Registry, StoredDevice};
+use super::{Change, Conflict, Registry, Stored, StoredDevice};
 
 /// The format version this build writes and reads.
 pub const VERSION: u32 = 1;
@@ -43,6 +45,8 @@ pub enum StoreError {
     },
 }
 
+/// The file's layout, as serde would write it; [`encode`] writes the same bytes.
+#[cfg(test)]
 #[derive(Serialize)]
 struct FileOut<'a> {
     version: u32,
@@ -128,27 +132,22 @@ impl Store {
 
     /// Replaces the file with `registry`, durably.
     pub fn save(&self, registry: &Registry) -> Result<(), StoreError> {
-        self.write(registry.iter())
+        self.write(registry.iter().map(|device| Stored { device, json: None }))
     }
 
     /// Writes the registry as it will be once `change` is applied, without
-    /// building that registry first.
+    /// building that registry first, reusing each kept record's JSON.
     pub fn save_with(&self, registry: &Registry, change: &Change) -> Result<(), StoreError> {
         self.write(registry.iter_after(change))
     }
 
-    fn write<'a>(&self, devices: impl Iterator<Item = &'a StoredDevice>) -> Result<(), StoreError> {
+    fn write<'a>(&self, records: impl Iterator<Item = Stored<'a>>) -> Result<(), StoreError> {
         let path = self.path();
         let err = |source| StoreError::Write {
             path: path.clone(),
             source,
         };
-        let file = FileOut {
-            version: VERSION,
-            devices: devices.collect(),
-        };
-        let mut json = serde_json::to_vec(&file).map_err(|e| err(e.into()))?;
-        json.push(b'\n');
+        let json = encode(records).map_err(|e| err(e.into()))?;
         let tmp = self.dir.join(format!(".{FILE_NAME}.tmp"));
         let result = write_synced(&tmp, &json)
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -158,6 +157,24 @@ impl Store {
         }
         result.map_err(err)
     }
+}
+
+/// The file's bytes: `{"version":1,"devices":[...]}` and a newline, exactly
+/// what serde_json writes for [`FileOut`], with already-encoded records copied.
+fn encode<'a>(records: impl Iterator<Item = Stored<'a>>) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    out.extend_from_slice(format!("{{\"version\":{VERSION},\"devices\":[").as_bytes());
+    for (i, r) in records.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match r.json {
+            Some(j) => out.extend_from_slice(j.as_bytes()),
+            None => serde_json::to_writer(&mut out, r.device)?,
+        }
+    }
+    out.extend_from_slice(b"]}\n");
+    Ok(out)
 }
 
 fn broken(c: Conflict) -> String {
@@ -202,6 +219,36 @@ mod tests {
         assert_eq!(v["version"], 1);
         assert_eq!(v["devices"][0]["type"], "gpu");
         assert!(!dir.path().join(".devices.json.tmp").exists());
+    }
+
+    /// Records copied from their cached JSON give the same bytes serde_json
+    /// writes for the whole file, after every kind of change.
+    #[test]
+    fn a_change_writes_exactly_the_file_serde_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut odd = sample("a2:00.0", "l4-gpu");
+        odd.attached_to = Some("vm \"quoted\" \u{e9}".into());
+        let mut r = Registry::from_devices(vec![odd, sample("3b:00.0", "nic")]).unwrap();
+        let mut replaced = r.by_name("nic").unwrap().clone();
+        replaced.want_vfio = true;
+        let first = r.iter().next().unwrap().id.clone();
+        for change in [
+            Change::Add(sample("5e:00.0", "nvme")),
+            Change::Replace(replaced),
+            Change::Remove(first),
+        ] {
+            store.save_with(&r, &change).unwrap();
+            r.apply(change).unwrap();
+            let expected = FileOut {
+                version: VERSION,
+                devices: r.iter().collect(),
+            };
+            let mut bytes = serde_json::to_vec(&expected).unwrap();
+            bytes.push(b'\n');
+            assert_eq!(std::fs::read(store.path()).unwrap(), bytes);
+            assert_eq!(store.load().unwrap().0, r);
+        }
     }
 
     #[test]
