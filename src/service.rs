@@ -570,10 +570,12 @@ impl Service {
     async fn bind_locked(&self, s: StoredDevice, strict: bool) -> Result<(DeviceView, DeviceView)> {
         let dev = self.present(&s).await?;
         let before = self.view(s.clone(), Some(dev.clone()));
-        let snapshot = self.snapshot();
-        let registered = |a: PciAddress| snapshot.by_address(a).is_some();
         let on_vfio = dev.driver.as_deref() == Some(VFIO_DRIVER);
         if strict || !on_vfio {
+            // Scoped: a snapshot held across the changes below would make each
+            // of them copy the registry.
+            let snapshot = self.snapshot();
+            let registered = |a: PciAddress| snapshot.by_address(a).is_some();
             self.kernel.check(&dev, strict, registered).await?;
         }
         if on_vfio {
