@@ -5,12 +5,13 @@ pub mod bouncer;
 pub mod device;
 pub mod errors;
 pub mod manager;
+pub mod objects;
 pub mod record;
 pub mod simulator;
 
 use std::sync::Arc;
 
-use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use zbus::Connection;
 
 use crate::service::{BoxFuture, DeviceView, Publisher, Service};
@@ -90,10 +91,9 @@ pub async fn serve(
         devices = service.snapshot().len(),
         "device objects exported"
     );
-    // The ObjectManager goes in after the stored devices: it would announce each
-    // of them (InterfacesAdded) to a bus where nobody can know our name yet.
+    // Our own ObjectManager (see `objects.rs`): it announces nothing here.
     conn.object_server()
-        .at(crate::MANAGER_PATH, ObjectManager)
+        .at(crate::MANAGER_PATH, objects::Objects::new(service.clone()))
         .await
         .map_err(ServeError::Export)?;
     tracing::debug!("object manager exported");
@@ -132,10 +132,14 @@ impl Publisher for BusPublisher {
             if let Err(e) = self
                 .conn
                 .object_server()
-                .at(path, DeviceObject::new(service, id.clone()))
+                .at(path, DeviceObject::new(service.clone(), id.clone()))
                 .await
             {
                 tracing::error!(device_id = %id, error = %e, "cannot export the device object");
+                return;
+            }
+            if let Err(e) = objects::announce_added(&service, &self.conn, &id).await {
+                tracing::warn!(device_id = %id, error = %e, "cannot emit InterfacesAdded");
             }
         })
     }
@@ -217,6 +221,10 @@ impl Publisher for BusPublisher {
                 .await
             {
                 tracing::error!(device_id = %id, error = %e, "cannot remove the device object");
+                return;
+            }
+            if let Err(e) = objects::announce_removed(&self.conn, id).await {
+                tracing::warn!(device_id = %id, error = %e, "cannot emit InterfacesRemoved");
             }
         })
     }
