@@ -69,10 +69,7 @@ impl Objects {
             let path = device_path(&id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
             // A device deleted meanwhile is simply left out.
             if let Ok(props) = Self::properties(&self.service, server, conn, &id).await {
-                out.insert(
-                    path,
-                    HashMap::from([(DEVICE_IFACE.to_string(), props)]),
-                );
+                out.insert(path, HashMap::from([(DEVICE_IFACE.to_string(), props)]));
             }
         }
         crate::memory::trim_soon();

@@ -207,8 +207,18 @@ impl Registry {
     }
 
     pub fn insert(&mut self, d: StoredDevice) -> Result<(), Conflict> {
+        self.conflict(&d)?;
+        let id: Arc<str> = Arc::from(d.id.as_str());
+        self.by_address.insert(d.pci_address, id.clone());
+        self.by_name.insert(Arc::from(d.name.as_str()), id.clone());
+        self.devices.insert(id, Entry::new(d));
+        Ok(())
+    }
+
+    /// Which rule a new device would break, if any.
+    fn conflict(&self, d: &StoredDevice) -> Result<(), Conflict> {
         if self.devices.contains_key(d.id.as_str()) {
-            return Err(Conflict::Id(d.id));
+            return Err(Conflict::Id(d.id.clone()));
         }
         if let Some(other) = self.by_address(d.pci_address) {
             return Err(Conflict::Address {
@@ -218,12 +228,8 @@ impl Registry {
             });
         }
         if self.by_name(&d.name).is_some() {
-            return Err(Conflict::Name(d.name));
+            return Err(Conflict::Name(d.name.clone()));
         }
-        let id: Arc<str> = Arc::from(d.id.as_str());
-        self.by_address.insert(d.pci_address, id.clone());
-        self.by_name.insert(Arc::from(d.name.as_str()), id.clone());
-        self.devices.insert(id, Entry::new(d));
         Ok(())
     }
 
@@ -264,23 +270,7 @@ impl Registry {
     /// replaced or removed one exists (and keeps its id, name and address).
     pub fn check(&self, change: &Change) -> Result<(), ChangeError> {
         match change {
-            Change::Add(d) => {
-                if self.devices.contains_key(d.id.as_str()) {
-                    return Err(Conflict::Id(d.id.clone()).into());
-                }
-                if let Some(other) = self.by_address(d.pci_address) {
-                    return Err(Conflict::Address {
-                        address: d.pci_address,
-                        name: other.name.clone(),
-                        id: other.id.clone(),
-                    }
-                    .into());
-                }
-                if self.by_name(&d.name).is_some() {
-                    return Err(Conflict::Name(d.name.clone()).into());
-                }
-                Ok(())
-            }
+            Change::Add(d) => Ok(self.conflict(d)?),
             Change::Replace(d) => match self.devices.get(d.id.as_str()) {
                 Some(old) if old.name == d.name && old.pci_address == d.pci_address => Ok(()),
                 Some(_) => Err(ChangeError::KeyChanged(d.id.clone())),
@@ -339,7 +329,10 @@ impl Registry {
 
     /// Applies a change that [`Registry::check`] accepted.
     pub fn apply(&mut self, change: Change) -> Result<(), ChangeError> {
-        self.check(&change)?;
+        // `insert` checks an addition itself, as it inserts.
+        if !matches!(change, Change::Add(_)) {
+            self.check(&change)?;
+        }
         match change {
             Change::Add(d) => self.insert(d)?,
             Change::Replace(d) => {
