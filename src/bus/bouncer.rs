@@ -76,24 +76,20 @@ pub async fn check(
         .flags()
         .contains(Flags::ALLOW_INTERACTIVE_AUTH);
     let uid = caller_uid(conn, &sender).await;
-    let verdict = match ask_polkit(conn, header, action, target, interactive).await {
+    let answer = ask_polkit(conn, header, action, target, interactive).await;
+    note_polkit_health(answer.as_ref().err());
+    let verdict = match answer {
         Ok(r) if r.is_authorized => Verdict::Granted("polkit"),
         Ok(r) if r.is_challenge && !interactive => Verdict::NeedsInteraction,
         Ok(r) if r.details.contains_key("polkit.dismissed") => {
             Verdict::Denied("the authentication dialog was dismissed".into())
         }
         Ok(_) => Verdict::Denied(format!("polkit does not allow {}", action.id())),
-        Err(e) if uid == Some(0) => {
-            tracing::warn!(error = %e, action = action.id(), "polkit is unavailable; root may still make changes");
-            Verdict::Granted("root, polkit unavailable")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, action = action.id(), "polkit is unavailable; only root may make changes");
-            Verdict::Denied(format!(
-                "polkit is unavailable ({e}), and only root may {} without it",
-                verb(action)
-            ))
-        }
+        Err(_) if uid == Some(0) => Verdict::Granted("root, polkit unavailable"),
+        Err(e) => Verdict::Denied(format!(
+            "polkit is unavailable ({e}), and only root may {} without it",
+            verb(action)
+        )),
     };
     let uid_text = uid.map_or_else(|| "unknown".to_string(), |u| u.to_string());
     match verdict {
@@ -130,6 +126,24 @@ pub async fn check(
                 target.pci_address
             )))
         }
+    }
+}
+
+/// Says once, at warning level, that polkit stopped answering (and once that
+/// it is back), instead of on every change made meanwhile: on a host without
+/// polkit at all, root's every change would otherwise log a warning.
+fn note_polkit_health(error: Option<&String>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DOWN: AtomicBool = AtomicBool::new(false);
+    match error {
+        Some(e) if !DOWN.swap(true, Ordering::SeqCst) => {
+            tracing::warn!(error = %e, "polkit is unavailable: only root may make changes until it answers again")
+        }
+        Some(e) => tracing::debug!(error = %e, "polkit is still unavailable"),
+        None if DOWN.swap(false, Ordering::SeqCst) => {
+            tracing::info!("polkit answers again")
+        }
+        None => {}
     }
 }
 
