@@ -77,6 +77,16 @@ fn outcome(out: &Output) -> String {
     }
 }
 
+/// A non-interactive manager call as `user` (root when `None`) that must
+/// succeed; how long it took.
+fn succeeds_in(bus: &TestBus, user: Option<&str>, method: &str, args: &[&str]) -> Duration {
+    let t = Instant::now();
+    let out = call(bus, user, false, PATH, &m(method), args);
+    let took = t.elapsed();
+    assert_eq!(outcome(&out), "ok", "{method}: {out:?}");
+    took
+}
+
 fn object_path(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout);
     let start = text
@@ -287,10 +297,7 @@ fn a_slow_rule_blocks_no_reads_and_every_change_completes() {
 
     // Root's Get needs no authorization: hypemand answers it at once, however
     // long polkitd takes over someone else's check.
-    let t = Instant::now();
-    let out = call(&bus, None, false, PATH, &m("Get"), &["l4-gpu"]);
-    let get_took = t.elapsed();
-    assert_eq!(outcome(&out), "ok");
+    let get_took = succeeds_in(&bus, None, "Get", &["l4-gpu"]);
     assert!(
         waiting.child.try_wait().unwrap().is_none(),
         "the slow caller finished first (root's Get took {get_took:?})"
@@ -306,21 +313,8 @@ fn a_slow_rule_blocks_no_reads_and_every_change_completes() {
     // is polkitd's queue, not hypemand's, so here the calls are only required
     // to succeed; `a_caller_at_a_password_prompt_delays_nobody_else` shows
     // hypemand itself holds nobody up while a check is outstanding.
-    let t = Instant::now();
-    let adm_out = call(
-        &bus,
-        Some(adm),
-        false,
-        PATH,
-        &m("Register"),
-        &["0000:5e:00.0", "nvme"],
-    );
-    let adm_took = t.elapsed();
-    assert_eq!(outcome(&adm_out), "ok", "{adm_out:?}");
-    let t = Instant::now();
-    let root_out = call(&bus, None, false, PATH, &m("Bind"), &["nvme"]);
-    let root_took = t.elapsed();
-    assert_eq!(outcome(&root_out), "ok", "{root_out:?}");
+    let adm_took = succeeds_in(&bus, Some(adm), "Register", &["0000:5e:00.0", "nvme"]);
+    let root_took = succeeds_in(&bus, None, "Bind", &["nvme"]);
     eprintln!(
         "during a 2 s polkit rule: root's Get {get_took:?}, a group member's Register {adm_took:?}, root's Bind after it {root_took:?}"
     );
@@ -582,25 +576,9 @@ fn a_caller_at_a_password_prompt_delays_nobody_else() {
 
     // While that check is outstanding, another user's change (granted by the
     // shipped group rule) and root's read and change go straight through.
-    let t = Instant::now();
-    let out = call(
-        &bus,
-        Some(adm),
-        false,
-        PATH,
-        &m("Register"),
-        &["0000:5e:00.0", "nvme"],
-    );
-    let adm_took = t.elapsed();
-    assert_eq!(outcome(&out), "ok", "{out:?}");
-    let t = Instant::now();
-    let out = call(&bus, None, false, PATH, &m("Get"), &["l4-gpu"]);
-    let get_took = t.elapsed();
-    assert_eq!(outcome(&out), "ok", "{out:?}");
-    let t = Instant::now();
-    let out = call(&bus, None, false, PATH, &m("Bind"), &["nvme"]);
-    let bind_took = t.elapsed();
-    assert_eq!(outcome(&out), "ok", "{out:?}");
+    let adm_took = succeeds_in(&bus, Some(adm), "Register", &["0000:5e:00.0", "nvme"]);
+    let get_took = succeeds_in(&bus, None, "Get", &["l4-gpu"]);
+    let bind_took = succeeds_in(&bus, None, "Bind", &["nvme"]);
     eprintln!(
         "at a password prompt: a group member's Register {adm_took:?}, root's Get {get_took:?}, root's Bind {bind_took:?}"
     );
