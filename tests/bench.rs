@@ -1,18 +1,15 @@
 //! Smoke test of `hypeman-bench`: a small, quick run produces every figure and
 //! no errors. No timing is asserted here: the targets belong to the benchmark.
 
+mod common;
+
+use common::bin;
 use std::process::Command;
 
 #[test]
 fn bench_smoke_run_reports_every_figure() {
-    let out = Command::new(env!("CARGO_BIN_EXE_hypeman-bench"))
-        .args([
-            "--devices",
-            "64",
-            "--quick",
-            "--hypemand",
-            env!("CARGO_BIN_EXE_hypemand"),
-        ])
+    let out = Command::new(&bin("hypeman-bench"))
+        .args(["--devices", "64", "--quick", "--hypemand", &bin("hypemand")])
         .output()
         .expect("run hypeman-bench");
     assert!(

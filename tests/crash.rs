@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use hypeman_devices::bus::BusChoice;
-use hypeman_devices::client::{Client, ClientError};
+use hypeman_api::BusChoice;
+use hypemanctl::{Client, ClientError};
 
 const DEVICES: usize = 16;
 
@@ -92,7 +92,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host.toml");
-    std::fs::write(&host, hypeman_devices::bench::generated_host(DEVICES)).unwrap();
+    std::fs::write(&host, hypeman_bench::generated_host(DEVICES)).unwrap();
     let kernel = dir.path().join("kernel.json");
     let state = dir.path().join("state");
     let args = [
@@ -101,9 +101,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         "--simulate-state",
         kernel.to_str().unwrap(),
     ];
-    let addresses: Vec<String> = (0..DEVICES)
-        .map(hypeman_devices::bench::pci_address)
-        .collect();
+    let addresses: Vec<String> = (0..DEVICES).map(hypeman_bench::pci_address).collect();
     // Bridges (every 16th from 15) are left alone: vfio-pci does not take them on real hosts.
     let usable: Vec<String> = addresses
         .iter()

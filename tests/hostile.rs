@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hypeman_devices::bus::BusChoice;
+use hypeman_api::BusChoice;
 use zbus::Connection;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -58,7 +58,7 @@ async fn hostile_calls_get_typed_errors() {
         )
         .await
         .unwrap();
-    let (dev_path, _): (zbus::OwnedObjectPath, hypeman_devices::bus::record::Record) =
+    let (dev_path, _): (zbus::OwnedObjectPath, hypeman_api::Record) =
         reg.body().deserialize().unwrap();
     let dev_path = dev_path.to_string();
     let rss_before = rss_kib(d.proc.pid());
@@ -259,7 +259,7 @@ async fn hostile_calls_get_typed_errors() {
         .call_method(Some(NAME), PATH, Some(IFACE), "Get", &("l4-gpu",))
         .await
         .unwrap();
-    let r: hypeman_devices::bus::record::Record = rec.body().deserialize().unwrap();
+    let r: hypeman_api::Record = rec.body().deserialize().unwrap();
     assert_eq!(r.driver.as_deref(), Some("nvidia"));
     conn.call_method(Some(NAME), PATH, Some(IFACE), "Bind", &("l4-gpu",))
         .await

@@ -177,8 +177,8 @@ fn the_simulator_exists_only_when_simulating() {
 #[allow(clippy::await_holding_lock)]
 async fn a_burst_of_events() {
     let _s = serial();
-    use hypeman_devices::bus::BusChoice;
-    use hypeman_devices::client::Client;
+    use hypeman_api::BusChoice;
+    use hypemanctl::Client;
     use zbus::Connection;
 
     let bus = TestBus::start_sim();

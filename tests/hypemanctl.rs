@@ -243,7 +243,7 @@ fn error_output_for_each_error() {
     fails_with(ctl(&bus, &["list"]), "systemctl start hypemand");
     // No bus at all.
     fails_with(
-        Command::new(env!("CARGO_BIN_EXE_hypemanctl"))
+        Command::new(&bin("hypemanctl"))
             .args(["--bus=unix:path=/nonexistent/bus", "list"])
             .output()
             .unwrap(),
@@ -295,14 +295,14 @@ fn authorization_errors_read_well() {
     let state = tempfile::tempdir().unwrap();
     let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
     // No polkitd on this bus: a non-root caller is refused, and told why.
-    let out = as_user(&user, env!("CARGO_BIN_EXE_hypemanctl"))
+    let out = as_user(&user, &bin("hypemanctl"))
         .arg(format!("--bus={}", bus.address))
         .args(["register", "0000:a2:00.0"])
         .output()
         .unwrap();
     fails_with(out, "polkit is unavailable");
     // Reads work for everyone.
-    let out = as_user(&user, env!("CARGO_BIN_EXE_hypemanctl"))
+    let out = as_user(&user, &bin("hypemanctl"))
         .arg(format!("--bus={}", bus.address))
         .args(["available"])
         .output()
@@ -345,7 +345,7 @@ fn monitor_prints_each_event_promptly() {
     for json in [false, true] {
         let out_path = bus.dir.path().join(format!("monitor-{json}.txt"));
         let err_path = bus.dir.path().join(format!("monitor-{json}.err"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypemanctl"));
+        let mut cmd = Command::new(&bin("hypemanctl"));
         cmd.arg(format!("--bus={}", bus.address));
         if json {
             cmd.arg("--json");

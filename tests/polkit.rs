@@ -438,7 +438,7 @@ fn shipped_policy_and_bus_config_load() {
         .unwrap();
     assert!(st.success());
     let f = fixture("l4.toml");
-    let out = as_user(&users.names[0], env!("CARGO_BIN_EXE_hypemand"))
+    let out = as_user(&users.names[0], &bin("hypemand"))
         .arg(format!("--bus={}", bus.address))
         .arg(format!("--state-dir={}", state.path().display()))
         .args(["--simulate", f.to_str().unwrap()])

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hypeman_devices::bench::pci_address;
-use hypeman_devices::bus::BusChoice;
-use hypeman_devices::client::{Client, ClientError};
+use hypeman_api::BusChoice;
+use hypeman_bench::pci_address;
+use hypemanctl::{Client, ClientError};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -33,7 +33,7 @@ async fn soak_64_clients_with_hotplug() {
     let bus = TestBus::start_sim();
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host.toml");
-    std::fs::write(&host, hypeman_devices::bench::generated_host(256)).unwrap();
+    std::fs::write(&host, hypeman_bench::generated_host(256)).unwrap();
     let d = Daemon::start(
         &bus,
         &dir.path().join("state"),

@@ -138,7 +138,7 @@ fn analyze(args: &[&str]) -> std::process::Output {
 fn unit_for_tests(dir: &Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(root().join("systemd/hypemand.service"))
         .unwrap()
-        .replace("/usr/libexec/hypemand", env!("CARGO_BIN_EXE_hypemand"));
+        .replace("/usr/libexec/hypemand", &bin("hypemand"));
     let path = dir.join("hypemand.service");
     std::fs::write(&path, text).unwrap();
     path
@@ -175,10 +175,7 @@ fn the_unit_verifies_and_is_hardened() {
 #[test]
 fn make_install_lays_out_a_tree_that_loads() {
     let dest = tempfile::tempdir().unwrap();
-    let build_dir = Path::new(env!("CARGO_BIN_EXE_hypemand"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let build_dir = Path::new(&bin("hypemand")).parent().unwrap().to_path_buf();
     let out = Command::new("make")
         .current_dir(root())
         .arg("install")

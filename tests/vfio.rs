@@ -272,11 +272,9 @@ async fn a_stalled_bind_stalls_nobody_else() {
             .contains("write stalled")
     });
 
-    let client = hypeman_devices::client::Client::connect(
-        &hypeman_devices::bus::BusChoice::Address(bus.address.clone()),
-    )
-    .await
-    .unwrap();
+    let client = hypemanctl::Client::connect(&hypeman_api::BusChoice::Address(bus.address.clone()))
+        .await
+        .unwrap();
     let mut worst = Duration::ZERO;
     for _ in 0..100 {
         let t = Instant::now();

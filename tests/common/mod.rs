@@ -33,6 +33,24 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A binary of the workspace, built next to this test (`cargo build
+/// --workspace` builds them; `cargo test` alone builds only this package's).
+pub fn bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(name))
+        .expect("the test runs from target/<profile>/deps");
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     root().join("examples/hosts").join(name)
 }
@@ -240,7 +258,7 @@ impl TestBus {
 
     /// Runs the real `hypemanctl` against this bus.
     pub fn hypemanctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_hypemanctl"))
+        Command::new(&bin("hypemanctl"))
             .arg(format!("--bus={}", self.address))
             .args(args)
             .output()
@@ -257,7 +275,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn command(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypemand"));
+        let mut cmd = Command::new(&bin("hypemand"));
         cmd.arg(format!("--bus={}", bus.address))
             .arg(format!("--state-dir={}", state_dir.display()))
             .args(host_args)

@@ -1,0 +1,23 @@
+//! The contract of `org.hypeman.Devices`, shared by the daemon and every client.
+//!
+//! Both sides compile this crate and nothing else of each other, so a name, a
+//! record key or an error can only be spelled one way:
+//!
+//! - [`bus`]: which bus to use (`--bus system|session|ADDRESS`);
+//! - [`names`]: the bus name, object paths and interface names;
+//! - [`record`]: the device record and the available-device dictionary, with the
+//!   seed's JSON documents;
+//! - [`error`]: every error name, once, for the daemon's replies and the
+//!   client's typed errors alike;
+//! - [`proxy`]: typed zbus proxies of the manager and of a device object.
+
+pub mod bus;
+pub mod error;
+pub mod names;
+pub mod proxy;
+pub mod record;
+
+pub use bus::BusChoice;
+pub use error::Error;
+pub use names::*;
+pub use record::{Available, Record};

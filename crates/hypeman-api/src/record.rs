@@ -1,0 +1,127 @@
+//! The dictionaries (`a{sv}`) the API sends, and the seed's JSON documents.
+//!
+//! [`Record`] is a registered device (`Register`, `List`, `Get`, ...);
+//! [`Available`] a PCI function on the host (`ListAvailable`). Keys are the
+//! seed's JSON field names, so `busctl --json=pretty` shows the seed's
+//! document; optional keys are omitted when they have no value. The same types
+//! are what a client receives: nothing is copied into a second type.
+
+use serde::Serialize;
+use zbus::zvariant::{DeserializeDict, SerializeDict, Type};
+
+/// A registered device: what the daemon keeps, joined with the kernel's view now.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zvariant(signature = "a{sv}")]
+pub struct Record {
+    pub id: String,
+    pub name: String,
+    pub pci_address: String,
+    pub vendor_id: String,
+    pub device_id: String,
+    #[zvariant(rename = "type")]
+    pub kind: String,
+    pub iommu_group: Option<i64>,
+    pub bound_to_vfio: bool,
+    pub attached_to: Option<String>,
+    pub created_at: String,
+    pub driver: Option<String>,
+    pub present: bool,
+    pub vendor_name: String,
+    pub device_name: String,
+    /// The NUMA node the device is attached to; absent when the platform has
+    /// none (sysfs says -1) or the device is unplugged.
+    pub numa_node: Option<i64>,
+}
+
+/// A PCI function on the host (`ListAvailable`), with the original API's
+/// available-device field names.
+#[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
+#[zvariant(signature = "a{sv}")]
+pub struct Available {
+    pub pci_address: String,
+    pub vendor_id: String,
+    pub device_id: String,
+    pub vendor_name: String,
+    pub device_name: String,
+    pub iommu_group: Option<i64>,
+    pub current_driver: Option<String>,
+    #[zvariant(rename = "type")]
+    pub kind: String,
+    pub registered_as: Option<String>,
+    pub numa_node: Option<i64>,
+}
+
+/// The seed's `Device` document: exactly its keys, in its order, with
+/// `attached_to: null` when not attached and `iommu_group` left out when the
+/// device has none.
+#[derive(Debug, Serialize)]
+pub struct SeedDevice<'a> {
+    pub id: &'a str,
+    pub bound_to_vfio: bool,
+    pub created_at: &'a str,
+    pub device_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<i64>,
+    pub pci_address: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub vendor_id: &'a str,
+    pub attached_to: Option<&'a str>,
+    pub name: &'a str,
+}
+
+/// The original API's available-device document (absent values left out).
+#[derive(Debug, Serialize)]
+pub struct SeedAvailable<'a> {
+    pub pci_address: &'a str,
+    pub vendor_id: &'a str,
+    pub device_id: &'a str,
+    pub vendor_name: &'a str,
+    pub device_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_driver: Option<&'a str>,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registered_as: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<i64>,
+}
+
+impl Record {
+    /// The seed's JSON document of this device.
+    pub fn seed(&self) -> SeedDevice<'_> {
+        SeedDevice {
+            id: &self.id,
+            bound_to_vfio: self.bound_to_vfio,
+            created_at: &self.created_at,
+            device_id: &self.device_id,
+            iommu_group: self.iommu_group,
+            pci_address: &self.pci_address,
+            kind: &self.kind,
+            vendor_id: &self.vendor_id,
+            attached_to: self.attached_to.as_deref(),
+            name: &self.name,
+        }
+    }
+}
+
+impl Available {
+    /// The available-device JSON document of this function.
+    pub fn seed(&self) -> SeedAvailable<'_> {
+        SeedAvailable {
+            pci_address: &self.pci_address,
+            vendor_id: &self.vendor_id,
+            device_id: &self.device_id,
+            vendor_name: &self.vendor_name,
+            device_name: &self.device_name,
+            iommu_group: self.iommu_group,
+            current_driver: self.current_driver.as_deref(),
+            kind: &self.kind,
+            registered_as: self.registered_as.as_deref(),
+            numa_node: self.numa_node,
+        }
+    }
+}

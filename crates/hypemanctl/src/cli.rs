@@ -1,0 +1,83 @@
+//! `hypemanctl`'s command line, from which `hypemanctl generate-assets` also
+//! writes its man page and shell completions.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use hypeman_api::BusChoice;
+
+/// Register PCI devices for VM passthrough and move them to vfio-pci and back,
+/// through hypemand.
+#[derive(Parser, Debug)]
+#[command(name = "hypemanctl", version)]
+pub struct CtlArgs {
+    /// Bus hypemand is on: system, session, or a D-Bus address.
+    #[arg(long, default_value = "system", global = true)]
+    pub bus: BusChoice,
+    /// Print JSON (the seed's documents) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Let polkit ask for a password [default: yes when stdin is a terminal]
+    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_interactive: Option<bool>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Register a host PCI device for passthrough.
+    Register {
+        /// dddd:bb:dd.f or bb:dd.f
+        pci_address: String,
+        /// Name for the device [default: pci-<address>]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List registered devices.
+    List,
+    /// Show one registered device.
+    Get { id_or_name: String },
+    /// Unregister a device (gives it back to its driver first if hypemand took it).
+    Delete { id_or_name: String },
+    /// List every PCI device on the host, registered or not.
+    Available,
+    /// Move a device to vfio-pci.
+    Bind { id_or_name: String },
+    /// Give a device back to its host driver.
+    Unbind { id_or_name: String },
+    /// Bind if needed, then mark a device as held by a VM instance.
+    Attach {
+        id_or_name: String,
+        instance: String,
+    },
+    /// Clear a device's attachment (it stays on vfio-pci).
+    Detach { id_or_name: String },
+    /// Print one line per event as it happens (Ctrl-C to stop).
+    Monitor,
+    /// The daemon's version and counts.
+    Status,
+    /// Write shell completions and man pages into a directory (used by make install).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
+}
+
+/// Writes bash, zsh and fish completions and the man page of hypemanctl into
+/// `dir` (hypemand writes its own: `hypemand --write-man-page DIR`).
+pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir)?;
+    for (shell, file) in [
+        (Shell::Bash, "hypemanctl.bash"),
+        (Shell::Zsh, "_hypemanctl"),
+        (Shell::Fish, "hypemanctl.fish"),
+    ] {
+        let mut out = std::fs::File::create(dir.join(file))?;
+        clap_complete::generate(shell, &mut CtlArgs::command(), "hypemanctl", &mut out);
+    }
+    let mut ctl = std::fs::File::create(dir.join("hypemanctl.1"))?;
+    clap_mangen::Man::new(CtlArgs::command()).render(&mut ctl)?;
+    Ok(())
+}

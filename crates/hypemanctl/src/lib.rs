@@ -1,0 +1,144 @@
+//! The client side of `org.hypeman.Devices`, and `hypemanctl` on top of it.
+//!
+//! It depends on the contract crate ([`hypeman_api`]) only: the records, the
+//! error table and the proxies are the daemon's own, so nothing here is copied
+//! and nothing of the daemon is compiled in.
+//!
+//! - [`Client`]: the calls, with polkit interaction on or off;
+//! - [`cli`]: `hypemanctl`'s command line (also its man page and completions).
+//!
+//! The seed registers a device like this (Go):
+//!
+//! ```go
+//! device, err := client.Devices.New(context.TODO(), hypeman.DeviceNewParams{
+//!     PciAddress: "0000:a2:00.0",
+//! })
+//! fmt.Printf("%+v\n", device.ID)
+//! ```
+//!
+//! Here, over D-Bus:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), hypemanctl::ClientError> {
+//! use hypemanctl::BusChoice;
+//! use hypemanctl::Client;
+//!
+//! let client = Client::connect(&BusChoice::System).await?;
+//! let device = client.register("0000:a2:00.0", "").await?;
+//! println!("{}", device.id);
+//! // The seed's JSON document, `attached_to: null` included:
+//! println!("{}", serde_json::to_string_pretty(&device.seed()).unwrap());
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+
+use zbus::proxy::MethodFlags;
+use zbus::{Connection, OwnedObjectPath};
+
+pub use hypeman_api::proxy::{DeviceProxy, DevicesProxy};
+pub use hypeman_api::record::{SeedAvailable, SeedDevice};
+pub use hypeman_api::{Available, BusChoice, Record};
+
+/// What the daemon answered, or why it could not be asked: the contract's one
+/// error table.
+pub type ClientError = hypeman_api::Error;
+
+/// A connection to the daemon's manager object.
+pub struct Client {
+    conn: Connection,
+    proxy: zbus::Proxy<'static>,
+    flags: MethodFlags,
+}
+
+impl Client {
+    pub async fn connect(bus: &BusChoice) -> Result<Self, ClientError> {
+        let conn = bus
+            .builder()
+            .build()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let proxy = async {
+            zbus::proxy::Builder::new(&conn)
+                .destination(hypeman_api::BUS_NAME)
+                .path(hypeman_api::MANAGER_PATH)
+                .interface(hypeman_api::MANAGER_IFACE)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+        }
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Client {
+            conn,
+            proxy,
+            flags: MethodFlags::empty(),
+        })
+    }
+
+    /// Lets polkit ask the user for a password (through their agent) instead of
+    /// failing with `InteractiveAuthorizationRequired`.
+    pub fn allow_interactive(mut self, yes: bool) -> Self {
+        self.flags.set(MethodFlags::ALLOW_INTERACTIVE_AUTH, yes);
+        self
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    async fn call<B, R>(&self, method: &str, body: &B) -> Result<R, ClientError>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+    {
+        self.proxy
+            .call_with_flags(method, self.flags, body)
+            .await?
+            .ok_or_else(|| ClientError::Failed(format!("{method} returned no reply")))
+    }
+
+    pub async fn register(&self, pci_address: &str, name: &str) -> Result<Record, ClientError> {
+        let (_, r): (OwnedObjectPath, Record) = self.call("Register", &(pci_address, name)).await?;
+        Ok(r)
+    }
+
+    pub async fn list(&self) -> Result<Vec<Record>, ClientError> {
+        self.call("List", &()).await
+    }
+
+    pub async fn get(&self, id_or_name: &str) -> Result<Record, ClientError> {
+        self.call("Get", &(id_or_name,)).await
+    }
+
+    pub async fn delete(&self, id_or_name: &str) -> Result<(), ClientError> {
+        self.proxy
+            .call_with_flags::<_, _, ()>("Delete", self.flags, &(id_or_name,))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn available(&self) -> Result<Vec<Available>, ClientError> {
+        self.call("ListAvailable", &()).await
+    }
+
+    pub async fn bind(&self, id_or_name: &str) -> Result<Record, ClientError> {
+        self.call("Bind", &(id_or_name,)).await
+    }
+
+    pub async fn unbind(&self, id_or_name: &str) -> Result<Record, ClientError> {
+        self.call("Unbind", &(id_or_name,)).await
+    }
+
+    pub async fn attach(&self, id_or_name: &str, instance_id: &str) -> Result<Record, ClientError> {
+        self.call("Attach", &(id_or_name, instance_id)).await
+    }
+
+    pub async fn detach(&self, id_or_name: &str) -> Result<Record, ClientError> {
+        self.call("Detach", &(id_or_name,)).await
+    }
+
+    pub async fn version(&self) -> Result<String, ClientError> {
+        Ok(self.proxy.get_property::<String>("Version").await?)
+    }
+}

@@ -1,0 +1,330 @@
+//! hypemanctl: the command-line client of hypemand. Thin: parse, call, print.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+use futures_util::StreamExt;
+use hypemanctl::cli::{generate_assets, CtlArgs, CtlCommand};
+use hypemanctl::{Available, Client, ClientError, Record};
+use serde_json::{json, Value};
+use zbus::{MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
+
+fn main() -> ExitCode {
+    let args = match CtlArgs::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if let CtlCommand::GenerateAssets { dir } = &args.command {
+        return match generate_assets(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hypemanctl: cannot write to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hypemanctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hypemanctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: CtlArgs) -> Result<(), ClientError> {
+    let interactive = args
+        .allow_interactive
+        .unwrap_or_else(|| std::io::stdin().is_terminal());
+    let client = Client::connect(&args.bus)
+        .await?
+        .allow_interactive(interactive);
+    let json = args.json;
+    match args.command {
+        CtlCommand::Register { pci_address, name } => {
+            let d = client
+                .register(&pci_address, name.as_deref().unwrap_or(""))
+                .await?;
+            print_devices(&[d], json, true);
+        }
+        CtlCommand::List => print_devices(&client.list().await?, json, false),
+        CtlCommand::Get { id_or_name } => {
+            print_devices(&[client.get(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Delete { id_or_name } => {
+            client.delete(&id_or_name).await?;
+            if json {
+                println!("{}", json!({ "deleted": id_or_name }));
+            } else {
+                println!("deleted {id_or_name}");
+            }
+        }
+        CtlCommand::Available => print_available(&client.available().await?, json),
+        CtlCommand::Bind { id_or_name } => {
+            print_devices(&[client.bind(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Unbind { id_or_name } => {
+            print_devices(&[client.unbind(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Attach {
+            id_or_name,
+            instance,
+        } => print_devices(&[client.attach(&id_or_name, &instance).await?], json, true),
+        CtlCommand::Detach { id_or_name } => {
+            print_devices(&[client.detach(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Status => status(&client, json).await?,
+        CtlCommand::Monitor => monitor(&client, json).await?,
+        CtlCommand::GenerateAssets { .. } => {}
+    }
+    Ok(())
+}
+
+fn pretty(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// A table with names, driver and vfio columns, or the seed's JSON (one
+/// document for one device, an array for a list).
+fn print_devices(devices: &[Record], json: bool, single: bool) {
+    if json {
+        match devices {
+            [one] if single => pretty(&one.seed()),
+            many => pretty(&many.iter().map(Record::seed).collect::<Vec<_>>()),
+        }
+        return;
+    }
+    println!(
+        "{:<24}  {:<16}  {:<12}  {:<4}  {:>5}  {:>4}  {:<14}  {:<4}  {:<12}  DEVICE",
+        "ID", "NAME", "PCI ADDRESS", "TYPE", "GROUP", "NUMA", "DRIVER", "VFIO", "ATTACHED TO"
+    );
+    for d in devices {
+        let driver = match (&d.driver, d.present) {
+            (_, false) => "(unplugged)".to_string(),
+            (Some(dr), true) => dr.clone(),
+            (None, true) => "-".to_string(),
+        };
+        println!(
+            "{:<24}  {:<16}  {:<12}  {:<4}  {:>5}  {:>4}  {:<14}  {:<4}  {:<12}  {} {}",
+            d.id,
+            d.name,
+            d.pci_address,
+            d.kind,
+            or_dash(d.iommu_group),
+            or_dash(d.numa_node),
+            driver,
+            if d.bound_to_vfio { "yes" } else { "no" },
+            d.attached_to.as_deref().unwrap_or("-"),
+            d.vendor_name,
+            d.device_name
+        );
+    }
+}
+
+fn or_dash(v: Option<i64>) -> String {
+    v.map_or_else(|| "-".into(), |g| g.to_string())
+}
+
+fn print_available(devices: &[Available], json: bool) {
+    if json {
+        pretty(&devices.iter().map(Available::seed).collect::<Vec<_>>());
+        return;
+    }
+    println!(
+        "{:<12}  {:<9}  {:<4}  {:>5}  {:>4}  {:<14}  {:<24}  DEVICE",
+        "PCI ADDRESS", "ID", "TYPE", "GROUP", "NUMA", "DRIVER", "REGISTERED AS"
+    );
+    for d in devices {
+        println!(
+            "{:<12}  {}:{}  {:<4}  {:>5}  {:>4}  {:<14}  {:<24}  {} {}",
+            d.pci_address,
+            d.vendor_id,
+            d.device_id,
+            d.kind,
+            or_dash(d.iommu_group),
+            or_dash(d.numa_node),
+            d.current_driver.as_deref().unwrap_or("-"),
+            d.registered_as.as_deref().unwrap_or("-"),
+            d.vendor_name,
+            d.device_name
+        );
+    }
+}
+
+async fn status(client: &Client, json: bool) -> Result<(), ClientError> {
+    let version = client.version().await?;
+    let devices = client.list().await?;
+    let host = client.available().await?;
+    let on_vfio = devices.iter().filter(|d| d.bound_to_vfio).count();
+    let attached = devices.iter().filter(|d| d.attached_to.is_some()).count();
+    if json {
+        pretty(&json!({
+            "version": version,
+            "registered": devices.len(),
+            "bound_to_vfio": on_vfio,
+            "attached": attached,
+            "host_devices": host.len(),
+        }));
+    } else {
+        println!("hypemand {version}");
+        println!(
+            "{} registered, {on_vfio} on vfio-pci, {attached} attached; {} PCI devices on the host",
+            devices.len(),
+            host.len()
+        );
+    }
+    Ok(())
+}
+
+fn variant_json(v: &OwnedVariant) -> Value {
+    if let Ok(s) = String::try_from(v.clone()) {
+        return json!(s);
+    }
+    if let Ok(b) = bool::try_from(v.clone()) {
+        return json!(b);
+    }
+    if let Ok(i) = i64::try_from(v.clone()) {
+        return json!(i);
+    }
+    json!(format!("{:?}", &**v))
+}
+
+fn id_of(path: &str) -> String {
+    path.rsplit('/').next().unwrap_or(path).to_string()
+}
+
+/// One line per event, as it happens: registrations, removals, property
+/// changes, host devices coming and going.
+async fn monitor(client: &Client, json: bool) -> Result<(), ClientError> {
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(hypeman_api::BUS_NAME)
+        .path_namespace(hypeman_api::MANAGER_PATH)
+        .build()
+        .map_err(|e| ClientError::Bus(e.to_string()))?;
+    let mut stream = MessageStream::for_match_rule(rule, client.connection(), None).await?;
+    let mut names: HashMap<String, String> = client
+        .list()
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.name))
+        .collect();
+    eprintln!(
+        "hypemanctl: monitoring {} (Ctrl-C to stop)",
+        hypeman_api::BUS_NAME
+    );
+    let mut out = std::io::stdout();
+    while let Some(msg) = stream.next().await {
+        let Ok(msg) = msg else { continue };
+        let header = msg.header();
+        let (Some(member), Some(path)) = (header.member(), header.path()) else {
+            continue;
+        };
+        let path = path.as_str().to_string();
+        let line: Option<(Value, String)> = match member.as_str() {
+            "InterfacesAdded" => {
+                type Ifaces = HashMap<String, HashMap<String, OwnedVariant>>;
+                let Ok((obj, ifaces)) = msg.body().deserialize::<(OwnedObjectPath, Ifaces)>()
+                else {
+                    continue;
+                };
+                let props = ifaces
+                    .get(hypeman_api::DEVICE_IFACE)
+                    .cloned()
+                    .unwrap_or_default();
+                let get = |k: &str| props.get(k).map(variant_json).unwrap_or(Value::Null);
+                let id = id_of(obj.as_str());
+                let name = get("Name").as_str().unwrap_or_default().to_string();
+                let addr = get("PciAddress").as_str().unwrap_or_default().to_string();
+                names.insert(id.clone(), name.clone());
+                Some((
+                    json!({"event": "registered", "id": id, "name": name, "pci_address": addr}),
+                    format!("registered {name} ({id}) at {addr}"),
+                ))
+            }
+            "InterfacesRemoved" => {
+                let Ok((obj, _)) = msg.body().deserialize::<(OwnedObjectPath, Vec<String>)>()
+                else {
+                    continue;
+                };
+                let id = id_of(obj.as_str());
+                let name = names.remove(&id).unwrap_or_default();
+                Some((
+                    json!({"event": "unregistered", "id": id, "name": name}),
+                    format!("unregistered {name} ({id})"),
+                ))
+            }
+            "PropertiesChanged" => {
+                type Changed = (String, HashMap<String, OwnedVariant>, Vec<String>);
+                let Ok((_, changed, _)) = msg.body().deserialize::<Changed>() else {
+                    continue;
+                };
+                let id = id_of(&path);
+                let name = names.get(&id).cloned().unwrap_or_default();
+                let mut props: Vec<(String, Value)> = changed
+                    .iter()
+                    .map(|(k, v)| (k.clone(), variant_json(v)))
+                    .collect();
+                props.sort_by(|a, b| a.0.cmp(&b.0));
+                let text = props
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}={}",
+                            v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let map: serde_json::Map<String, Value> = props.into_iter().collect();
+                Some((
+                    json!({"event": "changed", "id": id, "name": name, "properties": map}),
+                    format!("changed {name} ({id}): {text}"),
+                ))
+            }
+            "HostDeviceAdded" | "HostDeviceRemoved" => {
+                let Ok(addr) = msg.body().deserialize::<String>() else {
+                    continue;
+                };
+                let (event, verb) = if member.as_str() == "HostDeviceAdded" {
+                    ("host_device_added", "appeared")
+                } else {
+                    ("host_device_removed", "disappeared")
+                };
+                Some((
+                    json!({"event": event, "pci_address": addr}),
+                    format!("host device {addr} {verb}"),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((j, text)) = line {
+            let _ = if json {
+                writeln!(out, "{j}")
+            } else {
+                writeln!(out, "{text}")
+            };
+            let _ = out.flush();
+        }
+    }
+    Ok(())
+}

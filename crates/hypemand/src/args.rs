@@ -1,0 +1,57 @@
+//! `hypemand`'s command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use hypeman_api::BusChoice;
+
+/// Keeps the registry of PCI devices set aside for VM passthrough, on D-Bus as
+/// org.hypeman.Devices.
+#[derive(Parser, Debug)]
+#[command(name = "hypemand", version)]
+pub struct DaemonArgs {
+    /// Bus to serve on: system, session, or a D-Bus address.
+    #[arg(long, default_value = "system")]
+    pub bus: BusChoice,
+    /// Directory holding devices.json [default: $STATE_DIRECTORY, else /var/lib/hypeman]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Root of the sysfs the real host backend reads and writes.
+    #[arg(long, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Run against a simulated host described by this fixture instead of the real one.
+    #[arg(long, value_name = "FIXTURE")]
+    pub simulate: Option<PathBuf>,
+    /// With --simulate: keep the simulated kernel's state in this file, so a
+    /// daemon restart is not a reboot (delete the file to reboot).
+    #[arg(long, value_name = "FILE", requires = "simulate")]
+    pub simulate_state: Option<PathBuf>,
+    /// Deadline of each sysfs operation, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub sysfs_timeout: f64,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Write the man page hypemand.8 into DIR and exit (used by make install).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub write_man_page: Option<PathBuf>,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 3600"
+        )),
+    }
+}
+
+/// Writes `hypemand.8` into `dir`.
+pub fn write_man_page(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut page = std::fs::File::create(dir.join("hypemand.8"))?;
+    clap_mangen::Man::new(DaemonArgs::command())
+        .section("8")
+        .render(&mut page)
+}

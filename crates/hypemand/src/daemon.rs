@@ -1,0 +1,163 @@
+//! `hypemand`'s life: load, reconcile, serve, and shut down once, properly.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::edge::dbus::{self as bus, BusChoice, ServeError};
+use crate::edge::{systemd, udev as hotplug};
+use crate::host::door::Door;
+use crate::host::sim::{FixtureError, SimHost};
+use crate::host::sysfs::SysfsHost;
+use crate::host::{EventKind, Host, HostEvent};
+use crate::pci::PciIds;
+use crate::service::Service;
+use crate::store::{Loaded, Store, StoreError};
+
+/// Everything `hypemand` can be told on its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub bus: BusChoice,
+    pub state_dir: PathBuf,
+    pub sysfs_root: PathBuf,
+    pub simulate: Option<PathBuf>,
+    /// With `simulate`: where the simulated kernel keeps its state between
+    /// daemon runs (absent: every start is a fresh boot).
+    pub simulate_state: Option<PathBuf>,
+    /// The deadline of each sysfs operation.
+    pub sysfs_timeout: std::time::Duration,
+}
+
+/// Why the daemon stopped with a failure. Each kind has its own exit status (see
+/// README "Exit status"), so a supervisor can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StoreError),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
+    #[error(transparent)]
+    Bus(#[from] ServeError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Exit statuses. 2 is left to the argument parser (bad options).
+pub mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const STATE: u8 = 3;
+    pub const NAME_TAKEN: u8 = 4;
+    pub const BUS: u8 = 5;
+    pub const HOST: u8 = 6;
+}
+
+impl DaemonError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::State(_) | DaemonError::StateDir { .. } => exit::STATE,
+            DaemonError::Fixture(_) => exit::HOST,
+            DaemonError::Bus(ServeError::NameTaken) => exit::NAME_TAKEN,
+            DaemonError::Bus(_) => exit::BUS,
+            DaemonError::Signals(_) => exit::FAILURE,
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let sim = match &opts.simulate {
+        Some(fixture) => Some(Arc::new(SimHost::open(
+            fixture,
+            opts.simulate_state.as_deref(),
+        )?)),
+        None => None,
+    };
+    let host: Arc<dyn Host> = match &sim {
+        Some(sim) => sim.clone(),
+        None => Arc::new(SysfsHost::new(&opts.sysfs_root)),
+    };
+    std::fs::create_dir_all(&opts.state_dir).map_err(|source| DaemonError::StateDir {
+        path: opts.state_dir.clone(),
+        source,
+    })?;
+    let store = Store::new(&opts.state_dir);
+    let (registry, loaded) = store.load()?;
+    if let Loaded::MovedAside(to) = &loaded {
+        tracing::error!(moved_to = %to.display(), "started with an empty registry after moving an unreadable one aside");
+    }
+    let ids = PciIds::load();
+    tracing::info!(
+        host = %host.describe(),
+        registry = %store.path().display(),
+        devices = registry.len(),
+        pci_ids = %ids.source(),
+        "starting"
+    );
+    let door = Door::new(host.clone(), opts.sysfs_timeout);
+    let service = Arc::new(Service::new(door.clone(), ids, store, registry));
+
+    // Events first, enumeration second: nothing can happen in between unseen.
+    let (events, rx) = hotplug::channel();
+    if let Some(sim) = &sim {
+        let tx = events.clone();
+        sim.set_event_sink(Box::new(move |e| {
+            let _ = tx.send(hotplug::Msg::Event(e));
+        }));
+    } else if opts.sysfs_root == std::path::Path::new("/sys") {
+        if let Err(e) = hotplug::open_udev(events.clone()) {
+            tracing::warn!(error = %e, "cannot open the udev monitor; hotplug will not be followed");
+        }
+    } else {
+        tracing::info!(sysfs_root = %opts.sysfs_root.display(), "not the running kernel's sysfs: hotplug is not followed");
+    }
+    let _dispatcher = hotplug::spawn_dispatcher(service.clone(), rx);
+    match door.devices().await {
+        Ok(devices) => {
+            for d in devices {
+                let mut ev = HostEvent::new(EventKind::Add, d.address);
+                ev.enumerated = true;
+                ev.device = Some(d);
+                let _ = events.send(hotplug::Msg::Event(ev));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot enumerate the host's PCI devices"),
+    }
+    hotplug::sync(&events).await;
+    service.remember_absent();
+    tracing::debug!("host enumerated");
+    // Desired state next (after a reboot the devices are back on their native
+    // drivers), so the first client already sees them where they belong.
+    service.reconcile().await;
+    tracing::debug!("host reconciled");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Signals)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(DaemonError::Signals)?;
+
+    let conn = bus::serve(service.clone(), &opts.bus, sim).await?;
+    let summary = service.summary();
+    tracing::info!(name = hypeman_api::BUS_NAME, status = %summary, "ready");
+    systemd::ready(&summary);
+    crate::memory::release_free_memory();
+    let _status = systemd::spawn_status(service.clone());
+    let _watchdog = systemd::spawn_watchdog(service.clone());
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    systemd::stopping();
+    // Let a change that is being written finish before the name goes away.
+    service.quiesce().await;
+    if let Err(e) = conn.release_name(hypeman_api::BUS_NAME).await {
+        tracing::warn!(error = %e, "could not release the bus name");
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Authorization, declared once.
+//!
+//! [`Method::action`] is the one table from a changing method to the polkit
+//! action that guards it. Every changing handler goes through [`Authz`]: it
+//! resolves what the caller named to one record, once, asks the bouncer about
+//! that exact record (its address, vendor:device and name go to polkit as
+//! details), and hands back the resolved [`Target`]. The service then acts on
+//! that record's id and nothing else: a name re-pointed while polkit was
+//! deciding cannot redirect the change.
+
+use std::sync::Arc;
+
+use hypeman_api::Error;
+use tokio::sync::OnceCell;
+use zbus::message::Header;
+use zbus::Connection;
+
+use super::polkit::{Action, Bouncer, Target as PolkitTarget};
+use crate::service::{Service, Target};
+
+/// Every method that changes anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Register,
+    Delete,
+    Bind,
+    Unbind,
+    Attach,
+    Detach,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::Register,
+        Method::Delete,
+        Method::Bind,
+        Method::Unbind,
+        Method::Attach,
+        Method::Detach,
+    ];
+
+    /// The table: which polkit action each method needs.
+    pub const fn action(self) -> Action {
+        match self {
+            Method::Register => Action::Register,
+            Method::Delete => Action::Delete,
+            Method::Bind | Method::Unbind => Action::Bind,
+            Method::Attach | Method::Detach => Action::Attach,
+        }
+    }
+}
+
+/// The gate every changing handler passes.
+pub struct Authz {
+    service: Arc<Service>,
+    /// Built on first use from the serving connection, then kept for the
+    /// daemon's life.
+    bouncer: OnceCell<Bouncer>,
+}
+
+impl Authz {
+    pub fn new(service: Arc<Service>) -> Self {
+        Authz {
+            service,
+            bouncer: OnceCell::new(),
+        }
+    }
+
+    async fn bouncer(&self, conn: &Connection) -> Result<&Bouncer, Error> {
+        self.bouncer
+            .get_or_try_init(|| Bouncer::new(conn))
+            .await
+            .map_err(|e| Error::Failed(format!("cannot reach the bus to ask polkit: {e}")))
+    }
+
+    /// Resolves `id_or_name` once and authorizes `method` on that record for
+    /// the caller of `header`.
+    pub async fn device(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        method: Method,
+        id_or_name: &str,
+    ) -> Result<Target, Error> {
+        let target = self.service.resolve(id_or_name)?;
+        let d = target.record();
+        let details = PolkitTarget {
+            pci_address: d.pci_address.to_string(),
+            device_id: format!("{}:{}", d.vendor_id, d.device_id),
+            name: d.name.clone(),
+        };
+        self.bouncer(conn)
+            .await?
+            .check(header, method.action(), &details)
+            .await?;
+        Ok(target)
+    }
+
+    /// Authorizes registering the host device at `pci_address` under `name`
+    /// (empty: the default name).
+    pub async fn register(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        pci_address: &str,
+        name: &str,
+    ) -> Result<(), Error> {
+        if !name.is_empty() {
+            crate::store::registry::validate_name(name)?;
+        }
+        let host = self.service.inspect(pci_address).await?;
+        let details = PolkitTarget {
+            pci_address: host.address.to_string(),
+            device_id: format!("{:04x}:{:04x}", host.vendor, host.device),
+            name: if name.is_empty() {
+                host.address.default_name()
+            } else {
+                name.to_string()
+            },
+        };
+        self.bouncer(conn)
+            .await?
+            .check(header, Method::Register.action(), &details)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every action in the table is declared in the shipped policy, and every
+    /// declared action guards some method.
+    #[test]
+    fn the_table_matches_the_policy() {
+        let policy = include_str!("../../../../../polkit/org.hypeman.devices.policy");
+        let mut used: Vec<&str> = Method::ALL.iter().map(|m| m.action().id()).collect();
+        used.sort();
+        used.dedup();
+        for id in &used {
+            assert!(policy.contains(&format!("<action id=\"{id}\">")), "{id}");
+        }
+        assert_eq!(policy.matches("<action id=").count(), used.len());
+    }
+}

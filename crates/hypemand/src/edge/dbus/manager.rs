@@ -1,0 +1,173 @@
+//! `org.hypeman.Devices1` on `/org/hypeman/Devices`: the registry's front door.
+//! Each handler forwards to the service; changing ones pass [`Authz`] first.
+
+use std::sync::Arc;
+
+use hypeman_api::{Available, Error, Record};
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{interface, Connection, OwnedObjectPath};
+
+use super::authz::{Authz, Method};
+use super::device_path;
+use crate::service::Service;
+
+/// Replies of this many entries are followed by a heap trim: megabytes of
+/// buffers would otherwise stay with the process after they are sent.
+const LARGE_REPLY: usize = 1024;
+
+pub struct Manager {
+    service: Arc<Service>,
+    authz: Arc<Authz>,
+}
+
+impl Manager {
+    pub fn new(service: Arc<Service>, authz: Arc<Authz>) -> Self {
+        Manager { service, authz }
+    }
+}
+
+#[interface(name = "org.hypeman.Devices1")]
+impl Manager {
+    /// Registers a host PCI device for passthrough (the seed's `POST /devices`).
+    /// An empty `name` means `pci-<address>`.
+    async fn register(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        pci_address: &str,
+        name: &str,
+    ) -> Result<(OwnedObjectPath, Record), Error> {
+        self.authz
+            .register(conn, &header, pci_address, name)
+            .await?;
+        let view = self.service.register(pci_address, name).await?;
+        Ok((device_path(&view.stored.id)?, view.record()))
+    }
+
+    /// Every registered device.
+    async fn list(&self) -> Result<Vec<Record>, Error> {
+        let records: Vec<Record> = self
+            .service
+            .list()
+            .await?
+            .iter()
+            .map(|v| v.record())
+            .collect();
+        if records.len() >= LARGE_REPLY {
+            crate::memory::trim_soon();
+        }
+        Ok(records)
+    }
+
+    /// One device, by id or exact name.
+    async fn get(&self, id_or_name: &str) -> Result<Record, Error> {
+        Ok(self.service.get(id_or_name).await?.record())
+    }
+
+    /// Unregisters a device; refuses while it is attached.
+    async fn delete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+    ) -> Result<(), Error> {
+        let t = self
+            .authz
+            .device(conn, &header, Method::Delete, id_or_name)
+            .await?;
+        self.service.delete(&t).await.map(|_| ())
+    }
+
+    /// Every PCI device on the host, registered or not.
+    async fn list_available(&self) -> Result<Vec<Available>, Error> {
+        let available: Vec<Available> = self
+            .service
+            .list_available()
+            .await?
+            .iter()
+            .map(|v| v.record())
+            .collect();
+        if available.len() >= LARGE_REPLY {
+            crate::memory::trim_soon();
+        }
+        Ok(available)
+    }
+
+    /// Moves a device to vfio-pci (idempotent).
+    async fn bind(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+    ) -> Result<Record, Error> {
+        let t = self
+            .authz
+            .device(conn, &header, Method::Bind, id_or_name)
+            .await?;
+        Ok(self.service.bind(&t).await?.record())
+    }
+
+    /// Gives a device back to its host driver (idempotent).
+    async fn unbind(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+    ) -> Result<Record, Error> {
+        let t = self
+            .authz
+            .device(conn, &header, Method::Unbind, id_or_name)
+            .await?;
+        Ok(self.service.unbind(&t).await?.record())
+    }
+
+    /// Binds if needed, then marks the device attached to `instance_id`.
+    async fn attach(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+        instance_id: &str,
+    ) -> Result<Record, Error> {
+        crate::store::registry::validate_instance_id(instance_id)?;
+        let t = self
+            .authz
+            .device(conn, &header, Method::Attach, id_or_name)
+            .await?;
+        Ok(self.service.attach(&t, instance_id).await?.record())
+    }
+
+    /// Clears the attachment; the device stays on vfio-pci.
+    async fn detach(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+    ) -> Result<Record, Error> {
+        let t = self
+            .authz
+            .device(conn, &header, Method::Detach, id_or_name)
+            .await?;
+        Ok(self.service.detach(&t).await?.record())
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> String {
+        crate::VERSION.to_string()
+    }
+
+    /// A PCI device appeared on the host (registered or not).
+    #[zbus(signal)]
+    pub async fn host_device_added(
+        emitter: &SignalEmitter<'_>,
+        pci_address: &str,
+    ) -> zbus::Result<()>;
+
+    /// A PCI device left the host (registered or not).
+    #[zbus(signal)]
+    pub async fn host_device_removed(
+        emitter: &SignalEmitter<'_>,
+        pci_address: &str,
+    ) -> zbus::Result<()>;
+}

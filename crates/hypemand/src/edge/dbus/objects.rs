@@ -1,0 +1,125 @@
+//! `org.freedesktop.DBus.ObjectManager` at the manager's path, kept by hand.
+//!
+//! zbus's own ObjectManager announces every object under it when it is added
+//! (and every object added after it): at start-up that is one
+//! `InterfacesAdded` signal with every property per stored device, sent to a
+//! bus where nobody can know our name yet. Measured at 4096 devices it was
+//! half of the start-up time. This one announces only what happens while the
+//! daemon serves: a device registered (`InterfacesAdded`) or deleted
+//! (`InterfacesRemoved`), and answers `GetManagedObjects` from the registry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::fdo;
+use zbus::object_server::{Interface, ObjectServer, SignalEmitter};
+use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
+
+use super::authz::Authz;
+use super::device::DeviceObject;
+use super::device_path;
+use crate::service::Service;
+use hypeman_api::{DEVICE_IFACE, MANAGER_PATH};
+
+/// Per object, per interface, the properties.
+pub type ManagedObjects = HashMap<OwnedObjectPath, HashMap<String, HashMap<String, OwnedVariant>>>;
+
+pub struct Objects {
+    service: Arc<Service>,
+    authz: Arc<Authz>,
+}
+
+impl Objects {
+    pub fn new(service: Arc<Service>, authz: Arc<Authz>) -> Self {
+        Objects { service, authz }
+    }
+
+    /// A device object's properties, from the object's own getters, so the
+    /// signal and `GetManagedObjects` can never disagree with `GetAll`.
+    pub async fn properties(
+        service: &Arc<Service>,
+        authz: &Arc<Authz>,
+        server: &ObjectServer,
+        conn: &Connection,
+        id: &str,
+    ) -> fdo::Result<HashMap<String, OwnedVariant>> {
+        let path = device_path(id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        let emitter =
+            SignalEmitter::new(conn, path).map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        DeviceObject::new(service.clone(), authz.clone(), id.to_string())
+            .get_all(server, conn, None, &emitter)
+            .await
+    }
+}
+
+#[zbus::interface(name = "org.freedesktop.DBus.ObjectManager")]
+impl Objects {
+    /// Every registered device and its `org.hypeman.Device1` properties.
+    async fn get_managed_objects(
+        &self,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(connection)] conn: &Connection,
+    ) -> fdo::Result<ManagedObjects> {
+        let ids: Vec<String> = self
+            .service
+            .snapshot()
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        let mut out = ManagedObjects::with_capacity(ids.len());
+        for id in ids {
+            let path = device_path(&id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
+            // A device deleted meanwhile is simply left out.
+            if let Ok(props) = Self::properties(&self.service, &self.authz, server, conn, &id).await
+            {
+                out.insert(path, HashMap::from([(DEVICE_IFACE.to_string(), props)]));
+            }
+        }
+        crate::memory::trim_soon();
+        Ok(out)
+    }
+
+    #[zbus(signal)]
+    pub async fn interfaces_added(
+        emitter: &SignalEmitter<'_>,
+        object_path: ObjectPath<'_>,
+        interfaces_and_properties: HashMap<&str, HashMap<&str, Variant<'_>>>,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn interfaces_removed(
+        emitter: &SignalEmitter<'_>,
+        object_path: ObjectPath<'_>,
+        interfaces: &[&str],
+    ) -> zbus::Result<()>;
+}
+
+/// Announces a newly exported device object.
+pub async fn announce_added(
+    service: &Arc<Service>,
+    authz: &Arc<Authz>,
+    conn: &Connection,
+    id: &str,
+) -> zbus::Result<()> {
+    let path = device_path(id).map_err(|e| zbus::Error::Failure(e.to_string()))?;
+    let server = conn.object_server();
+    let props = Objects::properties(service, authz, server, conn, id).await?;
+    let props = props
+        .iter()
+        .map(|(k, v)| Ok((k.as_str(), Variant::try_from(v)?)))
+        .collect::<zbus::Result<HashMap<&str, Variant<'_>>>>()?;
+    let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+    Objects::interfaces_added(
+        &emitter,
+        path.as_ref(),
+        HashMap::from([(DEVICE_IFACE, props)]),
+    )
+    .await
+}
+
+/// Announces a device object that went away.
+pub async fn announce_removed(conn: &Connection, id: &str) -> zbus::Result<()> {
+    let path = device_path(id).map_err(|e| zbus::Error::Failure(e.to_string()))?;
+    let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+    Objects::interfaces_removed(&emitter, path.as_ref(), &[DEVICE_IFACE]).await
+}

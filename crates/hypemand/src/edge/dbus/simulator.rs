@@ -1,0 +1,80 @@
+//! `org.hypeman.Simulator1` on `/org/hypeman/Simulator`, exported only under
+//! `--simulate`: lets tests reach every error path of the simulated kernel.
+//! The production bus policy does not open this interface; test buses add
+//! `tests/data/simulator.conf`.
+
+use std::sync::Arc;
+
+use zbus::{fdo, interface};
+
+use crate::host::sim::{Fault, FaultKind, SimHost};
+use crate::host::Op;
+use crate::pci::PciAddress;
+
+pub struct Simulator {
+    sim: Arc<SimHost>,
+}
+
+impl Simulator {
+    pub fn new(sim: Arc<SimHost>) -> Self {
+        Simulator { sim }
+    }
+}
+
+#[interface(name = "org.hypeman.Simulator1")]
+impl Simulator {
+    /// Makes `operation` (set_override, clear_override, unbind, bind, probe) on
+    /// `pci_address` fail with `error`: an errno name (ENODEV, EBUSY, EIO, ...),
+    /// `stall` (blocks until ClearFaults) or `grab` (unbind only: the native
+    /// driver takes the device straight back).
+    async fn inject_fault(
+        &self,
+        operation: &str,
+        pci_address: &str,
+        error: &str,
+    ) -> fdo::Result<()> {
+        let op = Op::parse(operation).ok_or_else(|| {
+            fdo::Error::InvalidArgs(format!(
+                "unknown operation {operation:?}; use one of set_override, clear_override, unbind, bind, probe"
+            ))
+        })?;
+        let address =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let kind = FaultKind::parse(error).ok_or_else(|| {
+            fdo::Error::InvalidArgs(format!(
+                "unknown error {error:?}; use an errno name such as EBUSY, or stall, or grab"
+            ))
+        })?;
+        self.sim.inject(Fault { op, address, kind });
+        Ok(())
+    }
+
+    /// Hot-removes a device (its driver unbinds, then it leaves the bus).
+    async fn unplug(&self, pci_address: &str) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        self.sim.unplug(a).map_err(fdo::Error::InvalidArgs)
+    }
+
+    /// Brings an unplugged device back; its native driver binds first, as the
+    /// kernel's would.
+    async fn plug(&self, pci_address: &str) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        self.sim.plug(a).map_err(fdo::Error::InvalidArgs)
+    }
+
+    /// An outside actor binds `driver` to the device.
+    async fn driver_bind(&self, pci_address: &str, driver: &str) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        self.sim
+            .driver_bind(a, driver)
+            .map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+
+    /// Removes every injected fault and releases stalled writes.
+    async fn clear_faults(&self) {
+        self.sim.clear_faults();
+    }
+}

@@ -1,0 +1,276 @@
+//! The one door to the host: every read and every write runs on a blocking
+//! thread, under the deadline, and nothing above it touches sysfs.
+//!
+//! Why a door and not plain calls: a sysfs read can block in the kernel (reading
+//! `driver_override` takes the device lock, which a driver stuck in `remove()`
+//! holds; a hostile `--sysfs-root` tree can put a FIFO where an attribute
+//! should be). On the async runtime that would freeze the whole daemon. Here
+//! the caller gets `Timeout` at the deadline, and the thread left behind is
+//! remembered against the device it is stuck on: until it returns, the next
+//! caller for that device is answered `Timeout` at once instead of leaving one
+//! more thread stuck behind it. Other devices are not affected.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Host, HostDevice, HostError, HostOp};
+use crate::pci::PciAddress;
+
+/// Why a call through the door did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("no answer from the kernel within {0:?}")]
+    Timeout(Duration),
+    #[error("an earlier call on {0} is still stuck in the kernel; try again once it returns")]
+    Stuck(Key),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("{0}")]
+    Verify(String),
+}
+
+impl StepError {
+    /// Both a call that ran out of time and one refused because an earlier
+    /// call is still stuck are timeouts to the caller.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StepError::Timeout(_) | StepError::Stuck(_))
+    }
+}
+
+/// What a blocking call can be stuck on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    Device(PciAddress),
+    /// A write; never refused, never marked (see [`Door::write`]).
+    Write(PciAddress),
+    /// A call about the host as a whole (enumeration, an IOMMU group, drivers).
+    Host,
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Device(a) | Key::Write(a) => write!(f, "{a}"),
+            Key::Host => f.write_str("the host's PCI devices"),
+        }
+    }
+}
+
+/// Calls abandoned at their deadline and still running, per key.
+type Stuck = Arc<Mutex<HashMap<Key, usize>>>;
+
+/// Where a multi-device call has got to, so a timeout blames the device it is
+/// stuck on rather than the whole host.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<Mutex<Option<PciAddress>>>);
+
+impl Progress {
+    fn at(&self, a: Option<PciAddress>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = a;
+    }
+    fn current(&self) -> Option<PciAddress> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The host, seen through deadlines.
+#[derive(Clone)]
+pub struct Door {
+    host: Arc<dyn Host>,
+    deadline: Duration,
+    stuck: Stuck,
+}
+
+impl Door {
+    pub fn new(host: Arc<dyn Host>, deadline: Duration) -> Self {
+        Door {
+            host,
+            deadline,
+            stuck: Arc::default(),
+        }
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    fn is_stuck(&self, key: Key) -> bool {
+        self.stuck
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|n| *n > 0)
+    }
+
+    /// Runs one blocking host call for `key`. On timeout the thread is left to
+    /// finish on its own (a call stuck in the kernel cannot be cancelled) and
+    /// the key is marked stuck until it does.
+    async fn call<T: Send + 'static>(
+        &self,
+        key: Key,
+        f: impl FnOnce(&dyn Host, &Progress) -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, StepError> {
+        let marks = !matches!(key, Key::Write(_));
+        if marks && self.is_stuck(key) {
+            return Err(StepError::Stuck(key));
+        }
+        let host = self.host.clone();
+        let stuck = self.stuck.clone();
+        let progress = Progress::default();
+        // Under `stuck`'s lock: `Some(key)` once abandoned, so the thread knows
+        // what to release; `None` while the caller still waits.
+        let abandoned: Arc<Mutex<Option<Option<Key>>>> = Arc::new(Mutex::new(None));
+        let (p, ab) = (progress.clone(), abandoned.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let r = f(&*host, &p);
+            let mut s = stuck.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ab = ab.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(Some(k)) = ab.take() {
+                if let Some(n) = s.get_mut(&k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.remove(&k);
+                    }
+                }
+                tracing::info!(key = %k, "a stuck host call returned");
+            }
+            // Mark done: a timeout racing with this return must not mark it.
+            *ab = Some(None);
+            r
+        });
+        match tokio::time::timeout(self.deadline, task).await {
+            Err(_) => {
+                let mut s = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+                let mut ab = abandoned.lock().unwrap_or_else(|e| e.into_inner());
+                if ab.is_none() && marks {
+                    let blame = progress.current().map_or(key, Key::Device);
+                    *s.entry(blame).or_default() += 1;
+                    *ab = Some(Some(blame));
+                    tracing::warn!(key = %blame, deadline_ms = self.deadline.as_millis() as u64, "a host call is stuck in the kernel");
+                }
+                Err(StepError::Timeout(self.deadline))
+            }
+            Ok(Err(join)) => Err(StepError::Verify(format!("the host call failed: {join}"))),
+            Ok(Ok(r)) => r.map_err(StepError::Host),
+        }
+    }
+
+    /// Reads one device.
+    pub async fn read(&self, address: PciAddress) -> Result<Option<HostDevice>, StepError> {
+        self.call(Key::Device(address), move |h, _| h.device(address))
+            .await
+    }
+
+    /// Reads many devices in one blocking call, each with its own outcome. A
+    /// device already known to be stuck is not read again: it answers
+    /// `Stuck`, and the others are read.
+    pub async fn read_many(
+        &self,
+        addresses: Vec<PciAddress>,
+    ) -> Result<Vec<Result<Option<HostDevice>, StepError>>, StepError> {
+        let stuck: Vec<bool> = addresses
+            .iter()
+            .map(|a| self.is_stuck(Key::Device(*a)))
+            .collect();
+        let read = self
+            .call(Key::Host, move |h, progress| {
+                Ok(addresses
+                    .into_iter()
+                    .zip(stuck)
+                    .map(|(a, stuck)| {
+                        if stuck {
+                            return Err(StepError::Stuck(Key::Device(a)));
+                        }
+                        progress.at(Some(a));
+                        let r = h.device(a).map_err(StepError::Host);
+                        progress.at(None);
+                        r
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        Ok(read)
+    }
+
+    /// Every PCI function on the host.
+    pub async fn devices(&self) -> Result<Vec<HostDevice>, StepError> {
+        self.call(Key::Host, |h, _| h.devices()).await
+    }
+
+    /// The members of an IOMMU group.
+    pub async fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, StepError> {
+        self.call(Key::Host, move |h, _| h.group_members(group))
+            .await
+    }
+
+    /// Loads a driver module if needed; true when it is loaded afterwards.
+    pub async fn load_driver(&self, driver: &'static str) -> Result<bool, StepError> {
+        self.call(Key::Host, move |h, _| Ok(h.load_driver(driver)))
+            .await
+    }
+
+    /// One write to the kernel. Writes happen under the device's lock in the
+    /// service, one at a time, and a rollback must be able to follow a write
+    /// that timed out: they are not refused for an earlier stuck read, and a
+    /// stuck write does not mark the device.
+    pub async fn write(&self, address: PciAddress, op: HostOp) -> Result<(), StepError> {
+        self.call(Key::Write(address), move |h, _| op.apply(h, address))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::sysfs::tests::add_device;
+    use crate::host::sysfs::SysfsHost;
+
+    /// A FIFO where `vendor` should be blocks the read forever: the caller gets
+    /// `Timeout`, the next caller for that device is refused at once without a
+    /// second stuck thread, and another device reads as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_read_holds_only_its_own_device() {
+        let root = tempfile::tempdir().unwrap();
+        let ids = ("0x10de", "0x27b8", "0x030200");
+        add_device(root.path(), "0000:a2:00.0", ids, Some("nvidia"), Some(82));
+        add_device(root.path(), "0000:b2:00.0", ids, Some("nvidia"), Some(83));
+        let vendor = root.path().join("devices/pci0000:00/0000:a2:00.0/vendor");
+        std::fs::remove_file(&vendor).unwrap();
+        let c = std::ffi::CString::new(vendor.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let door = Door::new(
+            Arc::new(SysfsHost::new(root.path())),
+            Duration::from_millis(200),
+        );
+        let stuck = PciAddress::parse("0000:a2:00.0").unwrap();
+        let other = PciAddress::parse("0000:b2:00.0").unwrap();
+        assert!(matches!(door.read(stuck).await, Err(StepError::Timeout(_))));
+        assert!(matches!(door.read(stuck).await, Err(StepError::Stuck(_))));
+        assert!(door.read(other).await.unwrap().is_some());
+        // A bulk read skips the stuck device and reads the rest.
+        let many = door.read_many(vec![stuck, other]).await.unwrap();
+        assert!(matches!(many[0], Err(StepError::Stuck(_))));
+        assert!(many[1].as_ref().unwrap().is_some());
+        // Unblock the reader (open the FIFO for writing, put a real attribute
+        // in its place, close): the device reads again once the stuck thread
+        // has returned, and only then.
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&vendor)
+            .unwrap();
+        std::fs::remove_file(&vendor).unwrap();
+        std::fs::write(&vendor, "0x10de\n").unwrap();
+        drop(w);
+        loop {
+            match door.read(stuck).await {
+                Err(StepError::Stuck(_)) => tokio::task::yield_now().await,
+                other => {
+                    assert!(other.unwrap().is_some());
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The host: what the daemon needs from a kernel's PCI subsystem.
+//!
+//! Everything above the [`Host`] trait (the service, D-Bus, the store) is the
+//! same code in production and under `--simulate`; only the backend differs.
+//! Methods are synchronous because sysfs is, and nothing above this module
+//! calls them directly: [`door::Door`] runs every read and every write off the
+//! async runtime under a deadline, and [`vfio`] builds the driver moves from
+//! its [`HostOp`]s.
+//!
+//! - [`door`]: the one way in, with deadlines and stuck-call bookkeeping;
+//! - [`vfio`]: take a device to vfio-pci and give it back, with rollback;
+//! - [`sysfs`]: the real kernel; [`sim`]: the simulated one.
+
+pub mod door;
+pub mod sim;
+pub mod sysfs;
+pub mod vfio;
+
+use crate::pci::PciAddress;
+
+/// What the kernel reports about one PCI function right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDevice {
+    pub address: PciAddress,
+    pub vendor: u16,
+    pub device: u16,
+    /// 24-bit class code (`0x030200`).
+    pub class: u32,
+    pub subsystem_vendor: u16,
+    pub subsystem_device: u16,
+    /// The bound driver's name; `None` when unbound.
+    pub driver: Option<String>,
+    /// The IOMMU group; `None` when the host has no IOMMU.
+    pub iommu_group: Option<u32>,
+    /// `driver_override`; `None` when unset (`(null)`).
+    pub driver_override: Option<String>,
+    /// `numa_node`; `None` when the platform has none (-1).
+    pub numa_node: Option<u32>,
+}
+
+/// What a uevent (or the simulated kernel) says happened to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Add,
+    Remove,
+    Bind,
+    Unbind,
+    Change,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Add => "add",
+            EventKind::Remove => "remove",
+            EventKind::Bind => "bind",
+            EventKind::Unbind => "unbind",
+            EventKind::Change => "change",
+        }
+    }
+}
+
+/// One hotplug event for one PCI function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEvent {
+    pub kind: EventKind,
+    pub address: PciAddress,
+    /// A `change` carrying `ERROR_EVENT` (AER recovery).
+    pub error_event: bool,
+    /// Produced by the start-up enumeration rather than by the kernel.
+    pub enumerated: bool,
+    /// The device as the enumeration read it (saves reading it again).
+    pub device: Option<HostDevice>,
+}
+
+impl HostEvent {
+    pub fn new(kind: EventKind, address: PciAddress) -> Self {
+        HostEvent {
+            kind,
+            address,
+            error_event: false,
+            enumerated: false,
+            device: None,
+        }
+    }
+}
+
+/// Where a host backend delivers its events.
+pub type EventSink = Box<dyn Fn(HostEvent) + Send + Sync>;
+
+/// Why the host could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Attr(#[from] crate::pci::sysfs::AttrError),
+    /// A write the kernel refused, with its errno.
+    #[error("writing {value:?} to {path} failed: {}", errno_text(*.errno))]
+    Write {
+        path: String,
+        value: String,
+        errno: i32,
+    },
+    /// The driver is not loaded (no `drivers/<name>`).
+    #[error("driver {0} is not loaded")]
+    NoDriver(String),
+    #[error("no PCI device {0} on this host")]
+    NoDevice(PciAddress),
+}
+
+/// `ENODEV (No such device)`, for messages a person reads.
+pub fn errno_text(errno: i32) -> String {
+    let name = errno_name(errno).unwrap_or("errno");
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+    format!("{name} ({text})")
+}
+
+/// The errno values a sysfs write can plausibly fail with, by name.
+pub const ERRNOS: [(&str, i32); 10] = [
+    ("EPERM", 1),
+    ("ENOENT", 2),
+    ("EINTR", 4),
+    ("EIO", 5),
+    ("ENXIO", 6),
+    ("EAGAIN", 11),
+    ("EACCES", 13),
+    ("EBUSY", 16),
+    ("ENODEV", 19),
+    ("EINVAL", 22),
+];
+
+pub fn errno_name(errno: i32) -> Option<&'static str> {
+    ERRNOS.iter().find(|(_, n)| *n == errno).map(|(s, _)| *s)
+}
+
+pub fn errno_by_name(name: &str) -> Option<i32> {
+    ERRNOS.iter().find(|(s, _)| *s == name).map(|(_, n)| *n)
+}
+
+/// The kernel operations the daemon performs, by the name faults and messages use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    /// Write a driver name to `driver_override`.
+    SetOverride,
+    /// Write an empty line to `driver_override`.
+    ClearOverride,
+    /// Write the address to `drivers/<name>/unbind`.
+    Unbind,
+    /// Write the address to `drivers/<name>/bind`.
+    Bind,
+    /// Write the address to `drivers_probe`.
+    Probe,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [
+        Op::SetOverride,
+        Op::ClearOverride,
+        Op::Unbind,
+        Op::Bind,
+        Op::Probe,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::SetOverride => "set_override",
+            Op::ClearOverride => "clear_override",
+            Op::Unbind => "unbind",
+            Op::Bind => "bind",
+            Op::Probe => "probe",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// One write to the kernel, with what it needs: an operation cannot be asked
+/// for without its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOp {
+    /// Write this driver's name to `driver_override`.
+    SetOverride(String),
+    /// Clear `driver_override`.
+    ClearOverride,
+    /// `drivers/<driver>/unbind`.
+    Unbind(String),
+    /// `drivers/<driver>/bind`.
+    Bind(String),
+    /// `drivers_probe`.
+    Probe,
+}
+
+impl HostOp {
+    /// The operation's name, as faults and messages use it.
+    pub fn kind(&self) -> Op {
+        match self {
+            HostOp::SetOverride(_) => Op::SetOverride,
+            HostOp::ClearOverride => Op::ClearOverride,
+            HostOp::Unbind(_) => Op::Unbind,
+            HostOp::Bind(_) => Op::Bind,
+            HostOp::Probe => Op::Probe,
+        }
+    }
+
+    /// Performs the write on `host` (blocking).
+    pub fn apply(&self, host: &dyn Host, address: PciAddress) -> Result<(), HostError> {
+        match self {
+            HostOp::SetOverride(d) => host.set_override(address, Some(d)),
+            HostOp::ClearOverride => host.set_override(address, None),
+            HostOp::Unbind(d) => host.unbind(address, d),
+            HostOp::Bind(d) => host.bind(address, d),
+            HostOp::Probe => host.probe(address),
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A source of truth about PCI devices: the real sysfs or the simulated kernel.
+pub trait Host: Send + Sync + 'static {
+    /// One line for logs and `--help`-level diagnostics: which host this is.
+    fn describe(&self) -> String;
+
+    /// Every PCI function on the host, sorted by address.
+    fn devices(&self) -> Result<Vec<HostDevice>, HostError>;
+
+    /// One function; `Ok(None)` when no such device exists (unplugged or never there).
+    fn device(&self, address: PciAddress) -> Result<Option<HostDevice>, HostError>;
+
+    /// The devices in an IOMMU group, sorted by address.
+    fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError>;
+
+    /// Whether `drivers/<name>` exists.
+    fn driver_loaded(&self, driver: &str) -> bool;
+
+    /// Tries once to load a driver module (`modprobe`); true when it is loaded
+    /// afterwards.
+    fn load_driver(&self, driver: &str) -> bool;
+
+    /// `driver_override`: `Some(driver)` sets it, `None` clears it.
+    fn set_override(&self, address: PciAddress, driver: Option<&str>) -> Result<(), HostError>;
+
+    /// `drivers/<driver>/unbind`.
+    fn unbind(&self, address: PciAddress, driver: &str) -> Result<(), HostError>;
+
+    /// `drivers/<driver>/bind`.
+    fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError>;
+
+    /// `drivers_probe`.
+    fn probe(&self, address: PciAddress) -> Result<(), HostError>;
+}

@@ -1,0 +1,374 @@
+//! The real backend: the kernel's sysfs under `--sysfs-root` (default `/sys`).
+//!
+//! Paths are always built from a parsed [`PciAddress`], never from caller input, so
+//! a request cannot name a file outside `bus/pci/devices/<address>`.
+
+use std::path::{Path, PathBuf};
+
+use super::{Host, HostDevice, HostError};
+use crate::pci::sysfs::{link_name, parse_override, read_hex};
+use crate::pci::PciAddress;
+
+pub struct SysfsHost {
+    root: PathBuf,
+    /// `modprobe` is tried at most once per driver name per daemon run.
+    modprobed: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl SysfsHost {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        SysfsHost {
+            root: root.into(),
+            modprobed: Default::default(),
+        }
+    }
+
+    fn driver_dir(&self, driver: &str) -> Result<PathBuf, HostError> {
+        // Driver names come from the kernel's own links or from our constants,
+        // but a name with a separator must never become a path.
+        if driver.is_empty() || driver.contains('/') || driver.contains("..") {
+            return Err(HostError::NoDriver(driver.to_string()));
+        }
+        Ok(self.root.join("bus/pci/drivers").join(driver))
+    }
+
+    /// Writes one value to an existing sysfs attribute (never creates a file).
+    fn write_attr(&self, path: &Path, value: &str) -> Result<(), HostError> {
+        use std::io::Write;
+        let to_err = |e: std::io::Error| HostError::Write {
+            path: path.display().to_string(),
+            value: value.trim_end().to_string(),
+            errno: e.raw_os_error().unwrap_or(5),
+        };
+        // O_TRUNC as a shell's `>` does: sysfs ignores it, a plain file (a test
+        // tree) is left holding exactly the value.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(to_err)?;
+        // sysfs takes one write(2) per value; write_all would retry a short write.
+        f.write_all(value.as_bytes()).map_err(to_err)
+    }
+
+    fn devices_dir(&self) -> PathBuf {
+        self.root.join("bus/pci/devices")
+    }
+
+    fn device_dir(&self, address: PciAddress) -> PathBuf {
+        self.devices_dir().join(address.to_string())
+    }
+
+    fn read_device(&self, address: PciAddress, dir: &Path) -> Result<HostDevice, HostError> {
+        let hex16 = |name: &str| read_hex(&dir.join(name), 0xffff).map(|v| v as u16);
+        // Subsystem ids are absent on some bridges and on captured trees; 0 is what
+        // lspci shows for "none".
+        let optional16 = |name: &str| match read_hex(&dir.join(name), 0xffff) {
+            Ok(v) => v as u16,
+            Err(_) => 0,
+        };
+        let driver_override = match std::fs::read_to_string(dir.join("driver_override")) {
+            Ok(text) => parse_override(&text),
+            Err(_) => None, // kernels before 3.16 have no driver_override
+        };
+        Ok(HostDevice {
+            address,
+            vendor: hex16("vendor")?,
+            device: hex16("device")?,
+            class: read_hex(&dir.join("class"), 0xff_ffff)?,
+            subsystem_vendor: optional16("subsystem_vendor"),
+            subsystem_device: optional16("subsystem_device"),
+            driver: driver_name(dir),
+            iommu_group: link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
+            driver_override,
+            // -1 (no NUMA) and a missing file both mean none.
+            numa_node: std::fs::read_to_string(dir.join("numa_node"))
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .and_then(|n| u32::try_from(n).ok()),
+        })
+    }
+}
+
+/// The bound driver: the `driver` link's target name. Copies of sysfs made with
+/// `cp -rL` turn the link into a directory; then `uevent`'s `DRIVER=` tells.
+fn driver_name(dir: &Path) -> Option<String> {
+    let link = dir.join("driver");
+    if let Some(name) = link_name(&link) {
+        return Some(name);
+    }
+    if !link.exists() {
+        return None;
+    }
+    let uevent = std::fs::read_to_string(dir.join("uevent")).ok()?;
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DRIVER="))
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+}
+
+impl Host for SysfsHost {
+    fn describe(&self) -> String {
+        format!("sysfs at {}", self.root.display())
+    }
+
+    fn devices(&self) -> Result<Vec<HostDevice>, HostError> {
+        let dir = self.devices_dir();
+        let entries = std::fs::read_dir(&dir).map_err(|source| HostError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Ok(address) = PciAddress::parse(&name.to_string_lossy()) else {
+                tracing::warn!(entry = ?name, "skipping a bus/pci/devices entry that is not a PCI address");
+                continue;
+            };
+            match self.read_device(address, &entry.path()) {
+                Ok(d) => out.push(d),
+                // A device can vanish between readdir and read (hot-unplug); any
+                // other unreadable device is reported but does not hide the rest.
+                Err(e) => {
+                    tracing::warn!(pci_address = %address, error = %e, "skipping unreadable device")
+                }
+            }
+        }
+        out.sort_by_key(|d| d.address);
+        Ok(out)
+    }
+
+    fn device(&self, address: PciAddress) -> Result<Option<HostDevice>, HostError> {
+        let dir = self.device_dir(address);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        self.read_device(address, &dir).map(Some)
+    }
+
+    fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError> {
+        let dir = self
+            .root
+            .join(format!("kernel/iommu_groups/{group}/devices"));
+        let listed: Vec<PciAddress> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| PciAddress::parse(&e.file_name().to_string_lossy()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if listed.is_empty() {
+            // A captured tree may lack kernel/iommu_groups; the links still tell.
+            return Ok(self
+                .devices()?
+                .into_iter()
+                .filter(|d| d.iommu_group == Some(group))
+                .collect());
+        }
+        let mut out = Vec::new();
+        for a in listed {
+            if let Some(d) = self.device(a)? {
+                out.push(d);
+            }
+        }
+        out.sort_by_key(|d| d.address);
+        Ok(out)
+    }
+
+    fn driver_loaded(&self, driver: &str) -> bool {
+        self.driver_dir(driver).is_ok_and(|d| d.is_dir())
+    }
+
+    fn load_driver(&self, driver: &str) -> bool {
+        if self.driver_loaded(driver) {
+            return true;
+        }
+        // Only the running kernel's own sysfs can gain a driver through modprobe;
+        // a test tree under another root must not load modules on the machine.
+        if self.root != Path::new("/sys") {
+            return false;
+        }
+        let first = self
+            .modprobed
+            .lock()
+            .map(|mut tried| tried.insert(driver.to_string()))
+            .unwrap_or(false);
+        if first {
+            match std::process::Command::new("modprobe").arg(driver).status() {
+                Ok(st) => tracing::info!(driver, status = %st, "ran modprobe"),
+                Err(e) => tracing::warn!(driver, error = %e, "cannot run modprobe"),
+            }
+        }
+        self.driver_loaded(driver)
+    }
+
+    fn set_override(&self, address: PciAddress, driver: Option<&str>) -> Result<(), HostError> {
+        let value = match driver {
+            Some(d) => {
+                self.driver_dir(d)?;
+                format!("{d}\n")
+            }
+            None => "\n".to_string(),
+        };
+        self.write_attr(&self.device_dir(address).join("driver_override"), &value)
+    }
+
+    fn unbind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let path = self.driver_dir(driver)?.join("unbind");
+        self.write_attr(&path, &address.to_string())
+    }
+
+    fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let dir = self.driver_dir(driver)?;
+        if !dir.is_dir() {
+            return Err(HostError::NoDriver(driver.to_string()));
+        }
+        self.write_attr(&dir.join("bind"), &address.to_string())
+    }
+
+    fn probe(&self, address: PciAddress) -> Result<(), HostError> {
+        let path = self.root.join("bus/pci/drivers_probe");
+        self.write_attr(&path, &address.to_string())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// Lays out a device the way the kernel does: the real directory under
+    /// `devices/`, a link in `bus/pci/devices`, relative `driver` and
+    /// `iommu_group` links.
+    pub fn add_device(
+        root: &Path,
+        addr: &str,
+        ids: (&str, &str, &str),
+        driver: Option<&str>,
+        group: Option<u32>,
+    ) {
+        let real = root.join("devices/pci0000:00").join(addr);
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("vendor"), format!("{}\n", ids.0)).unwrap();
+        std::fs::write(real.join("device"), format!("{}\n", ids.1)).unwrap();
+        std::fs::write(real.join("class"), format!("{}\n", ids.2)).unwrap();
+        std::fs::write(real.join("subsystem_vendor"), "0x10de\n").unwrap();
+        std::fs::write(real.join("subsystem_device"), "0x16ca\n").unwrap();
+        std::fs::write(real.join("driver_override"), "(null)\n").unwrap();
+        let bus = root.join("bus/pci/devices");
+        std::fs::create_dir_all(&bus).unwrap();
+        symlink(
+            format!("../../../devices/pci0000:00/{addr}"),
+            bus.join(addr),
+        )
+        .unwrap();
+        if let Some(d) = driver {
+            std::fs::create_dir_all(root.join("bus/pci/drivers").join(d)).unwrap();
+            symlink(format!("../../../bus/pci/drivers/{d}"), real.join("driver")).unwrap();
+        }
+        if let Some(g) = group {
+            std::fs::create_dir_all(root.join(format!("kernel/iommu_groups/{g}/devices"))).unwrap();
+            symlink(
+                format!("../../../kernel/iommu_groups/{g}"),
+                real.join("iommu_group"),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn reads_a_kernel_shaped_tree() {
+        let root = tempfile::tempdir().unwrap();
+        add_device(
+            root.path(),
+            "0000:a2:00.0",
+            ("0x10de", "0x27b8", "0x030200"),
+            Some("nvidia"),
+            Some(82),
+        );
+        add_device(
+            root.path(),
+            "0000:00:1f.0",
+            ("0x8086", "0x1234", "0x060400"),
+            None,
+            None,
+        );
+        std::fs::create_dir_all(root.path().join("bus/pci/devices/not-an-address")).unwrap();
+        let host = SysfsHost::new(root.path());
+        let all = host.devices().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].address.to_string(), "0000:00:1f.0");
+        assert_eq!(all[0].driver, None);
+        assert_eq!(all[0].iommu_group, None);
+        let gpu = host
+            .device(PciAddress::parse("a2:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (gpu.vendor, gpu.device, gpu.class),
+            (0x10de, 0x27b8, 0x030200)
+        );
+        assert_eq!(gpu.driver.as_deref(), Some("nvidia"));
+        assert_eq!(gpu.iommu_group, Some(82));
+        assert_eq!(gpu.driver_override, None);
+        assert_eq!(gpu.subsystem_device, 0x16ca);
+        assert!(host
+            .device(PciAddress::parse("0000:a3:00.0").unwrap())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn driver_from_uevent_when_the_link_was_flattened() {
+        let root = tempfile::tempdir().unwrap();
+        add_device(
+            root.path(),
+            "0000:02:00.0",
+            ("0x8086", "0x1572", "0x020000"),
+            None,
+            None,
+        );
+        let dev = root.path().join("devices/pci0000:00/0000:02:00.0");
+        std::fs::create_dir(dev.join("driver")).unwrap();
+        std::fs::write(dev.join("uevent"), "DRIVER=i40e\nPCI_CLASS=20000\n").unwrap();
+        let host = SysfsHost::new(root.path());
+        let d = host
+            .device(PciAddress::parse("02:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.driver.as_deref(), Some("i40e"));
+    }
+
+    #[test]
+    fn garbage_attributes_are_errors_not_panics() {
+        let root = tempfile::tempdir().unwrap();
+        add_device(
+            root.path(),
+            "0000:01:00.0",
+            ("0x10de", "nonsense", "0x030200"),
+            None,
+            None,
+        );
+        let host = SysfsHost::new(root.path());
+        assert!(host.device(PciAddress::parse("01:00.0").unwrap()).is_err());
+        assert!(host.devices().unwrap().is_empty());
+    }
+
+    /// Reading the machine's own /sys is harmless and proves the parser copes with
+    /// a real kernel's files.
+    #[test]
+    fn reads_the_real_sys_if_present() {
+        let host = SysfsHost::new("/sys");
+        if !Path::new("/sys/bus/pci/devices").exists() {
+            return;
+        }
+        let all = host.devices().unwrap();
+        let listed = std::fs::read_dir("/sys/bus/pci/devices").unwrap().count();
+        assert_eq!(all.len(), listed);
+        for d in all {
+            assert_ne!(d.vendor, 0);
+        }
+    }
+}

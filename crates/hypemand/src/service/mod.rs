@@ -1,0 +1,307 @@
+//! The service: the one place the rules live, and the one owner of the state.
+//!
+//! Every front end (the D-Bus methods, the hotplug events) calls in here, and
+//! nothing here knows about D-Bus. The service owns the registry: reads take a
+//! snapshot and never wait for the disk or for another device's kernel
+//! operation; changes to the registry pass one gate and are written to the store
+//! before they become visible; operations on one device are serialised by that
+//! device's own lock, so a bind stuck in the kernel holds up nobody else.
+//!
+//! - [`registry`]: Register, List, Get, ListAvailable, Delete, and resolving a
+//!   caller's key to one record;
+//! - [`placement`]: where a device is against where it should be, decided once;
+//! - [`transitions`]: Bind, Unbind, Attach, Detach and reconciling, with rollback;
+//! - [`gate`]: the write gate and the store commit;
+//! - [`seen`]: the host state clients were last told about;
+//! - [`error`]: the daemon's failures as the contract's errors.
+
+pub mod error;
+pub mod gate;
+pub mod placement;
+pub mod registry;
+pub mod seen;
+pub mod transitions;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use hypeman_api::{Available, Record, VFIO_DRIVER};
+
+use crate::host::door::Door;
+use crate::host::HostDevice;
+use crate::pci::{DeviceType, PciAddress, PciIds};
+use crate::store::{Registry, Store, StoredDevice};
+pub use error::Result;
+
+/// A registered device as clients see it: what the store keeps, joined with what
+/// the kernel says right now.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    pub stored: StoredDevice,
+    /// `None` while the device is not on the host (unplugged).
+    pub live: Option<HostDevice>,
+    pub vendor_name: String,
+    pub device_name: String,
+}
+
+impl DeviceView {
+    pub fn driver(&self) -> Option<&str> {
+        self.live.as_ref()?.driver.as_deref()
+    }
+    pub fn bound_to_vfio(&self) -> bool {
+        self.driver() == Some(VFIO_DRIVER)
+    }
+    pub fn present(&self) -> bool {
+        self.live.is_some()
+    }
+    pub fn iommu_group(&self) -> Option<u32> {
+        self.live.as_ref()?.iommu_group
+    }
+
+    /// The contract's record: the one place a view becomes what clients get.
+    pub fn record(&self) -> Record {
+        let s = &self.stored;
+        Record {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            pci_address: s.pci_address.to_string(),
+            vendor_id: s.vendor_id.clone(),
+            device_id: s.device_id.clone(),
+            kind: s.kind.as_str().to_string(),
+            iommu_group: self.iommu_group().map(i64::from),
+            bound_to_vfio: self.bound_to_vfio(),
+            attached_to: s.attached_to.clone(),
+            created_at: s.created_at.clone(),
+            driver: self.driver().map(str::to_string),
+            present: self.present(),
+            vendor_name: self.vendor_name.clone(),
+            device_name: self.device_name.clone(),
+            numa_node: self.live.as_ref().and_then(|l| l.numa_node).map(i64::from),
+        }
+    }
+}
+
+/// A PCI function on the host, registered or not (`ListAvailable`).
+#[derive(Debug, Clone)]
+pub struct AvailableView {
+    pub host: HostDevice,
+    pub kind: DeviceType,
+    pub vendor_name: String,
+    pub device_name: String,
+    pub registered_as: Option<String>,
+}
+
+impl AvailableView {
+    /// The contract's available-device dictionary.
+    pub fn record(&self) -> Available {
+        Available {
+            pci_address: self.host.address.to_string(),
+            vendor_id: format!("{:04x}", self.host.vendor),
+            device_id: format!("{:04x}", self.host.device),
+            vendor_name: self.vendor_name.clone(),
+            device_name: self.device_name.clone(),
+            iommu_group: self.host.iommu_group.map(i64::from),
+            current_driver: self.host.driver.clone(),
+            kind: self.kind.as_str().to_string(),
+            registered_as: self.registered_as.clone(),
+            numa_node: self.host.numa_node.map(i64::from),
+        }
+    }
+}
+
+/// A registered device resolved once from what a caller named: operations act
+/// on its id and nothing else, and answer `NotFound` if that id is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target(StoredDevice);
+
+impl Target {
+    /// The record as it was when resolved (what authorization looked at).
+    pub fn record(&self) -> &StoredDevice {
+        &self.0
+    }
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+}
+
+/// Where the service announces changes that clients must see (the bus layer).
+pub trait Publisher: Send + Sync {
+    /// A device was registered (called while the registry gate is held, so
+    /// announcements come in the order the changes were made).
+    fn added<'a>(&'a self, device: &'a DeviceView) -> BoxFuture<'a>;
+    /// A device was unregistered (likewise under the gate).
+    fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a>;
+    /// A device's state changed from `before` to `after`.
+    fn changed<'a>(&'a self, before: &'a DeviceView, after: &'a DeviceView) -> BoxFuture<'a>;
+    /// A PCI function appeared on the host (registered or not).
+    fn host_added<'a>(&'a self, address: PciAddress) -> BoxFuture<'a>;
+    /// A PCI function left the host (registered or not).
+    fn host_removed<'a>(&'a self, address: PciAddress) -> BoxFuture<'a>;
+}
+
+pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+pub struct Service {
+    pub(crate) door: Door,
+    ids: PciIds,
+    store: Store,
+    registry: RwLock<Arc<Registry>>,
+    /// Serialises registry changes; held across the store write, never by readers.
+    gate: tokio::sync::Mutex<()>,
+    /// One lock per PCI address: operations on one device happen one at a time.
+    device_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
+    publisher: OnceLock<Arc<dyn Publisher>>,
+    /// The host state clients were last told about (see [`seen`]).
+    seen: seen::Seen,
+    /// Woken on every registry or device change (for systemd's status line).
+    change_notify: tokio::sync::Notify,
+    /// Set at shutdown: no new change may start.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Service {
+    pub fn new(door: Door, ids: PciIds, store: Store, registry: Registry) -> Self {
+        Service {
+            door,
+            ids,
+            store,
+            registry: RwLock::new(Arc::new(registry)),
+            gate: tokio::sync::Mutex::new(()),
+            device_locks: Mutex::new(HashMap::new()),
+            publisher: OnceLock::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            seen: seen::Seen::default(),
+            change_notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves at the next change of the registry or of a device's state (or
+    /// at once if one happened since the last call). One waiter: systemd's
+    /// status line.
+    pub async fn changed(&self) {
+        self.change_notify.notified().await;
+    }
+
+    fn refuse_if_stopping(&self) -> Result<()> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(hypeman_api::Error::Failed(
+                "hypemand is stopping; try again once it is back".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connects the bus layer. Only the first call has an effect.
+    pub fn set_publisher(&self, p: Arc<dyn Publisher>) {
+        let _ = self.publisher.set(p);
+    }
+
+    pub(crate) fn publisher(&self) -> Option<&Arc<dyn Publisher>> {
+        self.publisher.get()
+    }
+
+    /// The registry as it is now. Cheap: an `Arc` clone.
+    pub fn snapshot(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn device_lock(&self, a: PciAddress) -> Arc<tokio::sync::Mutex<()>> {
+        self.device_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(a)
+            .or_default()
+            .clone()
+    }
+
+    fn names(&self, vendor: u16, device: u16) -> (String, String) {
+        (
+            self.ids.vendor_name(vendor).unwrap_or_default(),
+            self.ids.device_name(vendor, device).unwrap_or_default(),
+        )
+    }
+
+    /// Vendor and device names of a stored device.
+    pub fn names_of(&self, stored: &StoredDevice) -> (String, String) {
+        let vendor = u16::from_str_radix(&stored.vendor_id, 16).unwrap_or(0);
+        let device = u16::from_str_radix(&stored.device_id, 16).unwrap_or(0);
+        self.names(vendor, device)
+    }
+
+    pub(crate) fn view(&self, stored: StoredDevice, live: Option<HostDevice>) -> DeviceView {
+        let (vendor_name, device_name) = self.names_of(&stored);
+        DeviceView {
+            stored,
+            live,
+            vendor_name,
+            device_name,
+        }
+    }
+
+    /// Refuses new changes, waits for every device operation in flight (each
+    /// ends within its deadlines, rolled back if it failed) and for the last
+    /// registry write; used at shutdown so nothing acknowledged is cut short and
+    /// no device is left between drivers.
+    pub async fn quiesce(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let locks: Vec<_> = self
+            .device_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for l in locks {
+            std::mem::forget(l.lock_owned().await);
+        }
+        std::mem::forget(self.gate.lock().await);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A service on a simulated host, for the unit tests of the rules.
+
+    use super::*;
+    use crate::host::sim::SimHost;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    pub struct Fixture {
+        pub sim: Arc<SimHost>,
+        pub service: Arc<Service>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A service on a simulated host booted from `fixture`, with an empty
+    /// store in a fresh directory.
+    pub fn service_on(fixture: &Path, deadline: Duration) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Arc::new(SimHost::from_file(fixture).unwrap());
+        let door = Door::new(sim.clone(), deadline);
+        let service = Arc::new(Service::new(
+            door,
+            PciIds::default(),
+            Store::new(dir.path()),
+            Registry::default(),
+        ));
+        Fixture {
+            sim,
+            service,
+            _dir: dir,
+        }
+    }
+
+    /// A file of `examples/hosts`.
+    pub fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/hosts")
+            .join(name)
+    }
+}

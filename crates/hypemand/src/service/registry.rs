@@ -1,0 +1,182 @@
+//! The registry operations: Register, List, Get, ListAvailable, Delete, and
+//! resolving what a caller named to one record.
+
+use hypeman_api::Error;
+
+use super::error::{device_not_found, host_error, in_use, not_found, Result};
+use super::placement::placement;
+use super::{AvailableView, DeviceView, Service, Target};
+use crate::host::HostDevice;
+use crate::pci::{DeviceType, PciAddress};
+use crate::store::registry::{new_device_id, now_rfc3339, validate_name};
+use crate::store::{Change, StoredDevice};
+
+fn require_key(id_or_name: &str) -> Result<()> {
+    if id_or_name.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a device id or name is required; `hypemanctl list` shows them".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Resolves what a caller named (an id, or an exact name) to one record,
+    /// once. Everything that acts afterwards acts on that record's id.
+    pub fn resolve(&self, id_or_name: &str) -> Result<Target> {
+        require_key(id_or_name)?;
+        self.snapshot()
+            .resolve(id_or_name)
+            .cloned()
+            .map(Target)
+            .ok_or_else(|| not_found(id_or_name))
+    }
+
+    /// The record of a resolved target as it is now; `NotFound` if that id
+    /// was deleted meanwhile (a new record under the same name is another id).
+    pub(crate) fn current(&self, target: &Target) -> Result<StoredDevice> {
+        self.snapshot().by_id(target.id()).cloned().ok_or_else(|| {
+            Error::NotFound(format!(
+                "device {} ({}) was deleted meanwhile; nothing was changed",
+                target.record().name,
+                target.id()
+            ))
+        })
+    }
+
+    /// A host device by address, as `Register` would find it.
+    pub async fn inspect(&self, pci_address: &str) -> Result<HostDevice> {
+        let address = PciAddress::parse(pci_address)?;
+        self.live(address)
+            .await?
+            .ok_or_else(|| device_not_found(address))
+    }
+
+    /// `Register`: sets a host device aside under a new id and a unique name.
+    pub async fn register(&self, pci_address: &str, name: &str) -> Result<DeviceView> {
+        let address = PciAddress::parse(pci_address)?;
+        if !name.is_empty() {
+            validate_name(name)?;
+        }
+        let host = self
+            .live(address)
+            .await?
+            .ok_or_else(|| device_not_found(address))?;
+        let name = if name.is_empty() {
+            address.default_name()
+        } else {
+            name.to_string()
+        };
+        let stored = StoredDevice {
+            id: new_device_id(),
+            name,
+            pci_address: address,
+            vendor_id: format!("{:04x}", host.vendor),
+            device_id: format!("{:04x}", host.device),
+            kind: DeviceType::from_class(host.vendor, host.class),
+            created_at: now_rfc3339(),
+            attached_to: None,
+            original_driver: None,
+            want_vfio: false,
+        };
+
+        let _gate = self.gate().await;
+        self.refuse_if_stopping()?;
+        self.commit(Change::Add(stored.clone())).await?;
+        self.seen().set(address, Some(host.clone()));
+        let view = self.view(stored, Some(host));
+        tracing::info!(
+            pci_address = %address,
+            device_id = %view.stored.id,
+            device_name = %view.stored.name,
+            "device registered"
+        );
+        if let Some(p) = self.publisher() {
+            p.added(&view).await;
+        }
+        Ok(view)
+    }
+
+    /// `List`: every registered device with its live state, read in one go.
+    pub async fn list(&self) -> Result<Vec<DeviceView>> {
+        let stored: Vec<StoredDevice> = self.snapshot().iter().cloned().collect();
+        let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
+        let what = "cannot read the registered devices from the host";
+        let live = self
+            .door
+            .read_many(addresses)
+            .await
+            .map_err(|e| host_error(what.into(), e))?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| host_error(what.into(), e))?;
+        Ok(stored
+            .into_iter()
+            .zip(live)
+            .map(|(s, l)| self.view(s, l))
+            .collect())
+    }
+
+    /// `Get`: one device by id or exact name.
+    pub async fn get(&self, id_or_name: &str) -> Result<DeviceView> {
+        let stored = self.resolve(id_or_name)?.0;
+        let live = self.live(stored.pci_address).await?;
+        Ok(self.view(stored, live))
+    }
+
+    /// `ListAvailable`: every PCI function on the host, registered or not.
+    pub async fn list_available(&self) -> Result<Vec<AvailableView>> {
+        let devices = self
+            .door
+            .devices()
+            .await
+            .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
+        let snapshot = self.snapshot();
+        Ok(devices
+            .into_iter()
+            .map(|host| {
+                let (vendor_name, device_name) = self.names(host.vendor, host.device);
+                AvailableView {
+                    kind: DeviceType::from_class(host.vendor, host.class),
+                    registered_as: snapshot.by_address(host.address).map(|d| d.id.clone()),
+                    vendor_name,
+                    device_name,
+                    host,
+                }
+            })
+            .collect())
+    }
+
+    /// `Delete`: unregisters. Refuses while attached; a device the daemon moved
+    /// to vfio-pci is given back to its driver first.
+    pub async fn delete(&self, target: &Target) -> Result<StoredDevice> {
+        self.refuse_if_stopping()?;
+        let lock = self.device_lock(target.record().pci_address);
+        let _held = lock.lock().await;
+        self.refuse_if_stopping()?;
+        let stored = self.current(target)?;
+        if let Some(instance) = &stored.attached_to {
+            return Err(in_use(&stored.name, instance));
+        }
+        if stored.want_vfio || stored.original_driver.is_some() {
+            let live = self.live(stored.pci_address).await?;
+            if live.is_some() && placement(&stored, live.as_ref()).held() {
+                let (before, after) = self.unbind_locked(stored.clone()).await?;
+                self.publish_change(&before, &after).await;
+            }
+        }
+        let _gate = self.gate().await;
+        let removed = self.current(target)?;
+        self.commit(Change::Remove(removed.id.clone())).await?;
+        tracing::info!(
+            pci_address = %removed.pci_address,
+            device_id = %removed.id,
+            device_name = %removed.name,
+            "device unregistered"
+        );
+        if let Some(p) = self.publisher() {
+            p.removed(&removed.id).await;
+        }
+        Ok(removed)
+    }
+}

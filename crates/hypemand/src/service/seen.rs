@@ -1,0 +1,96 @@
+//! The host state clients were last told about, per address.
+//!
+//! Property reads answer from it without a host read, and hotplug events
+//! compare against it so that `PropertiesChanged` goes out only on a real
+//! change. `None` for an address means known to be absent; no entry means
+//! never looked at.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::error::{device_not_found, host_error, Result};
+use super::{DeviceView, Service};
+use crate::host::HostDevice;
+use crate::pci::PciAddress;
+use crate::store::StoredDevice;
+
+#[derive(Default)]
+pub struct Seen(Mutex<HashMap<PciAddress, Option<HostDevice>>>);
+
+impl Seen {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PciAddress, Option<HostDevice>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what is now known of `address`; returns what was known before.
+    pub fn set(&self, address: PciAddress, live: Option<HostDevice>) -> Option<Option<HostDevice>> {
+        self.map().insert(address, live)
+    }
+
+    pub fn get(&self, address: PciAddress) -> Option<Option<HostDevice>> {
+        self.map().get(&address).cloned()
+    }
+
+    /// The driver last seen on `address`.
+    pub fn driver(&self, address: PciAddress) -> Option<String> {
+        self.map()
+            .get(&address)
+            .and_then(|l| l.as_ref())
+            .and_then(|l| l.driver.clone())
+    }
+}
+
+impl Service {
+    pub(crate) fn seen(&self) -> &Seen {
+        &self.seen
+    }
+
+    /// A device as the kernel shows it now.
+    pub(crate) async fn live(&self, address: PciAddress) -> Result<Option<HostDevice>> {
+        self.door
+            .read(address)
+            .await
+            .map_err(|e| host_error(format!("cannot read {address} from the host"), e))
+    }
+
+    /// A registered device that must be on the host now.
+    pub(crate) async fn present(&self, stored: &StoredDevice) -> Result<HostDevice> {
+        self.live(stored.pci_address).await?.ok_or_else(|| {
+            device_not_found(format!(
+                "{} (registered as {}; it is not on the host now, unplugged?)",
+                stored.pci_address, stored.name
+            ))
+        })
+    }
+
+    /// Tells clients what changed, and remembers it.
+    pub(crate) async fn publish_change(&self, before: &DeviceView, after: &DeviceView) {
+        self.seen.set(after.stored.pci_address, after.live.clone());
+        self.change_notify.notify_one();
+        if let Some(p) = self.publisher() {
+            p.changed(before, after).await;
+        }
+    }
+
+    /// A device's host state as last seen (kept current by hotplug events and by
+    /// every operation), without a host read: what property reads answer from.
+    pub async fn cached_live(&self, stored: &StoredDevice) -> Result<Option<HostDevice>> {
+        match self.seen.get(stored.pci_address) {
+            Some(l) => Ok(l),
+            None => {
+                let l = self.live(stored.pci_address).await?;
+                self.seen.set(stored.pci_address, l.clone());
+                Ok(l)
+            }
+        }
+    }
+
+    /// After the start-up enumeration: registered devices it did not find are
+    /// known to be absent (the baseline later events are compared with).
+    pub fn remember_absent(&self) {
+        let mut seen = self.seen.map();
+        for s in self.snapshot().iter() {
+            seen.entry(s.pci_address).or_insert(None);
+        }
+    }
+}
