@@ -45,11 +45,12 @@ INSTALLED = \
 all: build
 
 build:
-	$(CARGO) build --release --locked --bins
+	$(CARGO) build --release --locked --workspace --bins
 
 install:
 	@test -x $(BUILD_DIR)/hypemand || { echo "no $(BUILD_DIR)/hypemand: run 'make' first (or set BUILD_DIR)" >&2; exit 1; }
 	$(BUILD_DIR)/hypemanctl generate-assets $(GEN_DIR)
+	$(BUILD_DIR)/hypemand --write-man-page $(GEN_DIR)
 	install -Dm755 $(BUILD_DIR)/hypemand $(DESTDIR)$(LIBEXECDIR)/hypemand
 	install -Dm755 $(BUILD_DIR)/hypemanctl $(DESTDIR)$(BINDIR)/hypemanctl
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSSERVICEDIR)

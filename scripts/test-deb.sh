@@ -12,7 +12,10 @@ if ! command -v cargo-deb >/dev/null 2>&1; then
   fi
 fi
 
-cargo deb --locked --output target/debian/
+# The daemon's crate carries the package metadata; both binaries come from
+# one release build of the workspace.
+cargo build --release --locked --workspace --bins
+cargo deb --locked --no-build -p hypemand --output target/debian/
 deb=$(ls -t target/debian/*.deb | head -n1)
 echo "== $deb"
 dpkg-deb -c "$deb" | tee target/debian/contents.txt

@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
-cargo build --locked --all-targets
-cargo test --locked --all-targets -- --include-ignored
-cargo test --locked --doc
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+# The end-to-end tests in tests/ run the workspace's binaries: build them all.
+cargo build --locked --workspace --all-targets
+cargo test --locked --workspace --all-targets -- --include-ignored
+cargo test --locked --workspace --doc
 scripts/test-deb.sh
 scripts/test-fuzz.sh

@@ -8,7 +8,7 @@ use std::process::Command;
 
 #[test]
 fn bench_smoke_run_reports_every_figure() {
-    let out = Command::new(&bin("hypeman-bench"))
+    let out = Command::new(bin("hypeman-bench"))
         .args(["--devices", "64", "--quick", "--hypemand", &bin("hypemand")])
         .output()
         .expect("run hypeman-bench");

@@ -14,15 +14,6 @@ use hypeman_api::BusChoice;
 use hypeman_bench::pci_address;
 use hypemanctl::{Client, ClientError};
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "60 s; run by .ci/run"]
 async fn soak_64_clients_with_hotplug() {

@@ -17,7 +17,7 @@ fn uevents_reach_clients() {
     let script = root().join("tests/umockdev/hotplug.py");
     let child = Command::new("umockdev-wrapper")
         .args(["/usr/bin/python3", script.to_str().unwrap(), &bus.address])
-        .arg(&bin("hypemand"))
+        .arg(bin("hypemand"))
         .arg(state.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

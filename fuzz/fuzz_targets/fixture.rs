@@ -1,6 +1,6 @@
 //! The simulated-host fixture parser: never panics on any text.
 #![no_main]
-use hypeman_devices::host::sim::Fixture;
+use hypemand::host::sim::Fixture;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

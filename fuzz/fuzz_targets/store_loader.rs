@@ -2,7 +2,7 @@
 //! registry that saves and loads back identically, refuses a newer version, or
 //! moves the file aside without losing a byte of it.
 #![no_main]
-use hypeman_devices::registry::store::{Loaded, Store, StoreError};
+use hypemand::store::{Loaded, Store, StoreError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

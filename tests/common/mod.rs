@@ -51,6 +51,11 @@ pub fn bin(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A process's resident set in KiB (the bench's reading, shared).
+pub fn rss_kib(pid: u32) -> u64 {
+    hypeman_bench::rss_kib(pid).expect("read the process's VmRSS") as u64
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     root().join("examples/hosts").join(name)
 }
@@ -258,7 +263,7 @@ impl TestBus {
 
     /// Runs the real `hypemanctl` against this bus.
     pub fn hypemanctl(&self, args: &[&str]) -> Output {
-        Command::new(&bin("hypemanctl"))
+        Command::new(bin("hypemanctl"))
             .arg(format!("--bus={}", self.address))
             .args(args)
             .output()
@@ -275,7 +280,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn command(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Command {
-        let mut cmd = Command::new(&bin("hypemand"));
+        let mut cmd = Command::new(bin("hypemand"));
         cmd.arg(format!("--bus={}", bus.address))
             .arg(format!("--state-dir={}", state_dir.display()))
             .args(host_args)

@@ -136,7 +136,9 @@ fn sorted_us(v: &[Duration]) -> Vec<f64> {
     s
 }
 
-fn rss_kib(pid: u32) -> BenchResult<f64> {
+/// A process's resident set, in KiB (`VmRSS` of `/proc/PID/status`). The one
+/// RSS reading of the project: the end-to-end tests use it too.
+pub fn rss_kib(pid: u32) -> BenchResult<f64> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(err("read /proc status"))?;
     status

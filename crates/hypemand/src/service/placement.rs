@@ -103,13 +103,16 @@ mod tests {
         }
     }
 
-    /// (want_vfio, original driver known, live driver or absent) → (where, needed, held)
+    /// want_vfio, original driver known, live driver (outer `None`: absent);
+    /// then where it is, what is needed, whether the daemon holds it.
+    type Case<'a> = (bool, bool, Option<Option<&'a str>>, Where, Needed, bool);
+
     #[test]
     fn the_table() {
         use Needed as N;
         use Where as W;
         let absent: Option<Option<&str>> = None;
-        let cases: [(bool, bool, Option<Option<&str>>, Where, Needed, bool); 16] = [
+        let cases: [Case; 16] = [
             (false, false, absent, W::Absent, N::Nothing, false),
             (true, true, absent, W::Absent, N::Nothing, false),
             (

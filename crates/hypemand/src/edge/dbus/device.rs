@@ -7,7 +7,6 @@
 //! properties that follow the host are listed once in [`live_properties`],
 //! which is also what `PropertiesChanged` is computed from.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use hypeman_api::{Error, Record};
@@ -55,11 +54,8 @@ pub fn live_properties(r: &Record) -> [(&'static str, Value<'static>); 6] {
     ]
 }
 
-/// The live properties that differ between two records.
-pub fn changed_properties(
-    before: &Record,
-    after: &Record,
-) -> HashMap<&'static str, Value<'static>> {
+/// The live properties that differ between two records, in table order.
+pub fn changed_properties(before: &Record, after: &Record) -> Vec<(&'static str, Value<'static>)> {
     live_properties(before)
         .into_iter()
         .zip(live_properties(after))

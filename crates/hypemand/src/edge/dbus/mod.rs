@@ -151,16 +151,20 @@ impl Publisher for BusPublisher {
                 return;
             }
             let Ok(path) = device_path(id) else { return };
+            // One signal per property, as zbus's own property signals go.
             let result = async {
                 let emitter = zbus::object_server::SignalEmitter::new(&self.conn, path)?;
                 let iface = zbus::names::InterfaceName::from_static_str(hypeman_api::DEVICE_IFACE)?;
-                zbus::fdo::Properties::properties_changed(
-                    &emitter,
-                    iface,
-                    changed,
-                    std::borrow::Cow::Borrowed(&[]),
-                )
-                .await
+                for (name, value) in changed {
+                    zbus::fdo::Properties::properties_changed(
+                        &emitter,
+                        iface.clone(),
+                        std::collections::HashMap::from([(name, value)]),
+                        std::borrow::Cow::Borrowed(&[]),
+                    )
+                    .await?;
+                }
+                Ok::<(), zbus::Error>(())
             }
             .await;
             if let Err(e) = result {

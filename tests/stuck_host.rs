@@ -1,0 +1,142 @@
+//! A host read that blocks in the kernel holds only its own device.
+//!
+//! In a `--sysfs-root` tree, one registered device's `vendor` is a FIFO whose
+//! write end the test holds open: reading it blocks, as reading
+//! `driver_override` does on a real kernel while a driver is stuck in
+//! `remove()`. That device's Get answers `Timeout` at the deadline; meanwhile
+//! `Peer.Ping` and the other device's Get are answered; the next Get of the
+//! stuck device answers `Timeout` at once without another stuck thread; and
+//! SIGTERM still stops the daemon.
+
+mod common;
+
+use std::os::unix::fs::{symlink, OpenOptionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const STUCK: &str = "0000:a2:00.0";
+const OTHER: &str = "0000:b2:00.0";
+
+fn add_device(root: &Path, addr: &str, group: u32) {
+    let dev = root.join("devices/pci0000:00").join(addr);
+    std::fs::create_dir_all(&dev).unwrap();
+    for (f, v) in [
+        ("vendor", "0x10de\n"),
+        ("device", "0x27b8\n"),
+        ("class", "0x030200\n"),
+        ("driver_override", "(null)\n"),
+        ("numa_node", "1\n"),
+    ] {
+        std::fs::write(dev.join(f), v).unwrap();
+    }
+    std::fs::create_dir_all(root.join("bus/pci/drivers/nvidia")).unwrap();
+    std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
+    symlink(
+        format!("../../../devices/pci0000:00/{addr}"),
+        root.join("bus/pci/devices").join(addr),
+    )
+    .unwrap();
+    symlink("../../../bus/pci/drivers/nvidia", dev.join("driver")).unwrap();
+    let g = root.join(format!("kernel/iommu_groups/{group}/devices"));
+    std::fs::create_dir_all(&g).unwrap();
+    symlink(
+        format!("../../../kernel/iommu_groups/{group}"),
+        dev.join("iommu_group"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_stuck_read_holds_only_its_own_device() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    add_device(root, STUCK, 82);
+    add_device(root, OTHER, 83);
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &bus,
+        state.path(),
+        &[
+            "--sysfs-root",
+            root.to_str().unwrap(),
+            "--sysfs-timeout",
+            "3",
+        ],
+    );
+    bus.manager("Register", &["ss", STUCK, "stuck-gpu"])
+        .unwrap();
+    let other = bus
+        .manager("Register", &["ss", OTHER, "other-gpu"])
+        .unwrap();
+    // numa_node is read from sysfs and shown in the record.
+    assert_eq!(other[1]["numa_node"]["data"], 1, "{other}");
+
+    let vendor = root.join("devices/pci0000:00").join(STUCK).join("vendor");
+    std::fs::remove_file(&vendor).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(&vendor)
+        .status()
+        .unwrap()
+        .success());
+
+    // Root's Get of the stuck device, in the background.
+    let out = bus.dir.path().join("get-stuck.out");
+    let mut get = Proc {
+        child: Command::new("busctl")
+            .args([
+                &format!("--address={}", bus.address),
+                "call",
+                NAME,
+                PATH,
+                IFACE,
+                "Get",
+                "s",
+                "stuck-gpu",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    // The daemon's read has opened the FIFO once a non-blocking open for
+    // writing succeeds; holding that write end open keeps the read blocked.
+    let mut writer = None;
+    wait_until(|| {
+        writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&vendor)
+            .ok();
+        writer.is_some()
+    });
+
+    // While that read is stuck: the bus's Ping and the other device's Get.
+    bus.call(PATH, "org.freedesktop.DBus.Peer", "Ping", &[])
+        .unwrap();
+    let got = bus.manager("Get", &["s", "other-gpu"]).unwrap();
+    assert_eq!(got[0]["pci_address"]["data"], OTHER);
+    assert!(
+        get.child.try_wait().unwrap().is_none(),
+        "the stuck Get finished before Ping and the other Get were answered"
+    );
+
+    // The stuck Get answers Timeout (at the deadline).
+    let status = get.child.wait().unwrap();
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("did not answer within"), "{text}");
+
+    // The next Get of that device answers Timeout at once: its read is still
+    // stuck (the FIFO is still held), and no second thread joins it.
+    let e = bus.manager("Get", &["s", "stuck-gpu"]).unwrap_err();
+    assert!(e.contains("still stuck in the kernel"), "{e}");
+    assert!(bus.manager("Get", &["s", "other-gpu"]).is_ok());
+
+    // SIGTERM stops the daemon with the read still stuck.
+    let status = d.proc.signal_and_wait("TERM");
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    drop(writer);
+}
