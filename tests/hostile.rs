@@ -117,6 +117,27 @@ async fn wrong_signatures_get_the_bus_invalid_args() {
         .await,
         INVALID_ARGS
     );
+    // Extra arguments are refused too, not silently ignored (issue 13).
+    assert_eq!(
+        error_name(&s.conn, PATH, IFACE, "List", &("extra",)).await,
+        INVALID_ARGS
+    );
+    assert_eq!(
+        error_name(&s.conn, PATH, IFACE, "ListAvailable", &(1u32,)).await,
+        INVALID_ARGS
+    );
+    assert_eq!(
+        error_name(&s.conn, PATH, IFACE, "Get", &("l4-gpu", "extra")).await,
+        INVALID_ARGS
+    );
+    assert_eq!(
+        error_name(&s.conn, PATH, IFACE, "Register", &("0000:5e:00.0", "n", "x")).await,
+        INVALID_ARGS
+    );
+    assert_eq!(
+        error_name(&s.conn, &s.dev_path, "org.hypeman.Device1", "Bind", &("x",)).await,
+        INVALID_ARGS
+    );
     assert_eq!(
         error_name(&s.conn, PATH, IFACE, "NoSuchMethod", &()).await,
         "org.freedesktop.DBus.Error.UnknownMethod"

@@ -451,26 +451,20 @@ fn startup_refusals_have_clear_messages() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 
-    // A corrupt registry is moved aside and the daemon starts empty.
+    // A registry that does not parse is refused and left untouched (issue 13:
+    // it may be the only record of who holds which device).
     std::fs::write(state.path().join("devices.json"), "{truncated").unwrap();
-    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
-    assert!(bus.manager("List", &[]).unwrap()[0]
-        .as_array()
-        .unwrap()
-        .is_empty());
-    let aside: Vec<_> = std::fs::read_dir(state.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("devices.json.corrupt-")
-        })
-        .collect();
-    assert_eq!(aside.len(), 1);
+    let out = Daemon::command(&bus, state.path(), &["--simulate", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not parse") && err.contains("line 1"),
+        "{err}"
+    );
     assert_eq!(
-        std::fs::read_to_string(aside[0].path()).unwrap(),
+        std::fs::read_to_string(state.path().join("devices.json")).unwrap(),
         "{truncated"
     );
-    assert!(d.log().contains("moved aside"));
 }

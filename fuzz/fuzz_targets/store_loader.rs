@@ -1,6 +1,7 @@
 //! The store loader on arbitrary file contents: never panics; either loads a
-//! registry that saves and loads back identically, refuses a newer version, or
-//! moves the file aside without losing a byte of it.
+//! registry that saves and loads back identically, refuses a newer version or
+//! an unparsable file (leaving it in place), or drops broken records while
+//! keeping the original aside without losing a byte of it.
 #![no_main]
 use hypemand::store::{Loaded, Store, StoreError};
 use libfuzzer_sys::fuzz_target;
@@ -16,12 +17,14 @@ fuzz_target!(|data: &[u8]| {
             store.save(&registry).expect("save what was loaded");
             assert_eq!(store.load().expect("load what was saved").0, registry);
         }
-        Ok((registry, Loaded::MovedAside(to))) => {
-            assert!(registry.is_empty());
-            assert_eq!(std::fs::read(to).expect("the moved file"), data);
+        Ok((registry, Loaded::Dropped { aside, .. })) => {
+            assert_eq!(std::fs::read(aside).expect("the kept file"), data);
+            assert_eq!(store.load().expect("load the cleaned file").0, registry);
         }
         Ok((_, Loaded::Fresh)) => panic!("a file was there"),
-        Err(StoreError::Newer { .. }) => assert!(store.path().exists()),
+        Err(StoreError::Newer { .. } | StoreError::Unparsable { .. }) => {
+            assert_eq!(std::fs::read(store.path()).expect("left in place"), data)
+        }
         Err(e) => panic!("unexpected: {e}"),
     }
 });

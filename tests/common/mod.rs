@@ -299,12 +299,17 @@ impl Daemon {
     }
 
     pub fn start(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Daemon {
+        Self::from_command(bus, Self::command(bus, state_dir, host_args), state_dir)
+    }
+
+    /// Starts a prepared [`Daemon::command`] and waits until it owns its name.
+    pub fn from_command(bus: &TestBus, mut cmd: Command, state_dir: &Path) -> Daemon {
         let stderr_path = bus
             .dir
             .path()
             .join(format!("hypemand-{}.log", rand_suffix()));
         let log = std::fs::File::create(&stderr_path).expect("log file");
-        let child = Self::command(bus, state_dir, host_args)
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

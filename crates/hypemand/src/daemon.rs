@@ -88,9 +88,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     })?;
     let store = Store::new(&opts.state_dir);
     let (registry, loaded) = store.load()?;
-    if let Loaded::MovedAside(to) = &loaded {
-        tracing::error!(moved_to = %to.display(), "started with an empty registry after moving an unreadable one aside");
-    }
+    let load_note = match &loaded {
+        Loaded::Dropped { dropped, aside } => Some(format!(
+            "{dropped} record{} dropped at start-up (original kept at {})",
+            if *dropped == 1 { "" } else { "s" },
+            aside.display()
+        )),
+        _ => None,
+    };
     let ids = PciIds::load();
     tracing::info!(
         host = %host.describe(),
@@ -101,6 +106,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     );
     let door = Door::new(host.clone(), opts.sysfs_timeout);
     let service = Arc::new(Service::new(door.clone(), ids, store, registry));
+    if let Some(note) = load_note {
+        service.set_status_note(note);
+    }
 
     // Events first, enumeration second: nothing can happen in between unseen.
     let (events, rx) = hotplug::channel();

@@ -76,9 +76,13 @@ impl Service {
             .count();
         let attached = snapshot.iter().filter(|d| d.attached_to.is_some()).count();
         let n = snapshot.len();
-        format!(
+        let line = format!(
             "{n} device{} registered, {on_vfio} on vfio-pci, {attached} attached",
             if n == 1 { "" } else { "s" }
-        )
+        );
+        match self.status_note() {
+            Some(note) => format!("{line}; {note}"),
+            None => line,
+        }
     }
 }

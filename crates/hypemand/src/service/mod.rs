@@ -159,6 +159,8 @@ pub struct Service {
     change_notify: tokio::sync::Notify,
     /// Set at shutdown: no new change may start.
     stopping: std::sync::atomic::AtomicBool,
+    /// A standing remark for systemd's status line (records dropped at load).
+    status_note: OnceLock<String>,
 }
 
 impl Service {
@@ -174,7 +176,17 @@ impl Service {
             stopping: std::sync::atomic::AtomicBool::new(false),
             seen: seen::Seen::default(),
             change_notify: tokio::sync::Notify::new(),
+            status_note: OnceLock::new(),
         }
+    }
+
+    /// Adds a standing remark to the status line.
+    pub fn set_status_note(&self, note: String) {
+        let _ = self.status_note.set(note);
+    }
+
+    pub(crate) fn status_note(&self) -> Option<&str> {
+        self.status_note.get().map(String::as_str)
     }
 
     /// Resolves at the next change of the registry or of a device's state (or

@@ -2,14 +2,23 @@
 //!
 //! Written whole and durably on every change (temp file, fsync, rename, fsync of
 //! the directory), so after a crash or power loss the file is either the old
-//! registry or the new one, never a mix. A file we cannot parse is moved aside,
-//! never deleted: it may be the only record of which GPU belongs to which VM.
+//! registry or the new one, never a mix.
+//!
+//! The directory and the file are trusted only when they are the daemon's own
+//! (its uid, not writable by group or others), the file is a regular file, and
+//! no symbolic link is followed: another user must not be able to redirect the
+//! daemon's writes or plant records it would act on as root. *(issue 13)*
+//!
+//! A file that does not parse is refused and left untouched (it may be the only
+//! record of which GPU belongs to which VM); records that parse but break the
+//! API's rules are dropped one by one, each logged, with the original file
+//! kept aside.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 #[cfg(test)]
 use serde::Serialize;
 
@@ -29,9 +38,13 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("the registry {path} has format version {found}, newer than this hypemand understands ({VERSION}); upgrade hypemand or restore an older file")]
-    Newer { path: PathBuf, found: u64 },
-    #[error("cannot move the unreadable registry {path} aside to {to}: {source}")]
-    MoveAside {
+    Newer { path: PathBuf, found: String },
+    #[error("the registry {path} does not parse ({why}); it was left untouched: repair it, or move it away to start with an empty registry")]
+    Unparsable { path: PathBuf, why: String },
+    #[error("refusing to use {path}: {why}")]
+    Unsafe { path: PathBuf, why: String },
+    #[error("cannot keep the original registry {path} aside at {to}: {source}")]
+    KeepAside {
         path: PathBuf,
         to: PathBuf,
         #[source]
@@ -53,20 +66,53 @@ struct FileOut<'a> {
     devices: Vec<&'a StoredDevice>,
 }
 
-#[derive(Deserialize)]
-struct FileIn {
-    version: u32,
-    devices: Vec<StoredDevice>,
-}
-
 /// What loading found, besides the registry itself.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Loaded {
     /// No file yet: a first start.
     Fresh,
     Existing,
-    /// The file could not be used and now lives at this path.
-    MovedAside(PathBuf),
+    /// Some records broke the rules and were dropped (each is logged); the
+    /// original file is kept at `aside`, and the file now holds the rest.
+    Dropped {
+        dropped: usize,
+        aside: PathBuf,
+    },
+}
+
+/// Refuses what another user owns or could write.
+fn check_owned(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), StoreError> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    let unsafe_because = |why: String| StoreError::Unsafe {
+        path: path.to_path_buf(),
+        why,
+    };
+    if meta.uid() != uid {
+        return Err(unsafe_because(format!(
+            "the {what} is owned by uid {}, not by hypemand's uid {uid}; chown it",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_because(format!(
+            "the {what} is writable by group or others (mode {:o}); chmod go-w it",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// What the `version` key says, when it says a version newer than ours
+/// (any number above it, however large, fractional or not).
+fn newer_version(value: &serde_json::Value) -> Option<String> {
+    let v = value.get("version")?;
+    let n = v.as_number()?;
+    let newer = match n.as_u64() {
+        Some(u) => u > u64::from(VERSION),
+        None => n.as_f64().is_some_and(|f| f > f64::from(VERSION)),
+    };
+    newer.then(|| n.to_string())
 }
 
 #[derive(Debug, Clone)]
@@ -83,51 +129,150 @@ impl Store {
         self.dir.join(FILE_NAME)
     }
 
-    /// Reads the registry. A missing file is an empty registry; a newer format or
-    /// an unreadable file is an error; a file that does not parse (or breaks the
-    /// registry's invariants) is moved aside and the registry starts empty.
+    fn temp_path(&self) -> PathBuf {
+        self.dir.join(format!(".{FILE_NAME}.tmp"))
+    }
+
+    /// Reads the registry. A missing file is an empty registry. Refused (the
+    /// daemon exits 3 and the file stays as it is): an unsafe directory or
+    /// file, anything but a regular file, a newer format, a file that does
+    /// not parse. Records that break a rule are dropped, each logged, and the
+    /// original file is kept aside.
     pub fn load(&self) -> Result<(Registry, Loaded), StoreError> {
+        let dir_meta = std::fs::metadata(&self.dir).map_err(|source| StoreError::Read {
+            path: self.dir.clone(),
+            source,
+        })?;
+        if !dir_meta.is_dir() {
+            return Err(StoreError::Unsafe {
+                path: self.dir.clone(),
+                why: "the state directory is not a directory".into(),
+            });
+        }
+        check_owned(&self.dir, &dir_meta, "state directory")?;
+        // A temp file left by a crash: never trusted, never followed.
+        let tmp = self.temp_path();
+        if std::fs::symlink_metadata(&tmp).is_ok() {
+            tracing::info!(path = %tmp.display(), "removing a temp file left by an interrupted write");
+            std::fs::remove_file(&tmp).map_err(|source| StoreError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
+        }
+
         let path = self.path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        // No symlink followed; a FIFO or device does not block the open.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path);
+        let mut file = match file {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok((Registry::default(), Loaded::Fresh))
             }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(StoreError::Unsafe {
+                    path,
+                    why: "it is a symbolic link; the registry must be a regular file".into(),
+                })
+            }
             Err(source) => return Err(StoreError::Read { path, source }),
         };
-        // Look at the version before the shape, so a newer file whose records we
-        // would not understand is refused rather than moved aside.
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-            if let Some(found) = value.get("version").and_then(|v| v.as_u64()) {
-                if found > u64::from(VERSION) {
-                    return Err(StoreError::Newer { path, found });
-                }
+        let meta = file.metadata().map_err(|source| StoreError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(StoreError::Unsafe {
+                path,
+                why: "it is not a regular file".into(),
+            });
+        }
+        check_owned(&path, &meta, "registry file")?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes)
+            .map_err(|source| StoreError::Read {
+                path: path.clone(),
+                source,
+            })?;
+
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Unparsable {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        // The version before the shape: a newer file whose records we would
+        // not understand is refused, not judged by our rules.
+        if let Some(found) = newer_version(&value) {
+            return Err(StoreError::Newer { path, found });
+        }
+        if value.get("version").and_then(|v| v.as_u64()) != Some(u64::from(VERSION)) {
+            return Err(StoreError::Unparsable {
+                path,
+                why: format!("no \"version\": {VERSION} at the top level"),
+            });
+        }
+        let Some(records) = value.get("devices").and_then(|d| d.as_array()) else {
+            return Err(StoreError::Unparsable {
+                path,
+                why: "no \"devices\" list at the top level".into(),
+            });
+        };
+        let mut registry = Registry::default();
+        let mut dropped = 0;
+        for (i, record) in records.iter().enumerate() {
+            let id = record
+                .get("id")
+                .and_then(|v| v.as_str())
+                .map(super::registry::shorten)
+                .unwrap_or_default();
+            let kept = serde_json::from_value::<StoredDevice>(record.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.validate().map(|()| d))
+                .and_then(|d| registry.insert(d).map_err(broken));
+            if let Err(reason) = kept {
+                dropped += 1;
+                tracing::error!(
+                    path = %path.display(),
+                    record = i,
+                    device_id = %id,
+                    %reason,
+                    "dropped a record that breaks the registry's rules"
+                );
             }
         }
-        let reason = match serde_json::from_slice::<FileIn>(&bytes) {
-            Ok(file) if file.version == VERSION => match Registry::from_devices(file.devices) {
-                Ok(registry) => return Ok((registry, Loaded::Existing)),
-                Err(c) => broken(c),
-            },
-            Ok(file) => format!("unsupported version {}", file.version),
-            Err(e) => e.to_string(),
-        };
-        let to = self.dir.join(format!(
+        if dropped == 0 {
+            return Ok((registry, Loaded::Existing));
+        }
+        let aside = self.dir.join(format!(
             "{FILE_NAME}.corrupt-{}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S%.fZ")
         ));
-        std::fs::rename(&path, &to).map_err(|source| StoreError::MoveAside {
+        let keep = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&aside)
+            .and_then(|mut f| {
+                f.write_all(&bytes)?;
+                f.sync_all()
+            });
+        keep.map_err(|source| StoreError::KeepAside {
             path: path.clone(),
-            to: to.clone(),
+            to: aside.clone(),
             source,
         })?;
+        self.save(&registry)?;
         tracing::error!(
             path = %path.display(),
-            moved_to = %to.display(),
-            %reason,
-            "the registry could not be parsed; it was moved aside and the daemon starts with an empty registry"
+            kept = registry.len(),
+            dropped,
+            original = %aside.display(),
+            "some records broke the registry's rules and were dropped; the original file is kept aside"
         );
-        Ok((Registry::default(), Loaded::MovedAside(to)))
+        Ok((registry, Loaded::Dropped { dropped, aside }))
     }
 
     /// Replaces the file with `registry`, durably.
@@ -148,7 +293,7 @@ impl Store {
             source,
         };
         let json = encode(records).map_err(|e| err(e.into()))?;
-        let tmp = self.dir.join(format!(".{FILE_NAME}.tmp"));
+        let tmp = self.temp_path();
         let result = write_synced(&tmp, &json)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .and_then(|()| File::open(&self.dir)?.sync_all());
@@ -181,12 +326,22 @@ fn broken(c: Conflict) -> String {
     format!("the records break a registry rule: {c}")
 }
 
+/// Writes a fresh file: whatever is at `path` is unlinked first (a link is
+/// removed, not followed), and the new file is created exclusively, never
+/// through a symbolic link, with mode 0600 whatever the umask.
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -228,7 +383,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         let mut odd = sample("a2:00.0", "l4-gpu");
-        odd.attached_to = Some("vm \"quoted\" \u{e9}".into());
+        // Escapes in what is stored (instance ids and names cannot hold these).
+        odd.created_at = "2025 \"quoted\" \u{e9}".into();
+        odd.attached_to = Some("vm-1".into());
         let mut r = Registry::from_devices(vec![odd, sample("3b:00.0", "nic")]).unwrap();
         let mut replaced = r.by_name("nic").unwrap().clone();
         replaced.want_vfio = true;
@@ -252,52 +409,144 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_file_is_moved_aside_not_deleted() {
-        for junk in ["{not json", "{\"version\":1,\"devices\":[{\"id\":1}]}", ""] {
+    fn an_unparsable_file_is_refused_and_left_untouched() {
+        for junk in ["{not json", ""] {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::new(dir.path());
             std::fs::write(store.path(), junk).unwrap();
-            let (r, how) = store.load().unwrap();
-            assert!(r.is_empty());
-            let Loaded::MovedAside(to) = how else {
-                panic!("{how:?}")
-            };
-            assert!(to
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("devices.json.corrupt-"));
-            assert_eq!(std::fs::read_to_string(&to).unwrap(), junk);
-            assert!(!store.path().exists());
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StoreError::Unparsable { .. }), "{err}");
+            // serde's message says where parsing failed.
+            assert!(err.to_string().contains("line 1"), "{err}");
+            assert_eq!(std::fs::read_to_string(store.path()).unwrap(), junk);
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        }
+    }
+
+    /// Records that break the API's rules are dropped one by one; the valid
+    /// ones stay, and the original file is kept aside byte for byte.
+    #[test]
+    fn broken_records_are_dropped_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let good = sample("a2:00.0", "l4-gpu");
+        let mut attached = sample("3b:00.0", "nic");
+        attached.attached_to = Some("vm-1".into());
+        let dup_address = sample("a2:00.0", "again");
+        let mut as_id = sample("5e:00.0", "x");
+        as_id.name = good.id.clone();
+        let mut bad = Vec::new();
+        for (id, name) in [
+            ("x-y", "ok-name"),
+            ("", "ok-name-2"),
+            ("abcdefghijklmnopqrstuvwx", "a/b"),
+            ("bbcdefghijklmnopqrstuvwx", "line\nbreak"),
+            ("cbcdefghijklmnopqrstuvwx", "bell\u{7}"),
+        ] {
+            let mut d = sample("0000:00:00.0", "z");
+            d.id = id.into();
+            d.name = name.into();
+            bad.push(serde_json::to_value(&d).unwrap());
+        }
+        let mut devices = vec![
+            serde_json::to_value(&good).unwrap(),
+            serde_json::to_value(&attached).unwrap(),
+            serde_json::to_value(&dup_address).unwrap(),
+            serde_json::to_value(&as_id).unwrap(),
+            serde_json::json!({"id": 7}),
+        ];
+        devices.extend(bad);
+        let text = serde_json::json!({"version": 1, "devices": devices}).to_string();
+        std::fs::write(store.path(), &text).unwrap();
+        let (r, how) = store.load().unwrap();
+        let Loaded::Dropped { dropped, aside } = how else {
+            panic!("{how:?}")
+        };
+        assert_eq!(dropped, 8);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.by_name("l4-gpu").unwrap(), &good);
+        assert_eq!(r.by_name("nic").unwrap(), &attached);
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), text);
+        // The file now holds what was kept, and loads cleanly.
+        assert_eq!(store.load().unwrap(), (r, Loaded::Existing));
+    }
+
+    #[test]
+    fn a_newer_version_however_large_is_refused_and_left_in_place() {
+        for version in ["2", "18446744073709551616", "1.5", "1e300"] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::new(dir.path());
+            let text = format!(r#"{{"version": {version}, "devices": [], "extra": true}}"#);
+            std::fs::write(store.path(), &text).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StoreError::Newer { .. }), "{version}: {err}");
+            assert!(err
+                .to_string()
+                .contains(&store.path().display().to_string()));
+            assert_eq!(std::fs::read_to_string(store.path()).unwrap(), text);
         }
     }
 
     #[test]
-    fn duplicate_records_count_as_corrupt() {
+    fn anything_but_a_regular_file_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        let a = sample("a2:00.0", "x1");
-        let b = sample("a2:00.0", "x2");
-        let text = serde_json::json!({"version": 1, "devices": [a, b]}).to_string();
-        std::fs::write(store.path(), text).unwrap();
-        assert!(matches!(store.load().unwrap().1, Loaded::MovedAside(_)));
+        let c = std::ffi::CString::new(store.path().to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = store.load().unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::write(&elsewhere, r#"{"version":1,"devices":[]}"#).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, store.path()).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
     }
 
     #[test]
-    fn newer_version_is_refused_and_left_in_place() {
+    fn a_directory_or_file_others_may_write_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        std::fs::write(
-            store.path(),
-            r#"{"version": 2, "devices": [], "extra": true}"#,
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o777)).unwrap();
         let err = store.load().unwrap_err();
-        assert!(matches!(err, StoreError::Newer { found: 2, .. }));
-        assert!(err
-            .to_string()
-            .contains(&store.path().display().to_string()));
-        assert!(store.path().exists());
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o700)).unwrap();
+        std::fs::write(store.path(), r#"{"version":1,"devices":[]}"#).unwrap();
+        std::fs::set_permissions(store.path(), PermissionsExt::from_mode(0o666)).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(
+            err.to_string().contains("registry file is writable"),
+            "{err}"
+        );
+    }
+
+    /// A link planted at the temp file is replaced, never followed, and the
+    /// file is 0600 whatever the umask; a stale temp file goes at load.
+    #[test]
+    fn the_temp_file_is_never_followed_and_the_file_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, store.temp_path()).unwrap();
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0) };
+        let saved = store.save(&Registry::from_devices(vec![sample("a2:00.0", "g")]).unwrap());
+        unsafe { libc::umask(old) };
+        saved.unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let mode = std::fs::metadata(store.path()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::os::unix::fs::symlink(&victim, store.temp_path()).unwrap();
+        store.load().unwrap();
+        assert!(std::fs::symlink_metadata(store.temp_path()).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 
     #[test]

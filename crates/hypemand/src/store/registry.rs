@@ -34,6 +34,52 @@ pub struct StoredDevice {
     pub want_vfio: bool,
 }
 
+impl StoredDevice {
+    /// The API's rules for a record, applied to what the store loads: the
+    /// same ids, names and instance ids the bus would accept. (Addresses are
+    /// checked by their parser when the record is read.)
+    pub fn validate(&self) -> Result<(), String> {
+        if !is_device_id(&self.id) {
+            return Err(format!(
+                "id {:?} is not a device id (24 lowercase letters and digits, starting with a letter)",
+                shorten(&self.id)
+            ));
+        }
+        validate_name(&self.name).map_err(|e| e.to_string())?;
+        if let Some(i) = &self.attached_to {
+            validate_instance_id(i).map_err(|e| e.to_string())?;
+        }
+        for (what, v) in [
+            ("vendor_id", &self.vendor_id),
+            ("device_id", &self.device_id),
+        ] {
+            if v.len() != 4
+                || !v
+                    .bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            {
+                return Err(format!(
+                    "{what} {:?} is not 4 lowercase hex digits",
+                    shorten(v)
+                ));
+            }
+        }
+        if let Some(d) = &self.original_driver {
+            let ok = !d.is_empty()
+                && d.len() <= 64
+                && d.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'));
+            if !ok {
+                return Err(format!(
+                    "original_driver {:?} is not a driver name",
+                    shorten(d)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a name or instance id is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
@@ -177,7 +223,7 @@ pub enum Conflict {
         name: String,
         id: String,
     },
-    #[error("the name {0} is already taken")]
+    #[error("the name {0} is already taken (by a device's name or id)")]
     Name(String),
     #[error("the id {0} is already taken")]
     Id(String),
@@ -225,8 +271,13 @@ impl Registry {
                 id: other.id.clone(),
             });
         }
-        if self.by_name(&d.name).is_some() {
+        // A name and an id are both keys callers use: neither may stand for
+        // the other device, or `Get`/`Delete` by that key reach the wrong one.
+        if self.by_name(&d.name).is_some() || self.devices.contains_key(d.name.as_str()) {
             return Err(Conflict::Name(d.name.clone()));
+        }
+        if self.by_name.contains_key(d.id.as_str()) {
+            return Err(Conflict::Id(d.id.clone()));
         }
         Ok(())
     }
@@ -444,6 +495,19 @@ pub(crate) mod tests {
                 "no device",
             ),
             (Change::Remove("nope".into()), "no device"),
+            // A name equal to another device's id, and an id equal to a name.
+            (
+                Change::Add(sample("0000:06:00.0", &a.id.clone())),
+                "already taken",
+            ),
+            (
+                Change::Add({
+                    let mut d = sample("0000:07:00.0", "c");
+                    d.id = "a".into();
+                    d
+                }),
+                "already taken",
+            ),
         ];
         for (c, why) in refused {
             let e = r.check(&c).unwrap_err();

@@ -97,6 +97,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
+        super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &header, Method::Delete, &self.id)
@@ -110,6 +111,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &header, Method::Bind, &self.id)
@@ -123,6 +125,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &header, Method::Unbind, &self.id)
@@ -137,6 +140,7 @@ impl DeviceObject {
         #[zbus(connection)] conn: &Connection,
         instance_id: &str,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "s")?;
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
             .authz
@@ -151,6 +155,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &header, Method::Detach, &self.id)

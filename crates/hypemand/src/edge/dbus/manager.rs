@@ -38,6 +38,7 @@ impl Manager {
         pci_address: &str,
         name: &str,
     ) -> Result<(OwnedObjectPath, Record), Error> {
+        super::expect_args(&header, "ss")?;
         self.authz
             .register(conn, &header, pci_address, name)
             .await?;
@@ -46,7 +47,8 @@ impl Manager {
     }
 
     /// Every registered device.
-    async fn list(&self) -> Result<Vec<Record>, Error> {
+    async fn list(&self, #[zbus(header)] header: Header<'_>) -> Result<Vec<Record>, Error> {
+        super::expect_args(&header, "")?;
         let records: Vec<Record> = self
             .service
             .list()
@@ -61,7 +63,12 @@ impl Manager {
     }
 
     /// One device, by id or exact name.
-    async fn get(&self, id_or_name: &str) -> Result<Record, Error> {
+    async fn get(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        id_or_name: &str,
+    ) -> Result<Record, Error> {
+        super::expect_args(&header, "s")?;
         Ok(self.service.get(id_or_name).await?.record())
     }
 
@@ -72,6 +79,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<(), Error> {
+        super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &header, Method::Delete, id_or_name)
@@ -80,7 +88,11 @@ impl Manager {
     }
 
     /// Every PCI device on the host, registered or not.
-    async fn list_available(&self) -> Result<Vec<Available>, Error> {
+    async fn list_available(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<Vec<Available>, Error> {
+        super::expect_args(&header, "")?;
         let available: Vec<Available> = self
             .service
             .list_available()
@@ -101,6 +113,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &header, Method::Bind, id_or_name)
@@ -115,6 +128,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &header, Method::Unbind, id_or_name)
@@ -130,6 +144,7 @@ impl Manager {
         id_or_name: &str,
         instance_id: &str,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "ss")?;
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
             .authz
@@ -145,6 +160,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
+        super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &header, Method::Detach, id_or_name)

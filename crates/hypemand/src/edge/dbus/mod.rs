@@ -30,6 +30,19 @@ use manager::Manager;
 
 pub use hypeman_api::BusChoice;
 
+/// Refuses a call whose arguments are not exactly `expected`: zbus reads the
+/// arguments a method takes and would silently ignore any more.
+pub fn expect_args(header: &zbus::message::Header<'_>, expected: &str) -> Result<(), Error> {
+    let got = header.signature().to_string_no_parens();
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::Other {
+        name: "org.freedesktop.DBus.Error.InvalidArgs".into(),
+        message: format!("this method takes arguments of type \"{expected}\", not \"{got}\""),
+    })
+}
+
 /// The object path of a device id.
 pub fn device_path(id: &str) -> Result<OwnedObjectPath, Error> {
     hypeman_api::device_path(id)
