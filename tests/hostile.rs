@@ -131,7 +131,14 @@ async fn wrong_signatures_get_the_bus_invalid_args() {
         INVALID_ARGS
     );
     assert_eq!(
-        error_name(&s.conn, PATH, IFACE, "Register", &("0000:5e:00.0", "n", "x")).await,
+        error_name(
+            &s.conn,
+            PATH,
+            IFACE,
+            "Register",
+            &("0000:5e:00.0", "n", "x")
+        )
+        .await,
         INVALID_ARGS
     );
     assert_eq!(

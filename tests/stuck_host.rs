@@ -68,11 +68,8 @@ fn a_stuck_read_holds_only_its_own_device() {
     );
     bus.manager("Register", &["ss", STUCK, "stuck-gpu"])
         .unwrap();
-    let other = bus
-        .manager("Register", &["ss", OTHER, "other-gpu"])
+    bus.manager("Register", &["ss", OTHER, "other-gpu"])
         .unwrap();
-    // numa_node is read from sysfs and shown in the record.
-    assert_eq!(other[1]["numa_node"]["data"], 1, "{other}");
 
     let vendor = root.join("devices/pci0000:00").join(STUCK).join("vendor");
     std::fs::remove_file(&vendor).unwrap();
@@ -139,4 +136,53 @@ fn a_stuck_read_holds_only_its_own_device() {
     let status = d.proc.signal_and_wait("TERM");
     assert_eq!(status.code(), Some(0), "{}", d.log());
     drop(writer);
+}
+
+/// `numa_node` is read from sysfs: in the record, on the object, and in
+/// `ListAvailable`; -1 (no NUMA) leaves it out.
+#[test]
+fn numa_node_is_read_from_sysfs() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    add_device(root, STUCK, 82);
+    add_device(root, OTHER, 83);
+    std::fs::write(
+        root.join("devices/pci0000:00")
+            .join(OTHER)
+            .join("numa_node"),
+        "-1\n",
+    )
+    .unwrap();
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--sysfs-root", root.to_str().unwrap()],
+    );
+    let one = bus.manager("Register", &["ss", STUCK, "one"]).unwrap();
+    assert_eq!(one[1]["numa_node"]["data"], 1, "{one}");
+    let path = one[0].as_str().unwrap();
+    let prop = bus.busctl(&[
+        "--json=short",
+        "get-property",
+        NAME,
+        path,
+        "org.hypeman.Device1",
+        "NumaNode",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&prop.stdout).contains("\"data\":1"),
+        "{prop:?}"
+    );
+    let none = bus.manager("Register", &["ss", OTHER, "none"]).unwrap();
+    assert!(none[1].get("numa_node").is_none(), "{none}");
+    let available = bus.manager("ListAvailable", &[]).unwrap();
+    let numas: Vec<_> = available[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.get("numa_node").map(|n| n["data"].clone()))
+        .collect();
+    assert_eq!(numas, vec![Some(serde_json::json!(1)), None]);
 }
