@@ -622,3 +622,86 @@ fn a_caller_at_a_password_prompt_delays_nobody_else() {
     );
     assert!(bus.manager("Get", &["s", "prompted-nic"]).is_err());
 }
+
+/// *(issue 13)* One plain user keeps 400 Registers in flight, from 4
+/// connections (each check rides hypemand's one bus connection, which the bus
+/// allows 128 outstanding calls). Meanwhile a `hypeman`-group member's 10
+/// Registers all succeed: the flood gets `Busy` beyond its share, never a
+/// denial for everyone, and the log says so once, not per call. Before, the
+/// bus's `LimitsExceeded` counted as "polkit unavailable" and everyone but
+/// root was refused.
+#[test]
+fn a_flood_from_one_user_does_not_deny_another() {
+    let _s = serial();
+    let users = TestUsers::create(&["flood", "adm"], &["adm"], "hypeman");
+    let (flood, adm) = (&users.names[0], &users.names[1]);
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(&bus, &[("50-org.hypeman.devices.rules", shipped_rule())]);
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+
+    let marks = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(marks.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let started = marks.path().join("flooding");
+    let script = root().join("tests/data/flood.py");
+    let err = marks.path().join("flood.err");
+    let mut flooder = Proc {
+        child: as_user(flood, "/usr/bin/python3")
+            .arg(&script)
+            .args([bus.address.as_str(), "400", "4"])
+            .arg(&started)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    wait_until(|| {
+        if let Ok(Some(st)) = flooder.child.try_wait() {
+            panic!(
+                "the flood stopped ({st}): {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        started.exists()
+    });
+
+    for i in 0..10 {
+        let name = format!("nvme-{i}");
+        let out = call(
+            &bus,
+            Some(adm),
+            false,
+            PATH,
+            &m("Register"),
+            &["0000:5e:00.0", &name],
+        );
+        assert!(
+            out.status.success(),
+            "Register {i} during the flood: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = call(&bus, Some(adm), false, PATH, &m("Delete"), &[&name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(flooder);
+
+    let log = d.log();
+    let unavailable = log.matches("polkitd is not running").count();
+    let floods = log
+        .matches("too many authorization checks in flight")
+        .count();
+    let transient = log.matches("polkit could not answer a check").count();
+    eprintln!(
+        "log lines during the flood: not-running {unavailable}, flood {floods}, transient {transient}"
+    );
+    assert_eq!(unavailable, 0, "polkitd was there all along");
+    assert!(floods <= 2, "the flood was logged {floods} times");
+    assert!(
+        transient <= 1,
+        "transient failures logged {transient} times"
+    );
+}

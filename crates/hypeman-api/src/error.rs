@@ -79,6 +79,9 @@ error_table! {
     /// The registry could not be written; nothing changed.
     StoreFailed => "org.hypeman.Devices.Error.StoreFailed",
     Failed => "org.hypeman.Devices.Error.Failed",
+    /// Too much is in flight (authorization checks, most often): nothing was
+    /// changed; try again in a moment.
+    Busy => "org.hypeman.Devices.Error.Busy",
     /// polkit (or, without polkitd, the uid rule) said no. The bus's standard
     /// name, so every D-Bus client knows what it means.
     AccessDenied => "org.freedesktop.DBus.Error.AccessDenied",

@@ -11,10 +11,25 @@
 //! polkitd looks up the caller's own uid, session and process, never the
 //! daemon's. Checks hold no lock: a caller waiting on a password prompt delays
 //! nobody else.
+//!
+//! *(issue 13)* Every check rides the daemon's one bus connection, and the bus
+//! allows a connection only so many outstanding calls (128 by default). So
+//! checks in flight are capped well below that, [`MAX_CHECKS`] in all and
+//! [`MAX_CHECKS_PER_UID`] per caller's uid, and a caller over its share is
+//! answered `Busy` at once: one user's flood cannot take the slots everyone
+//! else needs. "polkitd is not there" (its name has no owner) is told apart
+//! from a transient failure (the bus's limit, a timeout): only the first lets
+//! root decide alone; the second is `Busy`, retryable, for everyone. Each
+//! check has a deadline, and is cancelled at polkitd when the deadline passes
+//! or the caller leaves the bus. Outages and floods are logged once per
+//! episode, not per call.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
 use zbus::message::{Flags, Header};
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
@@ -23,6 +38,69 @@ use hypeman_api::Error;
 
 /// How long a check without interaction may take before polkit counts as failing.
 const NON_INTERACTIVE_LIMIT: Duration = Duration::from_secs(25);
+/// How long a person may take at a password prompt.
+const INTERACTIVE_LIMIT: Duration = Duration::from_secs(300);
+/// Checks in flight at once, in all: well below the bus's 128 outstanding
+/// replies per connection, leaving room for the daemon's other calls.
+pub const MAX_CHECKS: usize = 64;
+/// Checks in flight at once for one uid.
+pub const MAX_CHECKS_PER_UID: usize = 8;
+
+/// Why polkitd gave no answer.
+#[derive(Debug)]
+enum NoAnswer {
+    /// polkitd is not on the bus.
+    Absent(String),
+    /// It is, but could not answer now (the bus's limits, a timeout).
+    Transient(String),
+    /// The caller left the bus; nobody is waiting for the answer.
+    CallerGone,
+}
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAnswer::Absent(e) | NoAnswer::Transient(e) => f.write_str(e),
+            NoAnswer::CallerGone => f.write_str("the caller left the bus"),
+        }
+    }
+}
+
+/// polkitd's name has no owner and cannot be started: it is not there.
+fn classify(e: zbus::Error) -> NoAnswer {
+    let name = match &e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(fdo) => zbus::DBusError::name(&**fdo).to_string(),
+        _ => String::new(),
+    };
+    match name.as_str() {
+        "org.freedesktop.DBus.Error.ServiceUnknown"
+        | "org.freedesktop.DBus.Error.NameHasNoOwner" => NoAnswer::Absent(e.to_string()),
+        _ => NoAnswer::Transient(e.to_string()),
+    }
+}
+
+/// A slot of one uid's share; given back when dropped.
+struct UidSlot<'a> {
+    bouncer: &'a Bouncer,
+    uid: u32,
+}
+
+impl Drop for UidSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .bouncer
+            .per_uid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
 
 /// The polkit actions (`polkit/org.hypeman.devices.policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +150,13 @@ pub struct Bouncer {
     /// Unique names are never reused on a bus, so a sender's uid is
     /// remembered (a bounded cache, cleared when full).
     uids: std::sync::Mutex<HashMap<String, u32>>,
+    /// Checks in flight, in all and per uid.
+    slots: Semaphore,
+    per_uid: std::sync::Mutex<HashMap<u32, usize>>,
+    /// A flood is under way (said once until it is over).
+    flooded: AtomicBool,
+    /// For cancellation ids.
+    next_check: AtomicU64,
 }
 
 impl Bouncer {
@@ -89,7 +174,39 @@ impl Bouncer {
             authority,
             dbus,
             uids: std::sync::Mutex::new(HashMap::new()),
+            slots: Semaphore::new(MAX_CHECKS),
+            per_uid: std::sync::Mutex::new(HashMap::new()),
+            flooded: AtomicBool::new(false),
+            next_check: AtomicU64::new(0),
         })
+    }
+
+    /// One of `uid`'s slots, if it has any left.
+    fn uid_slot(&self, uid: u32) -> Option<UidSlot<'_>> {
+        let mut m = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_default();
+        if *n >= MAX_CHECKS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot { bouncer: self, uid })
+    }
+
+    /// Says once that callers are being turned away, and once that it ended.
+    fn note_flood(&self, busy: bool, uid: Option<u32>) {
+        if busy && !self.flooded.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                uid = %uid.map_or_else(|| "unknown".into(), |u| u.to_string()),
+                limit_per_uid = MAX_CHECKS_PER_UID,
+                limit = MAX_CHECKS,
+                "too many authorization checks in flight: answering Busy until they drain"
+            );
+        } else if !busy
+            && self.slots.available_permits() == MAX_CHECKS
+            && self.flooded.swap(false, Ordering::SeqCst)
+        {
+            tracing::info!("authorization checks are back under their limits");
+        }
     }
 
     /// Authorizes the caller of the message `header` for `action` on `target`.
@@ -105,8 +222,38 @@ impl Bouncer {
             .flags()
             .contains(Flags::ALLOW_INTERACTIVE_AUTH);
         let uid = self.caller_uid(&sender).await;
-        let answer = self.ask_polkit(header, action, target, interactive).await;
-        note_polkit_health(answer.as_ref().err());
+        let busy =
+            |why: &str| Error::Busy(format!("{why}; nothing was changed: try again in a moment"));
+        // The caller's share first (an unknown uid shares one share), then a
+        // slot of all; a caller over its share is answered at once.
+        let Some(_mine) = self.uid_slot(uid.unwrap_or(u32::MAX)) else {
+            self.note_flood(true, uid);
+            return Err(busy("too many of your authorization checks are in flight"));
+        };
+        let Ok(Ok(_slot)) = tokio::time::timeout(NON_INTERACTIVE_LIMIT, self.slots.acquire()).await
+        else {
+            self.note_flood(true, uid);
+            return Err(busy("too many authorization checks are in flight"));
+        };
+        let answer = self
+            .ask_polkit(header, &sender, action, target, interactive)
+            .await;
+        drop(_slot);
+        self.note_flood(false, uid);
+        note_polkit_health(match &answer {
+            Err(NoAnswer::Absent(e)) => Some(e),
+            _ => None,
+        });
+        let answer = match answer {
+            Err(NoAnswer::Transient(e)) => {
+                note_polkit_transient(&e);
+                return Err(busy(&format!("polkit could not answer now ({e})")));
+            }
+            Err(NoAnswer::CallerGone) => {
+                return Err(Error::AccessDenied("the caller left the bus".into()))
+            }
+            other => other,
+        };
         let verdict = match answer {
             Ok(r) if r.is_authorized => Verdict::Granted("polkit"),
             Ok(r) if r.is_challenge && !interactive => Verdict::NeedsInteraction,
@@ -114,7 +261,7 @@ impl Bouncer {
                 Verdict::Denied("the authentication dialog was dismissed".into())
             }
             Ok(_) => Verdict::Denied(format!("polkit does not allow {}", action.id())),
-            Err(_) if uid == Some(0) => Verdict::Granted("root, polkit unavailable"),
+            Err(_) if uid == Some(0) => Verdict::Granted("root, polkitd is not running"),
             Err(e) => Verdict::Denied(format!(
                 "polkit is unavailable ({e}), and only root may {} without it",
                 verb(action)
@@ -158,14 +305,18 @@ impl Bouncer {
         }
     }
 
+    /// Asks polkitd, under a deadline, and cancels the check at polkitd when
+    /// the deadline passes or the caller leaves the bus.
     async fn ask_polkit(
         &self,
         header: &Header<'_>,
+        sender: &str,
         action: Action,
         target: &Target,
         interactive: bool,
-    ) -> Result<zbus_polkit::policykit1::AuthorizationResult, String> {
-        let subject = Subject::new_for_message_header(header).map_err(|e| e.to_string())?;
+    ) -> Result<zbus_polkit::policykit1::AuthorizationResult, NoAnswer> {
+        let subject = Subject::new_for_message_header(header)
+            .map_err(|e| NoAnswer::Transient(e.to_string()))?;
         let details = HashMap::from([
             ("pci_address", target.pci_address.as_str()),
             ("device_id", target.device_id.as_str()),
@@ -176,17 +327,58 @@ impl Bouncer {
         } else {
             CheckAuthorizationFlags::empty()
         };
-        let call = self
-            .authority
-            .check_authorization(&subject, action.id(), &details, flags, "");
-        if interactive {
-            // A person may be typing a password; polkit's agent has its own timeout.
-            return call.await.map_err(|e| e.to_string());
+        let limit = if interactive {
+            INTERACTIVE_LIMIT
+        } else {
+            NON_INTERACTIVE_LIMIT
+        };
+        let cancel_id = format!(
+            "hypemand-{}-{}",
+            std::process::id(),
+            self.next_check.fetch_add(1, Ordering::Relaxed)
+        );
+        // The caller leaving: its unique name losing its owner.
+        let gone = async {
+            let Ok(name) = zbus::names::BusName::try_from(sender) else {
+                return std::future::pending().await;
+            };
+            let Ok(mut changes) = self
+                .dbus
+                .receive_name_owner_changed_with_args(&[(0, name.as_str())])
+                .await
+            else {
+                return std::future::pending().await;
+            };
+            // Already gone before the watch began?
+            if !self
+                .dbus
+                .name_has_owner(name.as_ref())
+                .await
+                .unwrap_or(true)
+            {
+                return;
+            }
+            while let Some(change) = changes.next().await {
+                if change.args().is_ok_and(|a| a.new_owner().is_none()) {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        let call =
+            self.authority
+                .check_authorization(&subject, action.id(), &details, flags, &cancel_id);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(limit, call) => match r {
+                Ok(r) => return r.map_err(classify),
+                Err(_) => NoAnswer::Transient(format!("no answer within {limit:?}")),
+            },
+            () = gone => NoAnswer::CallerGone,
+        };
+        if let Err(e) = self.authority.cancel_check_authorization(&cancel_id).await {
+            tracing::debug!(error = %e, "cannot cancel the check at polkitd");
         }
-        match tokio::time::timeout(NON_INTERACTIVE_LIMIT, call).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {NON_INTERACTIVE_LIMIT:?}")),
-        }
+        Err(outcome)
     }
 
     /// The caller's uid, from the bus daemon.
@@ -214,17 +406,27 @@ impl Bouncer {
 /// it is back), instead of on every change made meanwhile: on a host without
 /// polkit at all, root's every change would otherwise log a warning.
 fn note_polkit_health(error: Option<&String>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
     static DOWN: AtomicBool = AtomicBool::new(false);
     match error {
         Some(e) if !DOWN.swap(true, Ordering::SeqCst) => {
-            tracing::warn!(error = %e, "polkit is unavailable: only root may make changes until it answers again")
+            tracing::warn!(error = %e, "polkitd is not running: only root may make changes until it is back")
         }
         Some(e) => tracing::debug!(error = %e, "polkit is still unavailable"),
         None if DOWN.swap(false, Ordering::SeqCst) => {
             tracing::info!("polkit answers again")
         }
         None => {}
+    }
+}
+
+/// Says once per minute at most that polkitd could not answer for a
+/// passing reason (those callers were told `Busy`).
+fn note_polkit_transient(error: &str) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(%error, "polkit could not answer a check; the caller was told to try again");
     }
 }
 
