@@ -464,7 +464,7 @@ fn shipped_policy_and_bus_config_load() {
 /// polkitd (which is free meanwhile), for as long as the person takes.
 struct Prompt {
     caller: Proc,
-    _script: Proc,
+    script: Proc,
     agent_pid: Option<u32>,
 }
 
@@ -475,6 +475,28 @@ impl Prompt {
     /// `None` when the agent was not registered in time (the caller was told
     /// no agent exists); the caller tries again then.
     fn start(bus: &TestBus, user: &str, dir: &std::path::Path) -> Option<Prompt> {
+        Self::start_call(
+            bus,
+            user,
+            dir,
+            &m("Register"),
+            &["0000:3b:00.0", "prompted-nic"],
+            false,
+        )
+    }
+
+    /// `user` calls `method` with `args` interactively, at a prompt nobody
+    /// has answered yet. With `answerable`, the agent runs where its setuid
+    /// helper finds the test bus at the system bus's path (a private mount
+    /// namespace), so a password typed into the prompt reaches polkitd.
+    fn start_call(
+        bus: &TestBus,
+        user: &str,
+        dir: &std::path::Path,
+        method: &str,
+        args: &[&str],
+        answerable: bool,
+    ) -> Option<Prompt> {
         let go = dir.join("go");
         let typescript = dir.join("typescript");
         let agent_pid = dir.join("agent.pid");
@@ -494,30 +516,43 @@ impl Prompt {
                 .args([
                     "-c",
                     &format!(
-                        "while [ ! -e {go} ]; do sleep 0.02; done; exec gdbus call --address {addr} --dest {NAME} --object-path {PATH} --interactive --method {method} 0000:3b:00.0 prompted-nic",
+                        "while [ ! -e {go} ]; do sleep 0.02; done; exec gdbus call --address {addr} --dest {NAME} --object-path {PATH} --interactive --method {method} {args}",
                         go = go.display(),
                         addr = bus.address,
-                        method = m("Register"),
+                        args = args.join(" "),
                     ),
                 ])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("caller.err")).unwrap())
                 .spawn()
                 .unwrap(),
         };
+        let agent = format!(
+            "echo $$ > {pidfile}; exec pkttyagent --process {pid} --notify-fd 3 3>{registered}",
+            pidfile = agent_pid.display(),
+            pid = caller.pid(),
+            registered = registered.display()
+        );
+        let agent = if answerable {
+            let socket = bus.address.trim_start_matches("unix:path=");
+            let socket = socket.split(',').next().unwrap_or(socket);
+            format!(
+                "mount -t tmpfs none /run && mkdir /run/dbus && touch /run/dbus/system_bus_socket && \
+                 mount --bind {socket} /run/dbus/system_bus_socket && {agent}"
+            )
+        } else {
+            agent
+        };
+        let mut script_cmd = if answerable {
+            let mut c = Command::new("unshare");
+            c.args(["-m", "--propagation", "private", "script"]);
+            c
+        } else {
+            Command::new("script")
+        };
         let script = Proc {
-            child: Command::new("script")
-                .args([
-                    "-q",
-                    "-f",
-                    "-c",
-                    &format!(
-                        "echo $$ > {pidfile}; exec pkttyagent --process {pid} --notify-fd 3 3>{registered}",
-                        pidfile = agent_pid.display(),
-                        pid = caller.pid(),
-                        registered = registered.display()
-                    ),
-                ])
+            child: script_cmd
+                .args(["-q", "-f", "-c", &agent])
                 .arg(&typescript)
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
                 .stdin(Stdio::piped())
@@ -528,7 +563,7 @@ impl Prompt {
         };
         let mut p = Prompt {
             caller,
-            _script: script,
+            script,
             agent_pid: None,
         };
         wait_until(|| {
@@ -704,4 +739,127 @@ fn a_flood_from_one_user_does_not_deny_another() {
         transient <= 1,
         "transient failures logged {transient} times"
     );
+}
+
+/// *(issue 13)* Check-then-act: a caller at a password prompt for Bind of
+/// its device re-points the name (deletes the device, registers an address a
+/// rule forbids it under the same name), then answers the prompt. polkit
+/// grants the Bind it was asked about; the daemon must act on that record
+/// only, so the forbidden device is never touched. Before, the name was
+/// resolved again after the check and the forbidden device was bound.
+#[test]
+fn a_name_re_pointed_during_the_check_does_not_redirect_the_bind() {
+    let _s = serial();
+    let users = TestUsers::create(&["swap"], &[], "hypeman");
+    let user = &users.names[0];
+    let password = "Hyp3man-test-pw";
+    let mut chpasswd = Command::new("chpasswd")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = chpasswd.stdin.take().unwrap();
+        writeln!(stdin, "{user}:{password}").unwrap();
+    }
+    assert!(chpasswd.wait().unwrap().success());
+    let forbidden = "0000:a2:00.0";
+    let rule = format!(
+        r#"polkit.addRule(function(action, subject) {{
+    if (action.id.indexOf("org.hypeman.devices.") !== 0 || subject.user != "{user}") return;
+    if (action.id == "org.hypeman.devices.register" || action.id == "org.hypeman.devices.delete") return polkit.Result.YES;
+    if (action.id == "org.hypeman.devices.bind") {{
+        if (action.lookup("pci_address") == "{forbidden}") return polkit.Result.NO;
+        return polkit.Result.AUTH_SELF;
+    }}
+}});
+"#
+    );
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(&bus, &[("10-test.rules", rule)]);
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let out = call(
+        &bus,
+        Some(user),
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:3b:00.0", "dev"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rule does forbid the address to this user.
+    let out = call(
+        &bus,
+        Some(user),
+        false,
+        PATH,
+        &m("Register"),
+        &[forbidden, "probe"],
+    );
+    assert!(out.status.success());
+    let out = call(&bus, Some(user), true, PATH, &m("Bind"), &["probe"]);
+    assert!(
+        !out.status.success(),
+        "the rule must forbid binding {forbidden}"
+    );
+    let out = call(&bus, Some(user), false, PATH, &m("Delete"), &["probe"]);
+    assert!(out.status.success());
+
+    let work = tempfile::tempdir().unwrap();
+    let mut prompt = None;
+    for _ in 1..=3 {
+        prompt = Prompt::start_call(&bus, user, work.path(), &m("Bind"), &["dev"], true);
+        if prompt.is_some() {
+            break;
+        }
+    }
+    let mut prompt = prompt.expect("pkttyagent never showed the password prompt");
+
+    // At the prompt: the name now points at the forbidden address.
+    let out = call(&bus, Some(user), false, PATH, &m("Delete"), &["dev"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = call(
+        &bus,
+        Some(user),
+        false,
+        PATH,
+        &m("Register"),
+        &[forbidden, "dev"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The password: polkit grants the Bind it was asked about (0000:3b:00.0).
+    {
+        use std::io::Write;
+        let stdin = prompt.script.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{password}").unwrap();
+        stdin.flush().unwrap();
+    }
+    let status = prompt.caller.child.wait().unwrap();
+    let err = std::fs::read_to_string(work.path().join("caller.err")).unwrap_or_default();
+    let typescript = std::fs::read_to_string(work.path().join("typescript")).unwrap_or_default();
+    assert!(
+        !status.success(),
+        "the Bind succeeded; typescript:\n{typescript}"
+    );
+    assert!(
+        err.contains("NotFound") && err.contains("deleted meanwhile"),
+        "{err}\ntypescript:\n{typescript}"
+    );
+    let got = bus.manager("Get", &["s", "dev"]).unwrap();
+    assert_eq!(got[0]["pci_address"]["data"], forbidden);
+    assert_eq!(got[0]["bound_to_vfio"]["data"], false, "{got}");
 }

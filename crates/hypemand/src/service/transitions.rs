@@ -669,3 +669,39 @@ mod tests {
             .bound_to_vfio());
     }
 }
+
+#[cfg(test)]
+mod resolve_once {
+    //! *(issue 13)* An operation acts on the record it was authorized for.
+
+    use crate::service::testing::{example, service_on};
+    use hypeman_api::VFIO_DRIVER;
+    use std::time::Duration;
+
+    /// The name is re-pointed between the check and the act (the caller
+    /// deleted its device and registered another address under the same
+    /// name): the operation answers NotFound and the new device is untouched.
+    #[tokio::test]
+    async fn a_re_pointed_name_does_not_redirect_an_operation() {
+        let f = service_on(&example("l4.toml"), Duration::from_secs(5));
+        let s = &f.service;
+        s.register("0000:3b:00.0", "dev").await.unwrap();
+        let authorized = s.resolve("dev").unwrap();
+        s.delete(&authorized).await.unwrap();
+        s.register("0000:a2:00.0", "dev").await.unwrap();
+        for result in [
+            s.bind(&authorized).await.map(|_| ()),
+            s.attach(&authorized, "vm-1").await.map(|_| ()),
+            s.unbind(&authorized).await.map(|_| ()),
+            s.detach(&authorized).await.map(|_| ()),
+            s.delete(&authorized).await.map(|_| ()),
+        ] {
+            let e = result.unwrap_err();
+            assert_eq!(e.short_name(), "NotFound", "{e}");
+            assert!(e.to_string().contains("deleted meanwhile"), "{e}");
+        }
+        let gpu = s.get("dev").await.unwrap();
+        assert_ne!(gpu.driver(), Some(VFIO_DRIVER));
+        assert!(gpu.stored.attached_to.is_none());
+    }
+}
