@@ -388,3 +388,51 @@ async fn a_client_leaving_in_the_middle_of_calls() {
 
     s.still_well().await;
 }
+/// `Properties.Set` on a property that exists but cannot be set says so
+/// (`PropertyReadOnly`); on one that does not exist, `UnknownProperty`.
+/// Before, both answered `UnknownProperty`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_a_read_only_property_says_read_only() {
+    let s = Setup::start().await;
+    let props = "org.freedesktop.DBus.Properties";
+    let value = zbus::Variant::from("x");
+    for (path, iface, prop) in [
+        (s.dev_path.as_str(), "org.hypeman.Device1", "Name"),
+        (s.dev_path.as_str(), "org.hypeman.Device1", "Driver"),
+        (PATH, IFACE, "Version"),
+    ] {
+        assert_eq!(
+            error_name(&s.conn, path, props, "Set", &(iface, prop, &value)).await,
+            "org.freedesktop.DBus.Error.PropertyReadOnly",
+            "{iface}.{prop}"
+        );
+    }
+    assert_eq!(
+        error_name(
+            &s.conn,
+            &s.dev_path,
+            props,
+            "Set",
+            &("org.hypeman.Device1", "NoSuchProperty", &value)
+        )
+        .await,
+        "org.freedesktop.DBus.Error.UnknownProperty"
+    );
+    // Introspection still says read-only.
+    let xml: String = s
+        .conn
+        .call_method(
+            Some(NAME),
+            s.dev_path.as_str(),
+            Some("org.freedesktop.DBus.Introspectable"),
+            "Introspect",
+            &(),
+        )
+        .await
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
+    assert!(xml.contains(r#"<property name="Name" type="s" access="read"/>"#), "{xml}");
+    s.still_well().await;
+}

@@ -6,13 +6,15 @@
 //! - [`objects`]: the ObjectManager, announcing registrations and deletions;
 //! - [`authz`]: the method-to-action table and the one helper every change passes;
 //! - [`polkit`]: the bouncer that asks polkitd;
-//! - [`simulator`]: `org.hypeman.Simulator1`, only under `--simulate`.
+//! - [`simulator`]: `org.hypeman.Simulator1`, only under `--simulate`;
+//! - [`read_only`]: `PropertyReadOnly` for properties that cannot be set.
 
 pub mod authz;
 pub mod device;
 pub mod manager;
 pub mod objects;
 pub mod polkit;
+pub mod read_only;
 pub mod simulator;
 
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use crate::service::{BoxFuture, DeviceView, Publisher, Service};
 use authz::Authz;
 use device::DeviceObject;
 use manager::Manager;
+use read_only::ReadOnly;
 
 pub use hypeman_api::BusChoice;
 
@@ -74,7 +77,7 @@ pub async fn serve(
     let authz = Arc::new(Authz::new(service.clone()));
     let mut builder = bus.builder().serve_at(
         hypeman_api::MANAGER_PATH,
-        Manager::new(service.clone(), authz.clone()),
+        ReadOnly(Manager::new(service.clone(), authz.clone())),
     );
     if let Some(sim) = sim {
         builder = builder.serve_at(hypeman_api::SIMULATOR_PATH, simulator::Simulator::new(sim));
@@ -86,7 +89,11 @@ pub async fn serve(
         conn.object_server()
             .at(
                 path,
-                DeviceObject::new(service.clone(), authz.clone(), d.id.clone()),
+                ReadOnly(DeviceObject::new(
+                    service.clone(),
+                    authz.clone(),
+                    d.id.clone(),
+                )),
             )
             .await
             .map_err(ServeError::Export)?;
@@ -143,7 +150,11 @@ impl Publisher for BusPublisher {
                 .object_server()
                 .at(
                     path,
-                    DeviceObject::new(service.clone(), self.authz.clone(), id.clone()),
+                    ReadOnly(DeviceObject::new(
+                        service.clone(),
+                        self.authz.clone(),
+                        id.clone(),
+                    )),
                 )
                 .await
             {
@@ -222,7 +233,7 @@ impl Publisher for BusPublisher {
             if let Err(e) = self
                 .conn
                 .object_server()
-                .remove::<DeviceObject, _>(path)
+                .remove::<ReadOnly<DeviceObject>, _>(path)
                 .await
             {
                 tracing::error!(device_id = %id, error = %e, "cannot remove the device object");
