@@ -433,6 +433,9 @@ async fn setting_a_read_only_property_says_read_only() {
         .body()
         .deserialize()
         .unwrap();
-    assert!(xml.contains(r#"<property name="Name" type="s" access="read"/>"#), "{xml}");
+    assert!(
+        xml.contains(r#"<property name="Name" type="s" access="read"/>"#),
+        "{xml}"
+    );
     s.still_well().await;
 }

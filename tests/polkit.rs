@@ -722,7 +722,13 @@ fn a_flood_from_one_user_does_not_deny_another() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    drop(flooder);
+    let status = flooder.signal_and_wait("TERM");
+    let answered = std::fs::read_to_string(&err).unwrap_or_default();
+    eprintln!("the flood was answered ({status}): {}", answered.trim());
+    assert!(
+        !answered.contains("AccessDenied"),
+        "the flood itself was denied rather than told to wait: {answered}"
+    );
 
     let log = d.log();
     let unavailable = log.matches("polkitd is not running").count();
