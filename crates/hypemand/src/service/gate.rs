@@ -37,7 +37,6 @@ impl Service {
             }
         }
         self.change_notify.notify_one();
-        crate::memory::trim_soon();
         Ok(())
     }
 

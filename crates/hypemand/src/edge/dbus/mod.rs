@@ -140,6 +140,9 @@ struct BusPublisher {
 impl Publisher for BusPublisher {
     fn added<'a>(&'a self, device: &'a DeviceView) -> BoxFuture<'a> {
         Box::pin(async move {
+            // A change's buffers (the store write, the reply) are freed once
+            // it is answered: hand them back soon after.
+            crate::memory::trim_soon();
             let Some(service) = self.service.upgrade() else {
                 return;
             };
@@ -169,6 +172,7 @@ impl Publisher for BusPublisher {
 
     fn changed<'a>(&'a self, before: &'a DeviceView, after: &'a DeviceView) -> BoxFuture<'a> {
         Box::pin(async move {
+            crate::memory::trim_soon();
             let id = &after.stored.id;
             let changed = device::changed_properties(&before.record(), &after.record());
             if changed.is_empty() {
@@ -229,6 +233,7 @@ impl Publisher for BusPublisher {
 
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {
         Box::pin(async move {
+            crate::memory::trim_soon();
             let Ok(path) = device_path(id) else { return };
             if let Err(e) = self
                 .conn
