@@ -15,9 +15,10 @@
 //! *(issue 13)* Every check rides the daemon's one bus connection, and the bus
 //! allows a connection only so many outstanding calls (128 by default). So
 //! checks in flight are capped well below that, [`MAX_CHECKS`] in all and
-//! [`MAX_CHECKS_PER_UID`] per caller's uid, and a caller over its share is
-//! answered `Busy` at once: one user's flood cannot take the slots everyone
-//! else needs. "polkitd is not there" (its name has no owner) is told apart
+//! [`MAX_CHECKS_PER_UID`] per caller's uid. A uid's further calls wait their
+//! turn in a queue of their own, bounded at [`MAX_PENDING_PER_UID`]; past
+//! that they are answered `Busy` at once. One user's flood cannot take the
+//! slots everyone else needs, and a busy but honest client only waits. "polkitd is not there" (its name has no owner) is told apart
 //! from a transient failure (the bus's limit, a timeout): only the first lets
 //! root decide alone; the second is `Busy`, retryable, for everyone. Each
 //! check has a deadline, and is cancelled at polkitd when the deadline passes
@@ -26,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -45,6 +47,8 @@ const INTERACTIVE_LIMIT: Duration = Duration::from_secs(300);
 pub const MAX_CHECKS: usize = 64;
 /// Checks in flight at once for one uid.
 pub const MAX_CHECKS_PER_UID: usize = 8;
+/// Calls of one uid in flight or waiting for one of its slots.
+pub const MAX_PENDING_PER_UID: usize = 128;
 
 /// Why polkitd gave no answer.
 #[derive(Debug)]
@@ -80,22 +84,28 @@ fn classify(e: zbus::Error) -> NoAnswer {
     }
 }
 
-/// A slot of one uid's share; given back when dropped.
-struct UidSlot<'a> {
+/// One uid's share: its slots, and how many of its calls hold or await one.
+struct Share {
+    slots: Arc<Semaphore>,
+    pending: usize,
+}
+
+/// A place in one uid's queue; given back when dropped.
+struct Pending<'a> {
     bouncer: &'a Bouncer,
     uid: u32,
 }
 
-impl Drop for UidSlot<'_> {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         let mut m = self
             .bouncer
             .per_uid
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(share) = m.get_mut(&self.uid) {
+            share.pending -= 1;
+            if share.pending == 0 {
                 m.remove(&self.uid);
             }
         }
@@ -152,7 +162,7 @@ pub struct Bouncer {
     uids: std::sync::Mutex<HashMap<String, u32>>,
     /// Checks in flight, in all and per uid.
     slots: Semaphore,
-    per_uid: std::sync::Mutex<HashMap<u32, usize>>,
+    per_uid: std::sync::Mutex<HashMap<u32, Share>>,
     /// A flood is under way (said once until it is over).
     flooded: AtomicBool,
     /// For cancellation ids.
@@ -181,15 +191,19 @@ impl Bouncer {
         })
     }
 
-    /// One of `uid`'s slots, if it has any left.
-    fn uid_slot(&self, uid: u32) -> Option<UidSlot<'_>> {
+    /// A place in `uid`'s queue and the semaphore of its slots, unless its
+    /// queue is full.
+    fn enqueue(&self, uid: u32) -> Option<(Pending<'_>, Arc<Semaphore>)> {
         let mut m = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(uid).or_default();
-        if *n >= MAX_CHECKS_PER_UID {
+        let share = m.entry(uid).or_insert_with(|| Share {
+            slots: Arc::new(Semaphore::new(MAX_CHECKS_PER_UID)),
+            pending: 0,
+        });
+        if share.pending >= MAX_PENDING_PER_UID {
             return None;
         }
-        *n += 1;
-        Some(UidSlot { bouncer: self, uid })
+        share.pending += 1;
+        Some((Pending { bouncer: self, uid }, share.slots.clone()))
     }
 
     /// Says once that callers are being turned away, and once that it ended.
@@ -224,13 +238,19 @@ impl Bouncer {
         let uid = self.caller_uid(&sender).await;
         let busy =
             |why: &str| Error::Busy(format!("{why}; nothing was changed: try again in a moment"));
-        // The caller's share first (an unknown uid shares one share), then a
-        // slot of all; a caller over its share is answered at once.
-        let Some(_mine) = self.uid_slot(uid.unwrap_or(u32::MAX)) else {
+        // A place in the caller's queue (an unknown uid shares one), then
+        // one of its slots, then a slot of all; a full queue is answered at
+        // once, a wait past the deadline too.
+        let Some((_queued, mine)) = self.enqueue(uid.unwrap_or(u32::MAX)) else {
             self.note_flood(true, uid);
             return Err(busy("too many of your authorization checks are in flight"));
         };
-        let Ok(Ok(_slot)) = tokio::time::timeout(NON_INTERACTIVE_LIMIT, self.slots.acquire()).await
+        let slots = async {
+            let mine = mine.acquire_owned().await.ok()?;
+            let all = self.slots.acquire().await.ok()?;
+            Some((mine, all))
+        };
+        let Ok(Some((_mine, _slot))) = tokio::time::timeout(NON_INTERACTIVE_LIMIT, slots).await
         else {
             self.note_flood(true, uid);
             return Err(busy("too many authorization checks are in flight"));
