@@ -458,3 +458,68 @@ fn property_changes_are_signalled() {
         .collect();
     assert_eq!(changes, want, "{text}");
 }
+
+/// *(issue 14, the group as the unit of assignment)* On the desktop host, the
+/// GPU and its HDMI audio share IOMMU group 14: `hypemanctl attach --group`
+/// takes both to one instance; siblings to two instances are refused, naming
+/// the holder; a sibling cannot be unbound or deleted while the other is
+/// attached; the same instance is fine.
+#[test]
+fn the_iommu_group_is_the_unit_of_assignment() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "desktop.toml");
+    bus.manager("Register", &["ss", "0000:01:00.0", "rtx"])
+        .unwrap();
+    bus.manager("Register", &["ss", "0000:01:00.1", "rtx-audio"])
+        .unwrap();
+    bus.manager("Bind", &["s", "rtx-audio"]).unwrap();
+
+    // attach --group: every registered member of the group, to vm-1.
+    let out = bus.hypemanctl(&["--json", "attach", "--group", "rtx", "vm-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let attached: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = attached
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rtx", "rtx-audio"]);
+    assert!(attached
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["attached_to"] == "vm-1"));
+
+    // The audio function to another instance: refused, naming the GPU's.
+    bus.manager("Detach", &["s", "rtx-audio"]).unwrap();
+    assert_eq!(
+        error_name(&bus, "Attach", &["rtx-audio", "vm-2"]),
+        "org.hypeman.Devices.Error.InUse"
+    );
+    let text = error_text(&bus, "Attach", &["rtx-audio", "vm-2"]);
+    assert!(
+        text.contains("rtx (0000:01:00.0)") && text.contains("vm-1"),
+        "{text}"
+    );
+    // Nor back to the host, nor deleted, while the GPU is attached.
+    for method in ["Unbind", "Delete"] {
+        assert_eq!(
+            error_name(&bus, method, &["rtx-audio"]),
+            "org.hypeman.Devices.Error.InUse",
+            "{method}"
+        );
+    }
+    assert_eq!(bus.host_driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
+    // The same instance is fine.
+    bus.manager("Attach", &["ss", "rtx-audio", "vm-1"]).unwrap();
+    // Once the GPU is detached, the audio may go to another instance.
+    bus.manager("Detach", &["s", "rtx"]).unwrap();
+    bus.manager("Detach", &["s", "rtx-audio"]).unwrap();
+    bus.manager("Attach", &["ss", "rtx-audio", "vm-2"]).unwrap();
+}

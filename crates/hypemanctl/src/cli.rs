@@ -51,6 +51,10 @@ pub enum CtlCommand {
     Attach {
         id_or_name: String,
         instance: String,
+        /// Attach every registered member of the device's IOMMU group (a VM
+        /// that holds one function of a group can reach them all).
+        #[arg(long)]
+        group: bool,
     },
     /// Clear a device's attachment (it stays on vfio-pci).
     Detach { id_or_name: String },

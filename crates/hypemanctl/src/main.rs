@@ -88,7 +88,15 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Attach {
             id_or_name,
             instance,
-        } => print_devices(&[client.attach(&id_or_name, &instance).await?], json, true),
+            group,
+        } => {
+            let attached = if group {
+                attach_group(&client, &id_or_name, &instance).await?
+            } else {
+                vec![client.attach(&id_or_name, &instance).await?]
+            };
+            print_devices(&attached, json, attached.len() == 1)
+        }
         CtlCommand::Detach { id_or_name } => {
             print_devices(&[client.detach(&id_or_name).await?], json, true)
         }
@@ -97,6 +105,29 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::GenerateAssets { .. } => {}
     }
     Ok(())
+}
+
+/// Attaches the named device, then every other registered member of its
+/// IOMMU group, to `instance`; stops at the first refusal.
+async fn attach_group(
+    client: &Client,
+    id_or_name: &str,
+    instance: &str,
+) -> Result<Vec<Record>, ClientError> {
+    let first = client.attach(id_or_name, instance).await?;
+    let mut attached = vec![first.clone()];
+    let Some(group) = first.iommu_group else {
+        return Ok(attached);
+    };
+    for member in client.available().await? {
+        let Some(id) = member.registered_as.as_deref() else {
+            continue;
+        };
+        if member.iommu_group == Some(group) && id != first.id {
+            attached.push(client.attach(id, instance).await?);
+        }
+    }
+    Ok(attached)
 }
 
 fn pretty(v: &impl serde::Serialize) {

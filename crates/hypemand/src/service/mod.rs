@@ -11,12 +11,14 @@
 //!   caller's key to one record;
 //! - [`placement`]: where a device is against where it should be, decided once;
 //! - [`transitions`]: Bind, Unbind, Attach, Detach and reconciling, with rollback;
+//! - [`group`]: the IOMMU group as the unit of assignment;
 //! - [`gate`]: the write gate and the store commit;
 //! - [`seen`]: the host state clients were last told about;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
 pub mod error;
 pub mod gate;
+pub mod group;
 pub mod placement;
 pub mod registry;
 pub mod seen;
@@ -152,6 +154,9 @@ pub struct Service {
     gate: tokio::sync::Mutex<()>,
     /// One lock per PCI address: operations on one device happen one at a time.
     device_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per IOMMU group, taken after a device's lock (never before):
+    /// the group's attachments are checked and changed one at a time.
+    group_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     publisher: OnceLock<Arc<dyn Publisher>>,
     /// The host state clients were last told about (see [`seen`]).
     seen: seen::Seen,
@@ -172,6 +177,7 @@ impl Service {
             registry: RwLock::new(Arc::new(registry)),
             gate: tokio::sync::Mutex::new(()),
             device_locks: Mutex::new(HashMap::new()),
+            group_locks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             seen: seen::Seen::default(),
@@ -227,6 +233,15 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(a)
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn group_lock(&self, group: u32) -> Arc<tokio::sync::Mutex<()>> {
+        self.group_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group)
             .or_default()
             .clone()
     }

@@ -158,6 +158,7 @@ impl Service {
         if let Some(instance) = &stored.attached_to {
             return Err(in_use(&stored.name, instance));
         }
+        let _group = self.hold_group(&stored, None).await?;
         if stored.want_vfio || stored.original_driver.is_some() {
             let live = self.live(stored.pci_address).await?;
             if live.is_some() && placement(&stored, live.as_ref()).held() {

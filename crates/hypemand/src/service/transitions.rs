@@ -67,6 +67,7 @@ impl Service {
             if let Some(instance) = &s.attached_to {
                 return Err(in_use(&s.name, instance));
             }
+            let _group = self.hold_group(&s, None).await?;
             self.unbind_locked(s).await
         })
         .await
@@ -86,6 +87,7 @@ impl Service {
                 }
                 None => {}
             }
+            let _group = self.hold_group(&s, Some(&instance)).await?;
             let (before, bound) = self.bind_locked(s, true).await?;
             let stored = self
                 .modify(&bound.stored.id, |d| d.attached_to = Some(instance.clone()))
