@@ -10,7 +10,8 @@ use hypemand::daemon::{self, exit, Options};
 
 /// journald (with structured fields: `pci_address` becomes `PCI_ADDRESS`) when
 /// systemd connected stderr to the journal, else human-readable stderr.
-fn init_logging(filter: &str) {
+/// Returns whether logs go to journald.
+fn init_logging(filter: &str) -> bool {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let env_filter = tracing_subscriber::EnvFilter::new(filter);
@@ -21,7 +22,7 @@ fn init_logging(filter: &str) {
                     .with(env_filter)
                     .with(journald.with_syslog_identifier("hypemand".into()))
                     .init();
-                return;
+                return true;
             }
             Err(e) => eprintln!("hypemand: cannot log to journald ({e}); logging to stderr"),
         }
@@ -34,6 +35,7 @@ fn init_logging(filter: &str) {
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
+    false
 }
 
 fn main() -> ExitCode {
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    init_logging(&filter);
+    let journald = init_logging(&filter);
 
     // STATE_DIRECTORY may list several directories separated by ':'; ours is the first.
     let state_dir = args.state_dir.unwrap_or_else(|| {
@@ -99,8 +101,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "hypemand stopped");
-            eprintln!("hypemand: {e}");
+            // Once: to the journal as a structured line, or to stderr as a
+            // plain one (the log line would only repeat it there).
+            if journald {
+                tracing::error!(error = %e, "hypemand stopped");
+            } else {
+                eprintln!("hypemand: {e}");
+            }
             ExitCode::from(e.exit_code())
         }
     }

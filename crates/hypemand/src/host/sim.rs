@@ -249,6 +249,16 @@ pub enum FaultKind {
     Grab,
 }
 
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FaultKind::Errno(e) => f.write_str(super::errno_name(*e).unwrap_or("errno")),
+            FaultKind::Stall => f.write_str("stall"),
+            FaultKind::Grab => f.write_str("grab"),
+        }
+    }
+}
+
 impl FaultKind {
     /// `ENODEV`, `EBUSY`, ... (see [`super::ERRNOS`]), `stall` or `grab`.
     pub fn parse(s: &str) -> Option<Self> {
@@ -488,7 +498,7 @@ impl SimHost {
 
     /// Adds a fault; it stays until [`SimHost::clear_faults`].
     pub fn inject(&self, fault: Fault) {
-        tracing::info!(op = %fault.op, pci_address = %fault.address, kind = ?fault.kind, "simulator: fault injected");
+        tracing::info!(op = %fault.op, pci_address = %fault.address, kind = %fault.kind, "simulator: fault injected");
         self.faults
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -123,7 +123,7 @@ impl Host for SysfsHost {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Ok(address) = PciAddress::parse(&name.to_string_lossy()) else {
-                tracing::warn!(entry = ?name, "skipping a bus/pci/devices entry that is not a PCI address");
+                tracing::warn!(entry = %name.to_string_lossy(), "skipping a bus/pci/devices entry that is not a PCI address");
                 continue;
             };
             match self.read_device(address, &entry.path()) {
