@@ -869,3 +869,33 @@ fn a_name_re_pointed_during_the_check_does_not_redirect_the_bind() {
     assert_eq!(got[0]["pci_address"]["data"], forbidden);
     assert_eq!(got[0]["bound_to_vfio"]["data"], false, "{got}");
 }
+
+/// *(issue 13)* A caller that leaves the bus while its check waits at a
+/// password prompt: hypemand cancels the check at polkitd (polkitd accepts
+/// the cancellation), and nothing is registered.
+#[test]
+fn a_check_is_cancelled_when_the_caller_leaves() {
+    let _s = serial();
+    let users = TestUsers::create(&["leaver"], &[], "hypeman");
+    let user = &users.names[0];
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(&bus, &[("50-org.hypeman.devices.rules", shipped_rule())]);
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let work = tempfile::tempdir().unwrap();
+    let mut prompt = None;
+    for _ in 1..=3 {
+        prompt = Prompt::start(&bus, user, work.path());
+        if prompt.is_some() {
+            break;
+        }
+    }
+    let mut prompt = prompt.expect("pkttyagent never showed the password prompt");
+    // The caller goes away (stopped by its pid) with its check outstanding.
+    let status = prompt.caller.signal_and_wait("KILL");
+    assert!(!status.success());
+    wait_until(|| d.log().contains("authorization check cancelled at polkitd"));
+    assert!(d.log().contains("the caller left the bus"), "{}", d.log());
+    let list = bus.manager("List", &[]).unwrap();
+    assert!(list[0].as_array().unwrap().is_empty(), "{list}");
+}

@@ -395,8 +395,14 @@ impl Bouncer {
             },
             () = gone => NoAnswer::CallerGone,
         };
-        if let Err(e) = self.authority.cancel_check_authorization(&cancel_id).await {
-            tracing::debug!(error = %e, "cannot cancel the check at polkitd");
+        match self.authority.cancel_check_authorization(&cancel_id).await {
+            Ok(()) => tracing::info!(
+                sender = %sender,
+                action = action.id(),
+                reason = %outcome,
+                "authorization check cancelled at polkitd"
+            ),
+            Err(e) => tracing::debug!(error = %e, "cannot cancel the check at polkitd"),
         }
         Err(outcome)
     }
