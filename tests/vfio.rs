@@ -523,3 +523,91 @@ fn the_iommu_group_is_the_unit_of_assignment() {
     bus.manager("Detach", &["s", "rtx-audio"]).unwrap();
     bus.manager("Attach", &["ss", "rtx-audio", "vm-2"]).unwrap();
 }
+
+/// *(issue 14, first blockers)* The workstation host: ListAvailable says why
+/// the boot display and the root port must stay with the host, the discrete
+/// GPU is passable (a bridge in its group does not block it), and Bind of the
+/// boot display answers `HostInUse` without touching it.
+#[test]
+fn blockers_are_reported_and_bind_refuses_the_boot_display() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let all = bus.manager("ListAvailable", &[]).unwrap();
+    let row = |addr: &str| -> serde_json::Value {
+        all[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["pci_address"]["data"] == addr)
+            .unwrap_or_else(|| panic!("{addr} not listed: {all}"))
+            .clone()
+    };
+    let codes = |r: &serde_json::Value| -> Vec<String> {
+        r["blockers"]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["code"]["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let igpu = row("0000:00:02.0");
+    assert_eq!(igpu["passable"]["data"], false);
+    assert_eq!(codes(&igpu), ["boot-vga"]);
+    let port = row("0000:00:01.0");
+    assert_eq!(port["passable"]["data"], false);
+    assert_eq!(codes(&port), ["bridge"]);
+    for addr in ["0000:01:00.0", "0000:01:00.1", "0000:02:00.0"] {
+        let r = row(addr);
+        assert_eq!(r["passable"]["data"], true, "{r}");
+        assert!(codes(&r).is_empty(), "{r}");
+    }
+
+    bus.manager("Register", &["ss", "0000:00:02.0", "igpu"])
+        .unwrap();
+    assert_eq!(
+        error_name(&bus, "Bind", &["igpu"]),
+        "org.hypeman.Devices.Error.HostInUse"
+    );
+    assert!(error_text(&bus, "Bind", &["igpu"]).contains("[boot-vga]"));
+    assert_eq!(
+        error_name(&bus, "Attach", &["igpu", "vm-1"]),
+        "org.hypeman.Devices.Error.HostInUse"
+    );
+    assert_eq!(bus.host_driver("0000:00:02.0").as_deref(), Some("i915"));
+}
+
+/// *(issue 14)* Without an IOMMU, the blocker and the refusal say which case
+/// it is: a VM without a virtual IOMMU, or bare metal with the IOMMU off.
+#[test]
+fn no_iommu_tells_a_virtual_machine_from_bare_metal() {
+    for (vm, says) in [
+        (false, "intel_iommu=on"),
+        (true, "virtual machine without a virtual IOMMU"),
+    ] {
+        let bus = TestBus::start();
+        let state = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(fixture("no-iommu.toml")).unwrap();
+        let text = format!("virtual_machine = {vm}\n{text}");
+        let host = state.path().join("host.toml");
+        std::fs::write(&host, text).unwrap();
+        let _d = Daemon::start(&bus, state.path(), &["--simulate", host.to_str().unwrap()]);
+        let all = bus.manager("ListAvailable", &[]).unwrap();
+        let gpu = all[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["pci_address"]["data"] == GPU)
+            .unwrap()
+            .clone();
+        assert_eq!(gpu["passable"]["data"], false);
+        let blocker = &gpu["blockers"]["data"][0];
+        assert_eq!(blocker["code"]["data"], "no-iommu");
+        assert!(
+            blocker["message"]["data"].as_str().unwrap().contains(says),
+            "{blocker}"
+        );
+        bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+        assert!(error_text(&bus, "Bind", &["l4-gpu"]).contains(says));
+    }
+}

@@ -79,6 +79,9 @@ error_table! {
     /// The registry could not be written; nothing changed.
     StoreFailed => "org.hypeman.Devices.Error.StoreFailed",
     Failed => "org.hypeman.Devices.Error.Failed",
+    /// The host is using the device or a member of its IOMMU group (the
+    /// message lists every blocker); nothing was written. *(issue 14)*
+    HostInUse => "org.hypeman.Devices.Error.HostInUse",
     /// Too much is in flight (authorization checks, most often): nothing was
     /// changed; try again in a moment.
     Busy => "org.hypeman.Devices.Error.Busy",

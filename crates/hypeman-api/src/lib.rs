@@ -20,4 +20,4 @@ pub mod record;
 pub use bus::BusChoice;
 pub use error::Error;
 pub use names::*;
-pub use record::{Available, Record};
+pub use record::{Available, Blocker, Record};

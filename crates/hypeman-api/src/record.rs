@@ -33,6 +33,17 @@ pub struct Record {
     pub numa_node: Option<i64>,
 }
 
+/// Why a PCI function must not be taken from the host *(issue 14)*: `code`
+/// (`no-iommu`, `bridge`, `boot-vga`, `group`, ...), a message a person can act
+/// on, and the function it concerns (itself, or a member of its group).
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zvariant(signature = "a{sv}")]
+pub struct Blocker {
+    pub code: String,
+    pub message: String,
+    pub pci_address: String,
+}
+
 /// A PCI function on the host (`ListAvailable`), with the original API's
 /// available-device field names.
 #[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
@@ -49,6 +60,9 @@ pub struct Available {
     pub kind: String,
     pub registered_as: Option<String>,
     pub numa_node: Option<i64>,
+    /// No blocker: the function may be set aside for a VM.
+    pub passable: bool,
+    pub blockers: Vec<Blocker>,
 }
 
 /// The seed's `Device` document: exactly its keys, in its order, with

@@ -198,6 +198,11 @@ impl Door {
         self.call(Key::Host, |h, _| h.devices()).await
     }
 
+    /// Whether the host is a virtual machine.
+    pub async fn virtual_machine(&self) -> Result<bool, StepError> {
+        self.call(Key::Host, |h, _| Ok(h.virtual_machine())).await
+    }
+
     /// The members of an IOMMU group.
     pub async fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, StepError> {
         self.call(Key::Host, move |h, _| h.group_members(group))

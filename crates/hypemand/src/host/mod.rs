@@ -36,6 +36,8 @@ pub struct HostDevice {
     pub driver_override: Option<String>,
     /// `numa_node`; `None` when the platform has none (-1).
     pub numa_node: Option<u32>,
+    /// `boot_vga` is 1: the firmware's console is on this device.
+    pub boot_vga: bool,
 }
 
 /// What a uevent (or the simulated kernel) says happened to a device.
@@ -241,6 +243,11 @@ pub trait Host: Send + Sync + 'static {
 
     /// The devices in an IOMMU group, sorted by address.
     fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError>;
+
+    /// Whether this host is a virtual machine (a hypervisor is visible), so
+    /// a missing IOMMU means a VM without a virtual IOMMU, not firmware
+    /// settings.
+    fn virtual_machine(&self) -> bool;
 
     /// Whether `drivers/<name>` exists.
     fn driver_loaded(&self, driver: &str) -> bool;

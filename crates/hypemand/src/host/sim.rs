@@ -54,6 +54,9 @@ pub enum FixtureError {
 pub struct Fixture {
     #[serde(default)]
     pub description: String,
+    /// The host is a virtual machine (for the no-IOMMU message).
+    #[serde(default)]
+    pub virtual_machine: bool,
     #[serde(default, rename = "driver")]
     pub drivers: Vec<FixtureDriver>,
     #[serde(default, rename = "device")]
@@ -97,6 +100,9 @@ pub struct FixtureDevice {
     /// The NUMA node (sysfs `numa_node`); absent or -1 for none.
     #[serde(default)]
     pub numa_node: Option<i32>,
+    /// The firmware's console is on this device (sysfs `boot_vga`).
+    #[serde(default)]
+    pub boot_vga: bool,
 }
 
 /// One id-table entry: a vendor and, optionally, a device.
@@ -134,6 +140,7 @@ pub struct SimDriver {
 /// The simulated kernel's state.
 #[derive(Debug, Clone)]
 pub struct SimState {
+    pub virtual_machine: bool,
     pub drivers: BTreeMap<String, SimDriver>,
     pub devices: BTreeMap<PciAddress, HostDevice>,
     /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
@@ -223,12 +230,14 @@ impl Fixture {
                 iommu_group: d.iommu_group,
                 driver_override: None,
                 numa_node: d.numa_node.and_then(|n| u32::try_from(n).ok()),
+                boot_vga: d.boot_vga,
             };
             if devices.insert(address, device).is_some() {
                 return Err(invalid(format!("device {address} is listed twice")));
             }
         }
         Ok(SimState {
+            virtual_machine: self.virtual_machine,
             drivers,
             devices,
             unplugged: BTreeMap::new(),
@@ -587,6 +596,10 @@ impl Host for SimHost {
         }
     }
 
+    fn virtual_machine(&self) -> bool {
+        self.state().virtual_machine
+    }
+
     fn devices(&self) -> Result<Vec<HostDevice>, HostError> {
         Ok(self.state().devices.values().cloned().collect())
     }
@@ -748,7 +761,12 @@ mod tests {
 
     #[test]
     fn shipped_fixtures_load() {
-        for name in ["l4.toml", "desktop.toml", "no-iommu.toml"] {
+        for name in [
+            "l4.toml",
+            "desktop.toml",
+            "no-iommu.toml",
+            "workstation.toml",
+        ] {
             let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             let state = host.state().clone();
             assert!(

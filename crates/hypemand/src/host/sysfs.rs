@@ -82,6 +82,7 @@ impl SysfsHost {
             iommu_group: link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
             driver_override,
             // -1 (no NUMA) and a missing file both mean none.
+            boot_vga: std::fs::read_to_string(dir.join("boot_vga")).is_ok_and(|t| t.trim() == "1"),
             numa_node: std::fs::read_to_string(dir.join("numa_node"))
                 .ok()
                 .and_then(|t| t.trim().parse::<i64>().ok())
@@ -111,6 +112,38 @@ fn driver_name(dir: &Path) -> Option<String> {
 impl Host for SysfsHost {
     fn describe(&self) -> String {
         format!("sysfs at {}", self.root.display())
+    }
+
+    fn virtual_machine(&self) -> bool {
+        let read = |p: &str| std::fs::read_to_string(self.root.join(p)).unwrap_or_default();
+        if !read("hypervisor/type").trim().is_empty() {
+            return true;
+        }
+        let dmi = format!(
+            "{} {}",
+            read("class/dmi/id/sys_vendor"),
+            read("class/dmi/id/product_name")
+        );
+        let known = [
+            "QEMU",
+            "KVM",
+            "VMware",
+            "VirtualBox",
+            "Xen",
+            "Amazon EC2",
+            "Google Compute Engine",
+            "Virtual Machine",
+        ];
+        if known.iter().any(|k| dmi.contains(k)) {
+            return true;
+        }
+        // The CPU's hypervisor flag, when this is the running kernel's sysfs.
+        self.root == std::path::Path::new("/sys")
+            && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+                c.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+            })
     }
 
     fn devices(&self) -> Result<Vec<HostDevice>, HostError> {

@@ -10,12 +10,14 @@
 //! - [`registry`]: Register, List, Get, ListAvailable, Delete, and resolving a
 //!   caller's key to one record;
 //! - [`placement`]: where a device is against where it should be, decided once;
+//! - [`blockers`]: why a function must not be taken from the host;
 //! - [`transitions`]: Bind, Unbind, Attach, Detach and reconciling, with rollback;
 //! - [`group`]: the IOMMU group as the unit of assignment;
 //! - [`gate`]: the write gate and the store commit;
 //! - [`seen`]: the host state clients were last told about;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
+pub mod blockers;
 pub mod error;
 pub mod gate;
 pub mod group;
@@ -93,6 +95,7 @@ pub struct AvailableView {
     pub vendor_name: String,
     pub device_name: String,
     pub registered_as: Option<String>,
+    pub blockers: Vec<blockers::Blocker>,
 }
 
 impl AvailableView {
@@ -109,6 +112,12 @@ impl AvailableView {
             kind: self.kind.as_str().to_string(),
             registered_as: self.registered_as.clone(),
             numa_node: self.host.numa_node.map(i64::from),
+            passable: self.blockers.is_empty(),
+            blockers: self
+                .blockers
+                .iter()
+                .map(blockers::Blocker::record)
+                .collect(),
         }
     }
 }

@@ -100,6 +100,7 @@ mod tests {
             iommu_group: Some(82),
             driver_override: None,
             numa_node: None,
+            boot_vga: false,
         }
     }
 

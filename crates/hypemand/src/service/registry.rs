@@ -131,14 +131,28 @@ impl Service {
             .devices()
             .await
             .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
+        let vm = self.door.virtual_machine().await.unwrap_or(false);
+        // Groups from the one enumeration: no read per function.
+        let mut groups: std::collections::HashMap<u32, Vec<HostDevice>> = Default::default();
+        for d in &devices {
+            if let Some(g) = d.iommu_group {
+                groups.entry(g).or_default().push(d.clone());
+            }
+        }
         let snapshot = self.snapshot();
         Ok(devices
             .into_iter()
             .map(|host| {
                 let (vendor_name, device_name) = self.names(host.vendor, host.device);
+                let members = host
+                    .iommu_group
+                    .and_then(|g| groups.get(&g))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
                 AvailableView {
                     kind: DeviceType::from_class(host.vendor, host.class),
                     registered_as: snapshot.by_address(host.address).map(|d| d.id.clone()),
+                    blockers: super::blockers::of(&host, members, vm),
                     vendor_name,
                     device_name,
                     host,

@@ -130,6 +130,36 @@ impl Service {
         let dev = self.present(&s).await?;
         let before = self.view(s.clone(), Some(dev.clone()));
         let on_vfio = placement(&s, Some(&dev)).on_vfio();
+        if dev.iommu_group.is_none() {
+            // Say which case it is: a VM without a virtual IOMMU, or bare metal.
+            let vm = self.door.virtual_machine().await.unwrap_or(false);
+            if let Some(b) = super::blockers::own(&dev, vm)
+                .into_iter()
+                .find(|b| b.code == "no-iommu")
+            {
+                return Err(hypeman_api::Error::NoIommu(b.message));
+            }
+        }
+        if !on_vfio {
+            // The host must not be using it: checked under the device's lock,
+            // right before the first write. (Hard blockers are the checks
+            // below: no IOMMU, a group that cannot be assigned.)
+            let members = match dev.iommu_group {
+                Some(g) => self.door.group_members(g).await.map_err(|e| {
+                    super::error::host_error(format!("cannot read IOMMU group {g}"), e)
+                })?,
+                None => Vec::new(),
+            };
+            let soft: Vec<_> = super::blockers::of(&dev, &members, false)
+                .into_iter()
+                .filter(|b| !b.hard())
+                .collect();
+            if !soft.is_empty() {
+                return Err(hypeman_api::Error::HostInUse(super::blockers::describe(
+                    &soft,
+                )));
+            }
+        }
         if strict || !on_vfio {
             // Scoped: a snapshot held across the changes below would make each
             // of them copy the registry.
