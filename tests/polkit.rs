@@ -103,6 +103,23 @@ fn object_path(out: &Output) -> String {
     text[start..end].to_string()
 }
 
+/// `call` that must succeed; its stderr when it does not.
+fn ok_call(
+    bus: &TestBus,
+    user: Option<&str>,
+    interactive: bool,
+    path: &str,
+    method: &str,
+    args: &[&str],
+) {
+    let out = call(bus, user, interactive, path, method, args);
+    assert!(
+        out.status.success(),
+        "{method} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn m(method: &str) -> String {
     format!("{IFACE}.{method}")
 }
@@ -785,7 +802,7 @@ fn a_name_re_pointed_during_the_check_does_not_redirect_the_bind() {
     let _pk = Polkitd::start(&bus, &[("10-test.rules", rule)]);
     let state = tempfile::tempdir().unwrap();
     let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
-    let out = call(
+    ok_call(
         &bus,
         Some(user),
         false,
@@ -793,13 +810,8 @@ fn a_name_re_pointed_during_the_check_does_not_redirect_the_bind() {
         &m("Register"),
         &["0000:3b:00.0", "dev"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // The rule does forbid the address to this user.
-    let out = call(
+    ok_call(
         &bus,
         Some(user),
         false,
@@ -807,14 +819,12 @@ fn a_name_re_pointed_during_the_check_does_not_redirect_the_bind() {
         &m("Register"),
         &[forbidden, "probe"],
     );
-    assert!(out.status.success());
     let out = call(&bus, Some(user), true, PATH, &m("Bind"), &["probe"]);
     assert!(
         !out.status.success(),
         "the rule must forbid binding {forbidden}"
     );
-    let out = call(&bus, Some(user), false, PATH, &m("Delete"), &["probe"]);
-    assert!(out.status.success());
+    ok_call(&bus, Some(user), false, PATH, &m("Delete"), &["probe"]);
 
     let work = tempfile::tempdir().unwrap();
     let mut prompt = None;
@@ -827,24 +837,14 @@ fn a_name_re_pointed_during_the_check_does_not_redirect_the_bind() {
     let mut prompt = prompt.expect("pkttyagent never showed the password prompt");
 
     // At the prompt: the name now points at the forbidden address.
-    let out = call(&bus, Some(user), false, PATH, &m("Delete"), &["dev"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = call(
+    ok_call(&bus, Some(user), false, PATH, &m("Delete"), &["dev"]);
+    ok_call(
         &bus,
         Some(user),
         false,
         PATH,
         &m("Register"),
         &[forbidden, "dev"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 
     // The password: polkit grants the Bind it was asked about (0000:3b:00.0).
