@@ -611,3 +611,29 @@ fn no_iommu_tells_a_virtual_machine_from_bare_metal() {
         assert!(error_text(&bus, "Bind", &["l4-gpu"]).contains(says));
     }
 }
+
+/// `hypemanctl available` shows what blocks each function, and why.
+#[test]
+fn hypemanctl_available_shows_blockers() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let out = bus.hypemanctl(&["available"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("BLOCKED BY"), "{text}");
+    let igpu = text
+        .lines()
+        .find(|l| l.starts_with("0000:00:02.0"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(igpu.contains("boot-vga"), "{igpu}");
+    assert!(
+        text.contains("0000:00:02.0 [boot-vga]: 0000:00:02.0 is the boot display"),
+        "{text}"
+    );
+    assert!(text.contains("0000:00:01.0 [bridge]:"), "{text}");
+}

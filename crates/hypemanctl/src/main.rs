@@ -181,12 +181,13 @@ fn print_available(devices: &[Available], json: bool) {
         return;
     }
     println!(
-        "{:<12}  {:<9}  {:<4}  {:>5}  {:>4}  {:<14}  {:<24}  DEVICE",
-        "PCI ADDRESS", "ID", "TYPE", "GROUP", "NUMA", "DRIVER", "REGISTERED AS"
+        "{:<12}  {:<9}  {:<4}  {:>5}  {:>4}  {:<14}  {:<24}  {:<16}  DEVICE",
+        "PCI ADDRESS", "ID", "TYPE", "GROUP", "NUMA", "DRIVER", "REGISTERED AS", "BLOCKED BY"
     );
     for d in devices {
+        let codes: Vec<&str> = d.blockers.iter().map(|b| b.code.as_str()).collect();
         println!(
-            "{:<12}  {}:{}  {:<4}  {:>5}  {:>4}  {:<14}  {:<24}  {} {}",
+            "{:<12}  {}:{}  {:<4}  {:>5}  {:>4}  {:<14}  {:<24}  {:<16}  {} {}",
             d.pci_address,
             d.vendor_id,
             d.device_id,
@@ -195,9 +196,22 @@ fn print_available(devices: &[Available], json: bool) {
             or_dash(d.numa_node),
             d.current_driver.as_deref().unwrap_or("-"),
             d.registered_as.as_deref().unwrap_or("-"),
+            if codes.is_empty() {
+                "-".to_string()
+            } else {
+                codes.join(",")
+            },
             d.vendor_name,
             d.device_name
         );
+    }
+    // Why each blocked function must stay with the host.
+    let blocked: Vec<_> = devices.iter().flat_map(|d| &d.blockers).collect();
+    if !blocked.is_empty() {
+        println!();
+        for b in blocked {
+            println!("{} [{}]: {}", b.pci_address, b.code, b.message);
+        }
     }
 }
 
