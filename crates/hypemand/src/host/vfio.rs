@@ -80,6 +80,23 @@ fn driver_text(d: Option<&str>) -> String {
 }
 
 impl Door {
+    /// The members of `dev`'s IOMMU group, read once for the checks before a
+    /// take (the blockers and [`Door::check`]); none without a group.
+    pub async fn read_group(&self, dev: &HostDevice) -> Result<Vec<HostDevice>, VfioError> {
+        let Some(group) = dev.iommu_group else {
+            return Ok(Vec::new());
+        };
+        self.group_members(group)
+            .await
+            .map_err(|error| VfioError::Step {
+                action: "checking the IOMMU group of",
+                address: dev.address,
+                step: "read group".into(),
+                error,
+                outcome: "nothing was changed".into(),
+            })
+    }
+
     /// The checks before a device may be taken: an IOMMU, vfio-pci, and a group
     /// that can become assignable. `movable` says whether another member could be
     /// moved to vfio-pci by the daemon (it is registered): such a member is not in
@@ -87,6 +104,7 @@ impl Door {
     pub async fn check(
         &self,
         dev: &HostDevice,
+        members: Vec<HostDevice>,
         strict: bool,
         movable: impl Fn(PciAddress) -> bool,
     ) -> Result<(), VfioError> {
@@ -95,16 +113,6 @@ impl Door {
         if !loaded {
             return Err(VfioError::VfioUnavailable);
         }
-        let members = self
-            .group_members(group)
-            .await
-            .map_err(|error| VfioError::Step {
-                action: "checking the IOMMU group of",
-                address: dev.address,
-                step: "read group".into(),
-                error,
-                outcome: "nothing was changed".into(),
-            })?;
         let blockers: Vec<Blocker> = members
             .into_iter()
             .filter(|m| m.address != dev.address && !is_bridge(m.class))

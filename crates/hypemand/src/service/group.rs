@@ -28,11 +28,12 @@ impl Service {
         s: &StoredDevice,
         instance: Option<&str>,
     ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
-        let (Some(group), _) = self.attached_siblings(s).await? else {
+        let Some(group) = self.live(s.pci_address).await?.and_then(|d| d.iommu_group) else {
             return Ok(None);
         };
         let guard = self.group_lock(group).lock_owned().await;
-        let (_, holders) = self.attached_siblings(s).await?;
+        // Under the lock: who holds the group now.
+        let holders = self.attached_siblings(s, group).await?;
         let conflict = match instance {
             Some(i) => attach_conflict(s, group, &holders, i),
             None => release_conflict(s, group, &holders),
@@ -43,23 +44,16 @@ impl Service {
         }
     }
 
-    /// The registered members of `s`'s IOMMU group other than `s` that are
-    /// attached, with their instances. A device without a group (or not on
-    /// the host) has no siblings.
-    pub(crate) async fn attached_siblings(
-        &self,
-        s: &StoredDevice,
-    ) -> Result<(Option<u32>, Vec<Holder>)> {
-        let Some(group) = self.live(s.pci_address).await?.and_then(|d| d.iommu_group) else {
-            return Ok((None, Vec::new()));
-        };
+    /// The registered members of IOMMU group `group` other than `s` that are
+    /// attached, with their instances.
+    async fn attached_siblings(&self, s: &StoredDevice, group: u32) -> Result<Vec<Holder>> {
         let members = self
             .door
             .group_members(group)
             .await
             .map_err(|e| host_error(format!("cannot read IOMMU group {group}"), e))?;
         let snapshot = self.snapshot();
-        let holders = members
+        Ok(members
             .iter()
             .filter(|m| m.address != s.pci_address)
             .filter_map(|m| snapshot.by_address(m.address))
@@ -70,8 +64,7 @@ impl Service {
                     instance: i.clone(),
                 })
             })
-            .collect();
-        Ok((Some(group), holders))
+            .collect())
     }
 }
 

@@ -140,32 +140,27 @@ impl Service {
                 return Err(hypeman_api::Error::NoIommu(b.message));
             }
         }
-        if !on_vfio {
-            // The host must not be using it: checked under the device's lock,
-            // right before the first write. (Hard blockers are the checks
-            // below: no IOMMU, a group that cannot be assigned.)
-            let members = match dev.iommu_group {
-                Some(g) => self.door.group_members(g).await.map_err(|e| {
-                    super::error::host_error(format!("cannot read IOMMU group {g}"), e)
-                })?,
-                None => Vec::new(),
-            };
-            let soft: Vec<_> = super::blockers::of(&dev, &members, false)
-                .into_iter()
-                .filter(|b| !b.hard())
-                .collect();
-            if !soft.is_empty() {
-                return Err(hypeman_api::Error::HostInUse(super::blockers::describe(
-                    &soft,
-                )));
-            }
-        }
         if strict || !on_vfio {
+            // The group is read once, for both checks below.
+            let members = self.door.read_group(&dev).await?;
+            if !on_vfio {
+                // The host must not be using it: checked under the device's
+                // lock, right before the first write.
+                let soft: Vec<_> = super::blockers::of(&dev, &members, false)
+                    .into_iter()
+                    .filter(|b| !b.hard())
+                    .collect();
+                if !soft.is_empty() {
+                    return Err(hypeman_api::Error::HostInUse(super::blockers::describe(
+                        &soft,
+                    )));
+                }
+            }
             // Scoped: a snapshot held across the changes below would make each
             // of them copy the registry.
             let snapshot = self.snapshot();
             let registered = |a: PciAddress| snapshot.by_address(a).is_some();
-            self.door.check(&dev, strict, registered).await?;
+            self.door.check(&dev, members, strict, registered).await?;
         }
         if on_vfio {
             // Already there: nothing on the host changes; remember it should stay.
