@@ -80,6 +80,7 @@ pub struct Door {
     host: Arc<dyn Host>,
     deadline: Duration,
     stuck: Stuck,
+    virtual_machine: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Door {
@@ -88,6 +89,7 @@ impl Door {
             host,
             deadline,
             stuck: Arc::default(),
+            virtual_machine: Arc::default(),
         }
     }
 
@@ -198,9 +200,13 @@ impl Door {
         self.call(Key::Host, |h, _| h.devices()).await
     }
 
-    /// Whether the host is a virtual machine.
+    /// Whether the host is a virtual machine: read once, then remembered (it
+    /// does not change while the daemon runs).
     pub async fn virtual_machine(&self) -> Result<bool, StepError> {
-        self.call(Key::Host, |h, _| Ok(h.virtual_machine())).await
+        self.virtual_machine
+            .get_or_try_init(|| self.call(Key::Host, |h, _| Ok(h.virtual_machine())))
+            .await
+            .copied()
     }
 
     /// The members of an IOMMU group.
