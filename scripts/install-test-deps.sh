@@ -13,6 +13,7 @@ packages=(
   make             # make install / uninstall tests
   pkg-config libudev-dev   # building the udev crate (libudev)
   umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi   # uevent tests
+  python3-venv ca-certificates   # tests/sdk.rs: the hypeman SDK from PyPI in a virtualenv
 )
 if [ "$(id -u)" != 0 ]; then
   echo "install-test-deps: run as root (apt-get needs it)" >&2

@@ -95,9 +95,21 @@ fn every_subcommand_in_table_and_json() {
     );
     assert!(ok_text(ctl(&bus, &["get", &id])).contains("l4-gpu"));
 
+    // As Hypeman's GET /devices/available: only what can be passed through
+    // (the bridge is not); --all lists every function with its blockers.
     let avail = ok_json(ctl(&bus, &["--json", "available"]));
     let rows = avail.as_array().unwrap();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["pci_address"] != "0000:a0:00.0"));
+    let every = ok_json(ctl(&bus, &["--json", "available", "--all"]));
+    let every = every.as_array().unwrap();
+    assert_eq!(every.len(), 4);
+    let bridge = every
+        .iter()
+        .find(|r| r["pci_address"] == "0000:a0:00.0")
+        .unwrap();
+    assert_eq!(bridge["passable"], false);
+    assert_eq!(bridge["blockers"][0]["code"], "bridge");
     let gpu = rows
         .iter()
         .find(|r| r["pci_address"] == "0000:a2:00.0")
@@ -253,8 +265,7 @@ fn error_output_for_each_error() {
     // Host-shape errors need their own hosts.
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::simulate(&bus, state.path(), "no-iommu.toml");
-    ok_text(ctl(&bus, &["register", "0000:a2:00.0"]));
-    fails_with(ctl(&bus, &["bind", "pci-0000-a2-00-0"]), "intel_iommu=on");
+    fails_with(ctl(&bus, &["register", "0000:a2:00.0"]), "intel_iommu=on");
     drop(d);
     wait_until(|| !bus.has_owner(NAME));
     let state = tempfile::tempdir().unwrap();

@@ -899,3 +899,76 @@ fn a_check_is_cancelled_when_the_caller_leaves() {
     let list = bus.manager("List", &[]).unwrap();
     assert!(list[0].as_array().unwrap().is_empty(), "{list}");
 }
+
+/// *(issue 14)* Forcing is its own authorization: the shipped rule lets group
+/// `hypeman` bind but not force, so a member's forced Bind is refused and
+/// changes nothing; a rule that grants `org.hypeman.devices.force` lets the
+/// forced Bind through. Neither overrides a hard blocker.
+#[test]
+fn forcing_needs_its_own_grant() {
+    let _s = serial();
+    let users = TestUsers::create(&["member", "forcer"], &["member", "forcer"], "hypeman");
+    let (member, forcer) = (&users.names[0], &users.names[1]);
+    let grant = format!(
+        r#"polkit.addRule(function(action, subject) {{
+    if (action.id == "org.hypeman.devices.force" && subject.user == "{forcer}") return polkit.Result.YES;
+}});
+"#
+    );
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(
+        &bus,
+        &[
+            ("50-org.hypeman.devices.rules", shipped_rule()),
+            ("10-force.rules", grant),
+        ],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    // The data drive a benchmark holds open (open-by).
+    ok_call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:03:00.0", "data"],
+    );
+    let before = snapshot(&bus);
+    let force = "{'force': <true>}";
+
+    // Bind is granted to the member, but the host is using the drive.
+    let out = call(&bus, Some(member), false, PATH, &m("Bind"), &["data"]);
+    assert_eq!(outcome(&out), "HostInUse", "{out:?}");
+    // Forcing is not granted to the member: refused, nothing changed.
+    let out = call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("BindWithOptions"),
+        &["data", force],
+    );
+    assert_eq!(outcome(&out), "InteractiveAuthorizationRequired", "{out:?}");
+    let out = call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("AttachWithOptions"),
+        &["data", "vm-1", force],
+    );
+    assert_eq!(outcome(&out), "InteractiveAuthorizationRequired", "{out:?}");
+    assert_eq!(snapshot(&bus), before);
+
+    // Granted: the forced Bind goes through.
+    ok_call(
+        &bus,
+        Some(forcer),
+        false,
+        PATH,
+        &m("BindWithOptions"),
+        &["data", force],
+    );
+    assert_eq!(bus.host_driver("0000:03:00.0").as_deref(), Some("vfio-pci"));
+}

@@ -396,8 +396,11 @@ fn list_available_shows_every_fixture_device() {
     for r in all[0].as_array().unwrap() {
         assert!(r.get("iommu_group").is_none(), "{r}");
     }
-    let (_, rec) = register(&bus, "0000:a2:00.0", "");
-    assert!(!rec.contains_key("iommu_group"));
+    // ... and nothing is registered without one (issue 14): every record
+    // has the group the SDK requires.
+    let out = bus.gdbus_call(PATH, &format!("{IFACE}.Register"), &["0000:a2:00.0", ""]);
+    assert_eq!(gdbus_error_name(&out), "org.hypeman.Devices.Error.NoIommu");
+    assert_eq!(bus.manager("List", &[]).unwrap()[0], serde_json::json!([]));
 }
 
 #[test]

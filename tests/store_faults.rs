@@ -58,8 +58,8 @@ fn all_store_failed(bus: &TestBus) {
         ("Bind", &["nic"]),
         ("Attach", &["nic", "vm-2"]),
         ("Detach", &["gpu"]),
-        ("Unbind", &["bridge"]),
-        ("Delete", &["bridge"]),
+        ("Unbind", &["nic2"]),
+        ("Delete", &["nic2"]),
     ];
     for (method, args) in calls {
         let out = bus.gdbus_call(PATH, &format!("{IFACE}.{method}"), args);
@@ -77,16 +77,25 @@ fn full_then_read_only_then_back() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(dir.path(), "256k");
-    let _d = Daemon::simulate(&bus, dir.path(), "l4.toml");
+    // l4.toml with a second NIC function, to sit on vfio-pci for Unbind and
+    // Delete (its bridge cannot be registered).
+    let text = std::fs::read_to_string(fixture("l4.toml")).unwrap()
+        + "\n[[device]]\naddress = \"0000:3b:00.1\"\nvendor = \"8086\"\ndevice = \"1572\"\nclass = \"020000\"\niommu_group = 41\ndriver = \"i40e\"\n";
+    let host = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(host.path(), text).unwrap();
+    let _d = Daemon::start(
+        &bus,
+        dir.path(),
+        &["--simulate", host.path().to_str().unwrap()],
+    );
     bus.manager("Register", &["ss", "0000:a2:00.0", "gpu"])
         .unwrap();
     bus.manager("Register", &["ss", "0000:3b:00.0", "nic"])
         .unwrap();
-    bus.manager("Register", &["ss", "0000:a0:00.0", "bridge"])
+    bus.manager("Register", &["ss", "0000:3b:00.1", "nic2"])
         .unwrap();
     bus.manager("Attach", &["ss", "gpu", "vm-1"]).unwrap();
-    // The bridge's port driver cedes DMA, so it can sit on vfio-pci for Unbind.
-    bus.manager("Bind", &["s", "bridge"]).unwrap();
+    bus.manager("Bind", &["s", "nic2"]).unwrap();
     let stored = std::fs::read(dir.path().join("devices.json")).unwrap();
     let before = state_of(&bus);
 

@@ -124,7 +124,29 @@ fn reports_what_the_real_kernel_reported() {
         }
     }
 
-    let first = &seen[0];
+    // Only a function with an IOMMU group that is not a bridge can be
+    // registered (issue 14); on a machine without an IOMMU (a VM without a
+    // virtual IOMMU, like these), every Register is refused, typed.
+    let bridge = |a: &str| {
+        std::fs::read_to_string(format!("/sys/bus/pci/devices/{a}/class"))
+            .is_ok_and(|c| c.trim().starts_with("0x06"))
+    };
+    let Some(first) = seen
+        .iter()
+        .find(|s| s.group.is_some() && !bridge(&s.address))
+    else {
+        let out = bus.gdbus_call(
+            PATH,
+            &format!("{IFACE}.Register"),
+            &[&seen[0].address, "captured"],
+        );
+        let name = gdbus_error_name(&out);
+        assert!(
+            name.ends_with(".NoIommu") || name.ends_with(".NotPassable"),
+            "{out:?}"
+        );
+        return;
+    };
     let reg = bus
         .manager("Register", &["ss", &first.address, "captured"])
         .unwrap();

@@ -164,12 +164,43 @@ fn delete_gives_a_bound_device_back() {
     assert_eq!(bus.host_driver("0000:3b:00.0").as_deref(), Some("i40e"));
 }
 
+/// Without an IOMMU nothing is registered (issue 14); a record stored
+/// earlier still loads, shows the blocker, and is refused Bind and Attach
+/// without a write.
 #[test]
 fn no_iommu_refuses_and_changes_nothing() {
-    let bus = TestBus::start();
+    let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
+    stored_earlier(state.path(), &[(OLD_ID, "l4-gpu", GPU)]);
     let _d = Daemon::simulate(&bus, state.path(), "no-iommu.toml");
-    bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    assert_eq!(
+        error_name(&bus, "Register", &[GPU, "again"]),
+        "org.hypeman.Devices.Error.NoIommu"
+    );
+    assert_eq!(
+        error_name(&bus, "Register", &["0000:5e:00.0", "nvme"]),
+        "org.hypeman.Devices.Error.NoIommu"
+    );
+    assert_eq!(
+        bus.manager("List", &[]).unwrap()[0]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let blockers = bus.busctl(&[
+        "--json=short",
+        "get-property",
+        NAME,
+        &format!("{PATH}/{OLD_ID}"),
+        "org.hypeman.Device1",
+        "Blockers",
+    ]);
+    let blockers: serde_json::Value = serde_json::from_slice(&blockers.stdout).unwrap();
+    assert_eq!(
+        blockers["data"][0]["code"]["data"], "no-iommu",
+        "{blockers}"
+    );
     let before = bus.manager("ListAvailable", &[]).unwrap();
     assert_eq!(
         error_name(&bus, "Bind", &["l4-gpu"]),
@@ -181,7 +212,10 @@ fn no_iommu_refuses_and_changes_nothing() {
         "org.hypeman.Devices.Error.NoIommu"
     );
     assert_eq!(bus.manager("ListAvailable", &[]).unwrap(), before);
+    assert_eq!(bus.writes(), Vec::<String>::new());
 }
+
+const OLD_ID: &str = "tz4a98xxat96iws9zmbrgj3a";
 
 #[test]
 fn injected_faults_answer_typed_errors_and_restore() {
@@ -551,13 +585,20 @@ fn blockers_are_reported_and_bind_refuses_the_boot_display() {
             .map(|b| b["code"]["data"].as_str().unwrap().to_string())
             .collect()
     };
-    let igpu = row("0000:00:02.0");
-    assert_eq!(igpu["passable"]["data"], false);
-    assert_eq!(codes(&igpu), ["boot-vga"]);
-    let port = row("0000:00:01.0");
-    assert_eq!(port["passable"]["data"], false);
-    assert_eq!(codes(&port), ["bridge"]);
-    for addr in ["0000:01:00.0", "0000:01:00.1", "0000:02:00.0"] {
+    for (addr, want) in [
+        ("0000:00:02.0", &["boot-vga", "open-by"][..]),
+        ("0000:00:01.0", &["bridge"]),
+        ("0000:02:00.0", &["mounted", "mounted"]),
+        ("0000:03:00.0", &["open-by"]),
+        ("0000:05:00.0", &["network-active"]),
+    ] {
+        let r = row(addr);
+        assert_eq!(r["passable"]["data"], false, "{r}");
+        assert_eq!(codes(&r), want, "{r}");
+    }
+    // nvidia-persistenced's hold on the GPU is the holder service's, not a
+    // blocker; link-local and multicast routes do not make a NIC busy.
+    for addr in ["0000:01:00.0", "0000:01:00.1", "0000:06:00.0"] {
         let r = row(addr);
         assert_eq!(r["passable"]["data"], true, "{r}");
         assert!(codes(&r).is_empty(), "{r}");
@@ -607,8 +648,7 @@ fn no_iommu_tells_a_virtual_machine_from_bare_metal() {
             blocker["message"]["data"].as_str().unwrap().contains(says),
             "{blocker}"
         );
-        bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
-        assert!(error_text(&bus, "Bind", &["l4-gpu"]).contains(says));
+        assert!(error_text(&bus, "Register", &[GPU, "l4-gpu"]).contains(says));
     }
 }
 

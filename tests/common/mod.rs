@@ -56,6 +56,23 @@ pub fn rss_kib(pid: u32) -> u64 {
     hypeman_bench::rss_kib(pid).expect("read the process's VmRSS") as u64
 }
 
+/// Writes `devices.json` into `state_dir` as an earlier version stored it
+/// (before a daemon starts): one L4 GPU record per `(id, name, address)`.
+pub fn stored_earlier(state_dir: &Path, records: &[(&str, &str, &str)]) {
+    let devices: Vec<Value> = records
+        .iter()
+        .map(|(id, name, addr)| {
+            serde_json::json!({
+                "id": id, "name": name, "pci_address": addr,
+                "vendor_id": "10de", "device_id": "27b8", "type": "gpu",
+                "created_at": "2025-01-15T10:00:00Z", "want_vfio": false
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({"version": 1, "devices": devices});
+    std::fs::write(state_dir.join("devices.json"), doc.to_string()).expect("write devices.json");
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     root().join("examples/hosts").join(name)
 }
@@ -127,6 +144,45 @@ impl TestBus {
             &[],
         )
         .expect("ClearFaults");
+    }
+
+    /// `Simulator1.Journal`: every write attempted on the simulated kernel and
+    /// every service stopped or started, oldest first.
+    pub fn journal(&self) -> Vec<String> {
+        let v = self
+            .call(
+                "/org/hypeman/Simulator",
+                "org.hypeman.Simulator1",
+                "Journal",
+                &[],
+            )
+            .expect("Journal");
+        v[0].as_array()
+            .expect("as")
+            .iter()
+            .map(|e| e.as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// The journal's writes only (not services stopped or started).
+    pub fn writes(&self) -> Vec<String> {
+        self.journal()
+            .into_iter()
+            .filter(|e| !e.starts_with("stop ") && !e.starts_with("start "))
+            .collect()
+    }
+
+    /// `Simulator1.UnitActive`.
+    pub fn unit_active(&self, unit: &str) -> bool {
+        let v = self
+            .call(
+                "/org/hypeman/Simulator",
+                "org.hypeman.Simulator1",
+                "UnitActive",
+                &["s", unit],
+            )
+            .expect("UnitActive");
+        v[0].as_bool().expect("b")
     }
 
     /// The host's view of one device from `ListAvailable`: (driver, group).

@@ -70,6 +70,9 @@ error_table! {
     /// Attached to an instance.
     InUse => "org.hypeman.Devices.Error.InUse",
     NoIommu => "org.hypeman.Devices.Error.NoIommu",
+    /// The function can never be passed through (a PCI bridge: vfio-pci
+    /// refuses them); nothing was registered or changed.
+    NotPassable => "org.hypeman.Devices.Error.NotPassable",
     VfioUnavailable => "org.hypeman.Devices.Error.VfioUnavailable",
     IommuGroupConflict => "org.hypeman.Devices.Error.IommuGroupConflict",
     /// A step of a driver change failed; the message says how the device was left.

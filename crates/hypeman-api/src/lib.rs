@@ -5,6 +5,7 @@
 //!
 //! - [`bus`]: which bus to use (`--bus system|session|ADDRESS`);
 //! - [`names`]: the bus name, object paths and interface names;
+//! - [`options`]: the options dictionary of BindWithOptions/AttachWithOptions;
 //! - [`record`]: the device record and the available-device dictionary, with the
 //!   seed's JSON documents;
 //! - [`error`]: every error name, once, for the daemon's replies and the
@@ -14,10 +15,12 @@
 pub mod bus;
 pub mod error;
 pub mod names;
+pub mod options;
 pub mod proxy;
 pub mod record;
 
 pub use bus::BusChoice;
 pub use error::Error;
 pub use names::*;
+pub use options::Options;
 pub use record::{Available, Blocker, Record};

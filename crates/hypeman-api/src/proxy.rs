@@ -21,6 +21,17 @@ pub trait Devices {
     fn bind(&self, id_or_name: &str) -> Result<Record, Error>;
     fn unbind(&self, id_or_name: &str) -> Result<Record, Error>;
     fn attach(&self, id_or_name: &str, instance_id: &str) -> Result<Record, Error>;
+    fn bind_with_options(
+        &self,
+        id_or_name: &str,
+        options: std::collections::HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<Record, Error>;
+    fn attach_with_options(
+        &self,
+        id_or_name: &str,
+        instance_id: &str,
+        options: std::collections::HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<Record, Error>;
     fn detach(&self, id_or_name: &str) -> Result<Record, Error>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
@@ -59,4 +70,7 @@ pub trait Device {
     fn iommu_group(&self) -> zbus::Result<i64>;
     #[zbus(property)]
     fn numa_node(&self) -> zbus::Result<i64>;
+    /// Why the host must keep it, read when asked (no change signal).
+    #[zbus(property)]
+    fn blockers(&self) -> zbus::Result<Vec<crate::record::Blocker>>;
 }

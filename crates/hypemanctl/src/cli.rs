@@ -41,10 +41,23 @@ pub enum CtlCommand {
     Get { id_or_name: String },
     /// Unregister a device (gives it back to its driver first if hypemand took it).
     Delete { id_or_name: String },
-    /// List every PCI device on the host, registered or not.
-    Available,
+    /// List the host's PCI devices with what blocks each (with --json, only
+    /// the passable ones, in the seed's shape, unless --all).
+    Available {
+        /// With --json: every function, with `passable` and `blockers`.
+        #[arg(long)]
+        all: bool,
+    },
     /// Move a device to vfio-pci.
-    Bind { id_or_name: String },
+    Bind {
+        id_or_name: String,
+        /// Take it even though the host is using it (its display, a mounted
+        /// disk, a routed interface, an open node, its group): needs the
+        /// org.hypeman.devices.force authorization. Never overrides no-iommu
+        /// or bridge.
+        #[arg(long)]
+        force: bool,
+    },
     /// Give a device back to its host driver.
     Unbind { id_or_name: String },
     /// Bind if needed, then mark a device as held by a VM instance.
@@ -55,6 +68,9 @@ pub enum CtlCommand {
         /// that holds one function of a group can reach them all).
         #[arg(long)]
         group: bool,
+        /// As for bind: take it even though the host is using it.
+        #[arg(long)]
+        force: bool,
     },
     /// Clear a device's attachment (it stays on vfio-pci).
     Detach { id_or_name: String },

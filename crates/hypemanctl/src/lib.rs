@@ -126,6 +126,48 @@ impl Client {
         self.call("Bind", &(id_or_name,)).await
     }
 
+    /// Bind with options (`force`: override the soft blockers).
+    pub async fn bind_with(
+        &self,
+        id_or_name: &str,
+        options: hypeman_api::Options,
+    ) -> Result<Record, ClientError> {
+        if options == hypeman_api::Options::default() {
+            return self.bind(id_or_name).await;
+        }
+        self.call("BindWithOptions", &(id_or_name, options.to_dict()))
+            .await
+    }
+
+    /// Attach with options (`force`: override the soft blockers).
+    pub async fn attach_with(
+        &self,
+        id_or_name: &str,
+        instance_id: &str,
+        options: hypeman_api::Options,
+    ) -> Result<Record, ClientError> {
+        if options == hypeman_api::Options::default() {
+            return self.attach(id_or_name, instance_id).await;
+        }
+        self.call(
+            "AttachWithOptions",
+            &(id_or_name, instance_id, options.to_dict()),
+        )
+        .await
+    }
+
+    /// Why the host must keep a registered device (its `Blockers` property).
+    pub async fn blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>, ClientError> {
+        let path = hypeman_api::device_path(id)
+            .ok_or_else(|| ClientError::Failed(format!("{id} is not a device id")))?;
+        let device = DeviceProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        Ok(device.blockers().await?)
+    }
+
     pub async fn unbind(&self, id_or_name: &str) -> Result<Record, ClientError> {
         self.call("Unbind", &(id_or_name,)).await
     }

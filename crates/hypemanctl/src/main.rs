@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use futures_util::StreamExt;
+use hypeman_api::Options;
 use hypemanctl::cli::{generate_assets, CtlArgs, CtlCommand};
 use hypemanctl::{Available, Client, ClientError, Record};
 use serde_json::{json, Value};
@@ -68,7 +69,11 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         }
         CtlCommand::List => print_devices(&client.list().await?, json, false),
         CtlCommand::Get { id_or_name } => {
-            print_devices(&[client.get(&id_or_name).await?], json, true)
+            let d = client.get(&id_or_name).await?;
+            print_devices(std::slice::from_ref(&d), json, true);
+            if !json {
+                print_blockers(&client.blockers(&d.id).await?);
+            }
         }
         CtlCommand::Delete { id_or_name } => {
             client.delete(&id_or_name).await?;
@@ -78,10 +83,12 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
                 println!("deleted {id_or_name}");
             }
         }
-        CtlCommand::Available => print_available(&client.available().await?, json),
-        CtlCommand::Bind { id_or_name } => {
-            print_devices(&[client.bind(&id_or_name).await?], json, true)
-        }
+        CtlCommand::Available { all } => print_available(&client.available().await?, json, all),
+        CtlCommand::Bind { id_or_name, force } => print_devices(
+            &[client.bind_with(&id_or_name, Options { force }).await?],
+            json,
+            true,
+        ),
         CtlCommand::Unbind { id_or_name } => {
             print_devices(&[client.unbind(&id_or_name).await?], json, true)
         }
@@ -89,11 +96,13 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
             id_or_name,
             instance,
             group,
+            force,
         } => {
+            let options = Options { force };
             let attached = if group {
-                attach_group(&client, &id_or_name, &instance).await?
+                attach_group(&client, &id_or_name, &instance, options).await?
             } else {
-                vec![client.attach(&id_or_name, &instance).await?]
+                vec![client.attach_with(&id_or_name, &instance, options).await?]
             };
             print_devices(&attached, json, attached.len() == 1)
         }
@@ -113,8 +122,9 @@ async fn attach_group(
     client: &Client,
     id_or_name: &str,
     instance: &str,
+    options: Options,
 ) -> Result<Vec<Record>, ClientError> {
-    let first = client.attach(id_or_name, instance).await?;
+    let first = client.attach_with(id_or_name, instance, options).await?;
     let mut attached = vec![first.clone()];
     let Some(group) = first.iommu_group else {
         return Ok(attached);
@@ -124,7 +134,7 @@ async fn attach_group(
             continue;
         };
         if member.iommu_group == Some(group) && id != first.id {
-            attached.push(client.attach(id, instance).await?);
+            attached.push(client.attach_with(id, instance, options).await?);
         }
     }
     Ok(attached)
@@ -175,9 +185,47 @@ fn or_dash(v: Option<i64>) -> String {
     v.map_or_else(|| "-".into(), |g| g.to_string())
 }
 
-fn print_available(devices: &[Available], json: bool) {
+/// `code`: message lines, one per blocker.
+fn print_blockers(blockers: &[hypeman_api::Blocker]) {
+    if blockers.is_empty() {
+        return;
+    }
+    println!();
+    println!("The host is using it; bind and attach are refused (--force overrides all but no-iommu and bridge):");
+    for b in blockers {
+        println!("{} [{}]: {}", b.pci_address, b.code, b.message);
+    }
+}
+
+/// As Hypeman's `GET /devices/available`, `--json` lists only the passable
+/// functions, in the seed's shape; `--all` lists every function with
+/// `passable` and `blockers`. The table shows everything.
+fn print_available(devices: &[Available], json: bool, all: bool) {
+    if json && all {
+        let docs: Vec<Value> = devices
+            .iter()
+            .map(|d| {
+                let mut doc = serde_json::to_value(d.seed()).unwrap_or_default();
+                doc["passable"] = json!(d.passable);
+                doc["blockers"] = d
+                    .blockers
+                    .iter()
+                    .map(|b| json!({"code": b.code, "message": b.message, "pci_address": b.pci_address}))
+                    .collect();
+                doc
+            })
+            .collect();
+        pretty(&docs);
+        return;
+    }
     if json {
-        pretty(&devices.iter().map(Available::seed).collect::<Vec<_>>());
+        pretty(
+            &devices
+                .iter()
+                .filter(|d| d.passable)
+                .map(Available::seed)
+                .collect::<Vec<_>>(),
+        );
         return;
     }
     println!(

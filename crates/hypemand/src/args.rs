@@ -16,9 +16,14 @@ pub struct DaemonArgs {
     /// Directory holding devices.json [default: $STATE_DIRECTORY, else /var/lib/hypeman]
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Root of the sysfs the real host backend reads and writes.
-    #[arg(long, default_value = "/sys")]
-    pub sysfs_root: PathBuf,
+    /// Root of the host the real backend reads: DIR/sys, and DIR/proc for
+    /// mounts, swap, routes and open device nodes.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub host_root: PathBuf,
+    /// Root of the sysfs the real backend reads and writes, overriding
+    /// HOST_ROOT/sys (sysfs only) [default: HOST_ROOT/sys]
+    #[arg(long, value_name = "DIR")]
+    pub sysfs_root: Option<PathBuf>,
     /// Run against a simulated host described by this fixture instead of the real one.
     #[arg(long, value_name = "FIXTURE")]
     pub simulate: Option<PathBuf>,

@@ -8,6 +8,7 @@ use crate::edge::{systemd, udev as hotplug};
 use crate::host::door::Door;
 use crate::host::sim::{FixtureError, SimHost};
 use crate::host::sysfs::SysfsHost;
+use crate::host::units::Units;
 use crate::host::{EventKind, Host, HostEvent};
 use crate::pci::PciIds;
 use crate::service::Service;
@@ -19,6 +20,8 @@ pub struct Options {
     pub bus: BusChoice,
     pub state_dir: PathBuf,
     pub sysfs_root: PathBuf,
+    /// procfs, for how the host uses its devices.
+    pub proc_root: PathBuf,
     pub simulate: Option<PathBuf>,
     /// With `simulate`: where the simulated kernel keeps its state between
     /// daemon runs (absent: every start is a fresh boot).
@@ -80,7 +83,15 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let host: Arc<dyn Host> = match &sim {
         Some(sim) => sim.clone(),
-        None => Arc::new(SysfsHost::new(&opts.sysfs_root)),
+        None => Arc::new(SysfsHost::new(&opts.sysfs_root).with_proc(&opts.proc_root)),
+    };
+    let running_kernel = opts.sysfs_root == std::path::Path::new("/sys");
+    // Services that hold devices are systemd's on the running kernel, the
+    // fixture's on a simulated host, and nobody's on a --sysfs-root tree.
+    let units = match &sim {
+        Some(sim) => Units::Sim(sim.clone()),
+        None if running_kernel => Units::Systemd(Default::default()),
+        None => Units::None,
     };
     std::fs::create_dir_all(&opts.state_dir).map_err(|source| DaemonError::StateDir {
         path: opts.state_dir.clone(),
@@ -104,7 +115,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         pci_ids = %ids.source(),
         "starting"
     );
-    let door = Door::new(host.clone(), opts.sysfs_timeout);
+    let door = Door::new(host.clone(), opts.sysfs_timeout).with_units(units);
     let service = Arc::new(Service::new(door.clone(), ids, store, registry));
     if let Some(note) = load_note {
         service.set_status_note(note);
@@ -117,7 +128,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         sim.set_event_sink(Box::new(move |e| {
             let _ = tx.send(hotplug::Msg::Event(e));
         }));
-    } else if opts.sysfs_root == std::path::Path::new("/sys") {
+    } else if running_kernel {
         if let Err(e) = hotplug::open_udev(events.clone()) {
             tracing::warn!(error = %e, "cannot open the udev monitor; hotplug will not be followed");
         }

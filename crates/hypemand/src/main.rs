@@ -78,7 +78,10 @@ fn main() -> ExitCode {
     let opts = Options {
         bus: args.bus,
         state_dir,
-        sysfs_root: args.sysfs_root,
+        sysfs_root: args
+            .sysfs_root
+            .unwrap_or_else(|| args.host_root.join("sys")),
+        proc_root: args.host_root.join("proc"),
         simulate: args.simulate,
         simulate_state: args.simulate_state,
         sysfs_timeout: std::time::Duration::from_secs_f64(args.sysfs_timeout),

@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::units::{Holder, UnitError, Units};
+use super::usage::Usage;
 use super::{Host, HostDevice, HostError, HostOp};
 use crate::pci::PciAddress;
 
@@ -81,6 +83,7 @@ pub struct Door {
     deadline: Duration,
     stuck: Stuck,
     virtual_machine: Arc<tokio::sync::OnceCell<bool>>,
+    units: Arc<Units>,
 }
 
 impl Door {
@@ -90,7 +93,14 @@ impl Door {
             deadline,
             stuck: Arc::default(),
             virtual_machine: Arc::default(),
+            units: Arc::new(Units::None),
         }
+    }
+
+    /// Asks and moves holder services through `units` (default: none).
+    pub fn with_units(mut self, units: Units) -> Self {
+        self.units = Arc::new(units);
+        self
     }
 
     pub fn deadline(&self) -> Duration {
@@ -207,6 +217,27 @@ impl Door {
             .get_or_try_init(|| self.call(Key::Host, |h, _| Ok(h.virtual_machine())))
             .await
             .copied()
+    }
+
+    /// How the host uses each of `addresses` (one walk of /proc for all).
+    pub async fn usage(&self, addresses: Vec<PciAddress>) -> Result<Usage, StepError> {
+        self.call(Key::Host, move |h, _| Ok(h.usage(&addresses)))
+            .await
+    }
+
+    /// The active service holding devices bound to `driver`, under the
+    /// deadline.
+    pub async fn holder(&self, driver: &str) -> Result<Option<Holder>, UnitError> {
+        tokio::time::timeout(self.deadline, self.units.holder(driver))
+            .await
+            .map_err(|_| UnitError::Timeout(self.deadline))?
+    }
+
+    /// Stops or starts a holder service, under the deadline.
+    pub async fn set_unit(&self, unit: &str, active: bool) -> Result<(), UnitError> {
+        tokio::time::timeout(self.deadline, self.units.set(unit, active))
+            .await
+            .map_err(|_| UnitError::Timeout(self.deadline))?
     }
 
     /// The members of an IOMMU group.

@@ -9,11 +9,15 @@
 //!
 //! - [`door`]: the one way in, with deadlines and stuck-call bookkeeping;
 //! - [`vfio`]: take a device to vfio-pci and give it back, with rollback;
-//! - [`sysfs`]: the real kernel; [`sim`]: the simulated one.
+//! - [`sysfs`]: the real kernel; [`sim`]: the simulated one;
+//! - [`usage`]: how the host uses a function (mounts, routes, open nodes);
+//! - [`units`]: the systemd services that hold devices (nvidia-persistenced).
 
 pub mod door;
 pub mod sim;
 pub mod sysfs;
+pub mod units;
+pub mod usage;
 pub mod vfio;
 
 use crate::pci::PciAddress;
@@ -248,6 +252,10 @@ pub trait Host: Send + Sync + 'static {
     /// a missing IOMMU means a VM without a virtual IOMMU, not firmware
     /// settings.
     fn virtual_machine(&self) -> bool;
+
+    /// How the host uses each of `addresses` (mounts, swap, routed
+    /// interfaces, open device nodes); functions it does not use are absent.
+    fn usage(&self, addresses: &[PciAddress]) -> usage::Usage;
 
     /// Whether `drivers/<name>` exists.
     fn driver_loaded(&self, driver: &str) -> bool;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::usage::{parse_route, route_counts, Usage, Use};
 use super::{errno_by_name, EventKind, EventSink, Host, HostDevice, HostError, HostEvent, Op};
 use crate::pci::sysfs::parse_hex;
 use crate::pci::PciAddress;
@@ -61,6 +62,55 @@ pub struct Fixture {
     pub drivers: Vec<FixtureDriver>,
     #[serde(default, rename = "device")]
     pub devices: Vec<FixtureDevice>,
+    /// systemd services that hold devices open (nvidia-persistenced).
+    #[serde(default, rename = "service")]
+    pub services: Vec<FixtureService>,
+}
+
+/// A service that holds devices open: while it is active, unbinding a
+/// device its process holds blocks, as the kernel's nvidia driver does.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureService {
+    pub name: String,
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Its main process; the device nodes it holds are listed under the
+    /// devices' `open_by` with this pid.
+    pub pid: u32,
+}
+
+/// A block device under a function, as `[[device.block]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureBlock {
+    /// `nvme0n1p2`, `dm-0`: shown as `/dev/NAME`.
+    pub name: String,
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    #[serde(default)]
+    pub swap: bool,
+}
+
+/// A network interface under a function, as `[[device.interface]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureInterface {
+    pub name: String,
+    #[serde(default)]
+    pub up: bool,
+    /// Route destinations: `default`, `10.0.0.0/8`, `fe80::/64`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+}
+
+/// A process holding one of the function's device nodes, as `[[device.open_by]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureOpen {
+    pub pid: u32,
+    pub comm: String,
+    pub node: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +153,12 @@ pub struct FixtureDevice {
     /// The firmware's console is on this device (sysfs `boot_vga`).
     #[serde(default)]
     pub boot_vga: bool,
+    #[serde(default)]
+    pub block: Vec<FixtureBlock>,
+    #[serde(default)]
+    pub interface: Vec<FixtureInterface>,
+    #[serde(default)]
+    pub open_by: Vec<FixtureOpen>,
 }
 
 /// One id-table entry: a vendor and, optionally, a device.
@@ -145,6 +201,10 @@ pub struct SimState {
     pub devices: BTreeMap<PciAddress, HostDevice>,
     /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
     pub unplugged: BTreeMap<PciAddress, HostDevice>,
+    /// How the host uses each device while its own driver has it.
+    pub usage: Usage,
+    /// Services by unit name: (active, main pid).
+    pub services: BTreeMap<String, (bool, u32)>,
 }
 
 impl Fixture {
@@ -191,6 +251,7 @@ impl Fixture {
             }
         }
         let mut devices = BTreeMap::new();
+        let mut usage = Usage::new();
         for d in self.devices {
             let address = PciAddress::parse(&d.address).map_err(|e| invalid(e.to_string()))?;
             let hex = |field: &str, value: &str, max: u32| {
@@ -219,6 +280,59 @@ impl Fixture {
                     }
                 }
             }
+            let mut uses = Vec::new();
+            for b in &d.block {
+                if b.name.is_empty() || b.name.contains('/') {
+                    return Err(invalid(format!(
+                        "device {address}: block device name {:?} is not a /dev name",
+                        b.name
+                    )));
+                }
+                let device = format!("/dev/{}", b.name);
+                if !b.mounts.is_empty() {
+                    uses.push(Use::Mounted {
+                        device: device.clone(),
+                        mount_points: b.mounts.clone(),
+                    });
+                }
+                if b.swap {
+                    uses.push(Use::Swap { device });
+                }
+            }
+            for i in &d.interface {
+                let mut counts = false;
+                for r in &i.routes {
+                    let dest = parse_route(r).ok_or_else(|| {
+                        invalid(format!(
+                            "device {address}: interface {}: route {r:?} is not default or an address/prefix",
+                            i.name
+                        ))
+                    })?;
+                    counts |= route_counts(dest);
+                }
+                if i.up && counts {
+                    uses.push(Use::NetworkActive {
+                        interface: i.name.clone(),
+                    });
+                }
+            }
+            for o in &d.open_by {
+                if !super::usage::is_node(&o.node) {
+                    return Err(invalid(format!(
+                        "device {address}: {:?} is not a device node the daemon checks (/dev/dri/card*, /dev/dri/renderD*, /dev/nvidiaN, /dev/nvme*)",
+                        o.node
+                    )));
+                }
+                uses.push(Use::OpenBy {
+                    pid: o.pid,
+                    comm: o.comm.clone(),
+                    node: o.node.clone(),
+                });
+            }
+            if !uses.is_empty() {
+                uses.sort();
+                usage.insert(address, uses);
+            }
             let device = HostDevice {
                 address,
                 vendor: hex("vendor", &d.vendor, 0xffff)? as u16,
@@ -236,11 +350,28 @@ impl Fixture {
                 return Err(invalid(format!("device {address} is listed twice")));
             }
         }
+        let mut services = BTreeMap::new();
+        for sv in self.services {
+            if !sv.name.ends_with(".service") || sv.name.contains('/') {
+                return Err(invalid(format!(
+                    "service {:?} is not a unit name ending in .service",
+                    sv.name
+                )));
+            }
+            if services
+                .insert(sv.name.clone(), (sv.active, sv.pid))
+                .is_some()
+            {
+                return Err(invalid(format!("service {} is listed twice", sv.name)));
+            }
+        }
         Ok(SimState {
             virtual_machine: self.virtual_machine,
             drivers,
             devices,
             unplugged: BTreeMap::new(),
+            usage,
+            services,
         })
     }
 }
@@ -301,6 +432,9 @@ struct Saved {
     devices: BTreeMap<String, SavedDevice>,
     #[serde(default)]
     unplugged: Vec<String>,
+    /// Service name -> active.
+    #[serde(default)]
+    services: BTreeMap<String, bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -319,7 +453,15 @@ pub struct SimHost {
     state_file: Option<PathBuf>,
     /// Where hotplug events go (the daemon's event path), once connected.
     sink: Mutex<Option<EventSink>>,
+    /// Wakes an unbind waiting for a service to let go of its device.
+    state_changed: Condvar,
+    /// Every write attempted and every service stopped or started, in order,
+    /// for tests (Simulator1.Journal); bounded.
+    journal: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// The most journal entries kept (the oldest go first).
+const JOURNAL_LIMIT: usize = 4096;
 
 impl SimHost {
     /// Boots a simulated host from a fixture file.
@@ -356,6 +498,11 @@ impl SimHost {
                         state.unplugged.insert(a, d);
                     }
                 }
+                for (name, active) in saved.services {
+                    if let Some(sv) = state.services.get_mut(&name) {
+                        sv.0 = active;
+                    }
+                }
                 for (addr, sd) in saved.devices {
                     let Ok(a) = PciAddress::parse(&addr) else {
                         continue;
@@ -374,6 +521,8 @@ impl SimHost {
             faults_cleared: Condvar::new(),
             state_file: state_file.map(Path::to_path_buf),
             sink: Mutex::new(None),
+            state_changed: Condvar::new(),
+            journal: Mutex::default(),
         })
     }
 
@@ -403,6 +552,11 @@ impl SimHost {
                 })
                 .collect(),
             unplugged: state.unplugged.keys().map(ToString::to_string).collect(),
+            services: state
+                .services
+                .iter()
+                .map(|(n, (active, _))| (n.clone(), *active))
+                .collect(),
         };
         let tmp = file.with_extension("tmp");
         let result = serde_json::to_vec(&saved)
@@ -412,6 +566,66 @@ impl SimHost {
         if let Err(e) = result {
             tracing::warn!(path = %file.display(), error = %e, "cannot save the simulated host's state");
         }
+    }
+
+    fn note(&self, entry: String) {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if j.len() >= JOURNAL_LIMIT {
+            j.pop_front();
+        }
+        j.push_back(entry);
+    }
+
+    /// Every write attempted and every service stopped or started, oldest
+    /// first: `unbind 0000:01:00.0 nvidia`, `stop nvidia-persistenced.service`.
+    pub fn journal(&self) -> Vec<String> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// A declared service: `Some((active, main pid))`.
+    pub fn unit(&self, name: &str) -> Option<(bool, u32)> {
+        self.state().services.get(name).copied()
+    }
+
+    /// Stops or starts a declared service, as systemd would.
+    pub fn set_unit(&self, name: &str, active: bool) -> Result<(), String> {
+        let mut state = self.state();
+        let Some(sv) = state.services.get_mut(name) else {
+            return Err(format!("the simulated host has no service {name}"));
+        };
+        sv.0 = active;
+        self.note(format!("{} {name}", if active { "start" } else { "stop" }));
+        tracing::info!(unit = name, active, "simulator: service state changed");
+        self.save(&state);
+        drop(state);
+        self.state_changed.notify_all();
+        Ok(())
+    }
+
+    /// Whether an active service's process holds `address` open while
+    /// `driver` has it: then the driver's unbind waits for it.
+    fn held_by_service(state: &SimState, address: PciAddress, driver: &str) -> bool {
+        let bound = driver != hypeman_api::VFIO_DRIVER
+            && state
+                .devices
+                .get(&address)
+                .is_some_and(|d| d.driver.as_deref() == Some(driver));
+        let active: Vec<u32> = state
+            .services
+            .values()
+            .filter(|(a, _)| *a)
+            .map(|(_, pid)| *pid)
+            .collect();
+        bound
+            && state.usage.get(&address).is_some_and(|uses| {
+                uses.iter()
+                    .any(|u| matches!(u, Use::OpenBy { pid, .. } if active.contains(pid)))
+            })
     }
 
     /// Connects the event path; events before this are not delivered.
@@ -544,6 +758,7 @@ impl SimHost {
             value: value.to_string(),
             errno,
         };
+        self.note(format!("{op} {address} {value}").trim_end().to_string());
         match self.fault(op, address) {
             Some(FaultKind::Errno(e)) => Err(fail(e)),
             Some(FaultKind::Stall) => {
@@ -618,6 +833,36 @@ impl Host for SimHost {
             .collect())
     }
 
+    fn usage(&self, addresses: &[PciAddress]) -> Usage {
+        // Mounts, interfaces and open nodes exist only while the device's own
+        // driver has it; a stopped service's process holds nothing.
+        let state = self.state();
+        let stopped: Vec<u32> = state
+            .services
+            .values()
+            .filter(|(a, _)| !*a)
+            .map(|(_, pid)| *pid)
+            .collect();
+        addresses
+            .iter()
+            .filter_map(|a| {
+                let d = state.devices.get(a)?;
+                let own = d
+                    .driver
+                    .as_deref()
+                    .is_some_and(|n| n != hypeman_api::VFIO_DRIVER);
+                let uses: Vec<Use> = state
+                    .usage
+                    .get(a)?
+                    .iter()
+                    .filter(|u| !matches!(u, Use::OpenBy { pid, .. } if stopped.contains(pid)))
+                    .cloned()
+                    .collect();
+                (own && !uses.is_empty()).then_some((*a, uses))
+            })
+            .collect()
+    }
+
     fn driver_loaded(&self, driver: &str) -> bool {
         Self::loaded(&self.state(), driver)
     }
@@ -665,6 +910,24 @@ impl Host for SimHost {
         let mut state = self.state();
         if !Self::loaded(&state, driver) {
             return Err(fail(ENOENT));
+        }
+        // The kernel's nvidia driver waits in remove() until the last holder
+        // closes the device: so does this, until the service stops.
+        let started = Instant::now();
+        if Self::held_by_service(&state, address, driver) {
+            tracing::info!(pci_address = %address, driver, "simulator: unbind waits for the service holding the device");
+        }
+        while Self::held_by_service(&state, address, driver) {
+            if started.elapsed() >= STALL_LIMIT {
+                return Err(fail(EINTR));
+            }
+            state = match self
+                .state_changed
+                .wait_timeout(state, Duration::from_millis(200))
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
         let d = state.devices.get(&address).ok_or_else(|| fail(ENODEV))?;
         if d.driver.as_deref() != Some(driver) {

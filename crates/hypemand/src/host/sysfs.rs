@@ -11,6 +11,8 @@ use crate::pci::PciAddress;
 
 pub struct SysfsHost {
     root: PathBuf,
+    /// procfs, for how the host uses a device (`--host-root`/proc).
+    proc_root: PathBuf,
     /// `modprobe` is tried at most once per driver name per daemon run.
     modprobed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -19,8 +21,15 @@ impl SysfsHost {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         SysfsHost {
             root: root.into(),
+            proc_root: PathBuf::from("/proc"),
             modprobed: Default::default(),
         }
+    }
+
+    /// Reads procfs at `proc_root` instead of `/proc`.
+    pub fn with_proc(mut self, proc_root: impl Into<PathBuf>) -> Self {
+        self.proc_root = proc_root.into();
+        self
     }
 
     fn driver_dir(&self, driver: &str) -> Result<PathBuf, HostError> {
@@ -111,7 +120,11 @@ fn driver_name(dir: &Path) -> Option<String> {
 
 impl Host for SysfsHost {
     fn describe(&self) -> String {
-        format!("sysfs at {}", self.root.display())
+        format!(
+            "sysfs at {}, procfs at {}",
+            self.root.display(),
+            self.proc_root.display()
+        )
     }
 
     fn virtual_machine(&self) -> bool {
@@ -208,6 +221,14 @@ impl Host for SysfsHost {
         }
         out.sort_by_key(|d| d.address);
         Ok(out)
+    }
+
+    fn usage(&self, addresses: &[PciAddress]) -> super::usage::Usage {
+        super::usage::HostRoot {
+            sys: self.root.clone(),
+            proc: self.proc_root.clone(),
+        }
+        .read(addresses)
     }
 
     fn driver_loaded(&self, driver: &str) -> bool {

@@ -1,11 +1,10 @@
-//! Why a PCI function must not be taken from the host *(issue 14, first
-//! part)*: decided from what the host says of the function and of its IOMMU
+//! Why a PCI function must not be taken from the host: decided from what the
+//! host says of the function, of how it uses it ([`Use`]), and of its IOMMU
 //! group. Hard blockers (`no-iommu`, `bridge`) can never be overridden; soft
-//! ones (`boot-vga`, `group`) mean the host is using it.
-//!
-//! Not yet here (the rest of issue 14): `mounted`, `network-active`,
-//! `open-by`, and forcing.
+//! ones (`boot-vga`, `mounted`, `network-active`, `open-by`, `group`) mean
+//! the host is using it, and only the force authorization overrides them.
 
+use crate::host::usage::{Usage, Use};
 use crate::host::HostDevice;
 use crate::pci::class::is_bridge;
 use crate::pci::PciAddress;
@@ -21,7 +20,7 @@ pub struct Blocker {
 impl Blocker {
     /// Never overridden: vfio-pci cannot take the function at all.
     pub fn hard(&self) -> bool {
-        matches!(self.code, "no-iommu" | "bridge")
+        HARD.contains(&self.code)
     }
 
     pub fn record(&self) -> hypeman_api::Blocker {
@@ -33,8 +32,60 @@ impl Blocker {
     }
 }
 
-/// The function's own blockers.
-pub fn own(dev: &HostDevice, virtual_machine: bool) -> Vec<Blocker> {
+/// The codes that can never be overridden, forced or not.
+pub const HARD: [&str; 2] = ["no-iommu", "bridge"];
+
+/// A name the host reported (a process's `comm`, a mount point), made safe to
+/// show: control characters become `?`, and it is cut at 256 characters.
+fn shown(s: &str) -> String {
+    s.chars()
+        .take(256)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// What one use of the host means, as a blocker code and message.
+fn from_use(address: PciAddress, u: &Use) -> (&'static str, String) {
+    match u {
+        Use::Mounted {
+            device,
+            mount_points,
+        } => (
+            "mounted",
+            format!(
+                "{address}: {} is mounted on {}",
+                shown(device),
+                mount_points
+                    .iter()
+                    .map(|m| shown(m))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Use::Swap { device } => (
+            "mounted",
+            format!("{address}: {} is active swap", shown(device)),
+        ),
+        Use::NetworkActive { interface } => (
+            "network-active",
+            format!(
+                "{address}: network interface {} is up and carries routes",
+                shown(interface)
+            ),
+        ),
+        Use::OpenBy { pid, comm, node } => (
+            "open-by",
+            format!(
+                "{address}: {} is open by process {pid} ({})",
+                shown(node),
+                shown(comm)
+            ),
+        ),
+    }
+}
+
+/// The function's own blockers; `uses` is how the host uses it.
+pub fn own(dev: &HostDevice, virtual_machine: bool, uses: &[Use]) -> Vec<Blocker> {
     let mut out = Vec::new();
     let mut add = |code, message: String| {
         out.push(Blocker {
@@ -71,19 +122,32 @@ pub fn own(dev: &HostDevice, virtual_machine: bool) -> Vec<Blocker> {
             ),
         );
     }
+    for u in uses {
+        let (code, message) = from_use(dev.address, u);
+        add(code, message);
+    }
     out
 }
 
 /// The function's blockers, its group's included: a member (other than a
 /// bridge, which stays with the host in any case) that the host uses blocks
 /// the whole group.
-pub fn of(dev: &HostDevice, members: &[HostDevice], virtual_machine: bool) -> Vec<Blocker> {
-    let mut out = own(dev, virtual_machine);
+pub fn of(
+    dev: &HostDevice,
+    members: &[HostDevice],
+    virtual_machine: bool,
+    usage: &Usage,
+) -> Vec<Blocker> {
+    let uses = |a: &PciAddress| usage.get(a).map(Vec::as_slice).unwrap_or_default();
+    let mut out = own(dev, virtual_machine, uses(&dev.address));
     for m in members
         .iter()
         .filter(|m| m.address != dev.address && !is_bridge(m.class))
     {
-        for b in own(m, virtual_machine).into_iter().filter(|b| !b.hard()) {
+        for b in own(m, virtual_machine, uses(&m.address))
+            .into_iter()
+            .filter(|b| !b.hard())
+        {
             out.push(Blocker {
                 code: "group",
                 message: format!(
@@ -110,4 +174,74 @@ pub fn describe(blockers: &[Blocker]) -> String {
         "the host is using this device or its IOMMU group, nothing was changed: {}",
         list.join("; ")
     )
+}
+
+/// The typed refusal for a function's hard blockers (its own, not its
+/// group's): `NoIommu` or `NotPassable`. Register, Bind and Attach answer it,
+/// forced or not.
+pub fn hard_refusal(dev: &HostDevice, virtual_machine: bool) -> Option<hypeman_api::Error> {
+    let b = own(dev, virtual_machine, &[])
+        .into_iter()
+        .find(Blocker::hard)?;
+    Some(match b.code {
+        "no-iommu" => hypeman_api::Error::NoIommu(b.message),
+        _ => hypeman_api::Error::NotPassable(b.message),
+    })
+}
+
+/// The codes of some blockers, for a log line: `boot-vga, open-by`.
+pub fn codes(blockers: &[Blocker]) -> String {
+    let mut c: Vec<&str> = blockers.iter().map(|b| b.code).collect();
+    c.dedup();
+    c.join(", ")
+}
+
+impl super::Service {
+    /// How the host uses these functions, read under the deadline. The
+    /// holder service's own process is left out: the daemon stops that
+    /// service around the unbind instead (see [`crate::host::units`]).
+    pub(crate) async fn host_usage(
+        &self,
+        addresses: Vec<PciAddress>,
+    ) -> super::error::Result<Usage> {
+        let mut usage = self.door.usage(addresses).await.map_err(|e| {
+            super::error::host_error("cannot read how the host uses its devices".into(), e)
+        })?;
+        let opens = usage
+            .values()
+            .flatten()
+            .any(|u| matches!(u, Use::OpenBy { .. }));
+        if opens {
+            let holder = self
+                .door
+                .holder(crate::host::units::NVIDIA_DRIVER)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot ask systemd about nvidia-persistenced");
+                    None
+                });
+            if let Some(pid) = holder.and_then(|h| h.main_pid) {
+                for uses in usage.values_mut() {
+                    uses.retain(|u| !matches!(u, Use::OpenBy { pid: p, .. } if *p == pid));
+                }
+                usage.retain(|_, uses| !uses.is_empty());
+            }
+        }
+        Ok(usage)
+    }
+
+    /// A function's blockers, its IOMMU group's included, read now.
+    pub async fn blockers_now(
+        &self,
+        dev: &HostDevice,
+        members: &[HostDevice],
+    ) -> super::error::Result<Vec<Blocker>> {
+        let vm = self.door.virtual_machine().await.unwrap_or(false);
+        let mut addresses: Vec<PciAddress> = members.iter().map(|m| m.address).collect();
+        if !addresses.contains(&dev.address) {
+            addresses.push(dev.address);
+        }
+        let usage = self.host_usage(addresses).await?;
+        Ok(of(dev, members, vm, &usage))
+    }
 }

@@ -124,10 +124,21 @@ impl AvailableView {
 
 /// A registered device resolved once from what a caller named: operations act
 /// on its id and nothing else, and answer `NotFound` if that id is gone.
+///
+/// A target may also carry the force: set only by the edge once the caller
+/// was authorized for `org.hypeman.devices.force`, it lets a Bind or Attach
+/// override the soft blockers (never the hard ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target(StoredDevice);
+pub struct Target(StoredDevice, bool);
 
 impl Target {
+    /// The same target, with the soft blockers overridden.
+    pub fn forced(self) -> Target {
+        Target(self.0, true)
+    }
+    pub fn is_forced(&self) -> bool {
+        self.1
+    }
     /// The record as it was when resolved (what authorization looked at).
     pub fn record(&self) -> &StoredDevice {
         &self.0

@@ -28,7 +28,7 @@ impl Service {
         self.snapshot()
             .resolve(id_or_name)
             .cloned()
-            .map(Target)
+            .map(|d| Target(d, false))
             .ok_or_else(|| not_found(id_or_name))
     }
 
@@ -62,6 +62,13 @@ impl Service {
             .live(address)
             .await?
             .ok_or_else(|| device_not_found(address))?;
+        // As Hypeman does: a function that can never be passed through (no
+        // IOMMU group, a bridge) is not registered, so every new record has
+        // an IOMMU group.
+        let vm = self.door.virtual_machine().await.unwrap_or(false);
+        if let Some(e) = super::blockers::hard_refusal(&host, vm) {
+            return Err(e);
+        }
         let name = if name.is_empty() {
             address.default_name()
         } else {
@@ -124,6 +131,27 @@ impl Service {
         Ok(self.view(stored, live))
     }
 
+    /// `Device1.Blockers`: why the host must keep a registered device, read
+    /// now (none while it is unplugged, or once it is on vfio-pci: then the
+    /// host no longer uses it).
+    pub async fn device_blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>> {
+        let stored = self
+            .snapshot()
+            .by_id(id)
+            .cloned()
+            .ok_or_else(|| super::error::not_found(id))?;
+        let Some(dev) = self.live(stored.pci_address).await? else {
+            return Ok(Vec::new());
+        };
+        let members = self.door.read_group(&dev).await?;
+        Ok(self
+            .blockers_now(&dev, &members)
+            .await?
+            .iter()
+            .map(super::blockers::Blocker::record)
+            .collect())
+    }
+
     /// `ListAvailable`: every PCI function on the host, registered or not.
     pub async fn list_available(&self) -> Result<Vec<AvailableView>> {
         let devices = self
@@ -139,6 +167,10 @@ impl Service {
                 groups.entry(g).or_default().push(d.clone());
             }
         }
+        // One walk of /proc for every function.
+        let usage = self
+            .host_usage(devices.iter().map(|d| d.address).collect())
+            .await?;
         let snapshot = self.snapshot();
         Ok(devices
             .into_iter()
@@ -152,7 +184,7 @@ impl Service {
                 AvailableView {
                     kind: DeviceType::from_class(host.vendor, host.class),
                     registered_as: snapshot.by_address(host.address).map(|d| d.id.clone()),
-                    blockers: super::blockers::of(&host, members, vm),
+                    blockers: super::blockers::of(&host, members, vm, &usage),
                     vendor_name,
                     device_name,
                     host,

@@ -57,7 +57,7 @@ impl Service {
 
     /// `Bind`: moves the device to vfio-pci (idempotent).
     pub async fn bind(&self, target: &Target) -> Result<DeviceView> {
-        self.with_device(target, |s| self.bind_locked(s, false))
+        self.with_device(target, |s| self.bind_locked(s, false, target.is_forced()))
             .await
     }
 
@@ -77,6 +77,7 @@ impl Service {
     pub async fn attach(&self, target: &Target, instance: &str) -> Result<DeviceView> {
         validate_instance_id(instance)?;
         let instance = instance.to_string();
+        let forced = target.is_forced();
         self.with_device(target, |s| async move {
             match &s.attached_to {
                 Some(other) if *other != instance => return Err(in_use(&s.name, other)),
@@ -88,7 +89,7 @@ impl Service {
                 None => {}
             }
             let _group = self.hold_group(&s, Some(&instance)).await?;
-            let (before, bound) = self.bind_locked(s, true).await?;
+            let (before, bound) = self.bind_locked(s, true, forced).await?;
             let stored = self
                 .modify(&bound.stored.id, |d| d.attached_to = Some(instance.clone()))
                 .await?;
@@ -126,19 +127,20 @@ impl Service {
 
     /// Moves a device to vfio-pci; the caller holds its lock. `strict` (Attach)
     /// requires the whole IOMMU group to be assignable now, not merely movable.
-    async fn bind_locked(&self, s: StoredDevice, strict: bool) -> Result<(DeviceView, DeviceView)> {
+    /// `force` overrides the soft blockers (the caller was authorized for it).
+    async fn bind_locked(
+        &self,
+        s: StoredDevice,
+        strict: bool,
+        force: bool,
+    ) -> Result<(DeviceView, DeviceView)> {
         let dev = self.present(&s).await?;
         let before = self.view(s.clone(), Some(dev.clone()));
         let on_vfio = placement(&s, Some(&dev)).on_vfio();
-        if dev.iommu_group.is_none() {
-            // Say which case it is: a VM without a virtual IOMMU, or bare metal.
-            let vm = self.door.virtual_machine().await.unwrap_or(false);
-            if let Some(b) = super::blockers::own(&dev, vm)
-                .into_iter()
-                .find(|b| b.code == "no-iommu")
-            {
-                return Err(hypeman_api::Error::NoIommu(b.message));
-            }
+        // Hard blockers (no IOMMU, a bridge): never, forced or not.
+        let vm = self.door.virtual_machine().await.unwrap_or(false);
+        if let Some(e) = super::blockers::hard_refusal(&dev, vm) {
+            return Err(e);
         }
         if strict || !on_vfio {
             // The group is read once, for both checks below.
@@ -146,14 +148,25 @@ impl Service {
             if !on_vfio {
                 // The host must not be using it: checked under the device's
                 // lock, right before the first write.
-                let soft: Vec<_> = super::blockers::of(&dev, &members, false)
+                let soft: Vec<_> = self
+                    .blockers_now(&dev, &members)
+                    .await?
                     .into_iter()
                     .filter(|b| !b.hard())
                     .collect();
                 if !soft.is_empty() {
-                    return Err(hypeman_api::Error::HostInUse(super::blockers::describe(
-                        &soft,
-                    )));
+                    let list = super::blockers::describe(&soft);
+                    if !force {
+                        return Err(hypeman_api::Error::HostInUse(list));
+                    }
+                    tracing::warn!(
+                        pci_address = %s.pci_address,
+                        device_id = %s.id,
+                        device_name = %s.name,
+                        overridden = %super::blockers::codes(&soft),
+                        blockers = %list,
+                        "forced: taking a device the host is using"
+                    );
                 }
             }
             // Scoped: a snapshot held across the changes below would make each
@@ -175,7 +188,10 @@ impl Service {
             d.original_driver = original.clone();
         })
         .await?;
-        match self.door.take(&dev).await {
+        let taken = self
+            .with_holder_stopped(dev.driver.as_deref(), &s, self.door.take(&dev))
+            .await;
+        match taken {
             Ok(after) => {
                 tracing::info!(
                     pci_address = %s.pci_address,
@@ -202,7 +218,7 @@ impl Service {
                     tracing::error!(pci_address = %s.pci_address, error = %se, "cannot record the failed bind");
                 }
                 tracing::warn!(pci_address = %s.pci_address, device_name = %s.name, error = %e, "bind failed");
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -225,11 +241,12 @@ impl Service {
         // Store first (keeping the original driver): a crash half way leaves a
         // record that the next start completes.
         self.modify(&s.id, |d| d.want_vfio = false).await?;
-        match self
-            .door
-            .give_back(&dev, s.original_driver.as_deref())
-            .await
-        {
+        let given = self.with_holder_stopped(
+            s.original_driver.as_deref(),
+            &s,
+            self.door.give_back(&dev, s.original_driver.as_deref()),
+        );
+        match given.await {
             Ok(after) => {
                 let stored = self.modify(&s.id, |d| d.original_driver = None).await?;
                 tracing::info!(
@@ -246,9 +263,53 @@ impl Service {
                     tracing::error!(pci_address = %s.pci_address, error = %se, "cannot record the failed unbind");
                 }
                 tracing::warn!(pci_address = %s.pci_address, device_name = %s.name, error = %e, "unbind failed");
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// Runs `step` (an unbind from `driver`, or a probe back to it) with the
+    /// service that holds `driver`'s devices stopped, and starts the service
+    /// again afterwards, whatever the step did: on success, after a rollback
+    /// and after a failure. Without such a service, just runs `step`.
+    async fn with_holder_stopped<T, E>(
+        &self,
+        driver: Option<&str>,
+        s: &StoredDevice,
+        step: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T>
+    where
+        hypeman_api::Error: From<E>,
+    {
+        let holder = match driver {
+            Some(d) => self.door.holder(d).await.unwrap_or_else(|e| {
+                tracing::warn!(driver = d, error = %e, "cannot ask systemd whether a service holds the driver's devices; going on");
+                None
+            }),
+            None => None,
+        };
+        let Some(holder) = holder else {
+            return Ok(step.await?);
+        };
+        tracing::info!(pci_address = %s.pci_address, device_name = %s.name, unit = %holder.unit, "stopping the service that holds the device");
+        if let Err(e) = self.door.set_unit(&holder.unit, false).await {
+            // It may have stopped partly: ask for it back, then refuse.
+            let _ = self.door.set_unit(&holder.unit, true).await;
+            return Err(hypeman_api::Error::Failed(format!(
+                "cannot stop {} before unbinding {}: {e}; nothing was changed",
+                holder.unit, s.pci_address
+            )));
+        }
+        let result = step.await;
+        match self.door.set_unit(&holder.unit, true).await {
+            Ok(()) => {
+                tracing::info!(pci_address = %s.pci_address, unit = %holder.unit, "service started again")
+            }
+            Err(e) => {
+                tracing::error!(pci_address = %s.pci_address, unit = %holder.unit, error = %e, "cannot start the service again; start it by hand")
+            }
+        }
+        Ok(result?)
     }
 
     /// Brings the host in line with the registry: a device that should be on
@@ -277,7 +338,7 @@ impl Service {
                     continue;
                 }
             }
-            if let Err(e) = self.reconcile_one(&Target(s.clone())).await {
+            if let Err(e) = self.reconcile_one(&Target(s.clone(), false)).await {
                 tracing::warn!(
                     pci_address = %s.pci_address,
                     device_id = %s.id,
@@ -304,7 +365,7 @@ impl Service {
                         driver = driver_text(view.driver()),
                         "device should be on vfio-pci: binding it again"
                     );
-                    self.bind_locked(s, false).await
+                    self.bind_locked(s, false, false).await
                 }
                 Needed::GiveBack => {
                     tracing::info!(

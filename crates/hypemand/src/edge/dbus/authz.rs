@@ -27,26 +27,39 @@ pub enum Method {
     Unbind,
     Attach,
     Detach,
+    /// Bind or Attach with `force`: overrides the soft blockers.
+    ForceBind,
+    ForceAttach,
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 8] = [
         Method::Register,
         Method::Delete,
         Method::Bind,
         Method::Unbind,
         Method::Attach,
         Method::Detach,
+        Method::ForceBind,
+        Method::ForceAttach,
     ];
 
-    /// The table: which polkit action each method needs.
-    pub const fn action(self) -> Action {
+    /// The table: which polkit actions each method needs, every one of them
+    /// granted, in this order.
+    pub const fn actions(self) -> &'static [Action] {
         match self {
-            Method::Register => Action::Register,
-            Method::Delete => Action::Delete,
-            Method::Bind | Method::Unbind => Action::Bind,
-            Method::Attach | Method::Detach => Action::Attach,
+            Method::Register => &[Action::Register],
+            Method::Delete => &[Action::Delete],
+            Method::Bind | Method::Unbind => &[Action::Bind],
+            Method::Attach | Method::Detach => &[Action::Attach],
+            Method::ForceBind => &[Action::Bind, Action::Force],
+            Method::ForceAttach => &[Action::Attach, Action::Force],
         }
+    }
+
+    /// Whether the method overrides soft blockers once authorized.
+    pub const fn forces(self) -> bool {
+        matches!(self, Method::ForceBind | Method::ForceAttach)
     }
 }
 
@@ -89,11 +102,15 @@ impl Authz {
             device_id: format!("{}:{}", d.vendor_id, d.device_id),
             name: d.name.clone(),
         };
-        self.bouncer(conn)
-            .await?
-            .check(header, method.action(), &details)
-            .await?;
-        Ok(target)
+        let bouncer = self.bouncer(conn).await?;
+        for action in method.actions() {
+            bouncer.check(header, *action, &details).await?;
+        }
+        Ok(if method.forces() {
+            target.forced()
+        } else {
+            target
+        })
     }
 
     /// Authorizes registering the host device at `pci_address` under `name`
@@ -120,7 +137,7 @@ impl Authz {
         };
         self.bouncer(conn)
             .await?
-            .check(header, Method::Register.action(), &details)
+            .check(header, Action::Register, &details)
             .await
     }
 }
@@ -134,12 +151,20 @@ mod tests {
     #[test]
     fn the_table_matches_the_policy() {
         let policy = include_str!("../../../../../polkit/org.hypeman.devices.policy");
-        let mut used: Vec<&str> = Method::ALL.iter().map(|m| m.action().id()).collect();
+        let mut used: Vec<&str> = Method::ALL
+            .iter()
+            .flat_map(|m| m.actions().iter().map(|a| a.id()))
+            .collect();
         used.sort();
         used.dedup();
         for id in &used {
             assert!(policy.contains(&format!("<action id=\"{id}\">")), "{id}");
         }
         assert_eq!(policy.matches("<action id=").count(), used.len());
+        // Force is never kept, and the example rule does not grant it.
+        let force = &policy[policy.find("org.hypeman.devices.force").unwrap()..];
+        assert!(!force.contains("auth_admin_keep"));
+        let rule = include_str!("../../../../../polkit/50-org.hypeman.devices.rules");
+        assert!(rule.contains("action.id !== \"org.hypeman.devices.force\""));
     }
 }

@@ -9,8 +9,11 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use hypeman_api::{Error, Record};
 use zbus::message::Header;
+use zbus::OwnedVariant as OwnedValue;
 use zbus::Variant as Value;
 use zbus::{fdo, interface, Connection};
 
@@ -149,6 +152,35 @@ impl DeviceObject {
         Ok(self.service.attach(&t, instance_id).await?.record())
     }
 
+    /// Bind, with options: `force` (b) overrides the soft blockers and needs
+    /// `org.hypeman.devices.force` as well.
+    async fn bind_with_options(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<Record, Error> {
+        super::expect_args(&header, "a{sv}")?;
+        let method = super::bind_method(&options)?;
+        let t = self.authz.device(conn, &header, method, &self.id).await?;
+        Ok(self.service.bind(&t).await?.record())
+    }
+
+    /// Attach, with options (as BindWithOptions).
+    async fn attach_with_options(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        instance_id: &str,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<Record, Error> {
+        super::expect_args(&header, "sa{sv}")?;
+        let method = super::attach_method(&options)?;
+        crate::store::registry::validate_instance_id(instance_id)?;
+        let t = self.authz.device(conn, &header, method, &self.id).await?;
+        Ok(self.service.attach(&t, instance_id).await?.record())
+    }
+
     /// Clears the attachment; the device stays on vfio-pci.
     async fn detach(
         &self,
@@ -235,6 +267,17 @@ impl DeviceObject {
     #[zbus(property)]
     async fn present(&self) -> fdo::Result<bool> {
         Ok(self.record().await?.present)
+    }
+
+    /// Why the host must keep this device (`code`, `message`,
+    /// `pci_address`), read from the host when asked: mounts, routes and
+    /// open nodes change without an event, so no change signal is sent.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn blockers(&self) -> fdo::Result<Vec<hypeman_api::Blocker>> {
+        self.service
+            .device_blockers(&self.id)
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

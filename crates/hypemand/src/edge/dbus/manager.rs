@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use hypeman_api::{Available, Error, Record};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
+use zbus::OwnedVariant as OwnedValue;
 use zbus::{interface, Connection, OwnedObjectPath};
 
 use super::authz::{Authz, Method};
@@ -150,6 +153,37 @@ impl Manager {
             .authz
             .device(conn, &header, Method::Attach, id_or_name)
             .await?;
+        Ok(self.service.attach(&t, instance_id).await?.record())
+    }
+
+    /// Bind, with options: `force` (b) overrides the soft blockers (the host
+    /// is using the device) and needs `org.hypeman.devices.force` as well.
+    async fn bind_with_options(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<Record, Error> {
+        super::expect_args(&header, "sa{sv}")?;
+        let method = super::bind_method(&options)?;
+        let t = self.authz.device(conn, &header, method, id_or_name).await?;
+        Ok(self.service.bind(&t).await?.record())
+    }
+
+    /// Attach, with options (as BindWithOptions).
+    async fn attach_with_options(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+        instance_id: &str,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<Record, Error> {
+        super::expect_args(&header, "ssa{sv}")?;
+        let method = super::attach_method(&options)?;
+        crate::store::registry::validate_instance_id(instance_id)?;
+        let t = self.authz.device(conn, &header, method, id_or_name).await?;
         Ok(self.service.attach(&t, instance_id).await?.record())
     }
 

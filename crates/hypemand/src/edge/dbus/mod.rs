@@ -46,6 +46,29 @@ pub fn expect_args(header: &zbus::message::Header<'_>, expected: &str) -> Result
     })
 }
 
+/// Bind's method for the authorization table, from its options: a forced
+/// Bind needs the force action too.
+pub fn bind_method(
+    options: &std::collections::HashMap<String, zbus::OwnedVariant>,
+) -> Result<authz::Method, Error> {
+    Ok(if hypeman_api::Options::from_dict(options)?.force {
+        authz::Method::ForceBind
+    } else {
+        authz::Method::Bind
+    })
+}
+
+/// Attach's method for the authorization table, from its options.
+pub fn attach_method(
+    options: &std::collections::HashMap<String, zbus::OwnedVariant>,
+) -> Result<authz::Method, Error> {
+    Ok(if hypeman_api::Options::from_dict(options)?.force {
+        authz::Method::ForceAttach
+    } else {
+        authz::Method::Attach
+    })
+}
+
 /// The object path of a device id.
 pub fn device_path(id: &str) -> Result<OwnedObjectPath, Error> {
     hypeman_api::device_path(id)

@@ -121,6 +121,8 @@ pub enum Action {
     Bind,
     /// Attach and Detach.
     Attach,
+    /// Overriding soft blockers, asked in addition to Bind or Attach.
+    Force,
 }
 
 impl Action {
@@ -130,6 +132,7 @@ impl Action {
             Action::Delete => "org.hypeman.devices.delete",
             Action::Bind => "org.hypeman.devices.bind",
             Action::Attach => "org.hypeman.devices.attach",
+            Action::Force => "org.hypeman.devices.force",
         }
     }
 }
@@ -462,6 +465,7 @@ fn verb(action: Action) -> &'static str {
         Action::Delete => "delete",
         Action::Bind => "bind or unbind",
         Action::Attach => "attach or detach",
+        Action::Force => "force taking",
     }
 }
 

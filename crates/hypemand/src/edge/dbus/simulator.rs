@@ -73,6 +73,21 @@ impl Simulator {
             .map_err(|e| fdo::Error::Failed(e.to_string()))
     }
 
+    /// Every write attempted on the simulated kernel and every service
+    /// stopped or started, oldest first (`unbind 0000:01:00.0 0000:01:00.0`,
+    /// `stop nvidia-persistenced.service`).
+    async fn journal(&self) -> Vec<String> {
+        self.sim.journal()
+    }
+
+    /// Whether a declared service is active.
+    async fn unit_active(&self, unit: &str) -> fdo::Result<bool> {
+        self.sim
+            .unit(unit)
+            .map(|(active, _)| active)
+            .ok_or_else(|| fdo::Error::InvalidArgs(format!("no service {unit:?} is declared")))
+    }
+
     /// Removes every injected fault and releases stalled writes.
     async fn clear_faults(&self) {
         self.sim.clear_faults();

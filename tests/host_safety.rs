@@ -1,0 +1,331 @@
+//! End to end, issue 14: the daemon never takes a device the host is using.
+//!
+//! One simulated fixture per blocker: Bind and Attach are refused with
+//! `HostInUse` naming it, and the simulated kernel records zero writes. Then
+//! forcing (as root, whom the daemon lets through without polkitd; the polkit
+//! rules themselves are in tests/polkit.rs), nvidia-persistenced stopped and
+//! started around the driver moves, and the real backend on a host root laid
+//! out as the kernel lays it out.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const HEADER: &str = r#"
+[[driver]]
+name = "nvidia"
+ids = ["10de:*"]
+[[driver]]
+name = "nvme"
+ids = ["144d:a80a"]
+[[driver]]
+name = "igc"
+ids = ["8086:15f3"]
+[[driver]]
+name = "i915"
+ids = ["8086:a780"]
+[[driver]]
+name = "vfio-pci"
+"#;
+
+fn device(addr: &str, ids: (&str, &str, &str), driver: &str, group: u32) -> String {
+    format!(
+        "[[device]]\naddress = \"{addr}\"\nvendor = \"{}\"\ndevice = \"{}\"\nclass = \"{}\"\niommu_group = {group}\ndriver = \"{driver}\"\n",
+        ids.0, ids.1, ids.2
+    )
+}
+
+const GPU: (&str, &str, &str) = ("10de", "2684", "030000");
+const NVME: (&str, &str, &str) = ("144d", "a80a", "010802");
+const NIC: (&str, &str, &str) = ("8086", "15f3", "020000");
+
+/// Starts a daemon on a fixture written from `text`.
+fn on_host(bus: &TestBus, state: &std::path::Path, text: &str) -> Daemon {
+    let host = state.join("host.toml");
+    std::fs::write(&host, format!("{HEADER}{text}")).unwrap();
+    Daemon::start(bus, state, &["--simulate", host.to_str().unwrap()])
+}
+
+fn call_error(bus: &TestBus, method: &str, args: &[&str]) -> (String, String) {
+    let out = bus.gdbus_call(PATH, &format!("{IFACE}.{method}"), args);
+    assert!(!out.status.success(), "{method} {args:?} succeeded");
+    (
+        gdbus_error_name(&out),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn blockers_of(bus: &TestBus, addr: &str) -> Vec<(String, String)> {
+    let all = bus.manager("ListAvailable", &[]).unwrap();
+    let row = all[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pci_address"]["data"] == addr)
+        .unwrap_or_else(|| panic!("{addr} not listed"))
+        .clone();
+    assert_eq!(
+        row["passable"]["data"],
+        row["blockers"]["data"].as_array().unwrap().is_empty()
+    );
+    row["blockers"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["code"]["data"].as_str().unwrap().to_string(),
+                b["message"]["data"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn each_blocker_refuses_bind_and_attach_without_a_write() {
+    let target = "0000:01:00.0";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "boot-vga",
+            device(target, ("8086", "a780", "030000"), "i915", 1) + "boot_vga = true\n",
+            "is the boot display",
+        ),
+        (
+            "mounted",
+            device(target, NVME, "nvme", 1)
+                + "[[device.block]]\nname = \"nvme0n1p2\"\nmounts = [\"/\", \"/home\"]\n",
+            "/dev/nvme0n1p2 is mounted on /, /home",
+        ),
+        (
+            "mounted",
+            device(target, NVME, "nvme", 1)
+                + "[[device.block]]\nname = \"dm-1\"\nswap = true\n",
+            "/dev/dm-1 is active swap",
+        ),
+        (
+            "network-active",
+            device(target, NIC, "igc", 1)
+                + "[[device.interface]]\nname = \"enp1s0\"\nup = true\nroutes = [\"default\"]\n",
+            "network interface enp1s0 is up and carries routes",
+        ),
+        (
+            "open-by",
+            device(target, GPU, "nvidia", 1)
+                + "[[device.open_by]]\npid = 4242\ncomm = \"blender\"\nnode = \"/dev/dri/renderD128\"\n",
+            "/dev/dri/renderD128 is open by process 4242 (blender)",
+        ),
+        (
+            "group",
+            device(target, GPU, "nvidia", 1)
+                + &device("0000:01:00.1", NVME, "nvme", 1)
+                + "[[device.block]]\nname = \"nvme1n1\"\nmounts = [\"/data\"]\n",
+            "shares IOMMU group 1 with 0000:01:00.1",
+        ),
+    ];
+    for (code, text, says) in cases {
+        let bus = TestBus::start_sim();
+        let state = tempfile::tempdir().unwrap();
+        let _d = on_host(&bus, state.path(), &text);
+        let blockers = blockers_of(&bus, target);
+        assert_eq!(blockers.len(), 1, "{code}: {blockers:?}");
+        assert_eq!(blockers[0].0, code);
+        assert!(blockers[0].1.contains(says), "{code}: {blockers:?}");
+        // Soft blockers do not stop a registration, only a move.
+        bus.manager("Register", &["ss", target, "dev"]).unwrap();
+        for (method, args) in [("Bind", &["dev"][..]), ("Attach", &["dev", "vm-1"])] {
+            let (name, text) = call_error(&bus, method, args);
+            assert_eq!(
+                name, "org.hypeman.Devices.Error.HostInUse",
+                "{code} {method}"
+            );
+            assert!(text.contains(&format!("[{code}]")), "{text}");
+            assert!(text.contains(says), "{text}");
+        }
+        assert_eq!(bus.writes(), Vec::<String>::new(), "{code}");
+        // The device object says the same.
+        let got = bus.hypemanctl(&["get", "dev"]);
+        let out = String::from_utf8_lossy(&got.stdout);
+        assert!(
+            out.contains(&format!("[{code}]")) && out.contains(says),
+            "{out}"
+        );
+    }
+}
+
+/// Register refuses the hard blockers with typed errors, so every record has
+/// an IOMMU group; forcing never overrides them.
+#[test]
+fn register_refuses_bridges_and_forcing_cannot_help() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let (name, text) = call_error(&bus, "Register", &["0000:00:01.0", "port"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.NotPassable");
+    assert!(text.contains("is a PCI bridge"), "{text}");
+    assert_eq!(bus.manager("List", &[]).unwrap()[0], serde_json::json!([]));
+    assert_eq!(bus.writes(), Vec::<String>::new());
+}
+
+/// `--force` (BindWithOptions / AttachWithOptions with force) overrides the
+/// soft blockers, and says so in the log; unknown options are refused.
+#[test]
+fn forcing_overrides_soft_blockers_and_is_logged() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    bus.manager("Register", &["ss", "0000:03:00.0", "data"])
+        .unwrap();
+    let (name, _) = call_error(&bus, "BindWithOptions", &["data", "{'forse': <true>}"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.InvalidArgument");
+    let (name, _) = call_error(&bus, "BindWithOptions", &["data", "{'force': <1>}"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.InvalidArgument");
+    // Without force: refused, as Bind.
+    let (name, _) = call_error(&bus, "BindWithOptions", &["data", "{}"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.HostInUse");
+    assert_eq!(bus.writes(), Vec::<String>::new());
+
+    let out = bus.hypemanctl(&["--json", "attach", "data", "vm-1", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["bound_to_vfio"], true);
+    assert_eq!(doc["attached_to"], "vm-1");
+    assert!(!bus.writes().is_empty());
+    wait_until(|| {
+        d.log()
+            .contains("forced: taking a device the host is using")
+    });
+    let line = d
+        .log()
+        .lines()
+        .find(|l| l.contains("forced: taking"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("overridden=open-by"), "{line}");
+    assert!(line.contains("WARN"), "{line}");
+}
+
+/// nvidia-persistenced holds the GPU: the daemon stops it through the service
+/// manager before unbinding from nvidia, and starts it again afterwards, on
+/// success and after a failed Bind. (Without the stop, the simulated unbind
+/// waits for the service, as the kernel's does, past the deadline.)
+#[test]
+fn persistenced_is_stopped_and_started_around_the_moves() {
+    const UNIT: &str = "nvidia-persistenced.service";
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &[
+            "--simulate",
+            fixture("workstation.toml").to_str().unwrap(),
+            "--sysfs-timeout",
+            "30",
+        ],
+    );
+    bus.manager("Register", &["ss", "0000:01:00.0", "rtx"])
+        .unwrap();
+    bus.manager("Register", &["ss", "0000:01:00.1", "rtx-audio"])
+        .unwrap();
+    let around = |journal: &[String], step: &str| {
+        let at = |e: &str| {
+            journal
+                .iter()
+                .position(|j| j == e)
+                .unwrap_or_else(|| panic!("{e} not in {journal:?}"))
+        };
+        let (stop, start) = (at(&format!("stop {UNIT}")), at(&format!("start {UNIT}")));
+        let s = journal
+            .iter()
+            .position(|j| j.starts_with(step))
+            .unwrap_or_else(|| panic!("{step} not in {journal:?}"));
+        assert!(stop < s && s < start, "{journal:?}");
+    };
+
+    bus.manager("Bind", &["s", "rtx"]).unwrap();
+    let journal = bus.journal();
+    around(&journal, "unbind 0000:01:00.0");
+    assert!(bus.unit_active(UNIT));
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+
+    let mark = bus.journal().len();
+    bus.manager("Unbind", &["s", "rtx"]).unwrap();
+    around(&bus.journal()[mark..], "probe 0000:01:00.0");
+    assert!(bus.unit_active(UNIT));
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
+
+    // A Bind that fails at the probe is rolled back to nvidia, and the
+    // service is started again all the same.
+    bus.inject("probe", "0000:01:00.0", "EIO");
+    let mark = bus.journal().len();
+    let (name, _) = call_error(&bus, "Bind", &["rtx"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.BindFailed");
+    around(&bus.journal()[mark..], "unbind 0000:01:00.0");
+    assert!(bus.unit_active(UNIT));
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
+}
+
+/// The real backend on a temporary host root laid out as the kernel lays out
+/// /sys and /proc (tests/data/host-root.sh): ListAvailable's blockers are
+/// exact, and Bind refuses the mounted drive without writing.
+#[test]
+fn the_real_backend_reads_the_host_root() {
+    let host_root = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("bash")
+        .arg(root().join("tests/data/host-root.sh"))
+        .arg(host_root.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--host-root", host_root.path().to_str().unwrap()],
+    );
+    let codes = |addr: &str| -> Vec<String> {
+        blockers_of(&bus, addr)
+            .into_iter()
+            .map(|(c, m)| format!("{c}: {m}"))
+            .collect()
+    };
+    assert_eq!(
+        codes("0000:02:00.0"),
+        [
+            "mounted: 0000:02:00.0: /dev/dm-0 is mounted on /home dir",
+            "mounted: 0000:02:00.0: /dev/nvme0n1p1 is mounted on /srv",
+            "mounted: 0000:02:00.0: /dev/nvme0n1p2 is mounted on /",
+            "mounted: 0000:02:00.0: /dev/dm-1 is active swap",
+        ]
+    );
+    assert_eq!(
+        codes("0000:05:00.0"),
+        ["network-active: 0000:05:00.0: network interface enp5s0 is up and carries routes"]
+    );
+    assert_eq!(
+        codes("0000:01:00.0"),
+        ["open-by: 0000:01:00.0: /dev/dri/card1 is open by process 812 (Xorg)"]
+    );
+    assert_eq!(
+        codes("0000:00:1d.0"),
+        ["bridge: 0000:00:1d.0 is a PCI bridge: bridges stay with the host (vfio-pci refuses them)"]
+    );
+    assert!(codes("0000:06:00.0").is_empty());
+    assert!(codes("0000:07:00.0").is_empty());
+
+    bus.manager("Register", &["ss", "0000:02:00.0", "system"])
+        .unwrap();
+    let override_file = host_root
+        .path()
+        .join("sys/bus/pci/devices/0000:02:00.0/driver_override");
+    let (name, _) = call_error(&bus, "Bind", &["system"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.HostInUse");
+    assert_eq!(std::fs::read_to_string(override_file).unwrap(), "(null)\n");
+}
