@@ -48,6 +48,9 @@ pub enum Key {
     Write(PciAddress),
     /// A call about the host as a whole (enumeration, an IOMMU group, drivers).
     Host,
+    /// The walk of /proc for how the host uses its devices: kept apart from
+    /// [`Key::Host`], so a stuck walk does not hold up sysfs enumeration.
+    Usage,
 }
 
 impl std::fmt::Display for Key {
@@ -55,6 +58,7 @@ impl std::fmt::Display for Key {
         match self {
             Key::Device(a) | Key::Write(a) => write!(f, "{a}"),
             Key::Host => f.write_str("the host's PCI devices"),
+            Key::Usage => f.write_str("the host's use of its devices (/proc)"),
         }
     }
 }
@@ -221,7 +225,7 @@ impl Door {
 
     /// How the host uses each of `addresses` (one walk of /proc for all).
     pub async fn usage(&self, addresses: Vec<PciAddress>) -> Result<Usage, StepError> {
-        self.call(Key::Host, move |h, _| Ok(h.usage(&addresses)))
+        self.call(Key::Usage, move |h, _| Ok(h.usage(&addresses)))
             .await
     }
 
