@@ -30,6 +30,7 @@ INSTALLED = \
 	$(LIBEXECDIR)/hypemand \
 	$(BINDIR)/hypemanctl \
 	$(UNITDIR)/hypemand.service \
+	$(UNITDIR)/hypemand-api.socket \
 	$(DBUSCONFDIR)/org.hypeman.Devices.conf \
 	$(DBUSSERVICEDIR)/org.hypeman.Devices.service \
 	$(POLKITACTIONDIR)/org.hypeman.devices.policy \
@@ -56,6 +57,7 @@ install:
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSSERVICEDIR)
 	sed 's|/usr/libexec/hypemand|$(LIBEXECDIR)/hypemand|' systemd/hypemand.service > $(DESTDIR)$(UNITDIR)/hypemand.service
 	sed 's|/usr/libexec/hypemand|$(LIBEXECDIR)/hypemand|' dbus/org.hypeman.Devices.service > $(DESTDIR)$(DBUSSERVICEDIR)/org.hypeman.Devices.service
+	install -m644 systemd/hypemand-api.socket $(DESTDIR)$(UNITDIR)/hypemand-api.socket
 	chmod 644 $(DESTDIR)$(UNITDIR)/hypemand.service $(DESTDIR)$(DBUSSERVICEDIR)/org.hypeman.Devices.service
 	install -Dm644 dbus/org.hypeman.Devices.conf $(DESTDIR)$(DBUSCONFDIR)/org.hypeman.Devices.conf
 	install -Dm644 polkit/org.hypeman.devices.policy $(DESTDIR)$(POLKITACTIONDIR)/org.hypeman.devices.policy

@@ -25,6 +25,7 @@ for path in \
   ./usr/libexec/hypemand \
   ./usr/bin/hypemanctl \
   ./usr/lib/systemd/system/hypemand.service \
+  ./usr/lib/systemd/system/hypemand-api.socket \
   ./usr/share/dbus-1/system.d/org.hypeman.Devices.conf \
   ./usr/share/dbus-1/system-services/org.hypeman.Devices.service \
   ./usr/share/polkit-1/actions/org.hypeman.devices.policy \

@@ -17,43 +17,6 @@ use std::process::Command;
 use common::*;
 use serde_json::{json, Value};
 
-/// The SDK version the documents are checked against.
-const SDK: &str = "hypeman==0.28.0";
-
-/// A virtualenv with the SDK, made once per target directory.
-fn sdk_python() -> PathBuf {
-    let dir = root().join("target/sdk-venv");
-    let python = dir.join("bin/python");
-    let ready = dir.join(".ready");
-    if ready.exists() {
-        return python;
-    }
-    let st = Command::new("/usr/bin/python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&dir)
-        .status()
-        .expect("python3 -m venv (apt-get install python3-venv)");
-    assert!(st.success(), "creating the virtualenv failed");
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            SDK,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pip install {SDK} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&ready, SDK).unwrap();
-    python
-}
-
 struct Docs(std::fs::File, usize);
 
 impl Docs {

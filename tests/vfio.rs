@@ -443,26 +443,8 @@ fn property_changes_are_signalled() {
     let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
     let data = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
     let path = data[0].as_str().unwrap().to_string();
-    let out_path = bus.dir.path().join("monitor.txt");
-    let out = std::fs::File::create(&out_path).unwrap();
-    let _monitor = Proc {
-        child: std::process::Command::new("gdbus")
-            .args([
-                "monitor",
-                "--address",
-                &bus.address,
-                "--dest",
-                NAME,
-                "--object-path",
-                &path,
-            ])
-            .stdout(out)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
+    let (_monitor, out_path) = bus.monitor(&path);
     let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
-    wait_until(|| read().contains("is owned by"));
 
     bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
     bus.manager("Get", &["s", "l4-gpu"]).unwrap(); // a read changes nothing

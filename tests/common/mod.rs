@@ -317,6 +317,39 @@ impl TestBus {
             .expect("gdbus must be installed (apt-get install libglib2.0-bin)")
     }
 
+    /// `gdbus monitor` of one object, writing into a file, started and
+    /// watching (it has printed that the name is owned) when this returns;
+    /// stopped by pid when the guard drops.
+    pub fn monitor(&self, path: &str) -> (Proc, PathBuf) {
+        let out_path = self.dir.path().join(format!(
+            "monitor-{}.txt",
+            path.rsplit('/').next().unwrap_or("root")
+        ));
+        let out = std::fs::File::create(&out_path).expect("monitor file");
+        let proc = Proc {
+            child: Command::new("gdbus")
+                .args([
+                    "monitor",
+                    "--address",
+                    &self.address,
+                    "--dest",
+                    NAME,
+                    "--object-path",
+                    path,
+                ])
+                .stdout(out)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("gdbus monitor"),
+        };
+        wait_until(|| {
+            std::fs::read_to_string(&out_path)
+                .unwrap_or_default()
+                .contains("is owned by")
+        });
+        (proc, out_path)
+    }
+
     /// Runs the real `hypemanctl` against this bus.
     pub fn hypemanctl(&self, args: &[&str]) -> Output {
         Command::new(bin("hypemanctl"))
@@ -593,4 +626,52 @@ pub fn as_user(user: &str, program: &str) -> Command {
         program,
     ]);
     cmd
+}
+
+/// The official SDK the REST and document tests check against.
+pub const SDK: &str = "hypeman==0.28.0";
+
+/// A virtualenv with the official hypeman SDK from PyPI, made once per
+/// target directory: built under a name of its own, then renamed into place,
+/// so test binaries running at once never see a half-made one.
+pub fn sdk_python() -> PathBuf {
+    let dir = root().join("target/sdk-venv");
+    let python = dir.join("bin/python");
+    if dir.join(".ready").exists() {
+        return python;
+    }
+    let mine = root().join(format!("target/sdk-venv.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&mine);
+    let st = Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&mine)
+        .status()
+        .expect("python3 -m venv (apt-get install python3-venv)");
+    assert!(st.success(), "creating the virtualenv failed");
+    let out = Command::new(mine.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            SDK,
+        ])
+        .output()
+        .expect("pip");
+    assert!(
+        out.status.success(),
+        "pip install {SDK} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(mine.join(".ready"), SDK).unwrap();
+    if dir.exists() && !dir.join(".ready").exists() {
+        let _ = std::fs::remove_dir_all(&dir); // left by a killed run
+    }
+    if std::fs::rename(&mine, &dir).is_err() {
+        // Another test made it first.
+        let _ = std::fs::remove_dir_all(&mine);
+    }
+    assert!(dir.join(".ready").exists());
+    python
 }

@@ -6,6 +6,7 @@
 //! - [`bus`]: which bus to use (`--bus system|session|ADDRESS`);
 //! - [`names`]: the bus name, object paths and interface names;
 //! - [`options`]: the options dictionary of BindWithOptions/AttachWithOptions;
+//! - [`request`]: the seed's create request (JSON and `a{sv}`);
 //! - [`record`]: the device record and the available-device dictionary, with the
 //!   seed's JSON documents;
 //! - [`error`]: every error name, once, for the daemon's replies and the
@@ -18,9 +19,11 @@ pub mod names;
 pub mod options;
 pub mod proxy;
 pub mod record;
+pub mod request;
 
 pub use bus::BusChoice;
 pub use error::Error;
 pub use names::*;
 pub use options::Options;
 pub use record::{Available, Blocker, Record};
+pub use request::CreateRequest;

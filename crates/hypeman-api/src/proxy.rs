@@ -14,7 +14,21 @@ use crate::record::{Available, Record};
 )]
 pub trait Devices {
     fn register(&self, pci_address: &str, name: &str) -> Result<(OwnedObjectPath, Record), Error>;
+    fn create(
+        &self,
+        request: std::collections::HashMap<&str, zbus::Variant<'_>>,
+    ) -> Result<(OwnedObjectPath, Record), Error>;
     fn list(&self) -> Result<Vec<Record>, Error>;
+    fn list_by_tags(
+        &self,
+        tags: std::collections::HashMap<&str, &str>,
+    ) -> Result<Vec<Record>, Error>;
+    fn set_tags(
+        &self,
+        id_or_name: &str,
+        set: std::collections::HashMap<&str, &str>,
+        remove: &[&str],
+    ) -> Result<Record, Error>;
     fn get(&self, id_or_name: &str) -> Result<Record, Error>;
     fn delete(&self, id_or_name: &str) -> Result<(), Error>;
     fn list_available(&self) -> Result<Vec<Available>, Error>;
@@ -70,6 +84,8 @@ pub trait Device {
     fn iommu_group(&self) -> zbus::Result<i64>;
     #[zbus(property)]
     fn numa_node(&self) -> zbus::Result<i64>;
+    #[zbus(property)]
+    fn tags(&self) -> zbus::Result<std::collections::HashMap<String, String>>;
     /// Why the host must keep it, read when asked (no change signal).
     #[zbus(property)]
     fn blockers(&self) -> zbus::Result<Vec<crate::record::Blocker>>;

@@ -31,6 +31,8 @@ pub struct Record {
     /// The NUMA node the device is attached to; absent when the platform has
     /// none (sysfs says -1) or the device is unplugged.
     pub numa_node: Option<i64>,
+    /// User-defined labels (issue 15): `a{ss}`, empty when none.
+    pub tags: std::collections::HashMap<String, String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`
@@ -82,6 +84,9 @@ pub struct SeedDevice<'a> {
     pub vendor_id: &'a str,
     pub attached_to: Option<&'a str>,
     pub name: &'a str,
+    /// Present when the device has tags, as Hypeman's `tags`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<std::collections::BTreeMap<&'a str, &'a str>>,
 }
 
 /// The original API's available-device document (absent values left out).
@@ -118,6 +123,12 @@ impl Record {
             vendor_id: &self.vendor_id,
             attached_to: self.attached_to.as_deref(),
             name: &self.name,
+            tags: (!self.tags.is_empty()).then(|| {
+                self.tags
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect()
+            }),
         }
     }
 }

@@ -34,9 +34,26 @@ pub enum CtlCommand {
         /// Name for the device [default: pci-<address>]
         #[arg(long)]
         name: Option<String>,
+        /// A tag, KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
     },
     /// List registered devices.
-    List,
+    List {
+        /// Only devices with this tag, KEY=VALUE (repeatable: every one must match).
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Set or remove a device's tags.
+    Tag {
+        id_or_name: String,
+        /// Tags to set, KEY=VALUE.
+        #[arg(value_name = "KEY=VALUE", value_parser = parse_tag)]
+        set: Vec<(String, String)>,
+        /// A tag key to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
     /// Show one registered device.
     Get { id_or_name: String },
     /// Unregister a device (gives it back to its driver first if hypemand took it).
@@ -81,6 +98,14 @@ pub enum CtlCommand {
     /// Write shell completions and man pages into a directory (used by make install).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+}
+
+/// `KEY=VALUE` (the value may be empty or contain `=`).
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 /// Writes bash, zsh and fish completions and the man page of hypemanctl into

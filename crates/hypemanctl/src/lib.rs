@@ -103,6 +103,33 @@ impl Client {
         Ok(r)
     }
 
+    /// Registers from the seed's create request (with tags).
+    pub async fn create(
+        &self,
+        request: &hypeman_api::CreateRequest,
+    ) -> Result<Record, ClientError> {
+        let (_, r): (OwnedObjectPath, Record) = self.call("Create", &(request.to_dict(),)).await?;
+        Ok(r)
+    }
+
+    /// The devices carrying every pair of `tags`.
+    pub async fn list_by_tags(
+        &self,
+        tags: &std::collections::HashMap<String, String>,
+    ) -> Result<Vec<Record>, ClientError> {
+        self.call("ListByTags", &(tags,)).await
+    }
+
+    /// Sets `set` and removes `remove` on a device's tags.
+    pub async fn set_tags(
+        &self,
+        id_or_name: &str,
+        set: &std::collections::HashMap<String, String>,
+        remove: &[String],
+    ) -> Result<Record, ClientError> {
+        self.call("SetTags", &(id_or_name, set, remove)).await
+    }
+
     pub async fn list(&self) -> Result<Vec<Record>, ClientError> {
         self.call("List", &()).await
     }

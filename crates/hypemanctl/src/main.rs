@@ -61,17 +61,51 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         .allow_interactive(interactive);
     let json = args.json;
     match args.command {
-        CtlCommand::Register { pci_address, name } => {
-            let d = client
-                .register(&pci_address, name.as_deref().unwrap_or(""))
-                .await?;
+        CtlCommand::Register {
+            pci_address,
+            name,
+            tags,
+        } => {
+            let d = if tags.is_empty() {
+                client
+                    .register(&pci_address, name.as_deref().unwrap_or(""))
+                    .await?
+            } else {
+                let request = hypeman_api::CreateRequest {
+                    pci_address,
+                    name,
+                    tags: tags.into_iter().collect(),
+                };
+                client.create(&request).await?
+            };
             print_devices(&[d], json, true);
         }
-        CtlCommand::List => print_devices(&client.list().await?, json, false),
+        CtlCommand::List { tags } if tags.is_empty() => {
+            print_devices(&client.list().await?, json, false)
+        }
+        CtlCommand::List { tags } => print_devices(
+            &client.list_by_tags(&tags.into_iter().collect()).await?,
+            json,
+            false,
+        ),
+        CtlCommand::Tag {
+            id_or_name,
+            set,
+            remove,
+        } => {
+            let d = client
+                .set_tags(&id_or_name, &set.into_iter().collect(), &remove)
+                .await?;
+            print_devices(std::slice::from_ref(&d), json, true);
+            if !json {
+                print_tags(&d);
+            }
+        }
         CtlCommand::Get { id_or_name } => {
             let d = client.get(&id_or_name).await?;
             print_devices(std::slice::from_ref(&d), json, true);
             if !json {
+                print_tags(&d);
                 print_blockers(&client.blockers(&d.id).await?);
             }
         }
@@ -183,6 +217,16 @@ fn print_devices(devices: &[Record], json: bool, single: bool) {
 
 fn or_dash(v: Option<i64>) -> String {
     v.map_or_else(|| "-".into(), |g| g.to_string())
+}
+
+/// `tags: k=v, k=v` (sorted), when the device has any.
+fn print_tags(d: &Record) {
+    if d.tags.is_empty() {
+        return;
+    }
+    let mut pairs: Vec<String> = d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    println!("tags: {}", pairs.join(", "));
 }
 
 /// `code`: message lines, one per blocker.

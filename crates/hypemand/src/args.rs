@@ -31,6 +31,10 @@ pub struct DaemonArgs {
     /// daemon restart is not a reboot (delete the file to reboot).
     #[arg(long, value_name = "FILE", requires = "simulate")]
     pub simulate_state: Option<PathBuf>,
+    /// Serve Hypeman's /devices REST API on this unix socket ("none": do not)
+    /// [default: /run/hypeman/devices.sock on the system bus, else none]
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Deadline of each sysfs operation, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub sysfs_timeout: f64,

@@ -22,6 +22,8 @@ pub struct Options {
     pub sysfs_root: PathBuf,
     /// procfs, for how the host uses its devices.
     pub proc_root: PathBuf,
+    /// Where Hypeman's REST API is served (systemd's socket wins); none: not.
+    pub api_socket: Option<PathBuf>,
     pub simulate: Option<PathBuf>,
     /// With `simulate`: where the simulated kernel keeps its state between
     /// daemon runs (absent: every start is a fresh boot).
@@ -46,6 +48,8 @@ pub enum DaemonError {
     Fixture(#[from] FixtureError),
     #[error(transparent)]
     Bus(#[from] ServeError),
+    #[error(transparent)]
+    Api(#[from] crate::edge::rest::SocketError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -58,6 +62,7 @@ pub mod exit {
     pub const NAME_TAKEN: u8 = 4;
     pub const BUS: u8 = 5;
     pub const HOST: u8 = 6;
+    pub const API: u8 = 7;
 }
 
 impl DaemonError {
@@ -67,6 +72,7 @@ impl DaemonError {
             DaemonError::Fixture(_) => exit::HOST,
             DaemonError::Bus(ServeError::NameTaken) => exit::NAME_TAKEN,
             DaemonError::Bus(_) => exit::BUS,
+            DaemonError::Api(_) => exit::API,
             DaemonError::Signals(_) => exit::FAILURE,
         }
     }
@@ -160,7 +166,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(DaemonError::Signals)?;
 
-    let conn = bus::serve(service.clone(), &opts.bus, sim).await?;
+    // The API socket before the bus name: a daemon that cannot serve what it
+    // was told to fails before it takes the name.
+    let api_socket = match &opts.api_socket {
+        Some(path) => Some(crate::edge::rest::listen(path)?),
+        None => None,
+    };
+    let (conn, authz) = bus::serve(service.clone(), &opts.bus, sim).await?;
+    let api_created = api_socket.as_ref().and_then(|l| l.created.clone());
+    let _api = api_socket.map(|l| {
+        let api = crate::edge::rest::Api::new(service.clone(), authz.clone(), conn.clone());
+        AbortOnDrop(tokio::spawn(crate::edge::rest::serve(l.listener, api)))
+    });
     let summary = service.summary();
     tracing::info!(name = hypeman_api::BUS_NAME, status = %summary, "ready");
     systemd::ready(&summary);
@@ -178,5 +195,17 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     if let Err(e) = conn.release_name(hypeman_api::BUS_NAME).await {
         tracing::warn!(error = %e, "could not release the bus name");
     }
+    if let Some(path) = api_created {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
+}
+
+/// A task stopped when its handle goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

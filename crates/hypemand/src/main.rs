@@ -75,6 +75,7 @@ fn main() -> ExitCode {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("/var/lib/hypeman"))
     });
+    let system_bus = matches!(args.bus, hypeman_api::BusChoice::System);
     let opts = Options {
         bus: args.bus,
         state_dir,
@@ -82,6 +83,12 @@ fn main() -> ExitCode {
             .sysfs_root
             .unwrap_or_else(|| args.host_root.join("sys")),
         proc_root: args.host_root.join("proc"),
+        api_socket: match args.api_socket {
+            Some(p) if p.as_os_str() == "none" => None,
+            Some(p) => Some(p),
+            None if system_bus => Some(PathBuf::from("/run/hypeman/devices.sock")),
+            None => None,
+        },
         simulate: args.simulate,
         simulate_state: args.simulate_state,
         sysfs_timeout: std::time::Duration::from_secs_f64(args.sysfs_timeout),

@@ -21,7 +21,9 @@ impl From<ValidationError> for Error {
     fn from(e: ValidationError) -> Self {
         match e {
             ValidationError::Name(_) => Error::InvalidName(e.to_string()),
-            ValidationError::InstanceId(_) => Error::InvalidArgument(e.to_string()),
+            ValidationError::InstanceId(_) | ValidationError::Tags(_) => {
+                Error::InvalidArgument(e.to_string())
+            }
         }
     }
 }

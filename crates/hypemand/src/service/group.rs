@@ -104,8 +104,12 @@ mod tests {
     async fn a_group_goes_to_one_instance() {
         let f = service_on(&example("desktop.toml"), Duration::from_secs(5));
         let s = &f.service;
-        s.register("0000:01:00.0", "gpu").await.unwrap();
-        s.register("0000:01:00.1", "audio").await.unwrap();
+        s.register("0000:01:00.0", "gpu", Default::default())
+            .await
+            .unwrap();
+        s.register("0000:01:00.1", "audio", Default::default())
+            .await
+            .unwrap();
         let (gpu, audio) = (s.resolve("gpu").unwrap(), s.resolve("audio").unwrap());
         s.bind(&audio).await.unwrap();
         s.attach(&gpu, "vm-1").await.unwrap();

@@ -83,6 +83,7 @@ impl DeviceView {
             vendor_name: self.vendor_name.clone(),
             device_name: self.device_name.clone(),
             numa_node: self.live.as_ref().and_then(|l| l.numa_node).map(i64::from),
+            tags: s.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 }

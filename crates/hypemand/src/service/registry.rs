@@ -8,7 +8,11 @@ use super::placement::placement;
 use super::{AvailableView, DeviceView, Service, Target};
 use crate::host::HostDevice;
 use crate::pci::{DeviceType, PciAddress};
-use crate::store::registry::{new_device_id, now_rfc3339, validate_name};
+use std::collections::BTreeMap;
+
+use crate::store::registry::{
+    new_device_id, now_rfc3339, tags_match, validate_name, validate_tags,
+};
 use crate::store::{Change, StoredDevice};
 
 fn require_key(id_or_name: &str) -> Result<()> {
@@ -53,11 +57,17 @@ impl Service {
     }
 
     /// `Register`: sets a host device aside under a new id and a unique name.
-    pub async fn register(&self, pci_address: &str, name: &str) -> Result<DeviceView> {
+    pub async fn register(
+        &self,
+        pci_address: &str,
+        name: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<DeviceView> {
         let address = PciAddress::parse(pci_address)?;
         if !name.is_empty() {
             validate_name(name)?;
         }
+        validate_tags(&tags)?;
         let host = self
             .live(address)
             .await?
@@ -85,6 +95,7 @@ impl Service {
             attached_to: None,
             original_driver: None,
             want_vfio: false,
+            tags,
         };
 
         let _gate = self.gate().await;
@@ -106,7 +117,17 @@ impl Service {
 
     /// `List`: every registered device with its live state, read in one go.
     pub async fn list(&self) -> Result<Vec<DeviceView>> {
-        let stored: Vec<StoredDevice> = self.snapshot().iter().cloned().collect();
+        self.list_tagged(&BTreeMap::new()).await
+    }
+
+    /// `ListByTags`: the registered devices carrying every pair of `filter`.
+    pub async fn list_tagged(&self, filter: &BTreeMap<String, String>) -> Result<Vec<DeviceView>> {
+        let stored: Vec<StoredDevice> = self
+            .snapshot()
+            .iter()
+            .filter(|d| tags_match(&d.tags, filter))
+            .cloned()
+            .collect();
         let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
         let what = "cannot read the registered devices from the host";
         let live = self
@@ -129,6 +150,41 @@ impl Service {
         let stored = self.resolve(id_or_name)?.0;
         let live = self.live(stored.pci_address).await?;
         Ok(self.view(stored, live))
+    }
+
+    /// `SetTags`: sets the pairs of `set` and removes the keys of `remove`
+    /// (a key in both is set), then checks the result against the tag rules.
+    pub async fn set_tags(
+        &self,
+        target: &Target,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<DeviceView> {
+        self.refuse_if_stopping()?;
+        // Under the device's lock, so two changes of one device's tags are
+        // applied one after the other, neither lost.
+        let lock = self.device_lock(target.record().pci_address);
+        let _held = lock.lock().await;
+        let before_stored = self.current(target)?;
+        let mut next = before_stored.tags.clone();
+        for k in &remove {
+            next.remove(k);
+        }
+        next.extend(set);
+        validate_tags(&next)?;
+        let live = self.live(before_stored.pci_address).await?;
+        let before = self.view(before_stored, live.clone());
+        let stored = self.modify(target.id(), |d| d.tags = next).await?;
+        let after = self.view(stored, live);
+        tracing::info!(
+            pci_address = %after.stored.pci_address,
+            device_id = %after.stored.id,
+            device_name = %after.stored.name,
+            tags = after.stored.tags.len(),
+            "device tags changed"
+        );
+        self.publish_change(&before, &after).await;
+        Ok(after)
     }
 
     /// `Device1.Blockers`: why the host must keep a registered device, read

@@ -434,7 +434,10 @@ mod tests {
     ];
 
     async fn enter(f: &Fixture, state: State) {
-        f.service.register(GPU, "l4-gpu").await.unwrap();
+        f.service
+            .register(GPU, "l4-gpu", Default::default())
+            .await
+            .unwrap();
         match state {
             State::Unbound => f.sim.unbind(addr(), "nvidia").unwrap(),
             State::Native => {}
@@ -692,7 +695,9 @@ mod tests {
     async fn group_rules() {
         let f = service_on(&example("desktop.toml"), Duration::from_secs(5));
         let s = &f.service;
-        s.register("0000:01:00.0", "gpu").await.unwrap();
+        s.register("0000:01:00.0", "gpu", Default::default())
+            .await
+            .unwrap();
         let e = s.bind(&s.resolve("gpu").unwrap()).await.unwrap_err();
         assert_eq!(e.short_name(), "IommuGroupConflict");
         assert!(
@@ -700,7 +705,9 @@ mod tests {
                 .contains("0000:01:00.1 (driver snd_hda_intel)"),
             "{e}"
         );
-        s.register("0000:01:00.1", "gpu-audio").await.unwrap();
+        s.register("0000:01:00.1", "gpu-audio", Default::default())
+            .await
+            .unwrap();
         // The GPU is registered, so it can follow: the audio function may go first.
         s.bind(&s.resolve("gpu-audio").unwrap()).await.unwrap();
         // But it cannot be attached while the GPU still sits on nvidia.
@@ -729,7 +736,7 @@ mod tests {
         std::fs::write(&fixture, text).unwrap();
         let f = service_on(&fixture, Duration::from_secs(5));
         let (s, sim) = (&f.service, &f.sim);
-        s.register(GPU, "gpu").await.unwrap();
+        s.register(GPU, "gpu", Default::default()).await.unwrap();
         assert_eq!(
             s.bind(&s.resolve("gpu").unwrap())
                 .await
@@ -749,7 +756,7 @@ mod tests {
         std::fs::write(&fixture, text).unwrap();
         let f = service_on(&fixture, Duration::from_secs(5));
         let s = &f.service;
-        s.register(GPU, "gpu").await.unwrap();
+        s.register(GPU, "gpu", Default::default()).await.unwrap();
         assert!(s
             .bind(&s.resolve("gpu").unwrap())
             .await
@@ -773,10 +780,14 @@ mod resolve_once {
     async fn a_re_pointed_name_does_not_redirect_an_operation() {
         let f = service_on(&example("l4.toml"), Duration::from_secs(5));
         let s = &f.service;
-        s.register("0000:3b:00.0", "dev").await.unwrap();
+        s.register("0000:3b:00.0", "dev", Default::default())
+            .await
+            .unwrap();
         let authorized = s.resolve("dev").unwrap();
         s.delete(&authorized).await.unwrap();
-        s.register("0000:a2:00.0", "dev").await.unwrap();
+        s.register("0000:a2:00.0", "dev", Default::default())
+            .await
+            .unwrap();
         for result in [
             s.bind(&authorized).await.map(|_| ()),
             s.attach(&authorized, "vm-1").await.map(|_| ()),

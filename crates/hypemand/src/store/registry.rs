@@ -32,6 +32,10 @@ pub struct StoredDevice {
     /// Whether the device should be on vfio-pci (re-claimed after a replug).
     #[serde(default)]
     pub want_vfio: bool,
+    /// User-defined labels (issue 15), Hypeman's tag rules ([`validate_tags`]).
+    /// Absent in files of earlier versions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl StoredDevice {
@@ -64,6 +68,7 @@ impl StoredDevice {
                 ));
             }
         }
+        validate_tags(&self.tags).map_err(|e| e.to_string())?;
         if let Some(d) = &self.original_driver {
             let ok = !d.is_empty()
                 && d.len() <= 64
@@ -87,6 +92,56 @@ pub enum ValidationError {
     Name(String),
     #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : -")]
     InstanceId(String),
+    #[error("invalid tags: {0}")]
+    Tags(String),
+}
+
+/// Hypeman's limits on tags (its `lib/tags`): at most 50, keys of 1-128
+/// characters, values of 0-256, both from `A-Z a-z 0-9`, space and `_ . : / = + @ -`.
+pub const MAX_TAGS: usize = 50;
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 256;
+
+fn tag_chars_ok(s: &str) -> bool {
+    s.bytes().all(|c| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b' ' | b'_' | b'.' | b':' | b'/' | b'=' | b'+' | b'@' | b'-'
+            )
+    })
+}
+
+/// Checks tags against Hypeman's rules.
+pub fn validate_tags<'a>(
+    tags: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), ValidationError> {
+    let mut n = 0;
+    for (k, v) in tags {
+        n += 1;
+        if n > MAX_TAGS {
+            return Err(ValidationError::Tags(format!("more than {MAX_TAGS} tags")));
+        }
+        if k.is_empty() || k.len() > MAX_TAG_KEY || !tag_chars_ok(k) {
+            return Err(ValidationError::Tags(format!(
+                "key {:?}: use 1-{MAX_TAG_KEY} characters from A-Z a-z 0-9, space and _ . : / = + @ -",
+                shorten(k)
+            )));
+        }
+        if v.len() > MAX_TAG_VALUE || !tag_chars_ok(v) {
+            return Err(ValidationError::Tags(format!(
+                "value of {:?}: use 0-{MAX_TAG_VALUE} characters from A-Z a-z 0-9, space and _ . : / = + @ -",
+                shorten(k)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `tags` carries every pair of `filter` (exact, case-sensitive; an
+/// empty filter matches everything), as Hypeman's tag filter.
+pub fn tags_match(tags: &BTreeMap<String, String>, filter: &BTreeMap<String, String>) -> bool {
+    filter.iter().all(|(k, v)| tags.get(k) == Some(v))
 }
 
 /// Keeps hostile input short in messages and logs.
@@ -426,7 +481,40 @@ pub(crate) mod tests {
             attached_to: None,
             original_driver: None,
             want_vfio: false,
+            tags: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn tags_follow_hypemans_rules() {
+        let t = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(validate_tags(&t(&[
+            ("team", "ml platform"),
+            ("cost_center", ""),
+            ("a/b:c=d+e@f-g.h", "x")
+        ]))
+        .is_ok());
+        for bad in [
+            t(&[("", "x")]),
+            t(&[("k\n", "x")]),
+            t(&[("k", "caf\u{e9}")]),
+            t(&[(&"k".repeat(129), "x")]),
+            t(&[("k", &"v".repeat(257))]),
+        ] {
+            assert!(validate_tags(&bad).is_err(), "{bad:?}");
+        }
+        let many: BTreeMap<String, String> =
+            (0..51).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_tags(&many).is_err());
+        assert!(tags_match(&t(&[("a", "1"), ("b", "2")]), &t(&[("a", "1")])));
+        assert!(!tags_match(&t(&[("a", "1")]), &t(&[("a", "2")])));
+        assert!(!tags_match(&t(&[]), &t(&[("a", "1")])));
+        assert!(tags_match(&t(&[]), &t(&[])));
     }
 
     /// What a change writes to disk is exactly the registry after it.

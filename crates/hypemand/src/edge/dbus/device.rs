@@ -17,7 +17,8 @@ use zbus::OwnedVariant as OwnedValue;
 use zbus::Variant as Value;
 use zbus::{fdo, interface, Connection};
 
-use super::authz::{Authz, Method};
+use crate::edge::authz::{Authz, Method};
+use crate::edge::polkit::Caller;
 use crate::service::Service;
 
 pub struct DeviceObject {
@@ -44,10 +45,11 @@ mod prop {
     }
 }
 
-/// The properties that change without a method call on the object (the host
-/// moved, the device was attached): name and value.
-pub fn live_properties(r: &Record) -> [(&'static str, Value<'static>); 6] {
+/// The properties that change after the object was made (the host moved, the
+/// device was attached, its tags were set): name and value.
+pub fn live_properties(r: &Record) -> [(&'static str, Value<'static>); 7] {
     [
+        ("Tags", Value::from(r.tags.clone())),
         ("Driver", prop::driver(r).into()),
         ("BoundToVfio", r.bound_to_vfio.into()),
         ("AttachedTo", prop::attached_to(r).into()),
@@ -103,7 +105,7 @@ impl DeviceObject {
         super::expect_args(&header, "")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Delete, &self.id)
+            .device(conn, &Caller::Bus(&header), Method::Delete, &self.id)
             .await?;
         self.service.delete(&t).await.map(|_| ())
     }
@@ -117,7 +119,7 @@ impl DeviceObject {
         super::expect_args(&header, "")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Bind, &self.id)
+            .device(conn, &Caller::Bus(&header), Method::Bind, &self.id)
             .await?;
         Ok(self.service.bind(&t).await?.record())
     }
@@ -131,7 +133,7 @@ impl DeviceObject {
         super::expect_args(&header, "")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Unbind, &self.id)
+            .device(conn, &Caller::Bus(&header), Method::Unbind, &self.id)
             .await?;
         Ok(self.service.unbind(&t).await?.record())
     }
@@ -147,7 +149,7 @@ impl DeviceObject {
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
             .authz
-            .device(conn, &header, Method::Attach, &self.id)
+            .device(conn, &Caller::Bus(&header), Method::Attach, &self.id)
             .await?;
         Ok(self.service.attach(&t, instance_id).await?.record())
     }
@@ -162,7 +164,10 @@ impl DeviceObject {
     ) -> Result<Record, Error> {
         super::expect_args(&header, "a{sv}")?;
         let method = super::bind_method(&options)?;
-        let t = self.authz.device(conn, &header, method, &self.id).await?;
+        let t = self
+            .authz
+            .device(conn, &Caller::Bus(&header), method, &self.id)
+            .await?;
         Ok(self.service.bind(&t).await?.record())
     }
 
@@ -177,7 +182,10 @@ impl DeviceObject {
         super::expect_args(&header, "sa{sv}")?;
         let method = super::attach_method(&options)?;
         crate::store::registry::validate_instance_id(instance_id)?;
-        let t = self.authz.device(conn, &header, method, &self.id).await?;
+        let t = self
+            .authz
+            .device(conn, &Caller::Bus(&header), method, &self.id)
+            .await?;
         Ok(self.service.attach(&t, instance_id).await?.record())
     }
 
@@ -190,7 +198,7 @@ impl DeviceObject {
         super::expect_args(&header, "")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Detach, &self.id)
+            .device(conn, &Caller::Bus(&header), Method::Detach, &self.id)
             .await?;
         Ok(self.service.detach(&t).await?.record())
     }
@@ -267,6 +275,12 @@ impl DeviceObject {
     #[zbus(property)]
     async fn present(&self) -> fdo::Result<bool> {
         Ok(self.record().await?.present)
+    }
+
+    /// User-defined labels (`SetTags` changes them).
+    #[zbus(property)]
+    async fn tags(&self) -> fdo::Result<HashMap<String, String>> {
+        Ok(self.record().await?.tags)
     }
 
     /// Why the host must keep this device (`code`, `message`,

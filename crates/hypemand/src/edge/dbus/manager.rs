@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hypeman_api::{Available, Error, Record};
 use zbus::message::Header;
@@ -11,8 +11,9 @@ use zbus::object_server::SignalEmitter;
 use zbus::OwnedVariant as OwnedValue;
 use zbus::{interface, Connection, OwnedObjectPath};
 
-use super::authz::{Authz, Method};
 use super::device_path;
+use crate::edge::authz::{Authz, Method};
+use crate::edge::polkit::Caller;
 use crate::service::Service;
 
 /// Replies of this many entries are followed by a heap trim: megabytes of
@@ -43,10 +44,65 @@ impl Manager {
     ) -> Result<(OwnedObjectPath, Record), Error> {
         super::expect_args(&header, "ss")?;
         self.authz
-            .register(conn, &header, pci_address, name)
+            .register(conn, &Caller::Bus(&header), pci_address, name)
             .await?;
-        let view = self.service.register(pci_address, name).await?;
+        let view = self
+            .service
+            .register(pci_address, name, Default::default())
+            .await?;
         Ok((device_path(&view.stored.id)?, view.record()))
+    }
+
+    /// Registers from the seed's create request as a dictionary:
+    /// `pci_address` (s), optional `name` (s) and `tags` (a{ss}).
+    async fn create(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<(OwnedObjectPath, Record), Error> {
+        super::expect_args(&header, "a{sv}")?;
+        let r = hypeman_api::CreateRequest::from_dict(&request)?;
+        let name = r.name.as_deref().unwrap_or("");
+        self.authz
+            .register(conn, &Caller::Bus(&header), &r.pci_address, name)
+            .await?;
+        let view = self.service.register(&r.pci_address, name, r.tags).await?;
+        Ok((device_path(&view.stored.id)?, view.record()))
+    }
+
+    /// The registered devices carrying every pair of `tags` (exact match).
+    async fn list_by_tags(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        tags: BTreeMap<String, String>,
+    ) -> Result<Vec<Record>, Error> {
+        super::expect_args(&header, "a{ss}")?;
+        Ok(self
+            .service
+            .list_tagged(&tags)
+            .await?
+            .iter()
+            .map(|v| v.record())
+            .collect())
+    }
+
+    /// Sets the pairs of `set` and removes the keys of `remove` on a
+    /// device's tags (authorized as register).
+    async fn set_tags(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id_or_name: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<Record, Error> {
+        super::expect_args(&header, "sa{ss}as")?;
+        let t = self
+            .authz
+            .device(conn, &Caller::Bus(&header), Method::SetTags, id_or_name)
+            .await?;
+        Ok(self.service.set_tags(&t, set, remove).await?.record())
     }
 
     /// Every registered device.
@@ -85,7 +141,7 @@ impl Manager {
         super::expect_args(&header, "s")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Delete, id_or_name)
+            .device(conn, &Caller::Bus(&header), Method::Delete, id_or_name)
             .await?;
         self.service.delete(&t).await.map(|_| ())
     }
@@ -119,7 +175,7 @@ impl Manager {
         super::expect_args(&header, "s")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Bind, id_or_name)
+            .device(conn, &Caller::Bus(&header), Method::Bind, id_or_name)
             .await?;
         Ok(self.service.bind(&t).await?.record())
     }
@@ -134,7 +190,7 @@ impl Manager {
         super::expect_args(&header, "s")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Unbind, id_or_name)
+            .device(conn, &Caller::Bus(&header), Method::Unbind, id_or_name)
             .await?;
         Ok(self.service.unbind(&t).await?.record())
     }
@@ -151,7 +207,7 @@ impl Manager {
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
             .authz
-            .device(conn, &header, Method::Attach, id_or_name)
+            .device(conn, &Caller::Bus(&header), Method::Attach, id_or_name)
             .await?;
         Ok(self.service.attach(&t, instance_id).await?.record())
     }
@@ -167,7 +223,10 @@ impl Manager {
     ) -> Result<Record, Error> {
         super::expect_args(&header, "sa{sv}")?;
         let method = super::bind_method(&options)?;
-        let t = self.authz.device(conn, &header, method, id_or_name).await?;
+        let t = self
+            .authz
+            .device(conn, &Caller::Bus(&header), method, id_or_name)
+            .await?;
         Ok(self.service.bind(&t).await?.record())
     }
 
@@ -183,7 +242,10 @@ impl Manager {
         super::expect_args(&header, "ssa{sv}")?;
         let method = super::attach_method(&options)?;
         crate::store::registry::validate_instance_id(instance_id)?;
-        let t = self.authz.device(conn, &header, method, id_or_name).await?;
+        let t = self
+            .authz
+            .device(conn, &Caller::Bus(&header), method, id_or_name)
+            .await?;
         Ok(self.service.attach(&t, instance_id).await?.record())
     }
 
@@ -197,7 +259,7 @@ impl Manager {
         super::expect_args(&header, "s")?;
         let t = self
             .authz
-            .device(conn, &header, Method::Detach, id_or_name)
+            .device(conn, &Caller::Bus(&header), Method::Detach, id_or_name)
             .await?;
         Ok(self.service.detach(&t).await?.record())
     }

@@ -9,11 +9,9 @@
 //! - [`simulator`]: `org.hypeman.Simulator1`, only under `--simulate`;
 //! - [`read_only`]: `PropertyReadOnly` for properties that cannot be set.
 
-pub mod authz;
 pub mod device;
 pub mod manager;
 pub mod objects;
-pub mod polkit;
 pub mod read_only;
 pub mod simulator;
 
@@ -25,8 +23,8 @@ use zbus::Connection;
 use hypeman_api::Error;
 use zbus::OwnedObjectPath;
 
+use super::authz::{self, Authz};
 use crate::service::{BoxFuture, DeviceView, Publisher, Service};
-use authz::Authz;
 use device::DeviceObject;
 use manager::Manager;
 use read_only::ReadOnly;
@@ -96,7 +94,7 @@ pub async fn serve(
     service: Arc<Service>,
     bus: &BusChoice,
     sim: Option<Arc<crate::host::sim::SimHost>>,
-) -> Result<Connection, ServeError> {
+) -> Result<(Connection, Arc<Authz>), ServeError> {
     let authz = Arc::new(Authz::new(service.clone()));
     let mut builder = bus.builder().serve_at(
         hypeman_api::MANAGER_PATH,
@@ -137,7 +135,7 @@ pub async fn serve(
     service.set_publisher(Arc::new(BusPublisher {
         conn: conn.clone(),
         service: Arc::downgrade(&service),
-        authz,
+        authz: authz.clone(),
     }));
     // No REPLACE_EXISTING / ALLOW_REPLACEMENT: a second daemon must fail, not
     // take the name over, and must not wait in the queue either.
@@ -148,7 +146,7 @@ pub async fn serve(
             zbus::Error::NameTaken => ServeError::NameTaken,
             e => ServeError::Name(e),
         })? {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(conn),
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok((conn, authz)),
         RequestNameReply::Exists | RequestNameReply::InQueue => Err(ServeError::NameTaken),
     }
 }

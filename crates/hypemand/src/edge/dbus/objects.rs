@@ -15,9 +15,9 @@ use zbus::fdo;
 use zbus::object_server::{Interface, ObjectServer, SignalEmitter};
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
-use super::authz::Authz;
 use super::device::DeviceObject;
 use super::device_path;
+use crate::edge::authz::Authz;
 use crate::service::Service;
 use hypeman_api::{DEVICE_IFACE, MANAGER_PATH};
 

@@ -147,6 +147,16 @@ pub struct Target {
     pub name: String,
 }
 
+/// Who is asking.
+pub enum Caller<'a> {
+    /// The sender of a D-Bus message (a `system-bus-name` subject).
+    Bus(&'a Header<'a>),
+    /// A process on a socket, from `SO_PEERCRED` and its start time read
+    /// when it connected (a `unix-process` subject: polkitd checks the start
+    /// time, so a reused pid is not mistaken for the caller).
+    Process { pid: u32, uid: u32, start_time: u64 },
+}
+
 /// What was decided and why, for the log and the reply.
 enum Verdict {
     Granted(&'static str),
@@ -226,19 +236,25 @@ impl Bouncer {
         }
     }
 
-    /// Authorizes the caller of the message `header` for `action` on `target`.
+    /// Authorizes `caller` for `action` on `target`.
     pub async fn check(
         &self,
-        header: &Header<'_>,
+        caller: &Caller<'_>,
         action: Action,
         target: &Target,
     ) -> Result<(), Error> {
-        let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
-        let interactive = header
-            .primary()
-            .flags()
-            .contains(Flags::ALLOW_INTERACTIVE_AUTH);
-        let uid = self.caller_uid(&sender).await;
+        let (sender, interactive, uid) = match caller {
+            Caller::Bus(header) => {
+                let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
+                let interactive = header
+                    .primary()
+                    .flags()
+                    .contains(Flags::ALLOW_INTERACTIVE_AUTH);
+                let uid = self.caller_uid(&sender).await;
+                (sender, interactive, uid)
+            }
+            Caller::Process { pid, uid, .. } => (format!("pid {pid}"), false, Some(*uid)),
+        };
         let busy =
             |why: &str| Error::Busy(format!("{why}; nothing was changed: try again in a moment"));
         // A place in the caller's queue (an unknown uid shares one), then
@@ -259,7 +275,7 @@ impl Bouncer {
             return Err(busy("too many authorization checks are in flight"));
         };
         let answer = self
-            .ask_polkit(header, &sender, action, target, interactive)
+            .ask_polkit(caller, &sender, action, target, interactive)
             .await;
         drop(_slot);
         self.note_flood(false, uid);
@@ -332,14 +348,21 @@ impl Bouncer {
     /// the deadline passes or the caller leaves the bus.
     async fn ask_polkit(
         &self,
-        header: &Header<'_>,
+        caller: &Caller<'_>,
         sender: &str,
         action: Action,
         target: &Target,
         interactive: bool,
     ) -> Result<zbus_polkit::policykit1::AuthorizationResult, NoAnswer> {
-        let subject = Subject::new_for_message_header(header)
-            .map_err(|e| NoAnswer::Transient(e.to_string()))?;
+        let subject = match caller {
+            Caller::Bus(header) => Subject::new_for_message_header(header),
+            Caller::Process {
+                pid,
+                uid,
+                start_time,
+            } => Subject::new_for_pid(*pid, Some(*start_time), Some(*uid)),
+        }
+        .map_err(|e| NoAnswer::Transient(e.to_string()))?;
         let details = HashMap::from([
             ("pci_address", target.pci_address.as_str()),
             ("device_id", target.device_id.as_str()),
@@ -360,8 +383,12 @@ impl Bouncer {
             std::process::id(),
             self.next_check.fetch_add(1, Ordering::Relaxed)
         );
-        // The caller leaving: its unique name losing its owner.
+        // The caller leaving: its unique name losing its owner. (A process
+        // on a socket is not watched: its check ends at the deadline.)
         let gone = async {
+            if !matches!(caller, Caller::Bus(_)) {
+                return std::future::pending().await;
+            }
             let Ok(name) = zbus::names::BusName::try_from(sender) else {
                 return std::future::pending().await;
             };

@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use hypeman_api::Error;
 use tokio::sync::OnceCell;
-use zbus::message::Header;
 use zbus::Connection;
 
-use super::polkit::{Action, Bouncer, Target as PolkitTarget};
+use super::polkit::{Action, Bouncer, Caller, Target as PolkitTarget};
 use crate::service::{Service, Target};
 
 /// Every method that changes anything.
@@ -30,10 +29,12 @@ pub enum Method {
     /// Bind or Attach with `force`: overrides the soft blockers.
     ForceBind,
     ForceAttach,
+    /// Changing a device's tags (issue 15): authorized as registering.
+    SetTags,
 }
 
 impl Method {
-    pub const ALL: [Method; 8] = [
+    pub const ALL: [Method; 9] = [
         Method::Register,
         Method::Delete,
         Method::Bind,
@@ -42,13 +43,14 @@ impl Method {
         Method::Detach,
         Method::ForceBind,
         Method::ForceAttach,
+        Method::SetTags,
     ];
 
     /// The table: which polkit actions each method needs, every one of them
     /// granted, in this order.
     pub const fn actions(self) -> &'static [Action] {
         match self {
-            Method::Register => &[Action::Register],
+            Method::Register | Method::SetTags => &[Action::Register],
             Method::Delete => &[Action::Delete],
             Method::Bind | Method::Unbind => &[Action::Bind],
             Method::Attach | Method::Detach => &[Action::Attach],
@@ -91,7 +93,7 @@ impl Authz {
     pub async fn device(
         &self,
         conn: &Connection,
-        header: &Header<'_>,
+        caller: &Caller<'_>,
         method: Method,
         id_or_name: &str,
     ) -> Result<Target, Error> {
@@ -104,7 +106,7 @@ impl Authz {
         };
         let bouncer = self.bouncer(conn).await?;
         for action in method.actions() {
-            bouncer.check(header, *action, &details).await?;
+            bouncer.check(caller, *action, &details).await?;
         }
         Ok(if method.forces() {
             target.forced()
@@ -118,7 +120,7 @@ impl Authz {
     pub async fn register(
         &self,
         conn: &Connection,
-        header: &Header<'_>,
+        caller: &Caller<'_>,
         pci_address: &str,
         name: &str,
     ) -> Result<(), Error> {
@@ -137,7 +139,7 @@ impl Authz {
         };
         self.bouncer(conn)
             .await?
-            .check(header, Action::Register, &details)
+            .check(caller, Action::Register, &details)
             .await
     }
 }
@@ -150,7 +152,7 @@ mod tests {
     /// declared action guards some method.
     #[test]
     fn the_table_matches_the_policy() {
-        let policy = include_str!("../../../../../polkit/org.hypeman.devices.policy");
+        let policy = include_str!("../../../../polkit/org.hypeman.devices.policy");
         let mut used: Vec<&str> = Method::ALL
             .iter()
             .flat_map(|m| m.actions().iter().map(|a| a.id()))
@@ -164,7 +166,7 @@ mod tests {
         // Force is never kept, and the example rule does not grant it.
         let force = &policy[policy.find("org.hypeman.devices.force").unwrap()..];
         assert!(!force.contains("auth_admin_keep"));
-        let rule = include_str!("../../../../../polkit/50-org.hypeman.devices.rules");
+        let rule = include_str!("../../../../polkit/50-org.hypeman.devices.rules");
         assert!(rule.contains("action.id !== \"org.hypeman.devices.force\""));
     }
 }

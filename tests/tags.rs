@@ -1,0 +1,183 @@
+//! *(issue 15)* Tags, as in Hypeman's API: on create, on the record, as a
+//! list filter, changed with `SetTags` (which signals `PropertiesChanged`),
+//! kept across restarts, checked against Hypeman's rules; and `hypemanctl`'s
+//! `--tag` and `tag`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn tags_of(record: &Value) -> Value {
+    record["tags"]["data"].clone()
+}
+
+#[test]
+fn tags_on_create_list_filter_set_and_restart() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let made = bus
+        .manager(
+            "Create",
+            &[
+                "a{sv}",
+                "3",
+                "pci_address",
+                "s",
+                "0000:a2:00.0",
+                "name",
+                "s",
+                "gpu",
+                "tags",
+                "a{ss}",
+                "2",
+                "team",
+                "ml",
+                "env",
+                "prod",
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        tags_of(&made[1]),
+        serde_json::json!({"team": "ml", "env": "prod"})
+    );
+    // Without a name: the default name; without tags: none.
+    let plain = bus
+        .manager(
+            "Create",
+            &["a{sv}", "1", "pci_address", "s", "0000:3b:00.0"],
+        )
+        .unwrap();
+    assert_eq!(plain[1]["name"]["data"], "pci-0000-3b-00-0");
+    assert_eq!(tags_of(&plain[1]), serde_json::json!({}));
+
+    let by = |pairs: &[&str]| -> Vec<String> {
+        let mut args = vec!["a{ss}".to_string(), (pairs.len() / 2).to_string()];
+        args.extend(pairs.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bus.manager("ListByTags", &args).unwrap()[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"]["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(by(&["team", "ml"]), ["gpu"]);
+    assert_eq!(by(&["team", "ml", "env", "prod"]), ["gpu"]);
+    assert_eq!(by(&["team", "ml", "env", "dev"]), Vec::<String>::new());
+    assert_eq!(by(&["team", "ML"]), Vec::<String>::new());
+    assert_eq!(by(&[]).len(), 2);
+
+    // SetTags: one signal, with the new map.
+    let path = made[0].as_str().unwrap().to_string();
+    let (_monitor, out_path) = bus.monitor(&path);
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let after = bus
+        .manager(
+            "SetTags",
+            &["sa{ss}as", "gpu", "1", "owner", "ana", "1", "env"],
+        )
+        .unwrap();
+    assert_eq!(
+        tags_of(&after[0]),
+        serde_json::json!({"team": "ml", "owner": "ana"})
+    );
+    wait_until(|| read().contains("PropertiesChanged"));
+    assert!(
+        read().contains("'Tags': <{'owner': 'ana', 'team': 'ml'}>")
+            || read().contains("'Tags': <{'team': 'ml', 'owner': 'ana'}>"),
+        "{}",
+        read()
+    );
+
+    // Hypeman's rules: refused, typed, nothing changed.
+    for (set, why) in [
+        (vec!["bad key!", "x"], "key"),
+        (vec!["k", "caf\u{e9}"], "value"),
+    ] {
+        let out = bus.gdbus_call(
+            PATH,
+            &format!("{IFACE}.SetTags"),
+            &["gpu", &format!("{{'{}': '{}'}}", set[0], set[1]), "@as []"],
+        );
+        assert_eq!(
+            gdbus_error_name(&out),
+            "org.hypeman.Devices.Error.InvalidArgument"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{out:?}"
+        );
+    }
+    let out = bus.gdbus_call(
+        PATH,
+        &format!("{IFACE}.Create"),
+        &["{'pci_address': <'0000:5e:00.0'>, 'tags': <{'k': 'v'}>, 'colour': <'red'>}"],
+    );
+    assert_eq!(
+        gdbus_error_name(&out),
+        "org.hypeman.Devices.Error.InvalidArgument"
+    );
+
+    // Kept across a restart; a file without tags (earlier versions) loads.
+    drop(d);
+    wait_until(|| !bus.has_owner(NAME));
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    assert_eq!(
+        tags_of(&got[0]),
+        serde_json::json!({"team": "ml", "owner": "ana"})
+    );
+    let text = std::fs::read_to_string(state.path().join("devices.json")).unwrap();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let nic = doc["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "pci-0000-3b-00-0")
+        .unwrap();
+    assert!(nic.get("tags").is_none(), "{nic}");
+}
+
+#[test]
+fn hypemanctl_tags() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let ok = |args: &[&str]| -> String {
+        let out = bus.hypemanctl(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let doc: Value = serde_json::from_str(&ok(&[
+        "--json",
+        "register",
+        "0000:a2:00.0",
+        "--name",
+        "gpu",
+        "--tag",
+        "team=ml",
+        "--tag",
+        "note=a=b",
+    ]))
+    .unwrap();
+    assert_eq!(
+        doc["tags"],
+        serde_json::json!({"note": "a=b", "team": "ml"})
+    );
+    ok(&["register", "0000:3b:00.0"]);
+    let list: Value = serde_json::from_str(&ok(&["--json", "list", "--tag", "team=ml"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["name"], "gpu");
+    let text = ok(&["tag", "gpu", "env=prod", "--remove", "note"]);
+    assert!(text.contains("tags: env=prod, team=ml"), "{text}");
+    assert!(ok(&["get", "gpu"]).contains("tags: env=prod, team=ml"));
+    let out = bus.hypemanctl(&["register", "0000:5e:00.0", "--tag", "novalue"]);
+    assert_eq!(out.status.code(), Some(2));
+}
