@@ -227,3 +227,43 @@ fn hostile_clients_are_bounded() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+/// Socket activation: a listening socket passed as systemd passes it
+/// (`systemd-socket-activate`, as `hypemand-api.socket` would) is served, and
+/// the first request, made before the daemon runs, is what starts it.
+#[test]
+fn a_socket_passed_by_systemd_is_served() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let dir = open_dir();
+    let sock = dir.path().join("activated.sock");
+    let log = std::fs::File::create(state.path().join("activate.log")).unwrap();
+    let mut cmd = std::process::Command::new("systemd-socket-activate");
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg(bin("hypemand"))
+        .arg(format!("--bus={}", bus.address))
+        .arg(format!("--state-dir={}", state.path().join("st").display()))
+        .args(["--simulate", fixture("l4.toml").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // systemd-socket-activate execs the daemon in its own place: one pid.
+    let _activator = Proc {
+        child: cmd
+            .spawn()
+            .expect("systemd-socket-activate (apt-get install systemd)"),
+    };
+    wait_until(|| sock.exists());
+    assert!(
+        !bus.has_owner(NAME),
+        "the daemon started before any request"
+    );
+    let (status, body) = raw(
+        &sock,
+        b"GET /devices/available HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3, "{v}");
+    assert!(bus.has_owner(NAME));
+}

@@ -168,9 +168,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
 
     // The API socket before the bus name: a daemon that cannot serve what it
     // was told to fails before it takes the name.
-    let api_socket = match &opts.api_socket {
-        Some(path) => Some(crate::edge::rest::listen(path)?),
-        None => None,
+    let api_socket = match crate::edge::rest::activated()? {
+        Some(l) => Some(l),
+        None => match &opts.api_socket {
+            Some(path) => Some(crate::edge::rest::listen(path)?),
+            None => None,
+        },
     };
     let (conn, authz) = bus::serve(service.clone(), &opts.bus, sim).await?;
     let api_created = api_socket.as_ref().and_then(|l| l.created.clone());

@@ -265,25 +265,31 @@ pub struct Listening {
     pub created: Option<std::path::PathBuf>,
 }
 
-/// The socket systemd passed (socket activation: `hypemand-api.socket`), or
+/// The socket systemd passed (socket activation: `hypemand-api.socket`, or
+/// `systemd-socket-activate`), if any: it is served whatever `--api-socket`
+/// says, since whoever started the daemon this way wants it served.
+pub fn activated() -> Result<Option<Listening>, SocketError> {
+    use std::os::fd::FromRawFd;
+    let Some(fd) = sd_notify::listen_fds().ok().and_then(|mut fds| fds.next()) else {
+        return Ok(None);
+    };
+    // SAFETY: systemd passed this descriptor to us (LISTEN_PID is ours) and
+    // nothing else in the process takes it.
+    let std = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    std.set_nonblocking(true).map_err(SocketError::Activation)?;
+    let listener = UnixListener::from_std(std).map_err(SocketError::Activation)?;
+    tracing::info!("API socket passed by systemd");
+    Ok(Some(Listening {
+        listener,
+        created: None,
+    }))
+}
+
 /// `path`, created mode 0666 (polkit decides who may change what) in a
 /// directory created 0755. A stale socket left by a crash is replaced; a
 /// live one, or any other file, is refused.
 pub fn listen(path: &std::path::Path) -> Result<Listening, SocketError> {
-    use std::os::fd::FromRawFd;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Some(fd) = sd_notify::listen_fds().ok().and_then(|mut fds| fds.next()) {
-        // SAFETY: systemd passed this descriptor to us (LISTEN_PID is ours)
-        // and nothing else in the process takes it.
-        let std = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
-        std.set_nonblocking(true).map_err(SocketError::Activation)?;
-        let listener = UnixListener::from_std(std).map_err(SocketError::Activation)?;
-        tracing::info!("API socket passed by systemd");
-        return Ok(Listening {
-            listener,
-            created: None,
-        });
-    }
     let shown = path.display().to_string();
     let bind_err = |source| SocketError::Bind {
         path: shown.clone(),
