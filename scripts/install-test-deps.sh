@@ -13,7 +13,8 @@ packages=(
   make             # make install / uninstall tests
   pkg-config libudev-dev   # building the udev crate (libudev)
   umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi   # uevent tests
-  python3-venv ca-certificates   # tests/sdk.rs: the hypeman SDK from PyPI in a virtualenv
+  python3-venv ca-certificates   # tests/sdk.rs and tests/rest.rs: the hypeman SDK from PyPI in a virtualenv
+  mmdebstrap systemd-container   # scripts/test-system.sh: a Debian rootfs booted with systemd-nspawn
 )
 if [ "$(id -u)" != 0 ]; then
   echo "install-test-deps: run as root (apt-get needs it)" >&2

@@ -11,4 +11,6 @@ cargo build --locked --workspace --all-targets
 cargo test --locked --workspace --all-targets -- --include-ignored
 cargo test --locked --workspace --doc
 scripts/test-deb.sh
+# The .deb on a booted Debian under systemd-nspawn (needs the package above).
+scripts/test-system.sh
 scripts/test-fuzz.sh

@@ -20,7 +20,13 @@ fn init_logging(filter: &str) -> bool {
             Ok(journald) => {
                 tracing_subscriber::registry()
                     .with(env_filter)
-                    .with(journald.with_syslog_identifier("hypemand".into()))
+                    // No prefix: fields are PCI_ADDRESS, not F_PCI_ADDRESS
+                    // (tracing-journald's default), as the README promises.
+                    .with(
+                        journald
+                            .with_syslog_identifier("hypemand".into())
+                            .with_field_prefix(None),
+                    )
                     .init();
                 return true;
             }

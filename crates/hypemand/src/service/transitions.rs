@@ -291,7 +291,7 @@ impl Service {
         let Some(holder) = holder else {
             return Ok(step.await?);
         };
-        tracing::info!(pci_address = %s.pci_address, device_name = %s.name, unit = %holder.unit, "stopping the service that holds the device");
+        tracing::info!(pci_address = %s.pci_address, device_name = %s.name, holder_service = %holder.unit, "stopping the service that holds the device");
         if let Err(e) = self.door.set_unit(&holder.unit, false).await {
             // It may have stopped partly: ask for it back, then refuse.
             let _ = self.door.set_unit(&holder.unit, true).await;
@@ -303,10 +303,10 @@ impl Service {
         let result = step.await;
         match self.door.set_unit(&holder.unit, true).await {
             Ok(()) => {
-                tracing::info!(pci_address = %s.pci_address, unit = %holder.unit, "service started again")
+                tracing::info!(pci_address = %s.pci_address, holder_service = %holder.unit, "service started again")
             }
             Err(e) => {
-                tracing::error!(pci_address = %s.pci_address, unit = %holder.unit, error = %e, "cannot start the service again; start it by hand")
+                tracing::error!(pci_address = %s.pci_address, holder_service = %holder.unit, error = %e, "cannot start the service again; start it by hand")
             }
         }
         Ok(result?)
