@@ -600,7 +600,11 @@ impl SimHost {
         };
         sv.0 = active;
         self.note(format!("{} {name}", if active { "start" } else { "stop" }));
-        tracing::info!(holder_service = name, active, "simulator: service state changed");
+        tracing::info!(
+            holder_service = name,
+            active,
+            "simulator: service state changed"
+        );
         self.save(&state);
         drop(state);
         self.state_changed.notify_all();
