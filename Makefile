@@ -29,6 +29,8 @@ GEN_DIR   ?= $(BUILD_DIR)/generated
 INSTALLED = \
 	$(LIBEXECDIR)/hypemand \
 	$(BINDIR)/hypemanctl \
+	$(LIBEXECDIR)/hypeman-device-plugin \
+	$(UNITDIR)/hypeman-device-plugin.service \
 	$(UNITDIR)/hypemand.service \
 	$(UNITDIR)/hypemand-api.socket \
 	$(DBUSCONFDIR)/org.hypeman.Devices.conf \
@@ -54,10 +56,13 @@ install:
 	$(BUILD_DIR)/hypemand --write-man-page $(GEN_DIR)
 	install -Dm755 $(BUILD_DIR)/hypemand $(DESTDIR)$(LIBEXECDIR)/hypemand
 	install -Dm755 $(BUILD_DIR)/hypemanctl $(DESTDIR)$(BINDIR)/hypemanctl
+	install -Dm755 $(BUILD_DIR)/hypeman-device-plugin $(DESTDIR)$(LIBEXECDIR)/hypeman-device-plugin
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSSERVICEDIR)
 	sed 's|/usr/libexec/hypemand|$(LIBEXECDIR)/hypemand|' systemd/hypemand.service > $(DESTDIR)$(UNITDIR)/hypemand.service
 	sed 's|/usr/libexec/hypemand|$(LIBEXECDIR)/hypemand|' dbus/org.hypeman.Devices.service > $(DESTDIR)$(DBUSSERVICEDIR)/org.hypeman.Devices.service
 	install -m644 systemd/hypemand-api.socket $(DESTDIR)$(UNITDIR)/hypemand-api.socket
+	sed 's|/usr/libexec/hypeman-device-plugin|$(LIBEXECDIR)/hypeman-device-plugin|' systemd/hypeman-device-plugin.service > $(DESTDIR)$(UNITDIR)/hypeman-device-plugin.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/hypeman-device-plugin.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/hypemand.service $(DESTDIR)$(DBUSSERVICEDIR)/org.hypeman.Devices.service
 	install -Dm644 dbus/org.hypeman.Devices.conf $(DESTDIR)$(DBUSCONFDIR)/org.hypeman.Devices.conf
 	install -Dm644 polkit/org.hypeman.devices.policy $(DESTDIR)$(POLKITACTIONDIR)/org.hypeman.devices.policy

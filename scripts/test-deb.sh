@@ -24,6 +24,8 @@ failed=0
 for path in \
   ./usr/libexec/hypemand \
   ./usr/bin/hypemanctl \
+  ./usr/libexec/hypeman-device-plugin \
+  ./usr/lib/systemd/system/hypeman-device-plugin.service \
   ./usr/lib/systemd/system/hypemand.service \
   ./usr/lib/systemd/system/hypemand-api.socket \
   ./usr/share/dbus-1/system.d/org.hypeman.Devices.conf \

@@ -171,7 +171,13 @@ fn make_install_lays_out_a_tree_that_loads() {
     for (path, mode) in [
         ("usr/libexec/hypemand", 0o755),
         ("usr/bin/hypemanctl", 0o755),
+        ("usr/libexec/hypeman-device-plugin", 0o755),
         ("usr/lib/systemd/system/hypemand.service", 0o644),
+        ("usr/lib/systemd/system/hypemand-api.socket", 0o644),
+        (
+            "usr/lib/systemd/system/hypeman-device-plugin.service",
+            0o644,
+        ),
         ("usr/share/dbus-1/system.d/org.hypeman.Devices.conf", 0o644),
         (
             "usr/share/dbus-1/system-services/org.hypeman.Devices.service",

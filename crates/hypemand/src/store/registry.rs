@@ -90,7 +90,7 @@ impl StoredDevice {
 pub enum ValidationError {
     #[error("invalid name {0:?}: use 2-63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit")]
     Name(String),
-    #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : -")]
+    #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : / -")]
     InstanceId(String),
     #[error("invalid tags: {0}")]
     Tags(String),
@@ -174,7 +174,7 @@ pub fn validate_instance_id(id: &str) -> Result<(), ValidationError> {
     let ok = (1..=128).contains(&id.len())
         && id
             .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'/' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -631,10 +631,16 @@ pub(crate) mod tests {
 
     #[test]
     fn instance_ids() {
-        for ok in ["vm-1", "a", "inst:01.x_y", &"z".repeat(128)] {
+        for ok in [
+            "vm-1",
+            "a",
+            "inst:01.x_y",
+            "k8s:default/vm-pod",
+            &"z".repeat(128),
+        ] {
             assert!(validate_instance_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "vm 1", "vm/1", &"z".repeat(129), "vm\n"] {
+        for bad in ["", "vm 1", "vm\\1", &"z".repeat(129), "vm\n"] {
             assert!(validate_instance_id(bad).is_err(), "{bad:?}");
         }
     }

@@ -1,0 +1,154 @@
+//! What hypemand says of the registered devices, as the plugin needs it, kept
+//! current from hypemand's signals: a device's properties changing, a device
+//! registered or deleted, a function appearing or leaving the host, and
+//! hypemand itself starting again. Never polled.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use hypemanctl::{Client, ClientError};
+use tokio::sync::watch;
+use zbus::{MatchRule, MessageStream};
+
+use crate::config::Config;
+
+/// Instances the plugin attaches devices to: `k8s:<namespace>/<pod>`.
+pub const K8S_PREFIX: &str = "k8s:";
+
+/// One registered device, for the kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDevice {
+    /// hypemand's id of the record.
+    pub id: String,
+    /// The kubelet's device ID.
+    pub pci_address: String,
+    pub resource: String,
+    /// Present, passable, and not attached outside Kubernetes.
+    pub healthy: bool,
+    pub numa_node: Option<i64>,
+    pub iommu_group: Option<i64>,
+    pub attached_to: Option<String>,
+    pub bound_to_vfio: bool,
+}
+
+/// Every registered device that belongs to a resource, by PCI address.
+pub type Snapshot = Arc<Vec<NodeDevice>>;
+
+/// Reads the registry and the host's view once.
+pub async fn read(client: &Client, config: &Config) -> Result<Vec<NodeDevice>, ClientError> {
+    let records = client.list().await?;
+    let available = client.available().await?;
+    let mut out: Vec<NodeDevice> = records
+        .into_iter()
+        .filter_map(|r| {
+            let resource = config.resource_for(&r.vendor_id, &r.device_id, &r.kind, &r.tags)?;
+            let passable = available
+                .iter()
+                .find(|a| a.pci_address == r.pci_address)
+                .is_some_and(|a| a.passable);
+            let outside = r
+                .attached_to
+                .as_deref()
+                .is_some_and(|a| !a.starts_with(K8S_PREFIX));
+            Some(NodeDevice {
+                healthy: r.present && passable && !outside,
+                id: r.id,
+                pci_address: r.pci_address,
+                resource,
+                numa_node: r.numa_node,
+                iommu_group: r.iommu_group,
+                attached_to: r.attached_to,
+                bound_to_vfio: r.bound_to_vfio,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.pci_address.cmp(&b.pci_address));
+    Ok(out)
+}
+
+/// The node as last read, and the client to hypemand.
+pub struct Node {
+    pub client: Client,
+    pub config: Config,
+    tx: watch::Sender<Snapshot>,
+}
+
+impl Node {
+    pub fn new(client: Client, config: Config) -> Arc<Node> {
+        let (tx, _) = watch::channel(Arc::new(Vec::new()));
+        Arc::new(Node { client, config, tx })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.tx.subscribe()
+    }
+
+    pub fn current(&self) -> Snapshot {
+        self.tx.borrow().clone()
+    }
+
+    /// Reads again and tells the watchers if anything changed. A hypemand
+    /// that does not answer leaves an empty node (every device gone, which
+    /// the kubelet sees as no devices), logged.
+    pub async fn refresh(&self) {
+        let next = match read(&self.client, &self.config).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the devices from hypemand");
+                Vec::new()
+            }
+        };
+        self.tx.send_if_modified(|cur| {
+            if **cur == next {
+                return false;
+            }
+            *cur = Arc::new(next);
+            true
+        });
+    }
+
+    /// Follows hypemand's signals until the bus connection closes.
+    pub async fn follow(self: Arc<Self>) {
+        let conn = self.client.connection().clone();
+        let from_hypemand = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(hypeman_api::BUS_NAME)
+            .build();
+        let owner = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.freedesktop.DBus")
+            .member("NameOwnerChanged")
+            .arg(0, hypeman_api::BUS_NAME)
+            .build();
+        let (Ok(from_hypemand), Ok(owner)) = (from_hypemand, owner) else {
+            tracing::error!("cannot build the signal match rules");
+            return;
+        };
+        let streams = async {
+            let a = MessageStream::for_match_rule(
+                from_hypemand,
+                &conn,
+                std::num::NonZeroUsize::new(256),
+            )
+            .await?;
+            let b = MessageStream::for_match_rule(owner, &conn, std::num::NonZeroUsize::new(16))
+                .await?;
+            Ok::<_, zbus::Error>((a, b))
+        };
+        let (a, b) = match streams.await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot subscribe to hypemand's signals");
+                return;
+            }
+        };
+        // Subscribed first, read second: nothing in between goes unseen.
+        self.refresh().await;
+        let mut events = futures_util::stream::select(a, b);
+        while events.next().await.is_some() {
+            // A burst (a Bind changes several properties) is one read.
+            while let Some(Some(_)) = futures_util::FutureExt::now_or_never(events.next()) {}
+            self.refresh().await;
+        }
+    }
+}

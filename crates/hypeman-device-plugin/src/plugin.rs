@@ -1,0 +1,334 @@
+//! The DevicePlugin service of one resource: the device list (streamed as it
+//! changes), the preferred allocation (one NUMA node, IOMMU groups kept
+//! together), and Allocate (bind through hypemand, all or nothing).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::api::deviceplugin as dp;
+use crate::api::deviceplugin::device_plugin_server::DevicePlugin;
+use crate::node::{Node, NodeDevice};
+
+pub struct Plugin {
+    pub resource: String,
+    pub node: Arc<Node>,
+}
+
+impl Plugin {
+    fn mine(&self, snapshot: &[NodeDevice]) -> Vec<NodeDevice> {
+        snapshot
+            .iter()
+            .filter(|d| d.resource == self.resource)
+            .cloned()
+            .collect()
+    }
+
+    /// The list the kubelet gets.
+    pub fn devices(&self, snapshot: &[NodeDevice]) -> Vec<dp::Device> {
+        self.mine(snapshot)
+            .into_iter()
+            .map(|d| dp::Device {
+                id: d.pci_address.clone(),
+                health: if d.healthy { "Healthy" } else { "Unhealthy" }.into(),
+                topology: d.numa_node.map(|n| dp::TopologyInfo {
+                    nodes: vec![dp::NumaNode { id: n }],
+                }),
+            })
+            .collect()
+    }
+}
+
+/// A preferred allocation: `must` first, then, on the NUMA node that can give
+/// the most, whole IOMMU groups before single functions.
+pub fn prefer(
+    devices: &[NodeDevice],
+    available: &[String],
+    must: &[String],
+    size: usize,
+) -> Vec<String> {
+    let by_addr: HashMap<&str, &NodeDevice> = devices
+        .iter()
+        .map(|d| (d.pci_address.as_str(), d))
+        .collect();
+    let mut chosen: Vec<String> = must.iter().take(size).cloned().collect();
+    let avail: Vec<&NodeDevice> = available
+        .iter()
+        .filter(|a| !chosen.contains(a))
+        .filter_map(|a| by_addr.get(a.as_str()).copied())
+        .collect();
+    // Groups among the available devices, by NUMA node.
+    let mut groups: BTreeMap<(Option<i64>, Option<i64>), Vec<&NodeDevice>> = BTreeMap::new();
+    for d in &avail {
+        let key = (
+            d.numa_node,
+            d.iommu_group.or(Some(-1 - groups.len() as i64)),
+        );
+        groups.entry(key).or_default().push(d);
+    }
+    let mut per_numa: BTreeMap<Option<i64>, usize> = BTreeMap::new();
+    for d in &avail {
+        *per_numa.entry(d.numa_node).or_default() += 1;
+    }
+    // The NUMA node of the must-include devices, else the one with the most.
+    let must_numa: BTreeSet<Option<i64>> = chosen
+        .iter()
+        .filter_map(|a| by_addr.get(a.as_str()).map(|d| d.numa_node))
+        .collect();
+    let mut order: Vec<Option<i64>> = per_numa.keys().copied().collect();
+    order.sort_by_key(|n| (!must_numa.contains(n), std::cmp::Reverse(per_numa[n])));
+    for numa in order {
+        let mut gs: Vec<&Vec<&NodeDevice>> = groups
+            .iter()
+            .filter(|((n, _), _)| *n == numa)
+            .map(|(_, g)| g)
+            .collect();
+        // Groups that fit whole first, larger first.
+        gs.sort_by_key(|g| std::cmp::Reverse(g.len()));
+        for g in &gs {
+            if chosen.len() + g.len() <= size {
+                chosen.extend(g.iter().map(|d| d.pci_address.clone()));
+            }
+        }
+        for g in gs {
+            for d in g {
+                if chosen.len() < size && !chosen.contains(&d.pci_address) {
+                    chosen.push(d.pci_address.clone());
+                }
+            }
+        }
+    }
+    chosen.truncate(size);
+    chosen
+}
+
+type DeviceStream = Pin<Box<dyn Stream<Item = Result<dp::ListAndWatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DevicePlugin for Plugin {
+    async fn get_device_plugin_options(
+        &self,
+        _: Request<dp::Empty>,
+    ) -> Result<Response<dp::DevicePluginOptions>, Status> {
+        Ok(Response::new(options()))
+    }
+
+    type ListAndWatchStream = DeviceStream;
+
+    async fn list_and_watch(
+        &self,
+        _: Request<dp::Empty>,
+    ) -> Result<Response<Self::ListAndWatchStream>, Status> {
+        let mut rx = self.node.subscribe();
+        let me = Plugin {
+            resource: self.resource.clone(),
+            node: self.node.clone(),
+        };
+        let stream = async_stream(move |tx| async move {
+            let mut last = None;
+            loop {
+                let list = me.devices(&rx.borrow_and_update().clone());
+                if last.as_ref() != Some(&list) {
+                    let msg = dp::ListAndWatchResponse {
+                        devices: list.clone(),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return; // the kubelet went away
+                    }
+                    last = Some(list);
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_preferred_allocation(
+        &self,
+        request: Request<dp::PreferredAllocationRequest>,
+    ) -> Result<Response<dp::PreferredAllocationResponse>, Status> {
+        let mine = self.mine(&self.node.current());
+        let container_responses = request
+            .into_inner()
+            .container_requests
+            .into_iter()
+            .map(|c| dp::ContainerPreferredAllocationResponse {
+                device_i_ds: prefer(
+                    &mine,
+                    &c.available_device_i_ds,
+                    &c.must_include_device_i_ds,
+                    usize::try_from(c.allocation_size).unwrap_or(0),
+                ),
+            })
+            .collect();
+        Ok(Response::new(dp::PreferredAllocationResponse {
+            container_responses,
+        }))
+    }
+
+    async fn allocate(
+        &self,
+        request: Request<dp::AllocateRequest>,
+    ) -> Result<Response<dp::AllocateResponse>, Status> {
+        let requests = request.into_inner().container_requests;
+        // Read now: the kubelet's view may be a moment old.
+        self.node.refresh().await;
+        let snapshot = self.node.current();
+        let mut bound_here: Vec<String> = Vec::new();
+        let mut responses = Vec::new();
+        for c in &requests {
+            match self
+                .allocate_one(&snapshot, &c.devices_ids, &mut bound_here)
+                .await
+            {
+                Ok(r) => responses.push(r),
+                Err(status) => {
+                    // All or nothing: give back what this call bound.
+                    for id in bound_here.iter().rev() {
+                        if let Err(e) = self.node.client.unbind(id).await {
+                            tracing::error!(device_id = %id, error = %e, "cannot undo a bind after a failed Allocate");
+                        }
+                    }
+                    tracing::warn!(resource = %self.resource, error = %status.message(), "Allocate refused");
+                    return Err(status);
+                }
+            }
+        }
+        tracing::info!(resource = %self.resource, containers = responses.len(), "allocated");
+        Ok(Response::new(dp::AllocateResponse {
+            container_responses: responses,
+        }))
+    }
+
+    async fn pre_start_container(
+        &self,
+        _: Request<dp::PreStartContainerRequest>,
+    ) -> Result<Response<dp::PreStartContainerResponse>, Status> {
+        Ok(Response::new(dp::PreStartContainerResponse {}))
+    }
+}
+
+impl Plugin {
+    async fn allocate_one(
+        &self,
+        snapshot: &[NodeDevice],
+        ids: &[String],
+        bound_here: &mut Vec<String>,
+    ) -> Result<dp::ContainerAllocateResponse, Status> {
+        let mut groups = BTreeSet::new();
+        for addr in ids {
+            let d = snapshot
+                .iter()
+                .find(|d| &d.pci_address == addr && d.resource == self.resource)
+                .ok_or_else(|| {
+                    Status::not_found(format!("{addr} is not a {} device here", self.resource))
+                })?;
+            if !d.healthy {
+                return Err(Status::failed_precondition(format!(
+                    "{addr} is not healthy (unplugged, in use by the host, or attached outside Kubernetes)"
+                )));
+            }
+            // A VM holding one function of an IOMMU group reaches them all.
+            if let Some(sibling) = snapshot.iter().find(|s| {
+                s.pci_address != d.pci_address
+                    && s.iommu_group.is_some()
+                    && s.iommu_group == d.iommu_group
+                    && s.attached_to.is_some()
+            }) {
+                return Err(Status::failed_precondition(format!(
+                    "{addr} shares IOMMU group {} with {}, attached to {}",
+                    d.iommu_group.unwrap_or_default(),
+                    sibling.pci_address,
+                    sibling.attached_to.as_deref().unwrap_or_default()
+                )));
+            }
+            if !d.bound_to_vfio {
+                self.node
+                    .client
+                    .bind(&d.id)
+                    .await
+                    .map_err(|e| Status::failed_precondition(format!("binding {addr}: {e}")))?;
+                bound_here.push(d.id.clone());
+            }
+            let group = d
+                .iommu_group
+                .ok_or_else(|| Status::failed_precondition(format!("{addr} has no IOMMU group")))?;
+            groups.insert(group);
+        }
+        let mut devices = vec![spec(crate::VFIO_CONTAINER)];
+        devices.extend(groups.iter().map(|g| spec(&format!("/dev/vfio/{g}"))));
+        let envs = HashMap::from([(crate::pci_resource_env(&self.resource), ids.join(","))]);
+        Ok(dp::ContainerAllocateResponse {
+            envs,
+            devices,
+            ..Default::default()
+        })
+    }
+}
+
+fn spec(path: &str) -> dp::DeviceSpec {
+    dp::DeviceSpec {
+        container_path: path.into(),
+        host_path: path.into(),
+        permissions: "rw".into(),
+    }
+}
+
+pub fn options() -> dp::DevicePluginOptions {
+    dp::DevicePluginOptions {
+        pre_start_required: false,
+        get_preferred_allocation_available: true,
+    }
+}
+
+/// A stream fed by a task through a bounded channel (the task ends when the
+/// receiver goes).
+fn async_stream<F, Fut>(f: F) -> DeviceStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<dp::ListAndWatchResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(addr: &str, numa: i64, group: i64) -> NodeDevice {
+        NodeDevice {
+            id: addr.into(),
+            pci_address: addr.into(),
+            resource: "hypeman.io/gpu".into(),
+            healthy: true,
+            numa_node: Some(numa),
+            iommu_group: Some(group),
+            attached_to: None,
+            bound_to_vfio: false,
+        }
+    }
+
+    #[test]
+    fn one_numa_node_and_whole_groups() {
+        let devs = vec![
+            dev("a", 0, 1),
+            dev("b", 1, 2),
+            dev("c", 1, 2),
+            dev("d", 1, 3),
+            dev("e", 0, 4),
+        ];
+        let all: Vec<String> = devs.iter().map(|d| d.pci_address.clone()).collect();
+        // Node 1 has three; group 2 (b, c) is kept together.
+        assert_eq!(prefer(&devs, &all, &[], 2), ["b", "c"]);
+        assert_eq!(prefer(&devs, &all, &[], 3), ["b", "c", "d"]);
+        // A must-include device on node 0 pulls the choice there.
+        assert_eq!(prefer(&devs, &all, &["a".into()], 2), ["a", "e"]);
+    }
+}
