@@ -13,10 +13,13 @@ LIBEXECDIR ?= $(PREFIX)/libexec
 DATADIR    ?= $(PREFIX)/share
 MANDIR     ?= $(DATADIR)/man
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
-DBUSCONFDIR    ?= $(DATADIR)/dbus-1/system.d
-DBUSSERVICEDIR ?= $(DATADIR)/dbus-1/system-services
-POLKITACTIONDIR ?= $(DATADIR)/polkit-1/actions
-POLKITRULEDIR   ?= $(DATADIR)/polkit-1/rules.d
+# The system bus and polkitd read their files from /usr/share only (not from
+# /usr/local/share), so these do not follow PREFIX: with PREFIX=/usr/local the
+# binaries go under /usr/local and these still where the daemons look.
+DBUSCONFDIR    ?= /usr/share/dbus-1/system.d
+DBUSSERVICEDIR ?= /usr/share/dbus-1/system-services
+POLKITACTIONDIR ?= /usr/share/polkit-1/actions
+POLKITRULEDIR   ?= /usr/share/polkit-1/rules.d
 BASHCOMPDIR ?= $(DATADIR)/bash-completion/completions
 ZSHCOMPDIR  ?= $(DATADIR)/zsh/vendor-completions
 FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
@@ -41,6 +44,7 @@ INSTALLED = \
 	$(ZSHCOMPDIR)/_hypemanctl \
 	$(FISHCOMPDIR)/hypemanctl.fish \
 	$(MANDIR)/man1/hypemanctl.1 \
+	$(MANDIR)/man1/hypemanctl-*.1 \
 	$(MANDIR)/man8/hypemand.8
 
 .PHONY: all build install uninstall
@@ -70,7 +74,7 @@ install:
 	if [ -f $(GEN_DIR)/hypemanctl.bash ]; then install -Dm644 $(GEN_DIR)/hypemanctl.bash $(DESTDIR)$(BASHCOMPDIR)/hypemanctl; fi
 	if [ -f $(GEN_DIR)/_hypemanctl ]; then install -Dm644 $(GEN_DIR)/_hypemanctl $(DESTDIR)$(ZSHCOMPDIR)/_hypemanctl; fi
 	if [ -f $(GEN_DIR)/hypemanctl.fish ]; then install -Dm644 $(GEN_DIR)/hypemanctl.fish $(DESTDIR)$(FISHCOMPDIR)/hypemanctl.fish; fi
-	if [ -f $(GEN_DIR)/hypemanctl.1 ]; then install -Dm644 $(GEN_DIR)/hypemanctl.1 $(DESTDIR)$(MANDIR)/man1/hypemanctl.1; fi
+	for page in $(GEN_DIR)/hypemanctl*.1; do if [ -f "$$page" ]; then install -Dm644 "$$page" $(DESTDIR)$(MANDIR)/man1/$$(basename "$$page"); fi; done
 	if [ -f $(GEN_DIR)/hypemand.8 ]; then install -Dm644 $(GEN_DIR)/hypemand.8 $(DESTDIR)$(MANDIR)/man8/hypemand.8; fi
 
 uninstall:

@@ -23,7 +23,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
-apt-get install -y --no-install-recommends "${packages[@]}"
+# --no-upgrade: what is installed already stays as it is (nothing is upgraded).
+apt-get install -y --no-install-recommends --no-upgrade "${packages[@]}"
 # rustfmt and clippy check the style in scripts/test.sh; the machine's
 # toolchain ships them, rustup adds them where it does not.
 for component in rustfmt clippy; do

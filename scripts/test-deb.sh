@@ -15,6 +15,10 @@ fi
 # The daemon's crate carries the package metadata; both binaries come from
 # one release build of the workspace.
 cargo build --release --locked --workspace --bins
+# Man pages and completions, as make install generates them.
+rm -rf target/assets
+target/release/hypemanctl generate-assets target/assets
+target/release/hypemand --write-man-page target/assets
 cargo deb --locked --no-build -p hypemand --output target/debian/
 deb=$(ls -t target/debian/*.deb | head -n1)
 echo "== $deb"
@@ -31,7 +35,13 @@ for path in \
   ./usr/share/dbus-1/system.d/org.hypeman.Devices.conf \
   ./usr/share/dbus-1/system-services/org.hypeman.Devices.service \
   ./usr/share/polkit-1/actions/org.hypeman.devices.policy \
-  ./usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules
+  ./usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules \
+  ./usr/share/man/man1/hypemanctl.1 \
+  ./usr/share/man/man1/hypemanctl-register.1 \
+  ./usr/share/man/man8/hypemand.8 \
+  ./usr/share/bash-completion/completions/hypemanctl \
+  ./usr/share/zsh/vendor-completions/_hypemanctl \
+  ./usr/share/fish/vendor_completions.d/hypemanctl.fish
 do
   if ! grep -q " $path\$" target/debian/contents.txt; then
     echo "test-deb: $path is missing from the package" >&2

@@ -13,4 +13,6 @@ cargo test --locked --workspace --doc
 scripts/test-deb.sh
 # The .deb on a booted Debian under systemd-nspawn (needs the package above).
 scripts/test-system.sh
+# The README's demo from a clean clone (a newcomer's first minutes).
+scripts/test-newcomer.sh
 scripts/test-fuzz.sh

@@ -200,6 +200,21 @@ fn make_install_lays_out_a_tree_that_loads() {
         );
     }
 
+    // Every page hypemanctl(1) refers to exists.
+    let man1 = d.join("usr/share/man/man1");
+    let top = std::fs::read_to_string(man1.join("hypemanctl.1")).unwrap();
+    for part in top.split("hypemanctl\\-").skip(1) {
+        let sub = part.split('(').next().unwrap();
+        assert!(
+            man1.join(format!("hypemanctl-{sub}.1")).exists(),
+            "hypemanctl(1) refers to hypemanctl-{sub}(1), which is not installed"
+        );
+    }
+    assert!(
+        top.contains("Exit status"),
+        "hypemanctl(1) documents no exit status"
+    );
+
     // The installed unit verifies, with ExecStart where the tree put it.
     let unit_text =
         std::fs::read_to_string(d.join("usr/lib/systemd/system/hypemand.service")).unwrap();
@@ -291,4 +306,46 @@ fn make_install_lays_out_a_tree_that_loads() {
     assert!(!d
         .join("usr/share/polkit-1/actions/org.hypeman.devices.policy")
         .exists());
+}
+
+/// *(issue 19)* With `PREFIX=/usr/local` the binaries follow PREFIX, while the
+/// bus policy, the activation file and the polkit files still go where the
+/// system's dbus-daemon and polkitd read them (/usr/share).
+#[test]
+fn make_install_with_a_local_prefix_keeps_the_daemon_files_where_they_are_read() {
+    let dest = tempfile::tempdir().unwrap();
+    let build_dir = Path::new(&bin("hypemand")).parent().unwrap().to_path_buf();
+    let out = Command::new("make")
+        .current_dir(root())
+        .arg("install")
+        .arg("PREFIX=/usr/local")
+        .arg(format!("DESTDIR={}", dest.path().display()))
+        .arg(format!("BUILD_DIR={}", build_dir.display()))
+        .output()
+        .expect("make");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = dest.path();
+    for path in [
+        "usr/local/libexec/hypemand",
+        "usr/local/bin/hypemanctl",
+        "usr/share/dbus-1/system.d/org.hypeman.Devices.conf",
+        "usr/share/dbus-1/system-services/org.hypeman.Devices.service",
+        "usr/share/polkit-1/actions/org.hypeman.devices.policy",
+        "usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules",
+    ] {
+        assert!(d.join(path).exists(), "{path} is missing");
+    }
+    let activation = std::fs::read_to_string(
+        d.join("usr/share/dbus-1/system-services/org.hypeman.Devices.service"),
+    )
+    .unwrap();
+    assert!(
+        activation.contains("Exec=/usr/local/libexec/hypemand"),
+        "{activation}"
+    );
+    assert!(!d.join("usr/local/share/dbus-1").exists());
 }

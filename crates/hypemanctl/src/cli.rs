@@ -10,7 +10,12 @@ use hypeman_api::BusChoice;
 /// Register PCI devices for VM passthrough and move them to vfio-pci and back,
 /// through hypemand.
 #[derive(Parser, Debug)]
-#[command(name = "hypemanctl", version)]
+#[command(
+    name = "hypemanctl",
+    version,
+    disable_help_subcommand = true,
+    after_help = "Exit status: 0 success; 1 the daemon refused or could not be reached (one line on stderr says why); 2 bad usage."
+)]
 pub struct CtlArgs {
     /// Bus hypemand is on: system, session, or a D-Bus address.
     #[arg(long, default_value = "system", global = true)]
@@ -122,7 +127,18 @@ pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
         let mut out = std::fs::File::create(dir.join(file))?;
         clap_complete::generate(shell, &mut CtlArgs::command(), "hypemanctl", &mut out);
     }
+    let cmd = CtlArgs::command();
     let mut ctl = std::fs::File::create(dir.join("hypemanctl.1"))?;
-    clap_mangen::Man::new(CtlArgs::command()).render(&mut ctl)?;
+    clap_mangen::Man::new(cmd.clone()).render(&mut ctl)?;
+    // hypemanctl(1) refers to hypemanctl-<command>(1): one page each.
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("hypemanctl-{}", sub.get_name());
+        let page = sub
+            .clone()
+            .name(name.clone())
+            .version(cmd.get_version().unwrap_or_default().to_string());
+        let mut f = std::fs::File::create(dir.join(format!("{name}.1")))?;
+        clap_mangen::Man::new(page).render(&mut f)?;
+    }
     Ok(())
 }

@@ -8,7 +8,11 @@ use hypeman_api::BusChoice;
 /// Keeps the registry of PCI devices set aside for VM passthrough, on D-Bus as
 /// org.hypeman.Devices.
 #[derive(Parser, Debug)]
-#[command(name = "hypemand", version)]
+#[command(
+    name = "hypemand",
+    version,
+    after_help = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 any other failure; 2 bad options; 3 the state cannot be used; 4 the bus name is taken (another hypemand runs); 5 the bus cannot be reached; 6 the host cannot be used; 7 the REST API socket cannot be served."
+)]
 pub struct DaemonArgs {
     /// Bus to serve on: system, session, or a D-Bus address.
     #[arg(long, default_value = "system")]
