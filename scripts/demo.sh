@@ -50,8 +50,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-echo "== building (cargo build --bins)"
-cargo build --quiet --bins
+echo "== building (cargo build --workspace --bins)"
+cargo build --quiet --workspace --bins
 work=$(mktemp -d)
 bus_pid= daemon_pid=
 cleanup() {
