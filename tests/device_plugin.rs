@@ -119,7 +119,7 @@ fn sockets(dir: &Path) -> Vec<String> {
 async fn the_kubelet_sees_hypemands_devices() {
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let mut daemon = Some(Daemon::simulate(&bus, state.path(), "workstation.toml"));
     for (addr, name) in [
         ("0000:00:02.0", "igpu"),
         ("0000:01:00.0", "rtx"),
@@ -303,6 +303,31 @@ async fn the_kubelet_sees_hypemands_devices() {
     wait_until(|| attached(&bus, "nic2").as_deref() == Some("k8s:default/vm-pod"));
     pods.0.lock().unwrap().clear();
     wait_until(|| attached(&bus, "nic2").is_none());
+
+    // hypemand restarts: the devices stay listed (Unhealthy while it is
+    // away), and its signals are followed again afterwards.
+    drop(daemon.take());
+    wait_until(|| !bus.has_owner(NAME));
+    daemon = Some(Daemon::simulate(&bus, state.path(), "workstation.toml"));
+    loop {
+        let list = devices(&msg(&mut nics).await);
+        if list == [("0000:06:00.0".into(), "Healthy".into(), None)] {
+            break;
+        }
+        assert_eq!(list, [("0000:06:00.0".into(), "Unhealthy".into(), None)]);
+    }
+    bus.call(
+        "/org/hypeman/Simulator",
+        "org.hypeman.Simulator1",
+        "Unplug",
+        &["s", "0000:06:00.0"],
+    )
+    .unwrap();
+    assert_eq!(
+        devices(&msg(&mut nics).await),
+        [("0000:06:00.0".into(), "Unhealthy".into(), None)]
+    );
+    assert!(daemon.is_some());
 
     // A kubelet restart: its socket re-created, the plugins' removed.
     first_kubelet.abort();

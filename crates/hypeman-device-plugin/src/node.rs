@@ -87,15 +87,23 @@ impl Node {
         self.tx.borrow().clone()
     }
 
-    /// Reads again and tells the watchers if anything changed. A hypemand
-    /// that does not answer leaves an empty node (every device gone, which
-    /// the kubelet sees as no devices), logged.
+    /// Reads again and tells the watchers if anything changed. While
+    /// hypemand does not answer (it is restarting), the devices last seen
+    /// stay listed, Unhealthy: nothing new is allocated on them, and the
+    /// kubelet does not drop them.
     pub async fn refresh(&self) {
         let next = match read(&self.client, &self.config).await {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the devices from hypemand");
-                Vec::new()
+                tracing::warn!(error = %e, "cannot read the devices from hypemand; marking them Unhealthy");
+                self.current()
+                    .iter()
+                    .cloned()
+                    .map(|mut d| {
+                        d.healthy = false;
+                        d
+                    })
+                    .collect()
             }
         };
         self.tx.send_if_modified(|cur| {
