@@ -25,6 +25,8 @@ fn bench_smoke_run_reports_every_figure() {
         "get_p99_us",
         "get_over_ping",
         "list_ms",
+        "list_floor_ms",
+        "list_over_floor",
         "available_ms",
         "register_per_s",
         "startup_ready_ms",

@@ -20,6 +20,29 @@ use zbus::{Connection, MatchRule, MessageStream, OwnedVariant};
 const BUS_TEMPLATE: &str = include_str!("../../../tests/data/system.conf.in");
 const POLICY: &str = include_str!("../../../dbus/org.hypeman.Devices.conf");
 const SIM_POLICY: &str = include_str!("../../../tests/data/simulator.conf");
+/// The bench's own trivial peer on the same bus (for `list_floor_ms`).
+const FLOOR_NAME: &str = "org.hypeman.BenchFloor";
+const FLOOR_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy context="default">
+    <allow own="org.hypeman.BenchFloor"/>
+    <allow send_destination="org.hypeman.BenchFloor"/>
+  </policy>
+</busconfig>
+"#;
+
+/// The floor of a List: a peer that answers with a reply of the same size
+/// and shape, built once. What the bus and the two ends' (de)serialisation
+/// cost, with no registry, no host and no work of the daemon's.
+struct Floor(Vec<hypeman_api::Record>);
+
+#[zbus::interface(name = "org.hypeman.BenchFloor1")]
+impl Floor {
+    fn list(&self) -> Vec<hypeman_api::Record> {
+        self.0.clone()
+    }
+}
 use hypeman_api::{
     MANAGER_IFACE as IFACE, SIMULATOR_IFACE as SIM_IFACE, SIMULATOR_PATH as SIM_PATH,
 };
@@ -161,12 +184,13 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     std::fs::write(d.join("state/devices.json"), store(n)).map_err(err("write store"))?;
     std::fs::write(d.join("policy.conf"), POLICY).map_err(err("write policy"))?;
     std::fs::write(d.join("sim.conf"), SIM_POLICY).map_err(err("write policy"))?;
+    std::fs::write(d.join("floor.conf"), FLOOR_POLICY).map_err(err("write policy"))?;
     let conf = BUS_TEMPLATE
         .replace("@LISTEN@", &format!("unix:path={}/bus", d.display()))
         .replace(
             "@INCLUDES@",
             &format!(
-                "<include>{0}/policy.conf</include><include>{0}/sim.conf</include>",
+                "<include>{0}/policy.conf</include><include>{0}/sim.conf</include><include>{0}/floor.conf</include>",
                 d.display()
             ),
         );
@@ -294,6 +318,36 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         avail.push(t.elapsed());
     }
 
+    // list_floor_ms: the same reply from the bench's own trivial peer, on the
+    // same bus, called the same way.
+    let reply = conn
+        .call_method(Some(hypeman_api::BUS_NAME), m, Some(IFACE), "List", &())
+        .await
+        .map_err(err("List"))?;
+    let records: Vec<hypeman_api::Record> =
+        reply.body().deserialize().map_err(err("List reply"))?;
+    let floor_conn = zbus::connection::Builder::address(address.as_str())
+        .serve_at("/floor", Floor(records))
+        .name(FLOOR_NAME)
+        .build()
+        .await
+        .map_err(err("floor connection"))?;
+    let mut floors = Vec::new();
+    for _ in 0..if cfg.quick { 3 } else { 7 } {
+        let t = Instant::now();
+        conn.call_method(
+            Some(FLOOR_NAME),
+            "/floor",
+            Some("org.hypeman.BenchFloor1"),
+            "List",
+            &(),
+        )
+        .await
+        .map_err(err("floor List"))?;
+        floors.push(t.elapsed());
+    }
+    drop(floor_conn);
+
     // register_per_s: durable Registers into a registry already holding N.
     let t = Instant::now();
     for i in n..n + extra {
@@ -413,7 +467,14 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         "get_over_ping".into(),
         json!(round(percentile(&gets, 0.5) / percentile(&pings, 0.5))),
     );
-    out.insert("list_ms".into(), json!(round(median_ms(&mut lists))));
+    let list_ms = median_ms(&mut lists);
+    let list_floor_ms = median_ms(&mut floors);
+    out.insert("list_ms".into(), json!(round(list_ms)));
+    out.insert("list_floor_ms".into(), json!(round(list_floor_ms)));
+    out.insert(
+        "list_over_floor".into(),
+        json!(round(list_ms / list_floor_ms.max(1e-6))),
+    );
     out.insert("available_ms".into(), json!(round(median_ms(&mut avail))));
     out.insert("register_per_s".into(), json!(round(register_per_s)));
     out.insert("startup_ready_ms".into(), json!(round(startup_ready_ms)));
