@@ -90,7 +90,7 @@ impl StoredDevice {
 pub enum ValidationError {
     #[error("invalid name {0:?}: use 2-63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit")]
     Name(String),
-    #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : / -")]
+    #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : -, or k8s:<namespace>/<pod>")]
     InstanceId(String),
     #[error("invalid tags: {0}")]
     Tags(String),
@@ -172,14 +172,29 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 /// 1-128 of `[A-Za-z0-9_.:-]`.
 pub fn validate_instance_id(id: &str) -> Result<(), ValidationError> {
     let ok = (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'/' | b'-'));
+        && id.bytes().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, b'_' | b'.' | b':' | b'-')
+                || (c == b'/' && pod_form(id))
+        });
     if ok {
         Ok(())
     } else {
         Err(ValidationError::InstanceId(shorten(id)))
     }
+}
+
+/// The device plugin's instance ids, `k8s:<namespace>/<pod>`: the one form
+/// that may hold a `/`, exactly one, between two non-empty parts, and never
+/// next to `..`, so no instance id reads as a path.
+fn pod_form(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("k8s:") else {
+        return false;
+    };
+    let Some((ns, pod)) = rest.split_once('/') else {
+        return false;
+    };
+    !ns.is_empty() && !pod.is_empty() && !pod.contains('/') && !id.contains("..")
 }
 
 /// A CUID2 as we generate it: 24 lowercase alphanumerics, the first a letter.
@@ -640,7 +655,18 @@ pub(crate) mod tests {
         ] {
             assert!(validate_instance_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "vm 1", "vm\\1", &"z".repeat(129), "vm\n"] {
+        for bad in [
+            "",
+            "vm 1",
+            "vm/1",
+            "../../",
+            "k8s:a/b/c",
+            "k8s:/pod",
+            "k8s:ns/",
+            "k8s:../x",
+            &"z".repeat(129),
+            "vm\n",
+        ] {
             assert!(validate_instance_id(bad).is_err(), "{bad:?}");
         }
     }
