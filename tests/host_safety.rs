@@ -218,7 +218,7 @@ fn persistenced_is_stopped_and_started_around_the_moves() {
     const UNIT: &str = "nvidia-persistenced.service";
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::start(
+    let d = Daemon::start(
         &bus,
         state.path(),
         &[
@@ -258,6 +258,14 @@ fn persistenced_is_stopped_and_started_around_the_moves() {
     around(&bus.journal()[mark..], "probe 0000:01:00.0");
     assert!(bus.unit_active(UNIT));
     assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    // *(issue 19)* Logs show values, not Rust debug output.
+    wait_until(|| d.log().contains("device given back to the host"));
+    let log = d.log();
+    assert!(
+        log.contains("from=nvidia") && log.contains("to=nvidia"),
+        "{log}"
+    );
+    assert!(!log.contains("from=\"") && !log.contains("Some("), "{log}");
 
     // A Bind that fails at the probe is rolled back to nvidia, and the
     // service is started again all the same.

@@ -310,17 +310,17 @@ impl Bouncer {
         match verdict {
             Verdict::Granted(by) => {
                 tracing::debug!(
-                    uid = %uid_text, sender = %sender, action = action.id(),
+                    uid = %uid_text, sender = %sender, action = %action.id(),
                     pci_address = %target.pci_address, device_name = %target.name,
-                    result = "granted", by, "authorization"
+                    result = %"granted", by = %by, "authorization"
                 );
                 Ok(())
             }
             Verdict::NeedsInteraction => {
                 tracing::info!(
-                    uid = %uid_text, sender = %sender, action = action.id(),
+                    uid = %uid_text, sender = %sender, action = %action.id(),
                     pci_address = %target.pci_address, device_name = %target.name,
-                    result = "interaction required", "authorization"
+                    result = %"interaction required", "authorization"
                 );
                 Err(Error::InteractiveAuthorizationRequired(format!(
                     "{} needs an administrator's password: call again allowing interactive authorization (hypemanctl --allow-interactive), or be granted {} by a polkit rule",
@@ -330,9 +330,9 @@ impl Bouncer {
             }
             Verdict::Denied(why) => {
                 tracing::info!(
-                    uid = %uid_text, sender = %sender, action = action.id(),
+                    uid = %uid_text, sender = %sender, action = %action.id(),
                     pci_address = %target.pci_address, device_name = %target.name,
-                    result = "denied", reason = %why, "authorization"
+                    result = %"denied", reason = %why, "authorization"
                 );
                 Err(Error::AccessDenied(format!(
                     "not allowed to {} {} ({}): {why}",
@@ -428,7 +428,7 @@ impl Bouncer {
         match self.authority.cancel_check_authorization(&cancel_id).await {
             Ok(()) => tracing::info!(
                 sender = %sender,
-                action = action.id(),
+                action = %action.id(),
                 reason = %outcome,
                 "authorization check cancelled at polkitd"
             ),

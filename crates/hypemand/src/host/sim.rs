@@ -601,7 +601,7 @@ impl SimHost {
         sv.0 = active;
         self.note(format!("{} {name}", if active { "start" } else { "stop" }));
         tracing::info!(
-            holder_service = name,
+            holder_service = %name,
             active,
             "simulator: service state changed"
         );
@@ -878,7 +878,7 @@ impl Host for SimHost {
         };
         if !d.loaded && d.loadable {
             d.loaded = true;
-            tracing::info!(driver, "simulator: module loaded");
+            tracing::info!(driver = %driver, "simulator: module loaded");
             self.save(&state);
         }
         Self::loaded(&state, driver)
@@ -919,7 +919,7 @@ impl Host for SimHost {
         // closes the device: so does this, until the service stops.
         let started = Instant::now();
         if Self::held_by_service(&state, address, driver) {
-            tracing::info!(pci_address = %address, driver, "simulator: unbind waits for the service holding the device");
+            tracing::info!(pci_address = %address, driver = %driver, "simulator: unbind waits for the service holding the device");
         }
         while Self::held_by_service(&state, address, driver) {
             if started.elapsed() >= STALL_LIMIT {

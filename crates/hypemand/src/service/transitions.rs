@@ -197,7 +197,7 @@ impl Service {
                     pci_address = %s.pci_address,
                     device_id = %s.id,
                     device_name = %s.name,
-                    from = driver_text(dev.driver.as_deref()),
+                    from = %driver_text(dev.driver.as_deref()),
                     "device bound to vfio-pci"
                 );
                 let stored = self
@@ -253,7 +253,7 @@ impl Service {
                     pci_address = %s.pci_address,
                     device_id = %s.id,
                     device_name = %s.name,
-                    to = driver_text(after.driver.as_deref()),
+                    to = %driver_text(after.driver.as_deref()),
                     "device given back to the host"
                 );
                 Ok((before, self.view(stored, Some(after))))
@@ -362,7 +362,7 @@ impl Service {
                         pci_address = %s.pci_address,
                         device_id = %s.id,
                         device_name = %s.name,
-                        driver = driver_text(view.driver()),
+                        driver = %driver_text(view.driver()),
                         "device should be on vfio-pci: binding it again"
                     );
                     self.bind_locked(s, false, false).await
