@@ -36,9 +36,9 @@ for path in \
   ./usr/share/dbus-1/system-services/org.hypeman.Devices.service \
   ./usr/share/polkit-1/actions/org.hypeman.devices.policy \
   ./usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules \
-  ./usr/share/man/man1/hypemanctl.1 \
-  ./usr/share/man/man1/hypemanctl-register.1 \
-  ./usr/share/man/man8/hypemand.8 \
+  ./usr/share/man/man1/hypemanctl.1.gz \
+  ./usr/share/man/man1/hypemanctl-register.1.gz \
+  ./usr/share/man/man8/hypemand.8.gz \
   ./usr/share/bash-completion/completions/hypemanctl \
   ./usr/share/zsh/vendor-completions/_hypemanctl \
   ./usr/share/fish/vendor_completions.d/hypemanctl.fish
