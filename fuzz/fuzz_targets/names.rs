@@ -13,6 +13,15 @@ fuzz_target!(|data: &[u8]| {
     }
     if validate_instance_id(s).is_ok() {
         assert!((1..=128).contains(&s.len()));
-        assert!(s.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(&c)));
+        // A '/' only in the device plugin's k8s:<namespace>/<pod>: exactly
+        // one, both parts non-empty, and never with "..".
+        let pod = s.starts_with("k8s:")
+            && s.matches('/').count() == 1
+            && !s.contains("..")
+            && !s.ends_with('/')
+            && !s.starts_with("k8s:/");
+        assert!(s
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(&c) || (c == b'/' && pod)));
     }
 });
