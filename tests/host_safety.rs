@@ -154,16 +154,31 @@ fn each_blocker_refuses_bind_and_attach_without_a_write() {
 }
 
 /// Register refuses the hard blockers with typed errors, so every record has
-/// an IOMMU group; forcing never overrides them.
+/// an IOMMU group; forcing never overrides them (a bridge registered by an
+/// earlier version is refused a forced Bind and Attach, typed, unwritten).
 #[test]
 fn register_refuses_bridges_and_forcing_cannot_help() {
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
+    stored_earlier(
+        state.path(),
+        &[("tz4a98xxat96iws9zmbrgj3a", "old-port", "0000:00:01.0")],
+    );
     let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
     let (name, text) = call_error(&bus, "Register", &["0000:00:01.0", "port"]);
     assert_eq!(name, "org.hypeman.Devices.Error.NotPassable");
     assert!(text.contains("is a PCI bridge"), "{text}");
-    assert_eq!(bus.manager("List", &[]).unwrap()[0], serde_json::json!([]));
+    let force = "{'force': <true>}";
+    for (method, args) in [
+        ("BindWithOptions", &["old-port", force][..]),
+        ("AttachWithOptions", &["old-port", "vm-1", force]),
+    ] {
+        let (name, text) = call_error(&bus, method, args);
+        assert_eq!(name, "org.hypeman.Devices.Error.NotPassable", "{method}");
+        assert!(text.contains("is a PCI bridge"), "{text}");
+    }
+    let listed = bus.manager("List", &[]).unwrap();
+    assert_eq!(listed[0].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(bus.writes(), Vec::<String>::new());
 }
 

@@ -64,11 +64,6 @@ impl Monitor {
     }
 }
 
-fn sim(bus: &TestBus, method: &str, args: &[&str]) {
-    bus.call(SIM, SIM_IFACE, method, args)
-        .unwrap_or_else(|e| panic!("{method}: {e}"));
-}
-
 fn get(bus: &TestBus, key: &str) -> serde_json::Value {
     bus.manager("Get", &["s", key]).unwrap()[0].clone()
 }
@@ -85,13 +80,13 @@ fn unplug_and_plug_bring_the_gpu_back_to_vfio() {
     let dev = Monitor::start(&bus, Some(&path), "dev.txt");
     let mgr = Monitor::start(&bus, Some(PATH), "mgr.txt");
 
-    sim(&bus, "Unplug", &["s", GPU]);
+    bus.sim("Unplug", &["s", GPU]);
     dev.wait_for("{'Present': <false>}");
     mgr.wait_for(&format!("HostDeviceRemoved ('{GPU}',)"));
     assert_eq!(get(&bus, "l4-gpu")["present"]["data"], false);
     assert!(get(&bus, "l4-gpu").get("driver").is_none());
 
-    sim(&bus, "Plug", &["s", GPU]);
+    bus.sim("Plug", &["s", GPU]);
     mgr.wait_for(&format!("HostDeviceAdded ('{GPU}',)"));
     dev.wait_for("{'BoundToVfio': <true>}");
     dev.wait_for("{'Present': <true>}");
@@ -119,16 +114,16 @@ fn an_unregistered_device_emits_nothing_on_device_objects() {
     bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
     let all = Monitor::start(&bus, None, "all.txt");
 
-    sim(&bus, "DriverBind", &["ss", NIC, "vfio-pci"]);
+    bus.sim("DriverBind", &["ss", NIC, "vfio-pci"]);
     assert_eq!(bus.host_driver(NIC).as_deref(), Some("vfio-pci"));
     // A later event whose signal we can wait for: everything before it has been
     // handled by then.
-    sim(&bus, "Unplug", &["s", NIC]);
+    bus.sim("Unplug", &["s", NIC]);
     all.wait_for(&format!("HostDeviceRemoved ('{NIC}',)"));
     assert!(!all.text().contains("PropertiesChanged"), "{}", all.text());
 
     // A registered device's outside rebind is announced.
-    sim(&bus, "DriverBind", &["ss", GPU, "vfio-pci"]);
+    bus.sim("DriverBind", &["ss", GPU, "vfio-pci"]);
     all.wait_for("{'Driver': <'vfio-pci'>}");
     all.wait_for("{'BoundToVfio': <true>}");
 }

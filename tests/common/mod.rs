@@ -136,6 +136,17 @@ impl TestBus {
         .expect("InjectFault");
     }
 
+    /// A `Simulator1` method that must succeed (`Unplug`, `Plug`, ...).
+    pub fn sim(&self, method: &str, args: &[&str]) {
+        self.call(
+            "/org/hypeman/Simulator",
+            "org.hypeman.Simulator1",
+            method,
+            args,
+        )
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+    }
+
     pub fn clear_faults(&self) {
         self.call(
             "/org/hypeman/Simulator",

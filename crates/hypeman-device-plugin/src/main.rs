@@ -110,6 +110,10 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .allow_interactive(false);
     let node = Node::new(client, config);
+    // Read once before serving: the kubelet's first list is the real one,
+    // never an empty list followed by the devices. (`follow` reads again
+    // once subscribed, so nothing between the two reads goes unseen.)
+    node.refresh().await;
     let _follow = AbortOnDrop(tokio::spawn(node.clone().follow()));
     let every = Duration::from_secs_f64(args.pod_resources_interval.clamp(0.05, 3600.0));
     let _pods = AbortOnDrop(tokio::spawn(kubelet::follow_pods(

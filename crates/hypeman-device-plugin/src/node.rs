@@ -12,6 +12,9 @@ use zbus::{MatchRule, MessageStream};
 
 use crate::config::Config;
 
+/// How often hypemand is read while it does not answer.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Instances the plugin attaches devices to: `k8s:<namespace>/<pod>`.
 pub const K8S_PREFIX: &str = "k8s:";
 
@@ -91,10 +94,13 @@ impl Node {
     /// hypemand does not answer (it is restarting), the devices last seen
     /// stay listed, Unhealthy: nothing new is allocated on them, and the
     /// kubelet does not drop them.
-    pub async fn refresh(&self) {
+    /// Returns whether hypemand answered.
+    pub async fn refresh(&self) -> bool {
+        let mut answered = true;
         let next = match read(&self.client, &self.config).await {
             Ok(n) => n,
             Err(e) => {
+                answered = false;
                 tracing::warn!(error = %e, "cannot read the devices from hypemand; marking them Unhealthy");
                 self.current()
                     .iter()
@@ -113,14 +119,19 @@ impl Node {
             *cur = Arc::new(next);
             true
         });
+        answered
     }
 
     /// Follows hypemand's signals until the bus connection closes.
     pub async fn follow(self: Arc<Self>) {
         let conn = self.client.connection().clone();
+        // By path, not by sender: a rule on the well-known name is filtered
+        // client-side against the owner zbus last saw, and signals from a
+        // restarted hypemand could be dropped until that caught up. A signal
+        // from anyone else on this path only causes a read of hypemand.
         let from_hypemand = MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
-            .sender(hypeman_api::BUS_NAME)
+            .path_namespace(hypeman_api::MANAGER_PATH)
             .build();
         let owner = MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
@@ -151,12 +162,23 @@ impl Node {
             }
         };
         // Subscribed first, read second: nothing in between goes unseen.
-        self.refresh().await;
+        let mut answered = self.refresh().await;
         let mut events = futures_util::stream::select(a, b);
-        while events.next().await.is_some() {
+        loop {
+            // While hypemand does not answer (it is restarting), read again
+            // every second as well as on its signals: its coming back can
+            // race with the owner-change signal. Otherwise, signals only.
+            let closed = if answered {
+                events.next().await.is_none()
+            } else {
+                matches!(tokio::time::timeout(RETRY, events.next()).await, Ok(None))
+            };
+            if closed {
+                return; // the bus connection closed
+            }
             // A burst (a Bind changes several properties) is one read.
             while let Some(Some(_)) = futures_util::FutureExt::now_or_never(events.next()) {}
-            self.refresh().await;
+            answered = self.refresh().await;
         }
     }
 }
