@@ -91,10 +91,14 @@ boot() { # [VAR=VALUE...] for nspawn's environment
   env "$@" systemd-nspawn -D "$rootfs" --boot --register=no --keep-unit \
     --quiet >"$log/console.txt" 2>&1 &
   nspawn_pid=$!
-  # The container's PID 1: nspawn's child.
+  # The container's PID 1: nspawn's child once it is systemd (nspawn's
+  # setup child comes and goes first; picking it made a run fail).
   for _ in $(seq 1 200); do
     pid1=$(ps -o pid= --ppid "$nspawn_pid" | tr -d ' ' | head -n1 || true)
-    [ -n "$pid1" ] && break
+    if [ -n "$pid1" ] && [ "$(ps -o comm= -p "$pid1" 2>/dev/null || true)" = systemd ]; then
+      break
+    fi
+    pid1=
     kill -0 "$nspawn_pid" 2>/dev/null || { cat "$log/console.txt" >&2; return 1; }
     sleep 0.05
   done
