@@ -242,12 +242,12 @@ fn error_output_for_each_error() {
     bus.inject("probe", "0000:a2:00.0", "stall");
     fails_with(ctl(&bus, &["bind", "l4-gpu"]), "within");
     bus.clear_faults();
-    std::fs::create_dir(state.path().join(".devices.json.tmp")).unwrap();
+    limit_file_size(d.proc.pid(), Some(journal_len(state.path())));
     fails_with(
         ctl(&bus, &["register", "0000:5e:00.0"]),
         "could not be saved",
     );
-    std::fs::remove_dir(state.path().join(".devices.json.tmp")).unwrap();
+    limit_file_size(d.proc.pid(), None);
     drop(d);
     wait_until(|| !bus.has_owner(NAME));
 

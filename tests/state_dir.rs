@@ -198,14 +198,19 @@ fn a_name_may_not_be_another_devices_id() {
     );
 }
 
-/// The file is 0600 whatever the umask, and a link planted at the temp file
-/// is replaced rather than written through.
+/// The files are 0600 whatever the umask, and links planted at the temp
+/// files (the snapshot's and the journal's, both rewritten at every change
+/// with `--journal-limit 1`) are replaced rather than written through.
 #[test]
-fn the_registry_is_0600_and_the_temp_file_is_never_followed() {
+fn the_registry_is_0600_and_the_temp_files_are_never_followed() {
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
     let f = fixture("l4.toml");
-    let mut cmd = Daemon::command(&bus, state.path(), &["--simulate", f.to_str().unwrap()]);
+    let mut cmd = Daemon::command(
+        &bus,
+        state.path(),
+        &["--simulate", f.to_str().unwrap(), "--journal-limit", "1"],
+    );
     // The daemon's umask is 0 here: the mode must not come from it.
     use std::os::unix::process::CommandExt;
     // SAFETY: umask in the child before exec; async-signal-safe.
@@ -218,15 +223,27 @@ fn the_registry_is_0600_and_the_temp_file_is_never_followed() {
     let d = Daemon::from_command(&bus, cmd, state.path());
     bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
     let file = state.path().join("devices.json");
-    assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o777, 0o600);
+    let journal = state.path().join("devices.journal");
+    // The compaction that follows the change.
+    wait_until(|| std::fs::read_to_string(&file).is_ok_and(|t| t.contains("\"l4-gpu\"")));
+    wait_until(|| std::fs::metadata(&journal).is_ok_and(|m| m.len() == 0));
+    for f in [&file, &journal] {
+        assert_eq!(std::fs::metadata(f).unwrap().mode() & 0o777, 0o600, "{f:?}");
+    }
 
     let victim_dir = tempfile::tempdir().unwrap();
     let victim = victim_dir.path().join("victim");
     std::fs::write(&victim, "precious").unwrap();
-    std::os::unix::fs::symlink(&victim, state.path().join(".devices.json.tmp")).unwrap();
+    for tmp in [".devices.json.tmp", ".devices.journal.tmp"] {
+        std::os::unix::fs::symlink(&victim, state.path().join(tmp)).unwrap();
+    }
     bus.manager("Register", &["ss", "0000:3b:00.0", "nic"])
         .unwrap();
+    wait_until(|| std::fs::read_to_string(&file).is_ok_and(|t| t.contains("\"nic\"")));
+    wait_until(|| std::fs::metadata(&journal).is_ok_and(|m| m.len() == 0));
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
-    assert!(std::fs::read_to_string(&file).unwrap().contains("\"nic\""));
+    for f in [&file, &journal] {
+        assert_eq!(std::fs::metadata(f).unwrap().mode() & 0o777, 0o600, "{f:?}");
+    }
     drop(d);
 }

@@ -130,11 +130,8 @@ fn tags_on_create_list_filter_set_and_restart() {
         tags_of(&got[0]),
         serde_json::json!({"team": "ml", "owner": "ana"})
     );
-    let text = std::fs::read_to_string(state.path().join("devices.json")).unwrap();
-    let doc: Value = serde_json::from_str(&text).unwrap();
-    let nic = doc["devices"]
-        .as_array()
-        .unwrap()
+    let records = stored_records(state.path());
+    let nic = records
         .iter()
         .find(|r| r["name"] == "pci-0000-3b-00-0")
         .unwrap();

@@ -73,6 +73,64 @@ pub fn stored_earlier(state_dir: &Path, records: &[(&str, &str, &str)]) {
     std::fs::write(state_dir.join("devices.json"), doc.to_string()).expect("write devices.json");
 }
 
+/// The records the store holds, by id: `devices.json`, then the changes of
+/// `devices.journal` after its `seq`, up to the last whole write. Read here
+/// from DESIGN.md's description of the files, not with the daemon's code.
+pub fn stored_records(state_dir: &Path) -> Vec<Value> {
+    let snapshot: Value = std::fs::read_to_string(state_dir.join("devices.json"))
+        .map(|t| serde_json::from_str(&t).expect("devices.json parses"))
+        .unwrap_or_else(|_| serde_json::json!({"version": 1, "devices": []}));
+    let mut seq = snapshot["seq"].as_u64().unwrap_or(0);
+    let mut records: std::collections::BTreeMap<String, Value> = snapshot["devices"]
+        .as_array()
+        .expect("a devices list")
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r.clone()))
+        .collect();
+    let journal = std::fs::read_to_string(state_dir.join("devices.journal")).unwrap_or_default();
+    let mut write = Vec::new();
+    for line in journal.split_inclusive('\n') {
+        let Some(line) = line.strip_suffix('\n') else {
+            break; // a torn write
+        };
+        let entry: Value = serde_json::from_str(line).expect("a whole journal line parses");
+        write.push(entry.clone());
+        if entry["end"] != Value::Bool(true) {
+            continue;
+        }
+        for e in write.drain(..) {
+            let n = e["seq"].as_u64().unwrap();
+            if n <= seq {
+                continue;
+            }
+            assert_eq!(n, seq + 1, "the journal goes on from devices.json");
+            seq = n;
+            if let Some(r) = e.get("add").or_else(|| e.get("replace")) {
+                records.insert(r["id"].as_str().unwrap().to_string(), r.clone());
+            } else {
+                records.remove(e["remove"].as_str().unwrap());
+            }
+        }
+    }
+    records.into_values().collect()
+}
+
+/// Sets a running process's soft file size limit (`None`: unlimited), so its
+/// next write past `bytes` fails with EFBIG: a store that cannot be written.
+pub fn limit_file_size(pid: u32, bytes: Option<u64>) {
+    let limit = bytes.map_or("unlimited".to_string(), |b| b.to_string());
+    let st = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={limit}:")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(st.success(), "prlimit --fsize={limit}: failed");
+}
+
+/// The journal's size now (0 when there is none yet).
+pub fn journal_len(state_dir: &Path) -> u64 {
+    std::fs::metadata(state_dir.join("devices.journal")).map_or(0, |m| m.len())
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     root().join("examples/hosts").join(name)
 }

@@ -17,7 +17,7 @@ pub struct DaemonArgs {
     /// Bus to serve on: system, session, or a D-Bus address.
     #[arg(long, default_value = "system")]
     pub bus: BusChoice,
-    /// Directory holding devices.json [default: $STATE_DIRECTORY, else /var/lib/hypeman]
+    /// Directory holding devices.json and its journal [default: $STATE_DIRECTORY, else /var/lib/hypeman]
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Root of the host the real backend reads: DIR/sys, and DIR/proc for
@@ -42,6 +42,10 @@ pub struct DaemonArgs {
     /// Deadline of each sysfs operation, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub sysfs_timeout: f64,
+    /// Compact the journal into devices.json once it holds this many bytes
+    /// [default: 1 MiB, or the size of devices.json if larger]
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub journal_limit: Option<u64>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works.
     #[arg(long)]
     pub log_level: Option<String>,

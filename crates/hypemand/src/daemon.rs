@@ -11,6 +11,7 @@ use crate::host::sysfs::SysfsHost;
 use crate::host::units::Units;
 use crate::host::{EventKind, Host, HostEvent};
 use crate::pci::PciIds;
+use crate::service::commit::Commits;
 use crate::service::Service;
 use crate::store::{Loaded, Store, StoreError};
 
@@ -30,6 +31,8 @@ pub struct Options {
     pub simulate_state: Option<PathBuf>,
     /// The deadline of each sysfs operation.
     pub sysfs_timeout: std::time::Duration,
+    /// The journal's compaction size (none: the default rule).
+    pub journal_limit: Option<u64>,
 }
 
 /// Why the daemon stopped with a failure. Each kind has its own exit status (see
@@ -52,6 +55,8 @@ pub enum DaemonError {
     Api(#[from] crate::edge::rest::SocketError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("cannot start the store's writer thread: {0}")]
+    Writer(#[source] std::io::Error),
 }
 
 /// Exit statuses. 2 is left to the argument parser (bad options).
@@ -73,7 +78,7 @@ impl DaemonError {
             DaemonError::Bus(ServeError::NameTaken) => exit::NAME_TAKEN,
             DaemonError::Bus(_) => exit::BUS,
             DaemonError::Api(_) => exit::API,
-            DaemonError::Signals(_) => exit::FAILURE,
+            DaemonError::Signals(_) | DaemonError::Writer(_) => exit::FAILURE,
         }
     }
 }
@@ -103,13 +108,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         path: opts.state_dir.clone(),
         source,
     })?;
+    crate::pause::configure(sim.is_some());
     let store = Store::new(&opts.state_dir);
-    let (registry, loaded) = store.load()?;
-    let load_note = match &loaded {
+    let opened = store.open()?;
+    let load_note = match &opened.loaded {
         Loaded::Dropped { dropped, aside } => Some(format!(
             "{dropped} record{} dropped at start-up (original kept at {})",
             if *dropped == 1 { "" } else { "s" },
-            aside.display()
+            aside
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         _ => None,
     };
@@ -117,12 +127,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     tracing::info!(
         host = %host.describe(),
         registry = %store.path().display(),
-        devices = registry.len(),
+        devices = opened.registry.len(),
+        replayed = opened.replayed,
         pci_ids = %ids.source(),
         "starting"
     );
     let door = Door::new(host.clone(), opts.sysfs_timeout).with_units(units);
-    let service = Arc::new(Service::new(door.clone(), ids, store, registry));
+    let commits = Commits::start(store, opened, opts.journal_limit).map_err(DaemonError::Writer)?;
+    let service = Arc::new(Service::new(door.clone(), ids, commits));
     if let Some(note) = load_note {
         service.set_status_note(note);
     }

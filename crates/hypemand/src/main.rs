@@ -46,6 +46,12 @@ fn init_logging(filter: &str) -> bool {
 
 fn main() -> ExitCode {
     hypemand::memory::tune_allocator();
+    // A file size limit reached is a failed write (EFBIG, the caller gets
+    // StoreFailed), not a killed daemon, as PostgreSQL does.
+    // SAFETY: setting a signal's disposition to ignore, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let args = match DaemonArgs::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
         simulate: args.simulate,
         simulate_state: args.simulate_state,
         sysfs_timeout: std::time::Duration::from_secs_f64(args.sysfs_timeout),
+        journal_limit: args.journal_limit,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -3,8 +3,8 @@
 //! Every front end (the D-Bus methods, the hotplug events) calls in here, and
 //! nothing here knows about D-Bus. The service owns the registry: reads take a
 //! snapshot and never wait for the disk or for another device's kernel
-//! operation; changes to the registry pass one gate and are written to the store
-//! before they become visible; operations on one device are serialised by that
+//! operation; changes to the registry are checked one at a time and written to
+//! the store before they become visible; operations on one device are serialised by that
 //! device's own lock, so a bind stuck in the kernel holds up nobody else.
 //!
 //! - [`registry`]: Register, List, Get, ListAvailable, Delete, and resolving a
@@ -13,13 +13,13 @@
 //! - [`blockers`]: why a function must not be taken from the host;
 //! - [`transitions`]: Bind, Unbind, Attach, Detach and reconciling, with rollback;
 //! - [`group`]: the IOMMU group as the unit of assignment;
-//! - [`gate`]: the write gate and the store commit;
+//! - [`commit`]: the way every change takes to disk, group-committed;
 //! - [`seen`]: the host state clients were last told about;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
 pub mod blockers;
+pub mod commit;
 pub mod error;
-pub mod gate;
 pub mod group;
 pub mod placement;
 pub mod registry;
@@ -29,14 +29,14 @@ pub mod transitions;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hypeman_api::{Available, Record, VFIO_DRIVER};
 
 use crate::host::door::Door;
 use crate::host::HostDevice;
 use crate::pci::{DeviceType, PciAddress, PciIds};
-use crate::store::{Registry, Store, StoredDevice};
+use crate::store::{Registry, StoredDevice};
 pub use error::Result;
 
 /// A registered device as clients see it: what the store keeps, joined with what
@@ -151,10 +151,10 @@ impl Target {
 
 /// Where the service announces changes that clients must see (the bus layer).
 pub trait Publisher: Send + Sync {
-    /// A device was registered (called while the registry gate is held, so
-    /// announcements come in the order the changes were made).
+    /// A device was registered (called under the device's lock, so a
+    /// device's announcements come in the order its changes were made).
     fn added<'a>(&'a self, device: &'a DeviceView) -> BoxFuture<'a>;
-    /// A device was unregistered (likewise under the gate).
+    /// A device was unregistered (likewise under the device's lock).
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a>;
     /// A device's state changed from `before` to `after`.
     fn changed<'a>(&'a self, before: &'a DeviceView, after: &'a DeviceView) -> BoxFuture<'a>;
@@ -169,10 +169,8 @@ pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 pub struct Service {
     pub(crate) door: Door,
     ids: PciIds,
-    store: Store,
-    registry: RwLock<Arc<Registry>>,
-    /// Serialises registry changes; held across the store write, never by readers.
-    gate: tokio::sync::Mutex<()>,
+    /// The registry, published and staged, and the way changes take to disk.
+    commits: commit::Commits,
     /// One lock per PCI address: operations on one device happen one at a time.
     device_locks: Mutex<HashMap<PciAddress, Arc<tokio::sync::Mutex<()>>>>,
     /// One lock per IOMMU group, taken after a device's lock (never before):
@@ -190,13 +188,11 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(door: Door, ids: PciIds, store: Store, registry: Registry) -> Self {
+    pub fn new(door: Door, ids: PciIds, commits: commit::Commits) -> Self {
         Service {
             door,
             ids,
-            store,
-            registry: RwLock::new(Arc::new(registry)),
-            gate: tokio::sync::Mutex::new(()),
+            commits,
             device_locks: Mutex::new(HashMap::new()),
             group_locks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
@@ -243,10 +239,7 @@ impl Service {
 
     /// The registry as it is now. Cheap: an `Arc` clone.
     pub fn snapshot(&self) -> Arc<Registry> {
-        self.registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.commits.snapshot()
     }
 
     pub(crate) fn device_lock(&self, a: PciAddress) -> Arc<tokio::sync::Mutex<()>> {
@@ -293,8 +286,9 @@ impl Service {
 
     /// Refuses new changes, waits for every device operation in flight (each
     /// ends within its deadlines, rolled back if it failed) and for the last
-    /// registry write; used at shutdown so nothing acknowledged is cut short and
-    /// no device is left between drivers.
+    /// registry write, then compacts the journal into `devices.json`; used at
+    /// shutdown so nothing acknowledged is cut short and no device is left
+    /// between drivers.
     pub async fn quiesce(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -308,7 +302,7 @@ impl Service {
         for l in locks {
             std::mem::forget(l.lock_owned().await);
         }
-        std::mem::forget(self.gate.lock().await);
+        self.commits.close().await;
     }
 }
 
@@ -333,12 +327,13 @@ pub(crate) mod testing {
         let dir = tempfile::tempdir().unwrap();
         let sim = Arc::new(SimHost::from_file(fixture).unwrap());
         let door = Door::new(sim.clone(), deadline);
-        let service = Arc::new(Service::new(
-            door,
-            PciIds::default(),
-            Store::new(dir.path()),
-            Registry::default(),
-        ));
+        let commits = commit::Commits::start(
+            crate::store::Store::new(dir.path()),
+            crate::store::Opened::empty(dir.path()),
+            None,
+        )
+        .unwrap();
+        let service = Arc::new(Service::new(door, PciIds::default(), commits));
         Fixture {
             sim,
             service,

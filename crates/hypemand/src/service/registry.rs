@@ -98,7 +98,10 @@ impl Service {
             tags,
         };
 
-        let _gate = self.gate().await;
+        // Under the address's lock, so a Delete of this device cannot be
+        // announced before its registration is.
+        let lock = self.device_lock(address);
+        let _held = lock.lock().await;
         self.refuse_if_stopping()?;
         self.commit(Change::Add(stored.clone())).await?;
         self.seen().set(address, Some(host.clone()));
@@ -268,7 +271,6 @@ impl Service {
                 self.publish_change(&before, &after).await;
             }
         }
-        let _gate = self.gate().await;
         let removed = self.current(target)?;
         self.commit(Change::Remove(removed.id.clone())).await?;
         tracing::info!(

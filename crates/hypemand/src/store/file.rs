@@ -1,8 +1,11 @@
-//! The on-disk registry: `devices.json` in the state directory.
+//! The on-disk registry: `devices.json` in the state directory, the snapshot,
+//! and the changes after it in `devices.journal` ([`super::journal`]).
 //!
-//! Written whole and durably on every change (temp file, fsync, rename, fsync of
-//! the directory), so after a crash or power loss the file is either the old
-//! registry or the new one, never a mix.
+//! The snapshot is written whole and durably (temp file, fsync, rename, fsync
+//! of the directory) when the journal is compacted and at a clean stop, so
+//! after a crash or power loss it is either the old registry or the new one,
+//! never a mix. It records the last change it holds (`seq`), and start-up
+//! replays the journal's later changes over it.
 //!
 //! The directory and the file are trusted only when they are the daemon's own
 //! (its uid, not writable by group or others), the file is a regular file, and
@@ -15,13 +18,14 @@
 //! kept aside.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 #[cfg(test)]
 use serde::Serialize;
 
+use super::journal::{self, Journal, JOURNAL_NAME};
 use super::registry::{Change, Conflict, Registry, Stored, StoredDevice};
 
 /// The format version this build writes and reads.
@@ -63,6 +67,7 @@ pub enum StoreError {
 #[derive(Serialize)]
 struct FileOut<'a> {
     version: u32,
+    seq: u64,
     devices: Vec<&'a StoredDevice>,
 }
 
@@ -73,10 +78,10 @@ pub enum Loaded {
     Fresh,
     Existing,
     /// Some records broke the rules and were dropped (each is logged); the
-    /// original file is kept at `aside`, and the file now holds the rest.
+    /// original files are kept at `aside`, and the store now holds the rest.
     Dropped {
         dropped: usize,
-        aside: PathBuf,
+        aside: Vec<PathBuf>,
     },
 }
 
@@ -120,25 +125,65 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// The registry as start-up found it, with the journal open for appending.
+#[derive(Debug)]
+pub struct Opened {
+    pub registry: Registry,
+    pub loaded: Loaded,
+    /// The last change the registry holds (the journal's next is one more).
+    pub seq: u64,
+    pub journal: Journal,
+    /// The size of `devices.json`, against which the journal is compacted.
+    pub snapshot_bytes: u64,
+    /// Journal entries applied over the snapshot.
+    pub replayed: usize,
+}
+
+impl Opened {
+    /// An empty registry with no files yet (the unit tests' services).
+    pub fn empty(dir: &Path) -> Self {
+        Opened {
+            registry: Registry::default(),
+            loaded: Loaded::Fresh,
+            seq: 0,
+            journal: Journal::new(dir, false, 0),
+            snapshot_bytes: 0,
+            replayed: 0,
+        }
+    }
+}
+
 impl Store {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE_NAME)
     }
 
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL_NAME)
+    }
+
     fn temp_path(&self) -> PathBuf {
         self.dir.join(format!(".{FILE_NAME}.tmp"))
     }
 
-    /// Reads the registry. A missing file is an empty registry. Refused (the
-    /// daemon exits 3 and the file stays as it is): an unsafe directory or
-    /// file, anything but a regular file, a newer format, a file that does
-    /// not parse. Records that break a rule are dropped, each logged, and the
-    /// original file is kept aside.
-    pub fn load(&self) -> Result<(Registry, Loaded), StoreError> {
+    /// Reads the registry: `devices.json`, then the journal's changes after
+    /// it. Missing files are an empty registry. Refused (the daemon exits 3
+    /// and the files stay as they are): an unsafe directory or file, anything
+    /// but a regular file, a newer format, a file that does not parse, a
+    /// journal damaged before its last whole write or that does not follow
+    /// the snapshot. A torn last write of the journal is dropped (it was never
+    /// acknowledged) and logged. Records or entries that break a rule are
+    /// dropped, each logged, the original files are kept aside, and the
+    /// registry is written afresh.
+    pub fn open(&self) -> Result<Opened, StoreError> {
         let dir_meta = std::fs::metadata(&self.dir).map_err(|source| StoreError::Read {
             path: self.dir.clone(),
             source,
@@ -150,165 +195,290 @@ impl Store {
             });
         }
         check_owned(&self.dir, &dir_meta, "state directory")?;
-        // A temp file left by a crash: never trusted, never followed.
-        let tmp = self.temp_path();
-        if std::fs::symlink_metadata(&tmp).is_ok() {
-            tracing::info!(path = %tmp.display(), "removing a temp file left by an interrupted write");
-            std::fs::remove_file(&tmp).map_err(|source| StoreError::Write {
-                path: tmp.clone(),
-                source,
-            })?;
+        // Temp files left by a crash: never trusted, never followed.
+        for tmp in [self.temp_path(), journal::temp_path(&self.dir)] {
+            if std::fs::symlink_metadata(&tmp).is_ok() {
+                tracing::info!(path = %tmp.display(), "removing a temp file left by an interrupted write");
+                std::fs::remove_file(&tmp).map_err(|source| StoreError::Write {
+                    path: tmp.clone(),
+                    source,
+                })?;
+            }
         }
 
         let path = self.path();
-        // No symlink followed; a FIFO or device does not block the open.
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path);
-        let mut file = match file {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((Registry::default(), Loaded::Fresh))
+        let mut dropped = 0;
+        let mut aside = Vec::new();
+        let snapshot = open_checked(&path, "registry file")?;
+        let fresh = snapshot.is_none();
+        let (mut registry, mut seq, snapshot_bytes) = match snapshot {
+            None => (Registry::default(), 0, 0),
+            Some(mut file) => {
+                let bytes = read_whole(&mut file, &path)?;
+                let (registry, seq, bad) = parse_snapshot(&path, &bytes)?;
+                if bad > 0 {
+                    dropped += bad;
+                    aside.push(keep_aside(&self.dir, FILE_NAME, &path, &bytes)?);
+                }
+                (registry, seq, bytes.len() as u64)
             }
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(StoreError::Unsafe {
-                    path,
-                    why: "it is a symbolic link; the registry must be a regular file".into(),
-                })
-            }
-            Err(source) => return Err(StoreError::Read { path, source }),
         };
-        let meta = file.metadata().map_err(|source| StoreError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        if !meta.is_file() {
-            return Err(StoreError::Unsafe {
-                path,
-                why: "it is not a regular file".into(),
-            });
-        }
-        check_owned(&path, &meta, "registry file")?;
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes)
-            .map_err(|source| StoreError::Read {
-                path: path.clone(),
+
+        let jpath = self.journal_path();
+        let mut replayed = 0;
+        let journal = match open_checked(&jpath, "journal")? {
+            None => Journal::new(&self.dir, false, 0),
+            Some(mut file) => {
+                let bytes = read_whole(&mut file, &jpath)?;
+                let read = journal::parse(&bytes).map_err(|d| StoreError::Unparsable {
+                    path: jpath.clone(),
+                    why: format!("{}, before its last whole write", d.0),
+                })?;
+                let mut bad = 0;
+                for entry in read.entries {
+                    if entry.seq <= seq {
+                        continue; // already in the snapshot
+                    }
+                    if entry.seq != seq + 1 {
+                        return Err(StoreError::Unparsable {
+                            path: jpath,
+                            why: format!(
+                                "it goes on from change {} but {FILE_NAME} holds changes up to {seq}, so the two do not belong together (one was restored or copied from elsewhere); move the journal away to start from {FILE_NAME} alone",
+                                entry.seq - 1
+                            ),
+                        });
+                    }
+                    seq = entry.seq;
+                    let applied = match &entry.change {
+                        Change::Add(d) | Change::Replace(d) => d.validate(),
+                        Change::Remove(_) => Ok(()),
+                    }
+                    .and_then(|()| registry.apply(entry.change).map_err(|e| e.to_string()));
+                    match applied {
+                        Ok(()) => replayed += 1,
+                        Err(reason) => {
+                            bad += 1;
+                            tracing::error!(
+                                path = %jpath.display(),
+                                seq = entry.seq,
+                                %reason,
+                                "dropped a journal entry that breaks the registry's rules"
+                            );
+                        }
+                    }
+                }
+                if read.torn > 0 {
+                    tracing::warn!(
+                        path = %jpath.display(),
+                        bytes = read.torn,
+                        "dropped the journal's last write, which never finished (it was never acknowledged)"
+                    );
+                    OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&jpath)
+                        .and_then(|f| f.set_len(read.whole).and_then(|()| f.sync_all()))
+                        .map_err(|source| StoreError::Write {
+                            path: jpath.clone(),
+                            source,
+                        })?;
+                }
+                if bad > 0 {
+                    dropped += bad;
+                    aside.push(keep_aside(&self.dir, JOURNAL_NAME, &jpath, &bytes)?);
+                }
+                Journal::new(&self.dir, true, read.whole)
+            }
+        };
+        let mut opened = Opened {
+            registry,
+            loaded: if fresh && journal.is_empty() {
+                Loaded::Fresh
+            } else {
+                Loaded::Existing
+            },
+            seq,
+            journal,
+            snapshot_bytes,
+            replayed,
+        };
+        if dropped > 0 {
+            // What was kept, written afresh: the snapshot, then no journal.
+            opened.snapshot_bytes = self.save(&opened.registry, opened.seq)?;
+            opened.journal.remove().map_err(|source| StoreError::Write {
+                path: self.journal_path(),
                 source,
             })?;
-
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::Unparsable {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
-        // The version before the shape: a newer file whose records we would
-        // not understand is refused, not judged by our rules.
-        if let Some(found) = newer_version(&value) {
-            return Err(StoreError::Newer { path, found });
+            let originals: Vec<String> = aside.iter().map(|p| p.display().to_string()).collect();
+            tracing::error!(
+                path = %path.display(),
+                kept = opened.registry.len(),
+                dropped,
+                original = %originals.join(", "),
+                "some records broke the registry's rules and were dropped; the original files are kept aside"
+            );
+            opened.loaded = Loaded::Dropped { dropped, aside };
         }
-        if value.get("version").and_then(|v| v.as_u64()) != Some(u64::from(VERSION)) {
-            return Err(StoreError::Unparsable {
-                path,
-                why: format!("no \"version\": {VERSION} at the top level"),
-            });
-        }
-        let Some(records) = value.get("devices").and_then(|d| d.as_array()) else {
-            return Err(StoreError::Unparsable {
-                path,
-                why: "no \"devices\" list at the top level".into(),
-            });
-        };
-        let mut registry = Registry::default();
-        let mut dropped = 0;
-        for (i, record) in records.iter().enumerate() {
-            let id = record
-                .get("id")
-                .and_then(|v| v.as_str())
-                .map(super::registry::shorten)
-                .unwrap_or_default();
-            let kept = serde_json::from_value::<StoredDevice>(record.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|d| d.validate().map(|()| d))
-                .and_then(|d| registry.insert(d).map_err(broken));
-            if let Err(reason) = kept {
-                dropped += 1;
-                tracing::error!(
-                    path = %path.display(),
-                    record = i,
-                    device_id = %id,
-                    %reason,
-                    "dropped a record that breaks the registry's rules"
-                );
-            }
-        }
-        if dropped == 0 {
-            return Ok((registry, Loaded::Existing));
-        }
-        let aside = self.dir.join(format!(
-            "{FILE_NAME}.corrupt-{}",
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%.fZ")
-        ));
-        let keep = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&aside)
-            .and_then(|mut f| {
-                f.write_all(&bytes)?;
-                f.sync_all()
-            });
-        keep.map_err(|source| StoreError::KeepAside {
-            path: path.clone(),
-            to: aside.clone(),
-            source,
-        })?;
-        self.save(&registry)?;
-        tracing::error!(
-            path = %path.display(),
-            kept = registry.len(),
-            dropped,
-            original = %aside.display(),
-            "some records broke the registry's rules and were dropped; the original file is kept aside"
-        );
-        Ok((registry, Loaded::Dropped { dropped, aside }))
+        Ok(opened)
     }
 
-    /// Replaces the file with `registry`, durably.
-    pub fn save(&self, registry: &Registry) -> Result<(), StoreError> {
-        self.write(registry.iter().map(|device| Stored { device, json: None }))
-    }
-
-    /// Writes the registry as it will be once `change` is applied, without
-    /// building that registry first, reusing each kept record's JSON.
-    pub fn save_with(&self, registry: &Registry, change: &Change) -> Result<(), StoreError> {
-        self.write(registry.iter_after(change))
-    }
-
-    fn write<'a>(&self, records: impl Iterator<Item = Stored<'a>>) -> Result<(), StoreError> {
+    /// Replaces `devices.json` with `registry`, which holds the changes up to
+    /// `seq`, durably; returns the file's size.
+    pub fn save(&self, registry: &Registry, seq: u64) -> Result<u64, StoreError> {
         let path = self.path();
         let err = |source| StoreError::Write {
             path: path.clone(),
             source,
         };
-        let json = encode(records).map_err(|e| err(e.into()))?;
+        let json = encode(seq, registry.stored()).map_err(|e| err(e.into()))?;
         let tmp = self.temp_path();
-        let result = write_synced(&tmp, &json)
+        let result = journal::create_fresh(&tmp, &json)
+            .map(|_| crate::pause::at(crate::pause::Point::SnapshotWritten))
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| File::open(&self.dir)?.sync_all());
+            .and_then(|()| journal::sync_dir(&self.dir));
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        result.map_err(err)
+        result.map_err(err)?;
+        Ok(json.len() as u64)
     }
 }
 
-/// The file's bytes: `{"version":1,"devices":[...]}` and a newline, exactly
-/// what serde_json writes for [`FileOut`], with already-encoded records copied.
-fn encode<'a>(records: impl Iterator<Item = Stored<'a>>) -> serde_json::Result<Vec<u8>> {
+/// `devices.json`'s records (those that break a rule dropped, each logged),
+/// the last change it holds, and how many were dropped.
+fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(Registry, u64, usize), StoreError> {
+    let unparsable = |why: String| StoreError::Unparsable {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| unparsable(e.to_string()))?;
+    // The version before the shape: a newer file whose records we would
+    // not understand is refused, not judged by our rules.
+    if let Some(found) = newer_version(&value) {
+        return Err(StoreError::Newer {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    if value.get("version").and_then(|v| v.as_u64()) != Some(u64::from(VERSION)) {
+        return Err(unparsable(format!(
+            "no \"version\": {VERSION} at the top level"
+        )));
+    }
+    // Files written before the journal have no "seq": they hold change 0.
+    let seq = match value.get("seq") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| unparsable("\"seq\" is not a whole number".into()))?,
+    };
+    let Some(records) = value.get_mut("devices").and_then(|d| d.as_array_mut()) else {
+        return Err(unparsable("no \"devices\" list at the top level".into()));
+    };
+    let mut registry = Registry::default();
+    let mut dropped = 0;
+    for (i, record) in records.drain(..).enumerate() {
+        let id = record
+            .get("id")
+            .and_then(|v| v.as_str())
+            .map(super::registry::shorten)
+            .unwrap_or_default();
+        let kept = serde_json::from_value::<StoredDevice>(record)
+            .map_err(|e| e.to_string())
+            .and_then(|d| d.validate().map(|()| d))
+            .and_then(|d| registry.insert(d).map_err(broken));
+        if let Err(reason) = kept {
+            dropped += 1;
+            tracing::error!(
+                path = %path.display(),
+                record = i,
+                device_id = %id,
+                %reason,
+                "dropped a record that breaks the registry's rules"
+            );
+        }
+    }
+    Ok((registry, seq, dropped))
+}
+
+/// Opens a state file for reading: `None` if it does not exist. No symlink
+/// followed; a FIFO or device does not block the open; refused unless a
+/// regular file of the daemon's own that others cannot write.
+fn open_checked(path: &Path, what: &str) -> Result<Option<File>, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path);
+    let unsafe_because = |why: String| StoreError::Unsafe {
+        path: path.to_path_buf(),
+        why,
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(unsafe_because(format!(
+                "it is a symbolic link; the {what} must be a regular file"
+            )))
+        }
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let meta = file.metadata().map_err(|source| StoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(unsafe_because("it is not a regular file".into()));
+    }
+    check_owned(path, &meta, what)?;
+    Ok(Some(file))
+}
+
+fn read_whole(file: &mut File, path: &Path) -> Result<Vec<u8>, StoreError> {
+    journal::read_all(file).map_err(|source| StoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Keeps a state file's original bytes beside it, as `NAME.corrupt-<time>`.
+fn keep_aside(dir: &Path, name: &str, path: &Path, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+    let aside = dir.join(format!(
+        "{name}.corrupt-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.fZ")
+    ));
+    let keep = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&aside)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+    keep.map_err(|source| StoreError::KeepAside {
+        path: path.to_path_buf(),
+        to: aside.clone(),
+        source,
+    })?;
+    Ok(aside)
+}
+
+/// The file's bytes: `{"version":1,"seq":S,"devices":[...]}` and a newline,
+/// exactly what serde_json writes for [`FileOut`], with already-encoded
+/// records copied.
+fn encode<'a>(seq: u64, records: impl Iterator<Item = Stored<'a>>) -> serde_json::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(64 * 1024);
-    out.extend_from_slice(format!("{{\"version\":{VERSION},\"devices\":[").as_bytes());
+    out.extend_from_slice(
+        format!("{{\"version\":{VERSION},\"seq\":{seq},\"devices\":[").as_bytes(),
+    );
     for (i, r) in records.enumerate() {
         if i > 0 {
             out.push(b',');
@@ -326,30 +496,17 @@ fn broken(c: Conflict) -> String {
     format!("the records break a registry rule: {c}")
 }
 
-/// Writes a fresh file: whatever is at `path` is unlinked first (a link is
-/// removed, not followed), and the new file is created exclusively, never
-/// through a symbolic link, with mode 0600 whatever the umask.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::registry::tests::sample;
+    use std::os::unix::fs::PermissionsExt;
+
+    impl Store {
+        fn load(&self) -> Result<(Registry, Loaded), StoreError> {
+            self.open().map(|o| (o.registry, o.loaded))
+        }
+    }
 
     #[test]
     fn round_trip() {
@@ -364,7 +521,7 @@ mod tests {
         a.original_driver = Some("nvidia".into());
         a.want_vfio = true;
         let r = Registry::from_devices(vec![a, sample("3b:00.0", "nic")]).unwrap();
-        store.save(&r).unwrap();
+        store.save(&r, 0).unwrap();
         let (back, how) = store.load().unwrap();
         assert_eq!(how, Loaded::Existing);
         assert_eq!(back, r);
@@ -379,7 +536,7 @@ mod tests {
     /// Records copied from their cached JSON give the same bytes serde_json
     /// writes for the whole file, after every kind of change.
     #[test]
-    fn a_change_writes_exactly_the_file_serde_would() {
+    fn a_snapshot_is_exactly_the_file_serde_would_write() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         let mut odd = sample("a2:00.0", "l4-gpu");
@@ -390,22 +547,149 @@ mod tests {
         let mut replaced = r.by_name("nic").unwrap().clone();
         replaced.want_vfio = true;
         let first = r.iter().next().unwrap().id.clone();
-        for change in [
+        for (seq, change) in [
             Change::Add(sample("5e:00.0", "nvme")),
             Change::Replace(replaced),
             Change::Remove(first),
-        ] {
-            store.save_with(&r, &change).unwrap();
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seq = seq as u64 + 1;
             r.apply(change).unwrap();
+            store.save(&r, seq).unwrap();
             let expected = FileOut {
                 version: VERSION,
+                seq,
                 devices: r.iter().collect(),
             };
             let mut bytes = serde_json::to_vec(&expected).unwrap();
             bytes.push(b'\n');
             assert_eq!(std::fs::read(store.path()).unwrap(), bytes);
-            assert_eq!(store.load().unwrap().0, r);
+            let opened = store.open().unwrap();
+            assert_eq!((opened.registry, opened.seq), (r.clone(), seq));
         }
+    }
+
+    fn journal_of(changes: &[(u64, Change)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (seq, c) in changes {
+            journal::encode(&mut out, *seq, c, None, true).unwrap();
+        }
+        out
+    }
+
+    /// Start-up replays the journal's changes after the snapshot's `seq`,
+    /// skips those it already holds, and cuts a torn last write.
+    #[test]
+    fn the_journal_is_replayed_over_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let a = sample("a2:00.0", "gpu");
+        let b = sample("3b:00.0", "nic");
+        let mut a2 = a.clone();
+        a2.attached_to = Some("vm-1".into());
+        // The snapshot holds changes 1 and 2; a crash left the journal uncut.
+        let snap = Registry::from_devices(vec![a.clone()]).unwrap();
+        store.save(&snap, 2).unwrap();
+        let mut bytes = journal_of(&[
+            (1, Change::Add(b.clone())),
+            (2, Change::Remove(b.id.clone())),
+            (3, Change::Replace(a2.clone())),
+            (4, Change::Add(b.clone())),
+        ]);
+        let whole = bytes.len() as u64;
+        bytes.extend_from_slice(b"{\"seq\":5,\"end\":true,\"remo");
+        std::fs::write(store.journal_path(), &bytes).unwrap();
+        let opened = store.open().unwrap();
+        assert_eq!(opened.seq, 4);
+        assert_eq!(opened.replayed, 2);
+        assert_eq!(opened.loaded, Loaded::Existing);
+        assert_eq!(
+            opened.registry,
+            Registry::from_devices(vec![a2, b]).unwrap()
+        );
+        assert_eq!(opened.journal.len(), whole);
+        assert_eq!(std::fs::metadata(store.journal_path()).unwrap().len(), whole);
+    }
+
+    /// A journal that does not follow the snapshot, or is damaged before its
+    /// last whole write, is refused and left as it is.
+    #[test]
+    fn a_journal_that_does_not_follow_is_refused() {
+        let a = sample("a2:00.0", "gpu");
+        let gap = journal_of(&[(5, Change::Add(a.clone()))]);
+        let damaged = [
+            b"{oops\n".to_vec(),
+            journal_of(&[(1, Change::Add(a.clone()))]),
+        ]
+        .concat();
+        for (bytes, says) in [(gap, "goes on from change 4"), (damaged, "line 1")] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::new(dir.path());
+            store.save(&Registry::default(), 2).unwrap();
+            std::fs::write(store.journal_path(), &bytes).unwrap();
+            let err = store.open().unwrap_err();
+            assert!(matches!(err, StoreError::Unparsable { .. }), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+            assert_eq!(std::fs::read(store.journal_path()).unwrap(), bytes);
+        }
+    }
+
+    /// A journal entry that breaks a rule is dropped and logged like a
+    /// record; the journal is kept aside and the registry written afresh.
+    #[test]
+    fn a_journal_entry_that_breaks_a_rule_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let a = sample("a2:00.0", "gpu");
+        let mut same_address = sample("a2:00.0", "again");
+        same_address.id = "zzzzzzzzzzzzzzzzzzzzzzzz".into();
+        let mut bad_name = sample("3b:00.0", "nic");
+        bad_name.name = "no/slashes".into();
+        let bytes = journal_of(&[
+            (1, Change::Add(a.clone())),
+            (2, Change::Add(same_address)),
+            (3, Change::Add(bad_name)),
+            (4, Change::Remove("missingmissingmissing0000".into())),
+        ]);
+        std::fs::write(store.journal_path(), &bytes).unwrap();
+        let opened = store.open().unwrap();
+        let Loaded::Dropped { dropped, aside } = &opened.loaded else {
+            panic!("{:?}", opened.loaded)
+        };
+        assert_eq!(*dropped, 3);
+        assert_eq!(std::fs::read(&aside[0]).unwrap(), bytes);
+        assert_eq!(opened.registry, Registry::from_devices(vec![a]).unwrap());
+        assert!(!store.journal_path().exists());
+        let again = store.open().unwrap();
+        assert_eq!((again.registry, again.seq), (opened.registry, 4));
+    }
+
+    /// The journal follows the state directory's rules: a link, a FIFO, or a
+    /// file others may write is refused.
+    #[test]
+    fn an_unsafe_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, store.journal_path()).unwrap();
+        let err = store.open().unwrap_err();
+        assert!(err.to_string().contains("symbolic link; the journal"), "{err}");
+
+        std::fs::remove_file(store.journal_path()).unwrap();
+        let c = std::ffi::CString::new(store.journal_path().to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = store.open().unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        std::fs::remove_file(store.journal_path()).unwrap();
+        std::fs::write(store.journal_path(), "").unwrap();
+        std::fs::set_permissions(store.journal_path(), PermissionsExt::from_mode(0o620)).unwrap();
+        let err = store.open().unwrap_err();
+        assert!(err.to_string().contains("journal is writable by group"), "{err}");
     }
 
     #[test]
@@ -466,7 +750,7 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r.by_name("l4-gpu").unwrap(), &good);
         assert_eq!(r.by_name("nic").unwrap(), &attached);
-        assert_eq!(std::fs::read_to_string(&aside).unwrap(), text);
+        assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), text);
         // The file now holds what was kept, and loads cleanly.
         assert_eq!(store.load().unwrap(), (r, Loaded::Existing));
     }
@@ -537,7 +821,7 @@ mod tests {
         std::os::unix::fs::symlink(&victim, store.temp_path()).unwrap();
         // SAFETY: umask only changes this process's file creation mask.
         let old = unsafe { libc::umask(0) };
-        let saved = store.save(&Registry::from_devices(vec![sample("a2:00.0", "g")]).unwrap());
+        let saved = store.save(&Registry::from_devices(vec![sample("a2:00.0", "g")]).unwrap(), 0);
         unsafe { libc::umask(old) };
         saved.unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
@@ -554,9 +838,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         let r = Registry::from_devices(vec![sample("a2:00.0", "gpu")]).unwrap();
-        store.save(&r).unwrap();
+        store.save(&r, 0).unwrap();
         let gone = Store::new(dir.path().join("missing-dir"));
-        assert!(matches!(gone.save(&r), Err(StoreError::Write { .. })));
+        assert!(matches!(gone.save(&r, 0), Err(StoreError::Write { .. })));
         assert_eq!(store.load().unwrap().0, r);
     }
 }

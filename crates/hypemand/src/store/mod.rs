@@ -1,8 +1,10 @@
 //! What the daemon remembers across restarts: the registry in memory
-//! ([`registry`]) and its file on disk ([`file`], `devices.json`).
+//! ([`registry`]), its snapshot on disk ([`file`], `devices.json`) and the
+//! changes since ([`journal`], `devices.journal`).
 
 pub mod file;
+pub mod journal;
 pub mod registry;
 
-pub use file::{Loaded, Store, StoreError};
+pub use file::{Loaded, Opened, Store, StoreError};
 pub use registry::{Change, ChangeError, Conflict, Registry, StoredDevice};

@@ -1,0 +1,521 @@
+//! The commit path: every change to the registry passes here, and is on disk
+//! before anyone can see it or is answered.
+//!
+//! A change is checked against the *staged* registry (the published one and
+//! the changes on their way to disk), numbered, and handed to the store's
+//! writer thread, all under one short lock that never waits for the disk. The
+//! caller then waits for its change to be durable. The writer takes every
+//! change waiting, appends them to the journal with one write and one sync
+//! (group commit: changes that arrive while a sync is in flight share the
+//! next one), applies them to the *published* registry readers see, and only
+//! then answers each caller. Readers never wait: they take the published
+//! snapshot.
+//!
+//! Once the journal is as large as the snapshot (or `--journal-limit`), a
+//! thread of its own writes a new snapshot from the published registry while
+//! changes go on; the writer then cuts the journal to what came after. A clean
+//! stop writes the snapshot and removes the journal.
+//!
+//! If the journal cannot be written, the changes of that write and every
+//! change staged after them fail with `StoreFailed` (they were checked against
+//! a state that will not be), the staged registry is reset to the published
+//! one, and the journal is cut back to before the write. If even that fails,
+//! the next write first rewrites the snapshot and starts a new journal, so
+//! the daemon recovers without a restart once the disk does.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::error::{change_error, not_found, store_failed, Result};
+use super::Service;
+use crate::pause::{self, Point};
+use crate::store::journal::{self, Journal};
+use crate::store::{Change, Opened, Registry, Store, StoredDevice};
+
+/// Changes waiting for the disk at most; more callers wait for a place.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Changes written with one sync at most.
+const MAX_BATCH: usize = 256;
+/// The journal is compacted once it is this large, or as large as the
+/// snapshot if that is larger: a rewrite then costs about as much as the
+/// changes it absorbs, so a change costs the same at any registry size.
+const MIN_COMPACTION: u64 = 1 << 20;
+
+struct Staged {
+    registry: Registry,
+    /// The number the next change gets.
+    next: u64,
+    /// Set at a clean stop: nothing more is taken.
+    closed: bool,
+}
+
+enum Msg {
+    Change {
+        seq: u64,
+        change: Change,
+        json: Option<Arc<str>>,
+        done: oneshot::Sender<std::result::Result<(), String>>,
+    },
+    Compacted {
+        seq: u64,
+        /// The journal's length when the snapshot was taken.
+        offset: u64,
+        result: std::result::Result<u64, String>,
+    },
+    /// Write what is left, compact, and end; `None` when the service goes
+    /// without a clean stop (the unit tests).
+    Stop(Option<oneshot::Sender<()>>),
+}
+
+/// The registry's two copies and the way to the writer thread.
+pub struct Commits {
+    published: Arc<RwLock<Arc<Registry>>>,
+    staged: Arc<Mutex<Staged>>,
+    tx: mpsc::Sender<Msg>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Drop for Commits {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Stop(None));
+    }
+}
+
+fn stopping() -> hypeman_api::Error {
+    hypeman_api::Error::Failed("hypemand is stopping; try again once it is back".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Commits {
+    /// Takes over what start-up read and starts the writer thread.
+    /// `limit` overrides the journal's compaction size.
+    pub fn start(store: Store, opened: Opened, limit: Option<u64>) -> std::io::Result<Commits> {
+        let published = Arc::new(RwLock::new(Arc::new(opened.registry.clone())));
+        let staged = Arc::new(Mutex::new(Staged {
+            registry: opened.registry,
+            next: opened.seq + 1,
+            closed: false,
+        }));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            store,
+            journal: opened.journal,
+            published: published.clone(),
+            staged: staged.clone(),
+            rx,
+            tx: tx.clone(),
+            durable: opened.seq,
+            snapshot_seq: if opened.replayed == 0 { opened.seq } else { 0 },
+            snapshot_bytes: opened.snapshot_bytes,
+            limit,
+            compacting: None,
+            retry_at: 0,
+            needs_reset: false,
+        };
+        std::thread::Builder::new()
+            .name("hypemand-store".into())
+            .spawn(move || writer.run())?;
+        Ok(Commits {
+            published,
+            staged,
+            tx,
+            permits: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+        })
+    }
+
+    /// The registry readers see. Cheap: an `Arc` clone.
+    pub fn snapshot(&self) -> Arc<Registry> {
+        self.published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Decides a change from the staged registry with `f` (`None`: nothing
+    /// to change), stages it, and waits until it is durable and published.
+    pub async fn commit_with<T>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<(Option<Change>, T)>,
+    ) -> Result<T> {
+        let _place = self.permits.acquire().await.map_err(|_| stopping())?;
+        let (done, out) = {
+            let mut staged = lock(&self.staged);
+            if staged.closed {
+                return Err(stopping());
+            }
+            let (change, out) = f(&staged.registry)?;
+            let Some(change) = change else {
+                return Ok(out);
+            };
+            staged.registry.check(&change).map_err(change_error)?;
+            let seq = staged.next;
+            // Checked just above, under the same lock: it applies.
+            staged
+                .registry
+                .apply(change.clone())
+                .map_err(change_error)?;
+            // The record's JSON as just encoded, for the journal line.
+            let json = match &change {
+                Change::Add(d) | Change::Replace(d) => staged.registry.json_of(&d.id),
+                Change::Remove(_) => None,
+            };
+            let (done, rx) = oneshot::channel();
+            let sent = self.tx.send(Msg::Change {
+                seq,
+                change,
+                json,
+                done,
+            });
+            if sent.is_err() {
+                return Err(store_failed("the store's writer has stopped"));
+            }
+            staged.next += 1;
+            (rx, out)
+        };
+        match done.await {
+            Ok(Ok(())) => Ok(out),
+            Ok(Err(why)) => Err(store_failed(why)),
+            Err(_) => Err(store_failed("the store's writer has stopped")),
+        }
+    }
+
+    /// Takes nothing more, writes what is waiting, compacts the journal into
+    /// the snapshot and waits for all of it.
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        {
+            let mut staged = lock(&self.staged);
+            staged.closed = true;
+            let _ = self.tx.send(Msg::Stop(Some(done)));
+        }
+        let _ = rx.await;
+    }
+}
+
+/// The store's writer thread: the only code that writes the journal and,
+/// through the compaction thread it starts, the snapshot.
+struct Writer {
+    store: Store,
+    journal: Journal,
+    published: Arc<RwLock<Arc<Registry>>>,
+    staged: Arc<Mutex<Staged>>,
+    rx: mpsc::Receiver<Msg>,
+    /// For the compaction thread's answer.
+    tx: mpsc::Sender<Msg>,
+    /// The last change on disk.
+    durable: u64,
+    /// The last change `devices.json` holds.
+    snapshot_seq: u64,
+    snapshot_bytes: u64,
+    limit: Option<u64>,
+    /// A compaction running since the journal was this long.
+    compacting: Option<(u64, JoinHandle<()>)>,
+    /// After a failed compaction: the journal length to try again at.
+    retry_at: u64,
+    /// The journal could not be cut back after a failed write: start anew.
+    needs_reset: bool,
+}
+
+struct Pending {
+    seq: u64,
+    change: Change,
+    json: Option<Arc<str>>,
+    done: oneshot::Sender<std::result::Result<(), String>>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut stop = None;
+        while stop.is_none() {
+            let Ok(first) = self.rx.recv() else { break };
+            let mut batch = Vec::new();
+            self.take(first, &mut batch, &mut stop);
+            while batch.len() < MAX_BATCH && stop.is_none() {
+                match self.rx.try_recv() {
+                    Ok(m) => self.take(m, &mut batch, &mut stop),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.write(batch, &mut stop);
+            }
+            self.maybe_compact();
+        }
+        self.finish();
+        if let Some(Some(done)) = stop {
+            let _ = done.send(());
+        }
+    }
+
+    fn take(
+        &mut self,
+        msg: Msg,
+        batch: &mut Vec<Pending>,
+        stop: &mut Option<Option<oneshot::Sender<()>>>,
+    ) {
+        match msg {
+            Msg::Change {
+                seq,
+                change,
+                json,
+                done,
+            } => batch.push(Pending {
+                seq,
+                change,
+                json,
+                done,
+            }),
+            Msg::Compacted {
+                seq,
+                offset,
+                result,
+            } => self.compacted(seq, offset, result),
+            Msg::Stop(done) => *stop = Some(done),
+        }
+    }
+
+    /// Appends `batch` with one write and one sync, then publishes it and
+    /// answers each caller.
+    fn write(&mut self, batch: Vec<Pending>, stop: &mut Option<Option<oneshot::Sender<()>>>) {
+        if self.needs_reset {
+            if let Err(why) = self.reset() {
+                return self.fail(batch, &why, stop);
+            }
+        }
+        let mut bytes = Vec::with_capacity(batch.len() * 512);
+        for (i, p) in batch.iter().enumerate() {
+            let end = i + 1 == batch.len();
+            if let Err(e) = journal::encode(&mut bytes, p.seq, &p.change, p.json.as_deref(), end) {
+                let why = format!("cannot encode change {}: {e}", p.seq);
+                return self.fail(batch, &why, stop);
+            }
+        }
+        let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+        if let Err(f) = self.journal.append(&bytes) {
+            let why = format!(
+                "cannot write the journal {}: {}",
+                self.journal.path().display(),
+                f.error
+            );
+            tracing::error!(error = %why, changes = batch.len(), rolled_back = f.rolled_back, "journal write failed");
+            self.needs_reset = !f.rolled_back;
+            return self.fail(batch, &why, stop);
+        }
+        pause::at(Point::JournalSynced);
+        let mut answers = Vec::with_capacity(batch.len());
+        {
+            let mut guard = self.published.write().unwrap_or_else(|p| p.into_inner());
+            let registry = Arc::make_mut(&mut guard);
+            for p in batch {
+                if let Err(e) = registry.apply(p.change) {
+                    // Checked against the staged registry: unreachable.
+                    tracing::error!(seq = p.seq, error = %e, "a journaled change does not apply");
+                }
+                answers.push(p.done);
+            }
+        }
+        self.durable = last;
+        tracing::trace!(first, last, bytes = bytes.len(), "journaled");
+        for done in answers {
+            let _ = done.send(Ok(()));
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Registry> {
+        self.published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Fails `batch` and every change staged after it, and resets the staged
+    /// registry to the published one.
+    fn fail(
+        &mut self,
+        batch: Vec<Pending>,
+        why: &str,
+        stop: &mut Option<Option<oneshot::Sender<()>>>,
+    ) {
+        for p in batch {
+            let _ = p.done.send(Err(why.to_string()));
+        }
+        let staged = self.staged.clone();
+        let mut staged = lock(&staged);
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Change { done, .. } => {
+                    let _ = done.send(Err(format!(
+                        "an earlier change could not be written: {why}"
+                    )));
+                }
+                other => self.take(other, &mut Vec::new(), stop),
+            }
+        }
+        staged.registry = (*self.snapshot()).clone();
+        staged.next = self.durable + 1;
+    }
+
+    /// After a journal write that could not be cut back: a snapshot of what
+    /// is durable, and a new, empty journal.
+    fn reset(&mut self) -> std::result::Result<(), String> {
+        if self.compacting.is_some() {
+            return Err("the journal is being compacted after a failed write; try again".into());
+        }
+        let registry = self.snapshot();
+        let bytes = self
+            .store
+            .save(&registry, self.durable)
+            .map_err(|e| e.to_string())?;
+        self.journal
+            .drop_prefix(self.journal.len())
+            .map_err(|e| format!("cannot start a new journal: {e}"))?;
+        tracing::info!(seq = self.durable, "the registry was written afresh after a failed journal write");
+        self.snapshot_seq = self.durable;
+        self.snapshot_bytes = bytes;
+        self.needs_reset = false;
+        Ok(())
+    }
+
+    fn threshold(&self) -> u64 {
+        self.limit
+            .unwrap_or_else(|| MIN_COMPACTION.max(self.snapshot_bytes))
+    }
+
+    /// Starts a compaction once the journal is large enough.
+    fn maybe_compact(&mut self) {
+        let len = self.journal.len();
+        if self.compacting.is_some()
+            || self.needs_reset
+            || len == 0
+            || len < self.threshold()
+            || len < self.retry_at
+        {
+            return;
+        }
+        let registry = self.snapshot();
+        let (store, tx, seq) = (self.store.clone(), self.tx.clone(), self.durable);
+        let spawned = std::thread::Builder::new()
+            .name("hypemand-compact".into())
+            .spawn(move || {
+                let result = store.save(&registry, seq);
+                drop(registry);
+                if result.is_ok() {
+                    pause::at(Point::SnapshotRenamed);
+                }
+                let _ = tx.send(Msg::Compacted {
+                    seq,
+                    offset: len,
+                    result: result.map_err(|e| e.to_string()),
+                });
+            });
+        match spawned {
+            Ok(handle) => self.compacting = Some((len, handle)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start compacting the journal");
+                self.retry_at = len + self.threshold();
+            }
+        }
+    }
+
+    fn compacted(&mut self, seq: u64, offset: u64, result: std::result::Result<u64, String>) {
+        if let Some((_, handle)) = self.compacting.take() {
+            let _ = handle.join();
+        }
+        match result {
+            Ok(bytes) => {
+                self.snapshot_seq = seq;
+                self.snapshot_bytes = bytes;
+                // The journal's first `offset` bytes are in the snapshot now.
+                // If they cannot be cut, replay skips them: nothing is lost.
+                if let Err(e) = self.journal.drop_prefix(offset) {
+                    tracing::error!(error = %e, path = %self.journal.path().display(), "cannot cut the compacted journal");
+                    self.retry_at = self.journal.len() + self.threshold();
+                }
+                tracing::debug!(
+                    seq,
+                    snapshot_bytes = bytes,
+                    journal_bytes = self.journal.len(),
+                    "journal compacted"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot compact the journal; it keeps growing until a later try succeeds");
+                self.retry_at = self.journal.len() + self.threshold();
+            }
+        }
+    }
+
+    /// A clean stop: waits for a running compaction, then writes the
+    /// snapshot and removes the journal, unless the snapshot holds it all.
+    fn finish(&mut self) {
+        if let Some((_, handle)) = self.compacting.take() {
+            // Its answer is sent before it ends.
+            let _ = handle.join();
+            while let Ok(msg) = self.rx.try_recv() {
+                if let Msg::Compacted {
+                    seq,
+                    offset,
+                    result,
+                } = msg
+                {
+                    self.compacted(seq, offset, result);
+                }
+            }
+        }
+        if self.snapshot_seq == self.durable && self.journal.is_empty() && !self.needs_reset {
+            return;
+        }
+        let registry = self.snapshot();
+        match self.store.save(&registry, self.durable) {
+            Ok(_) => {
+                if let Err(e) = self.journal.remove() {
+                    tracing::warn!(error = %e, path = %self.journal.path().display(), "cannot remove the journal after the final snapshot (it is skipped at the next start)");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the final snapshot; the journal is kept and replayed at the next start");
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Checks `change`, waits until it is on disk, and publishes it.
+    pub(crate) async fn commit(&self, change: Change) -> Result<()> {
+        self.commits.commit_with(|_| Ok((Some(change), ()))).await?;
+        self.change_notify.notify_one();
+        Ok(())
+    }
+
+    /// Changes one stored device durably, by id; `NotFound` if it is gone.
+    /// Read, changed and staged under one lock, so no other change of the
+    /// record comes in between.
+    pub(crate) async fn modify(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut StoredDevice),
+    ) -> Result<StoredDevice> {
+        let after = self
+            .commits
+            .commit_with(|registry| {
+                let before = registry.by_id(id).cloned().ok_or_else(|| not_found(id))?;
+                let mut after = before.clone();
+                f(&mut after);
+                // The id, name and address are keys: they never change this way.
+                after.id.clone_from(&before.id);
+                after.name.clone_from(&before.name);
+                after.pci_address = before.pci_address;
+                let change = (after != before).then(|| Change::Replace(after.clone()));
+                Ok((change, after))
+            })
+            .await?;
+        self.change_notify.notify_one();
+        Ok(after)
+    }
+}
