@@ -214,8 +214,8 @@ struct Writer {
     snapshot_seq: u64,
     snapshot_bytes: u64,
     limit: Option<u64>,
-    /// A compaction running since the journal was this long.
-    compacting: Option<(u64, JoinHandle<()>)>,
+    /// The compaction thread, while one runs.
+    compacting: Option<JoinHandle<()>>,
     /// After a failed compaction: the journal length to try again at.
     retry_at: u64,
     /// The journal could not be cut back after a failed write: start anew.
@@ -375,7 +375,10 @@ impl Writer {
         self.journal
             .drop_prefix(self.journal.len())
             .map_err(|e| format!("cannot start a new journal: {e}"))?;
-        tracing::info!(seq = self.durable, "the registry was written afresh after a failed journal write");
+        tracing::info!(
+            seq = self.durable,
+            "the registry was written afresh after a failed journal write"
+        );
         self.snapshot_seq = self.durable;
         self.snapshot_bytes = bytes;
         self.needs_reset = false;
@@ -415,7 +418,7 @@ impl Writer {
                 });
             });
         match spawned {
-            Ok(handle) => self.compacting = Some((len, handle)),
+            Ok(handle) => self.compacting = Some(handle),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start compacting the journal");
                 self.retry_at = len + self.threshold();
@@ -424,7 +427,7 @@ impl Writer {
     }
 
     fn compacted(&mut self, seq: u64, offset: u64, result: std::result::Result<u64, String>) {
-        if let Some((_, handle)) = self.compacting.take() {
+        if let Some(handle) = self.compacting.take() {
             let _ = handle.join();
         }
         match result {
@@ -454,7 +457,7 @@ impl Writer {
     /// A clean stop: waits for a running compaction, then writes the
     /// snapshot and removes the journal, unless the snapshot holds it all.
     fn finish(&mut self) {
-        if let Some((_, handle)) = self.compacting.take() {
+        if let Some(handle) = self.compacting.take() {
             // Its answer is sent before it ends.
             let _ = handle.join();
             while let Ok(msg) = self.rx.try_recv() {
@@ -517,5 +520,110 @@ impl Service {
             .await?;
         self.change_notify.notify_one();
         Ok(after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::registry::tests::sample;
+    use std::time::Duration;
+
+    fn commits(dir: &std::path::Path) -> Commits {
+        Commits::start(Store::new(dir), Opened::empty(dir), None).unwrap()
+    }
+
+    async fn add(c: &Commits, addr: &str, name: &str) -> Result<()> {
+        let d = sample(addr, name);
+        c.commit_with(move |_| Ok((Some(Change::Add(d)), ()))).await
+    }
+
+    /// Bounded wait for a condition another thread makes true.
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..2000 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("{what} never happened");
+    }
+
+    /// Changes staged while a write is in flight share the next write and
+    /// its sync: one `end` line for all of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_that_wait_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(commits(dir.path()));
+        let journal = dir.path().join(journal::JOURNAL_NAME);
+        // A reader holding the published registry keeps the writer from
+        // publishing its first write, so it cannot take the next one yet.
+        let reader = c.published.read().unwrap();
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { add(&c, "0000:01:00.0", "first").await }
+        });
+        wait_for("the first write", || {
+            std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0)
+        });
+        let mut rest = Vec::new();
+        for i in 0..10 {
+            let c = c.clone();
+            rest.push(tokio::spawn(async move {
+                add(&c, &format!("0000:02:00.{}", i % 8), &format!("n{i}")).await
+            }));
+        }
+        // Two of the ten conflict (same address): refused at staging, never written.
+        wait_for("ten changes staged", || lock(&c.staged).next == 10);
+        drop(reader);
+        first.await.unwrap().unwrap();
+        let mut written = 0;
+        for r in rest {
+            match r.await.unwrap() {
+                Ok(()) => written += 1,
+                Err(hypeman_api::Error::AlreadyRegistered(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(written, 8);
+        let text = std::fs::read_to_string(&journal).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 9, "{text}");
+        let ends: Vec<usize> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("\"end\":true"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            ends,
+            vec![0, 8],
+            "one write for the first, one for the rest"
+        );
+        assert_eq!(c.snapshot().len(), 9);
+    }
+
+    /// Nothing staged is visible before it is durable; a change refused at
+    /// staging is never written.
+    #[tokio::test]
+    async fn a_change_is_published_only_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = commits(dir.path());
+        add(&c, "0000:01:00.0", "dev-a").await.unwrap();
+        assert_eq!(c.snapshot().len(), 1);
+        let again = add(&c, "0000:01:00.0", "dev-b").await.unwrap_err();
+        assert!(
+            matches!(again, hypeman_api::Error::AlreadyRegistered(_)),
+            "{again}"
+        );
+        c.close().await;
+        // A clean stop: one snapshot holding it all, no journal.
+        assert!(!dir.path().join(journal::JOURNAL_NAME).exists());
+        let opened = Store::new(dir.path()).open().unwrap();
+        assert_eq!((opened.registry.len(), opened.seq), (1, 1));
+        assert!(matches!(
+            add(&c, "0000:02:00.0", "dev-c").await,
+            Err(hypeman_api::Error::Failed(_))
+        ));
     }
 }

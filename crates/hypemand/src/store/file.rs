@@ -305,10 +305,13 @@ impl Store {
         if dropped > 0 {
             // What was kept, written afresh: the snapshot, then no journal.
             opened.snapshot_bytes = self.save(&opened.registry, opened.seq)?;
-            opened.journal.remove().map_err(|source| StoreError::Write {
-                path: self.journal_path(),
-                source,
-            })?;
+            opened
+                .journal
+                .remove()
+                .map_err(|source| StoreError::Write {
+                    path: self.journal_path(),
+                    source,
+                })?;
             let originals: Vec<String> = aside.iter().map(|p| p.display().to_string()).collect();
             tracing::error!(
                 path = %path.display(),
@@ -610,7 +613,10 @@ mod tests {
             Registry::from_devices(vec![a2, b]).unwrap()
         );
         assert_eq!(opened.journal.len(), whole);
-        assert_eq!(std::fs::metadata(store.journal_path()).unwrap().len(), whole);
+        assert_eq!(
+            std::fs::metadata(store.journal_path()).unwrap().len(),
+            whole
+        );
     }
 
     /// A journal that does not follow the snapshot, or is damaged before its
@@ -676,7 +682,10 @@ mod tests {
         std::fs::write(&elsewhere, "").unwrap();
         std::os::unix::fs::symlink(&elsewhere, store.journal_path()).unwrap();
         let err = store.open().unwrap_err();
-        assert!(err.to_string().contains("symbolic link; the journal"), "{err}");
+        assert!(
+            err.to_string().contains("symbolic link; the journal"),
+            "{err}"
+        );
 
         std::fs::remove_file(store.journal_path()).unwrap();
         let c = std::ffi::CString::new(store.journal_path().to_str().unwrap()).unwrap();
@@ -689,7 +698,10 @@ mod tests {
         std::fs::write(store.journal_path(), "").unwrap();
         std::fs::set_permissions(store.journal_path(), PermissionsExt::from_mode(0o620)).unwrap();
         let err = store.open().unwrap_err();
-        assert!(err.to_string().contains("journal is writable by group"), "{err}");
+        assert!(
+            err.to_string().contains("journal is writable by group"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -821,7 +833,10 @@ mod tests {
         std::os::unix::fs::symlink(&victim, store.temp_path()).unwrap();
         // SAFETY: umask only changes this process's file creation mask.
         let old = unsafe { libc::umask(0) };
-        let saved = store.save(&Registry::from_devices(vec![sample("a2:00.0", "g")]).unwrap(), 0);
+        let saved = store.save(
+            &Registry::from_devices(vec![sample("a2:00.0", "g")]).unwrap(),
+            0,
+        );
         unsafe { libc::umask(old) };
         saved.unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");

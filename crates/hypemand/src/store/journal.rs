@@ -354,7 +354,11 @@ mod tests {
         let read = parse(&bytes).unwrap();
         assert_eq!(read.torn, 0);
         assert_eq!(read.whole, bytes.len() as u64);
-        let got: Vec<_> = read.entries.into_iter().map(|e| (e.seq, e.change)).collect();
+        let got: Vec<_> = read
+            .entries
+            .into_iter()
+            .map(|e| (e.seq, e.change))
+            .collect();
         let want: Vec<_> = changes.into_iter().map(|(s, c, _)| (s, c)).collect();
         assert_eq!(got, want);
     }
@@ -426,7 +430,10 @@ mod tests {
         let second = lines(&[(2, Change::Remove(a.id.clone()), true)]);
         j.append(&first).unwrap();
         j.append(&second).unwrap();
-        assert_eq!(std::fs::read(j.path()).unwrap(), [&first[..], &second].concat());
+        assert_eq!(
+            std::fs::read(j.path()).unwrap(),
+            [&first[..], &second].concat()
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(j.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -434,7 +441,10 @@ mod tests {
         assert_eq!(std::fs::read(j.path()).unwrap(), second);
         assert_eq!(j.len(), second.len() as u64);
         j.append(&first).unwrap();
-        assert_eq!(std::fs::read(j.path()).unwrap(), [&second[..], &first].concat());
+        assert_eq!(
+            std::fs::read(j.path()).unwrap(),
+            [&second[..], &first].concat()
+        );
         j.remove().unwrap();
         assert!(!j.path().exists());
         assert!(!temp_path(dir.path()).exists());
