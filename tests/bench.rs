@@ -29,6 +29,7 @@ fn bench_smoke_run_reports_every_figure() {
         "list_over_floor",
         "available_ms",
         "register_per_s",
+        "register_16_per_s",
         "startup_ready_ms",
         "rss_idle_kib",
         "bind_unbind_per_s",

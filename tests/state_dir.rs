@@ -92,6 +92,36 @@ fn a_link_at_the_registry_is_not_followed() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), text);
 }
 
+/// The journal follows the same rules: a link there is refused, not
+/// followed, and one owned by someone else is refused; both are left as they are.
+#[test]
+fn the_journal_is_held_to_the_same_rules() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let planted = tempfile::tempdir().unwrap();
+    let target = planted.path().join("theirs.journal");
+    let line =
+        json!({"seq": 1, "end": true, "add": record(ID_A, "l4-gpu", GPU)}).to_string() + "\n";
+    std::fs::write(&target, &line).unwrap();
+    let journal = state.path().join("devices.journal");
+    std::os::unix::fs::symlink(&target, &journal).unwrap();
+    let out = run_to_exit(&bus, state.path());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("symbolic link; the journal"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), line);
+
+    std::fs::remove_file(&journal).unwrap();
+    std::fs::write(&journal, &line).unwrap();
+    std::os::unix::fs::chown(&journal, Some(65534), Some(65534)).unwrap();
+    let out = run_to_exit(&bus, state.path());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("owned by uid 65534"));
+    assert_eq!(std::fs::read_to_string(&journal).unwrap(), line);
+}
+
 #[test]
 fn a_fifo_as_the_registry_is_refused_at_once() {
     let bus = TestBus::start_sim();

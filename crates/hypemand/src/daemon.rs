@@ -57,6 +57,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("cannot start the store's writer thread: {0}")]
     Writer(#[source] std::io::Error),
+    #[error("a start-up thread failed: {0}")]
+    Thread(String),
 }
 
 /// Exit statuses. 2 is left to the argument parser (bad options).
@@ -78,20 +80,54 @@ impl DaemonError {
             DaemonError::Bus(ServeError::NameTaken) => exit::NAME_TAKEN,
             DaemonError::Bus(_) => exit::BUS,
             DaemonError::Api(_) => exit::API,
-            DaemonError::Signals(_) | DaemonError::Writer(_) => exit::FAILURE,
+            DaemonError::Signals(_) | DaemonError::Writer(_) | DaemonError::Thread(_) => {
+                exit::FAILURE
+            }
         }
     }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let sim = match &opts.simulate {
-        Some(fixture) => Some(Arc::new(SimHost::open(
-            fixture,
-            opts.simulate_state.as_deref(),
-        )?)),
-        None => None,
-    };
+    // Start-up's phases are logged with the time since this point.
+    let began = std::time::Instant::now();
+    let ms = move || began.elapsed().as_secs_f64() * 1e3;
+    crate::pause::configure(opts.simulate.is_some());
+    let store = Store::new(&opts.state_dir);
+    // The store, the PCI ID database and a simulated host are read at once,
+    // each on its own thread: start-up takes the longest of them, not the sum.
+    let (sim, opened, ids) = std::thread::scope(|s| {
+        let opened = s.spawn(|| {
+            std::fs::create_dir_all(&opts.state_dir).map_err(|source| DaemonError::StateDir {
+                path: opts.state_dir.clone(),
+                source,
+            })?;
+            let opened = store.open()?;
+            tracing::debug!(elapsed_ms = ms(), "store read");
+            Ok::<_, DaemonError>(opened)
+        });
+        let ids = s.spawn(PciIds::load);
+        let sim = opts
+            .simulate
+            .as_ref()
+            .map(|fixture| SimHost::open(fixture, opts.simulate_state.as_deref()).map(Arc::new))
+            .transpose();
+        tracing::debug!(elapsed_ms = ms(), "host opened");
+        let join = |e: Box<dyn std::any::Any + Send>| {
+            let why = e
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| e.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "it panicked".into());
+            DaemonError::Thread(why)
+        };
+        (
+            sim,
+            opened.join().map_err(join).and_then(|r| r),
+            ids.join().map_err(join),
+        )
+    });
+    let (sim, opened, ids) = (sim?, opened?, ids?);
     let host: Arc<dyn Host> = match &sim {
         Some(sim) => sim.clone(),
         None => Arc::new(SysfsHost::new(&opts.sysfs_root).with_proc(&opts.proc_root)),
@@ -104,13 +140,6 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         None if running_kernel => Units::Systemd(Default::default()),
         None => Units::None,
     };
-    std::fs::create_dir_all(&opts.state_dir).map_err(|source| DaemonError::StateDir {
-        path: opts.state_dir.clone(),
-        source,
-    })?;
-    crate::pause::configure(sim.is_some());
-    let store = Store::new(&opts.state_dir);
-    let opened = store.open()?;
     let load_note = match &opened.loaded {
         Loaded::Dropped { dropped, aside } => Some(format!(
             "{dropped} record{} dropped at start-up (original kept at {})",
@@ -123,10 +152,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         )),
         _ => None,
     };
-    let ids = PciIds::load();
     tracing::info!(
         host = %host.describe(),
         registry = %store.path().display(),
+        elapsed_ms = ms(),
         devices = opened.registry.len(),
         replayed = opened.replayed,
         pci_ids = %ids.source(),
@@ -167,11 +196,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     hotplug::sync(&events).await;
     service.remember_absent();
-    tracing::debug!("host enumerated");
+    tracing::debug!(elapsed_ms = ms(), "host enumerated");
     // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.
     service.reconcile().await;
-    tracing::debug!("host reconciled");
+    tracing::debug!(elapsed_ms = ms(), "host reconciled");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Signals)?;
@@ -187,6 +216,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             None => None,
         },
     };
+    tracing::debug!(elapsed_ms = ms(), "serving on the bus");
     let (conn, authz) = bus::serve(service.clone(), &opts.bus, sim).await?;
     let api_created = api_socket.as_ref().and_then(|l| l.created.clone());
     let _api = api_socket.map(|l| {
@@ -194,7 +224,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         AbortOnDrop(tokio::spawn(crate::edge::rest::serve(l.listener, api)))
     });
     let summary = service.summary();
-    tracing::info!(name = hypeman_api::BUS_NAME, status = %summary, "ready");
+    tracing::info!(name = hypeman_api::BUS_NAME, status = %summary, elapsed_ms = ms(), "ready");
     systemd::ready(&summary);
     crate::memory::release_free_memory();
     let _status = systemd::spawn_status(service.clone());

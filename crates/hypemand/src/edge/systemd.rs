@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use hypeman_api::VFIO_DRIVER;
-
 use crate::service::Service;
 
 fn send(states: &[NotifyState]) {
@@ -67,14 +65,17 @@ pub fn spawn_watchdog(service: Arc<Service>) -> Option<tokio::task::JoinHandle<(
 }
 
 impl Service {
-    /// A one-line summary for systemd's status.
+    /// A one-line summary for systemd's status. Made at every change, so
+    /// it walks no list of every device: counts are kept as things change.
     pub fn summary(&self) -> String {
         let snapshot = self.snapshot();
-        let on_vfio = snapshot
-            .iter()
-            .filter(|d| self.seen().driver(d.pci_address).as_deref() == Some(VFIO_DRIVER))
+        let on_vfio = self
+            .seen()
+            .on_vfio()
+            .into_iter()
+            .filter(|a| snapshot.by_address(*a).is_some())
             .count();
-        let attached = snapshot.iter().filter(|d| d.attached_to.is_some()).count();
+        let attached = snapshot.attached();
         let n = snapshot.len();
         let line = format!(
             "{n} device{} registered, {on_vfio} on vfio-pci, {attached} attached",

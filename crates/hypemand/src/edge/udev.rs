@@ -220,24 +220,39 @@ impl Service {
         live: Option<HostDevice>,
         came_back: bool,
     ) {
-        let Some(stored) = self.snapshot().by_address(address).cloned() else {
+        let first_sight = self.seen().get(address).is_none();
+        let stored = {
+            let snapshot = self.snapshot();
+            match snapshot.by_address(address) {
+                // First sight of a registered device (the start-up
+                // enumeration): nothing was announced yet, so nothing to
+                // compare with; no record is copied.
+                Some(_) if first_sight && !came_back => None,
+                Some(s) => Some(s.clone()),
+                None => None,
+            }
+        };
+        let Some(stored) = stored else {
             self.seen().set(address, live);
             return;
         };
-        // An operation on the device is under way: it publishes the final state
-        // itself, so the intermediate steps it causes are not announced.
-        let lock = self.device_lock(address);
-        if let Ok(_held) = lock.try_lock() {
-            let previous = self.seen().get(address);
-            if let Some(prev) = previous {
-                if prev != live {
-                    let before = self.view(stored.clone(), prev);
-                    let after = self.view(stored.clone(), live.clone());
-                    self.publish_change(&before, &after).await;
+        if first_sight {
+            self.seen().set(address, live.clone());
+        } else {
+            // An operation on the device is under way: it publishes the final
+            // state itself, so the intermediate steps it causes are not announced.
+            let lock = self.device_lock(address);
+            let held = lock.try_lock();
+            if held.is_ok() {
+                if let Some(prev) = self.seen().get(address) {
+                    if prev != live {
+                        let before = self.view(stored.clone(), prev);
+                        let after = self.view(stored.clone(), live.clone());
+                        self.publish_change(&before, &after).await;
+                    }
                 }
-            } else {
-                self.seen().set(address, live.clone());
             }
+            drop(held);
         }
         // What the event showed is announced first (the native driver, back
         // from the unplug), and only then does the re-claim take the device:

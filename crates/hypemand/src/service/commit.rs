@@ -56,7 +56,6 @@ enum Msg {
     Change {
         seq: u64,
         change: Change,
-        json: Option<Arc<str>>,
         done: oneshot::Sender<std::result::Result<(), String>>,
     },
     Compacted {
@@ -160,18 +159,8 @@ impl Commits {
                 .registry
                 .apply(change.clone())
                 .map_err(change_error)?;
-            // The record's JSON as just encoded, for the journal line.
-            let json = match &change {
-                Change::Add(d) | Change::Replace(d) => staged.registry.json_of(&d.id),
-                Change::Remove(_) => None,
-            };
             let (done, rx) = oneshot::channel();
-            let sent = self.tx.send(Msg::Change {
-                seq,
-                change,
-                json,
-                done,
-            });
+            let sent = self.tx.send(Msg::Change { seq, change, done });
             if sent.is_err() {
                 return Err(store_failed("the store's writer has stopped"));
             }
@@ -225,7 +214,6 @@ struct Writer {
 struct Pending {
     seq: u64,
     change: Change,
-    json: Option<Arc<str>>,
     done: oneshot::Sender<std::result::Result<(), String>>,
 }
 
@@ -260,17 +248,7 @@ impl Writer {
         stop: &mut Option<Option<oneshot::Sender<()>>>,
     ) {
         match msg {
-            Msg::Change {
-                seq,
-                change,
-                json,
-                done,
-            } => batch.push(Pending {
-                seq,
-                change,
-                json,
-                done,
-            }),
+            Msg::Change { seq, change, done } => batch.push(Pending { seq, change, done }),
             Msg::Compacted {
                 seq,
                 offset,
@@ -291,7 +269,7 @@ impl Writer {
         let mut bytes = Vec::with_capacity(batch.len() * 512);
         for (i, p) in batch.iter().enumerate() {
             let end = i + 1 == batch.len();
-            if let Err(e) = journal::encode(&mut bytes, p.seq, &p.change, p.json.as_deref(), end) {
+            if let Err(e) = journal::encode(&mut bytes, p.seq, &p.change, end) {
                 let why = format!("cannot encode change {}: {e}", p.seq);
                 return self.fail(batch, &why, stop);
             }

@@ -5,8 +5,10 @@
 //! change. `None` for an address means known to be absent; no entry means
 //! never looked at.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+
+use hypeman_api::VFIO_DRIVER;
 
 use super::error::{device_not_found, host_error, Result};
 use super::{DeviceView, Service};
@@ -15,25 +17,45 @@ use crate::pci::PciAddress;
 use crate::store::StoredDevice;
 
 #[derive(Default)]
-pub struct Seen(Mutex<HashMap<PciAddress, Option<HostDevice>>>);
+pub struct Seen(Mutex<Known>);
+
+#[derive(Default)]
+struct Known {
+    by_address: HashMap<PciAddress, Option<HostDevice>>,
+    /// The addresses last seen on vfio-pci: the status line counts them
+    /// without walking every device at every change.
+    on_vfio: HashSet<PciAddress>,
+}
 
 impl Seen {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PciAddress, Option<HostDevice>>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records what is now known of `address`; returns what was known before.
     pub fn set(&self, address: PciAddress, live: Option<HostDevice>) -> Option<Option<HostDevice>> {
-        self.map().insert(address, live)
+        let mut known = self.known();
+        if live.as_ref().and_then(|l| l.driver.as_deref()) == Some(VFIO_DRIVER) {
+            known.on_vfio.insert(address);
+        } else {
+            known.on_vfio.remove(&address);
+        }
+        known.by_address.insert(address, live)
     }
 
     pub fn get(&self, address: PciAddress) -> Option<Option<HostDevice>> {
-        self.map().get(&address).cloned()
+        self.known().by_address.get(&address).cloned()
+    }
+
+    /// The addresses last seen on vfio-pci.
+    pub fn on_vfio(&self) -> Vec<PciAddress> {
+        self.known().on_vfio.iter().copied().collect()
     }
 
     /// The driver last seen on `address`.
     pub fn driver(&self, address: PciAddress) -> Option<String> {
-        self.map()
+        self.known()
+            .by_address
             .get(&address)
             .and_then(|l| l.as_ref())
             .and_then(|l| l.driver.clone())
@@ -88,9 +110,9 @@ impl Service {
     /// After the start-up enumeration: registered devices it did not find are
     /// known to be absent (the baseline later events are compared with).
     pub fn remember_absent(&self) {
-        let mut seen = self.seen.map();
+        let mut known = self.seen.known();
         for s in self.snapshot().iter() {
-            seen.entry(s.pci_address).or_insert(None);
+            known.by_address.entry(s.pci_address).or_insert(None);
         }
     }
 }

@@ -223,53 +223,25 @@ pub fn now_rfc3339() -> String {
 /// The in-memory registry: devices by id, with the uniqueness rules enforced.
 ///
 /// A change is first checked against the registry ([`Registry::check`]), then
-/// journaled, and only then applied ([`Registry::apply`]). Records, their
-/// JSON and keys are shared (`Arc`), so a copy (the service keeps a published
-/// and a staged one, and copies when a reader still holds an old snapshot) is
-/// a shallow one.
+/// journaled, and only then applied ([`Registry::apply`]). Records and keys
+/// are shared (`Arc`), so a copy (the service keeps a published and a staged
+/// one, and copies when a reader still holds an old snapshot) is a shallow
+/// one. Records are encoded when written, not kept encoded: only a change's
+/// own record is encoded on the way to disk, and the whole registry only when
+/// the journal is compacted, off the path of any request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     devices: BTreeMap<Arc<str>, Entry>,
     /// Indexes: address and name to id (both unique).
     by_address: HashMap<PciAddress, Arc<str>>,
     by_name: HashMap<Arc<str>, Arc<str>>,
+    /// How many records are attached to an instance.
+    attached: usize,
 }
 
-/// A record in the registry, with its JSON encoded once, when it was stored:
-/// writing the store then copies bytes instead of encoding every record on
-/// every change (encoding was most of a Register's CPU time at 4096 devices).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
-    device: Arc<StoredDevice>,
-    /// `None` only if encoding failed; the store then encodes (and reports).
-    /// Shared, so the service's two copies (published and staged) share it.
-    json: Option<Arc<str>>,
-}
-
-impl Entry {
-    fn new(device: StoredDevice) -> Self {
-        let json = serde_json::to_string(&device).ok().map(Arc::from);
-        Entry {
-            device: Arc::new(device),
-            json,
-        }
-    }
-}
-
-impl std::ops::Deref for Entry {
-    type Target = StoredDevice;
-    fn deref(&self) -> &StoredDevice {
-        &self.device
-    }
-}
-
-/// A record as the store writes it.
-#[derive(Debug, Clone, Copy)]
-pub struct Stored<'a> {
-    pub device: &'a StoredDevice,
-    /// The record's compact JSON, when already encoded.
-    pub json: Option<&'a str>,
-}
+/// A record in the registry. Shared (`Arc`), so the service's two copies
+/// (published and staged) and a snapshot a reader still holds share it.
+type Entry = Arc<StoredDevice>;
 
 /// One durable change to the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,7 +295,8 @@ impl Registry {
         let id: Arc<str> = Arc::from(d.id.as_str());
         self.by_address.insert(d.pci_address, id.clone());
         self.by_name.insert(Arc::from(d.name.as_str()), id.clone());
-        self.devices.insert(id, Entry::new(d));
+        self.attached += usize::from(d.attached_to.is_some());
+        self.devices.insert(id, Arc::new(d));
         Ok(())
     }
 
@@ -352,9 +325,10 @@ impl Registry {
 
     pub fn remove(&mut self, id: &str) -> Option<StoredDevice> {
         let d = self.devices.remove(id)?;
+        self.attached -= usize::from(d.attached_to.is_some());
         self.by_address.remove(&d.pci_address);
         self.by_name.remove(d.name.as_str());
-        Some(Arc::unwrap_or_clone(d.device))
+        Some(Arc::unwrap_or_clone(d))
     }
 
     pub fn by_address(&self, address: PciAddress) -> Option<&StoredDevice> {
@@ -405,20 +379,6 @@ impl Registry {
         }
     }
 
-    /// The records as the store writes them, in the order of
-    /// [`Registry::iter`], each with its JSON when it is already encoded.
-    pub fn stored(&self) -> impl Iterator<Item = Stored<'_>> {
-        self.devices.values().map(|e| Stored {
-            device: &e.device,
-            json: e.json.as_deref(),
-        })
-    }
-
-    /// A registered device's JSON as the store writes it, if encoded.
-    pub fn json_of(&self, id: &str) -> Option<Arc<str>> {
-        self.devices.get(id)?.json.clone()
-    }
-
     /// Applies a change that [`Registry::check`] accepted.
     pub fn apply(&mut self, change: Change) -> Result<(), ChangeError> {
         // `insert` checks an addition itself, as it inserts.
@@ -429,7 +389,9 @@ impl Registry {
             Change::Add(d) => self.insert(d)?,
             Change::Replace(d) => {
                 if let Some(slot) = self.devices.get_mut(d.id.as_str()) {
-                    *slot = Entry::new(d);
+                    self.attached -= usize::from(slot.attached_to.is_some());
+                    self.attached += usize::from(d.attached_to.is_some());
+                    *slot = Arc::new(d);
                 }
             }
             Change::Remove(id) => {
@@ -441,6 +403,11 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.devices.len()
+    }
+
+    /// How many records are attached to an instance.
+    pub fn attached(&self) -> usize {
+        self.attached
     }
 
     pub fn is_empty(&self) -> bool {
@@ -498,6 +465,29 @@ pub(crate) mod tests {
         assert!(!tags_match(&t(&[("a", "1")]), &t(&[("a", "2")])));
         assert!(!tags_match(&t(&[]), &t(&[("a", "1")])));
         assert!(tags_match(&t(&[]), &t(&[])));
+    }
+
+    /// The attached count follows every kind of change.
+    #[test]
+    fn the_attached_count_follows_changes() {
+        let mut r = Registry::default();
+        let mut a = sample("0000:01:00.0", "aa");
+        a.attached_to = Some("vm-1".into());
+        let b = sample("0000:02:00.0", "bb");
+        r.apply(Change::Add(a.clone())).unwrap();
+        r.apply(Change::Add(b.clone())).unwrap();
+        assert_eq!(r.attached(), 1);
+        let mut b2 = b.clone();
+        b2.attached_to = Some("vm-2".into());
+        r.apply(Change::Replace(b2)).unwrap();
+        assert_eq!(r.attached(), 2);
+        r.apply(Change::Replace(b)).unwrap();
+        r.apply(Change::Remove(a.id.clone())).unwrap();
+        assert_eq!(r.attached(), 0);
+        assert_eq!(
+            r.attached(),
+            r.iter().filter(|d| d.attached_to.is_some()).count()
+        );
     }
 
     #[test]
