@@ -560,6 +560,49 @@ async fn device_id(conn: &Connection, name: &str) -> BenchResult<String> {
     Ok(r.id)
 }
 
+/// Issue 18's targets across sizes, from a `--scaling` run: changes flat in
+/// N (at the largest N at least 0.8 of the smallest's), start-up at the
+/// largest N at most 150 ms, idle RSS at N = 4096 at most 16 MiB. One line
+/// each: what was measured and whether it is met.
+pub fn scaling_verdicts(runs: &[serde_json::Map<String, Value>]) -> Vec<String> {
+    let at = |n: u64| {
+        runs.iter()
+            .find(|r| r.get("devices").and_then(Value::as_u64) == Some(n))
+    };
+    let fig = |r: &serde_json::Map<String, Value>, k: &str| r.get(k).and_then(Value::as_f64);
+    let (Some(small), Some(large)) = (runs.first(), runs.last()) else {
+        return Vec::new();
+    };
+    let n = |r: &serde_json::Map<String, Value>| fig(r, "devices").unwrap_or(0.0);
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    let mut out = Vec::new();
+    for k in ["register_per_s", "bind_unbind_per_s"] {
+        if let (Some(a), Some(b)) = (fig(small, k), fig(large, k)) {
+            let ratio = b / a.max(1e-9);
+            out.push(format!(
+                "{k} at N = {} / at N = {}: {ratio:.2} (>= 0.8: {})",
+                n(large),
+                n(small),
+                verdict(ratio >= 0.8)
+            ));
+        }
+    }
+    if let Some(ms) = fig(large, "startup_ready_ms") {
+        out.push(format!(
+            "startup_ready_ms at N = {}: {ms} (<= 150: {})",
+            n(large),
+            verdict(ms <= 150.0)
+        ));
+    }
+    if let Some(kib) = at(4096).and_then(|r| fig(r, "rss_idle_kib")) {
+        out.push(format!(
+            "rss_idle_kib at N = 4096: {kib} (<= 16384: {})",
+            verdict(kib <= 16384.0)
+        ));
+    }
+    out
+}
+
 /// A readable table of one run against the targets.
 pub fn table(figures: &serde_json::Map<String, Value>) -> String {
     let mut s = String::new();
@@ -604,4 +647,35 @@ pub fn default_hypemand() -> PathBuf {
         .and_then(|p| p.parent().map(|d| d.join("hypemand")))
         .filter(|p| p.exists())
         .unwrap_or_else(|| Path::new("hypemand").to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(n: u64, register: f64, startup: f64, rss: f64) -> serde_json::Map<String, Value> {
+        json!({"devices": n, "register_per_s": register, "bind_unbind_per_s": 100.0,
+               "startup_ready_ms": startup, "rss_idle_kib": rss})
+        .as_object()
+        .cloned()
+        .unwrap()
+    }
+
+    #[test]
+    fn scaling_verdicts_compare_the_ends() {
+        let lines = scaling_verdicts(&[
+            run(256, 1000.0, 10.0, 9000.0),
+            run(4096, 900.0, 50.0, 17000.0),
+            run(16384, 790.0, 151.0, 40000.0),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "register_per_s at N = 16384 / at N = 256: 0.79 (>= 0.8: MISSED)",
+                "bind_unbind_per_s at N = 16384 / at N = 256: 1.00 (>= 0.8: met)",
+                "startup_ready_ms at N = 16384: 151 (<= 150: MISSED)",
+                "rss_idle_kib at N = 4096: 17000 (<= 16384: MISSED)",
+            ]
+        );
+    }
 }

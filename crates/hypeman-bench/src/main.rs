@@ -61,6 +61,13 @@ fn main() -> ExitCode {
             }
         }
     }
+    if args.scaling {
+        let maps: Vec<_> = runs.iter().filter_map(|r| r.as_object().cloned()).collect();
+        eprintln!("== across sizes (issue 18)");
+        for line in bench::scaling_verdicts(&maps) {
+            eprintln!("{line}");
+        }
+    }
     let out = match runs.as_slice() {
         [one] => one.clone(),
         _ => serde_json::Value::Array(runs),

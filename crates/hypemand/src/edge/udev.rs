@@ -171,9 +171,9 @@ impl Service {
             }
         }
         // The enumeration already read its devices; the rest are read in one go.
-        let known: HashMap<PciAddress, HostDevice> = batch
-            .iter()
-            .filter_map(|e| e.device.clone().map(|d| (e.address, d)))
+        let mut known: HashMap<PciAddress, HostDevice> = batch
+            .into_iter()
+            .filter_map(|e| e.device.map(|d| (e.address, d)))
             .collect();
         // The kernel sends `remove` as the device goes: trust it rather than a
         // sysfs read that may still see the last of it.
@@ -201,8 +201,8 @@ impl Service {
             }
         }
         for address in order {
-            let live = if let Some(d) = known.get(&address) {
-                Some(d.clone())
+            let live = if let Some(d) = known.remove(&address) {
+                Some(d)
             } else if last.get(&address) == Some(&EventKind::Remove) {
                 None
             } else if let Some(l) = fresh.remove(&address) {
@@ -220,7 +220,7 @@ impl Service {
         live: Option<HostDevice>,
         came_back: bool,
     ) {
-        let first_sight = self.seen().get(address).is_none();
+        let first_sight = !self.seen().knows(address);
         let stored = {
             let snapshot = self.snapshot();
             match snapshot.by_address(address) {

@@ -66,24 +66,36 @@ impl DeviceView {
 
     /// The contract's record: the one place a view becomes what clients get.
     pub fn record(&self) -> Record {
-        let s = &self.stored;
+        self.clone().into_record()
+    }
+
+    /// The record, moving the view's strings instead of copying them (a
+    /// `List` of thousands of devices makes one per device).
+    pub fn into_record(self) -> Record {
+        let (iommu_group, bound_to_vfio, present) =
+            (self.iommu_group(), self.bound_to_vfio(), self.present());
+        let (driver, numa_node) = match self.live {
+            Some(l) => (l.driver, l.numa_node),
+            None => (None, None),
+        };
+        let s = self.stored;
         Record {
-            id: s.id.clone(),
-            name: s.name.clone(),
+            id: s.id,
+            name: s.name,
             pci_address: s.pci_address.to_string(),
-            vendor_id: s.vendor_id.clone(),
-            device_id: s.device_id.clone(),
+            vendor_id: s.vendor_id,
+            device_id: s.device_id,
             kind: s.kind.as_str().to_string(),
-            iommu_group: self.iommu_group().map(i64::from),
-            bound_to_vfio: self.bound_to_vfio(),
-            attached_to: s.attached_to.clone(),
-            created_at: s.created_at.clone(),
-            driver: self.driver().map(str::to_string),
-            present: self.present(),
-            vendor_name: self.vendor_name.clone(),
-            device_name: self.device_name.clone(),
-            numa_node: self.live.as_ref().and_then(|l| l.numa_node).map(i64::from),
-            tags: s.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            iommu_group: iommu_group.map(i64::from),
+            bound_to_vfio,
+            attached_to: s.attached_to,
+            created_at: s.created_at,
+            driver,
+            present,
+            vendor_name: self.vendor_name,
+            device_name: self.device_name,
+            numa_node: numa_node.map(i64::from),
+            tags: s.tags.into_iter().collect(),
         }
     }
 }

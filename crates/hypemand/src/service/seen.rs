@@ -47,6 +47,11 @@ impl Seen {
         self.known().by_address.get(&address).cloned()
     }
 
+    /// Whether `address` was looked at (present or known to be absent).
+    pub fn knows(&self, address: PciAddress) -> bool {
+        self.known().by_address.contains_key(&address)
+    }
+
     /// The addresses last seen on vfio-pci.
     pub fn on_vfio(&self) -> Vec<PciAddress> {
         self.known().on_vfio.iter().copied().collect()

@@ -82,8 +82,8 @@ impl Manager {
             .service
             .list_tagged(&tags)
             .await?
-            .iter()
-            .map(|v| v.record())
+            .into_iter()
+            .map(|v| v.into_record())
             .collect())
     }
 
@@ -112,8 +112,8 @@ impl Manager {
             .service
             .list()
             .await?
-            .iter()
-            .map(|v| v.record())
+            .into_iter()
+            .map(|v| v.into_record())
             .collect();
         if records.len() >= LARGE_REPLY {
             crate::memory::trim_soon();
