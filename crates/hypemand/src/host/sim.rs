@@ -205,6 +205,10 @@ pub struct SimState {
     pub usage: Usage,
     /// Services by unit name: (active, main pid).
     pub services: BTreeMap<String, (bool, u32)>,
+    /// Every function of each IOMMU group, plugged or not (groups never
+    /// change): a group is read in the time of its size, as a kernel reads
+    /// one directory, not by walking every function.
+    pub groups: BTreeMap<u32, Vec<PciAddress>>,
 }
 
 impl Fixture {
@@ -365,6 +369,12 @@ impl Fixture {
                 return Err(invalid(format!("service {} is listed twice", sv.name)));
             }
         }
+        let mut groups: BTreeMap<u32, Vec<PciAddress>> = BTreeMap::new();
+        for (address, d) in &devices {
+            if let Some(g) = d.iommu_group {
+                groups.entry(g).or_default().push(*address);
+            }
+        }
         Ok(SimState {
             virtual_machine: self.virtual_machine,
             drivers,
@@ -372,6 +382,7 @@ impl Fixture {
             unplugged: BTreeMap::new(),
             usage,
             services,
+            groups,
         })
     }
 }
@@ -828,10 +839,13 @@ impl Host for SimHost {
     }
 
     fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError> {
-        Ok(self
-            .state()
-            .devices
-            .values()
+        let state = self.state();
+        let Some(members) = state.groups.get(&group) else {
+            return Ok(Vec::new());
+        };
+        Ok(members
+            .iter()
+            .filter_map(|a| state.devices.get(a))
             .filter(|d| d.iommu_group == Some(group))
             .cloned()
             .collect())
