@@ -376,15 +376,7 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
 
     // register_16_per_s: the same from 16 clients at once, each on its own
     // connection (changes that wait for a sync share the next one).
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        clients.push(
-            zbus::connection::Builder::address(address.as_str())
-                .build()
-                .await
-                .map_err(err("connect"))?,
-        );
-    }
+    let clients = connections(&address, CLIENTS).await?;
     let t = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -469,15 +461,7 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
 
     // 64 connections x 500 Get (50 with --quick), all at once.
     let per = if cfg.quick { 50 } else { 500 };
-    let mut conns = Vec::new();
-    for _ in 0..64 {
-        conns.push(
-            zbus::connection::Builder::address(address.as_str())
-                .build()
-                .await
-                .map_err(err("connect"))?,
-        );
-    }
+    let conns = connections(&address, 64).await?;
     let t = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
@@ -547,6 +531,20 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     out.insert("errors".into(), json!(errors));
     drop(daemon);
     drop(bus);
+    Ok(out)
+}
+
+/// `n` connections of their own to the bus at `address`.
+async fn connections(address: &str, n: usize) -> BenchResult<Vec<Connection>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            zbus::connection::Builder::address(address)
+                .build()
+                .await
+                .map_err(err("connect"))?,
+        );
+    }
     Ok(out)
 }
 

@@ -87,3 +87,39 @@ impl Service {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::service::testing::{example, service_on};
+    use std::time::Duration;
+
+    /// The status line's counts follow Bind, Attach, Detach, Unbind and
+    /// Delete, though they are kept as things change, not counted anew.
+    #[tokio::test]
+    async fn the_summary_follows_every_change() {
+        let f = service_on(&example("l4.toml"), Duration::from_secs(5));
+        let s = &f.service;
+        let line = |n: &str, vfio: u32, attached: u32| {
+            format!("{n} registered, {vfio} on vfio-pci, {attached} attached")
+        };
+        assert_eq!(s.summary(), line("0 devices", 0, 0));
+        s.register("0000:a2:00.0", "gpu", Default::default())
+            .await
+            .unwrap();
+        s.register("0000:3b:00.0", "nic", Default::default())
+            .await
+            .unwrap();
+        let (gpu, nic) = (s.resolve("gpu").unwrap(), s.resolve("nic").unwrap());
+        assert_eq!(s.summary(), line("2 devices", 0, 0));
+        s.bind(&nic).await.unwrap();
+        assert_eq!(s.summary(), line("2 devices", 1, 0));
+        s.attach(&gpu, "vm-1").await.unwrap();
+        assert_eq!(s.summary(), line("2 devices", 2, 1));
+        s.detach(&gpu).await.unwrap();
+        assert_eq!(s.summary(), line("2 devices", 2, 0));
+        s.unbind(&gpu).await.unwrap();
+        assert_eq!(s.summary(), line("2 devices", 1, 0));
+        s.delete(&nic).await.unwrap();
+        assert_eq!(s.summary(), line("1 device", 0, 0));
+    }
+}

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use super::error::{change_error, not_found, store_failed, Result};
+use super::error::{change_error, not_found, stopping, store_failed, Result};
 use super::Service;
 use crate::pause::{self, Point};
 use crate::store::journal::{self, Journal};
@@ -83,12 +83,13 @@ impl Drop for Commits {
     }
 }
 
-fn stopping() -> hypeman_api::Error {
-    hypeman_api::Error::Failed("hypemand is stopping; try again once it is back".into())
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The published registry as it is now.
+fn read(published: &RwLock<Arc<Registry>>) -> Arc<Registry> {
+    published.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 impl Commits {
@@ -110,12 +111,13 @@ impl Commits {
             rx,
             tx: tx.clone(),
             durable: opened.seq,
-            snapshot_seq: if opened.replayed == 0 { opened.seq } else { 0 },
+            snapshot_seq: opened.snapshot_seq,
             snapshot_bytes: opened.snapshot_bytes,
             limit,
             compacting: None,
             retry_at: 0,
             needs_reset: false,
+            stop: None,
         };
         std::thread::Builder::new()
             .name("hypemand-store".into())
@@ -130,10 +132,7 @@ impl Commits {
 
     /// The registry readers see. Cheap: an `Arc` clone.
     pub fn snapshot(&self) -> Arc<Registry> {
-        self.published
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        read(&self.published)
     }
 
     /// Decides a change from the staged registry with `f` (`None`: nothing
@@ -152,13 +151,12 @@ impl Commits {
             let Some(change) = change else {
                 return Ok(out);
             };
-            staged.registry.check(&change).map_err(change_error)?;
-            let seq = staged.next;
-            // Checked just above, under the same lock: it applies.
+            // Checked as it is applied: a change that breaks a rule changes nothing.
             staged
                 .registry
                 .apply(change.clone())
                 .map_err(change_error)?;
+            let seq = staged.next;
             let (done, rx) = oneshot::channel();
             let sent = self.tx.send(Msg::Change { seq, change, done });
             if sent.is_err() {
@@ -209,6 +207,8 @@ struct Writer {
     retry_at: u64,
     /// The journal could not be cut back after a failed write: start anew.
     needs_reset: bool,
+    /// Set once a stop is asked for, with whom to tell when it is done.
+    stop: Option<Option<oneshot::Sender<()>>>,
 }
 
 struct Pending {
@@ -219,34 +219,28 @@ struct Pending {
 
 impl Writer {
     fn run(mut self) {
-        let mut stop = None;
-        while stop.is_none() {
+        while self.stop.is_none() {
             let Ok(first) = self.rx.recv() else { break };
             let mut batch = Vec::new();
-            self.take(first, &mut batch, &mut stop);
-            while batch.len() < MAX_BATCH && stop.is_none() {
+            self.take(first, &mut batch);
+            while batch.len() < MAX_BATCH && self.stop.is_none() {
                 match self.rx.try_recv() {
-                    Ok(m) => self.take(m, &mut batch, &mut stop),
+                    Ok(m) => self.take(m, &mut batch),
                     Err(_) => break,
                 }
             }
             if !batch.is_empty() {
-                self.write(batch, &mut stop);
+                self.write(batch);
             }
             self.maybe_compact();
         }
         self.finish();
-        if let Some(Some(done)) = stop {
+        if let Some(Some(done)) = self.stop.take() {
             let _ = done.send(());
         }
     }
 
-    fn take(
-        &mut self,
-        msg: Msg,
-        batch: &mut Vec<Pending>,
-        stop: &mut Option<Option<oneshot::Sender<()>>>,
-    ) {
+    fn take(&mut self, msg: Msg, batch: &mut Vec<Pending>) {
         match msg {
             Msg::Change { seq, change, done } => batch.push(Pending { seq, change, done }),
             Msg::Compacted {
@@ -254,16 +248,16 @@ impl Writer {
                 offset,
                 result,
             } => self.compacted(seq, offset, result),
-            Msg::Stop(done) => *stop = Some(done),
+            Msg::Stop(done) => self.stop = Some(done),
         }
     }
 
     /// Appends `batch` with one write and one sync, then publishes it and
     /// answers each caller.
-    fn write(&mut self, batch: Vec<Pending>, stop: &mut Option<Option<oneshot::Sender<()>>>) {
+    fn write(&mut self, batch: Vec<Pending>) {
         if self.needs_reset {
             if let Err(why) = self.reset() {
-                return self.fail(batch, &why, stop);
+                return self.fail(batch, &why);
             }
         }
         let mut bytes = Vec::with_capacity(batch.len() * 512);
@@ -271,7 +265,7 @@ impl Writer {
             let end = i + 1 == batch.len();
             if let Err(e) = journal::encode(&mut bytes, p.seq, &p.change, end) {
                 let why = format!("cannot encode change {}: {e}", p.seq);
-                return self.fail(batch, &why, stop);
+                return self.fail(batch, &why);
             }
         }
         let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
@@ -283,7 +277,7 @@ impl Writer {
             );
             tracing::error!(error = %why, changes = batch.len(), rolled_back = f.rolled_back, "journal write failed");
             self.needs_reset = !f.rolled_back;
-            return self.fail(batch, &why, stop);
+            return self.fail(batch, &why);
         }
         pause::at(Point::JournalSynced);
         let mut answers = Vec::with_capacity(batch.len());
@@ -306,20 +300,12 @@ impl Writer {
     }
 
     fn snapshot(&self) -> Arc<Registry> {
-        self.published
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        read(&self.published)
     }
 
     /// Fails `batch` and every change staged after it, and resets the staged
     /// registry to the published one.
-    fn fail(
-        &mut self,
-        batch: Vec<Pending>,
-        why: &str,
-        stop: &mut Option<Option<oneshot::Sender<()>>>,
-    ) {
+    fn fail(&mut self, batch: Vec<Pending>, why: &str) {
         for p in batch {
             let _ = p.done.send(Err(why.to_string()));
         }
@@ -332,7 +318,7 @@ impl Writer {
                         "an earlier change could not be written: {why}"
                     )));
                 }
-                other => self.take(other, &mut Vec::new(), stop),
+                other => self.take(other, &mut Vec::new()),
             }
         }
         staged.registry = (*self.snapshot()).clone();
@@ -581,10 +567,10 @@ mod tests {
         assert_eq!(c.snapshot().len(), 9);
     }
 
-    /// Nothing staged is visible before it is durable; a change refused at
-    /// staging is never written.
+    /// A change is published once answered; a change refused at staging is
+    /// never written; a clean stop leaves one snapshot and takes nothing more.
     #[tokio::test]
-    async fn a_change_is_published_only_once_written() {
+    async fn a_refused_change_is_never_written_and_a_stop_compacts() {
         let dir = tempfile::tempdir().unwrap();
         let c = commits(dir.path());
         add(&c, "0000:01:00.0", "dev-a").await.unwrap();
@@ -594,6 +580,8 @@ mod tests {
             matches!(again, hypeman_api::Error::AlreadyRegistered(_)),
             "{again}"
         );
+        let journal = std::fs::read_to_string(dir.path().join(journal::JOURNAL_NAME)).unwrap();
+        assert_eq!(journal.lines().count(), 1, "{journal}");
         c.close().await;
         // A clean stop: one snapshot holding it all, no journal.
         assert!(!dir.path().join(journal::JOURNAL_NAME).exists());

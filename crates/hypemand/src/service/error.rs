@@ -99,3 +99,8 @@ pub fn change_error(e: ChangeError) -> Error {
         )),
     }
 }
+
+/// A change asked for while the daemon stops.
+pub fn stopping() -> Error {
+    Error::Failed("hypemand is stopping; try again once it is back".into())
+}

@@ -233,9 +233,7 @@ impl Service {
 
     fn refuse_if_stopping(&self) -> Result<()> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(hypeman_api::Error::Failed(
-                "hypemand is stopping; try again once it is back".into(),
-            ));
+            return Err(error::stopping());
         }
         Ok(())
     }

@@ -131,6 +131,9 @@ pub struct Opened {
     pub loaded: Loaded,
     /// The last change the registry holds (the journal's next is one more).
     pub seq: u64,
+    /// The last change `devices.json` holds (less than `seq` when journal
+    /// entries were replayed over it).
+    pub snapshot_seq: u64,
     pub journal: Journal,
     /// The size of `devices.json`, against which the journal is compacted.
     pub snapshot_bytes: u64,
@@ -140,11 +143,13 @@ pub struct Opened {
 
 impl Opened {
     /// An empty registry with no files yet (the unit tests' services).
+    #[cfg(test)]
     pub fn empty(dir: &Path) -> Self {
         Opened {
             registry: Registry::default(),
             loaded: Loaded::Fresh,
             seq: 0,
+            snapshot_seq: 0,
             journal: Journal::new(dir, false, 0),
             snapshot_bytes: 0,
             replayed: 0,
@@ -210,7 +215,7 @@ impl Store {
         let mut aside = Vec::new();
         let snapshot = open_checked(&path, "registry file")?;
         let fresh = snapshot.is_none();
-        let (mut registry, mut seq, snapshot_bytes) = match snapshot {
+        let (mut registry, snapshot_seq, snapshot_bytes) = match snapshot {
             None => (Registry::default(), 0, 0),
             Some(mut file) => {
                 let bytes = read_whole(&mut file, &path)?;
@@ -222,6 +227,7 @@ impl Store {
                 (registry, seq, bytes.len() as u64)
             }
         };
+        let mut seq = snapshot_seq;
 
         let jpath = self.journal_path();
         let mut replayed = 0;
@@ -297,6 +303,7 @@ impl Store {
                 Loaded::Existing
             },
             seq,
+            snapshot_seq,
             journal,
             snapshot_bytes,
             replayed,
@@ -304,6 +311,7 @@ impl Store {
         if dropped > 0 {
             // What was kept, written afresh: the snapshot, then no journal.
             opened.snapshot_bytes = self.save(&opened.registry, opened.seq)?;
+            opened.snapshot_seq = opened.seq;
             opened
                 .journal
                 .remove()
@@ -462,10 +470,12 @@ fn open_checked(path: &Path, what: &str) -> Result<Option<File>, StoreError> {
 }
 
 fn read_whole(file: &mut File, path: &Path) -> Result<Vec<u8>, StoreError> {
-    journal::read_all(file).map_err(|source| StoreError::Read {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(file, &mut bytes).map_err(|source| StoreError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    Ok(bytes)
 }
 
 /// Keeps a state file's original bytes beside it, as `NAME.corrupt-<time>`.

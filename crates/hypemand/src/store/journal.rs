@@ -19,7 +19,7 @@
 //! `devices.json` that does not parse.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -182,10 +182,6 @@ impl Journal {
         self.dir.join(JOURNAL_NAME)
     }
 
-    fn temp_path(&self) -> PathBuf {
-        temp_path(&self.dir)
-    }
-
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -250,7 +246,7 @@ impl Journal {
         } else {
             Vec::new()
         };
-        let tmp = self.temp_path();
+        let tmp = temp_path(&self.dir);
         let result = create_fresh(&tmp, &tail)
             .and_then(|_| std::fs::rename(&tmp, self.path()))
             .and_then(|()| sync_dir(&self.dir));
@@ -282,13 +278,6 @@ impl Journal {
 
 pub(crate) fn temp_path(dir: &Path) -> PathBuf {
     dir.join(format!(".{JOURNAL_NAME}.tmp"))
-}
-
-/// Reads a checked journal file whole.
-pub(crate) fn read_all(file: &mut File) -> std::io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    Ok(bytes)
 }
 
 /// Creates `path` afresh with `bytes`, synced: whatever is there is unlinked
