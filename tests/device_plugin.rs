@@ -159,8 +159,18 @@ async fn the_kubelet_sees_hypemands_devices() {
     let (tx, mut registered) = mpsc::unbounded_channel();
     let first_kubelet = kubelet(&dir, tx.clone());
 
+    // Under umask 0, so the sockets' mode is the plugin's own doing.
+    let mut plugin_cmd = std::process::Command::new(bin("hypeman-device-plugin"));
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        plugin_cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
     let mut plugin = Proc {
-        child: std::process::Command::new(bin("hypeman-device-plugin"))
+        child: plugin_cmd
             .arg(format!("--bus={}", bus.address))
             .arg("--kubelet-dir")
             .arg(&dir)
@@ -190,6 +200,13 @@ async fn the_kubelet_sees_hypemands_devices() {
         let o = r.options.unwrap();
         assert!(o.get_preferred_allocation_available && !o.pre_start_required);
         assert!(dir.join(&r.endpoint).exists());
+        // *(issue 24)* 0600 whatever the umask (was 0777 under umask 0).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(&r.endpoint))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", r.endpoint);
     }
     let client = |resource: &str| {
         let sock: PathBuf = dir.join(socket_name(resource));
@@ -253,6 +270,41 @@ async fn the_kubelet_sees_hypemands_devices() {
         }
     );
     assert_eq!(bus.host_driver("0000:06:00.0").as_deref(), Some("vfio-pci"));
+
+    // *(issue 24)* The kubelet's list is not trusted: an id given five times
+    // is allocated once (the env named it five times), and more ids than
+    // the resource has devices are refused before anything is bound.
+    let five = dp::AllocateRequest {
+        container_requests: vec![dp::ContainerAllocateRequest {
+            devices_ids: vec!["0000:01:00.1".into(); 5],
+        }],
+    };
+    let got = gpu.allocate(five).await.unwrap().into_inner();
+    assert_eq!(
+        got.container_responses[0].envs["PCI_RESOURCE_HYPEMAN_IO_GPU"],
+        "0000:01:00.1"
+    );
+    assert_eq!(
+        got.container_responses[0].devices,
+        vec![spec("/dev/vfio/vfio"), spec("/dev/vfio/1")]
+    );
+    let binds = |bus: &TestBus| {
+        bus.writes()
+            .iter()
+            .filter(|w| w.contains("0000:01:00.1") && w.contains("bind"))
+            .count()
+    };
+    let before = binds(&bus);
+    let many = dp::AllocateRequest {
+        container_requests: vec![dp::ContainerAllocateRequest {
+            devices_ids: (0..100).map(|i| format!("0000:01:00.{i}")).collect(),
+        }],
+    };
+    let err = gpu.allocate(many).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("asks for 100"), "{err}");
+    assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert_eq!(binds(&bus), before);
 
     // Refused: a device the host uses (the boot display), and a device whose
     // IOMMU group sibling is attached to another instance. Nothing is bound.

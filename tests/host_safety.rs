@@ -168,6 +168,15 @@ fn register_refuses_bridges_and_forcing_cannot_help() {
     let (name, text) = call_error(&bus, "Register", &["0000:00:01.0", "port"]);
     assert_eq!(name, "org.hypeman.Devices.Error.NotPassable");
     assert!(text.contains("is a PCI bridge"), "{text}");
+    // *(issue 24)* The host bridge and the ISA/LPC bridge too.
+    for (address, kind) in [
+        ("0000:00:00.0", "host bridge"),
+        ("0000:00:1f.0", "ISA bridge"),
+    ] {
+        let (name, text) = call_error(&bus, "Register", &[address, "platform"]);
+        assert_eq!(name, "org.hypeman.Devices.Error.NotPassable", "{address}");
+        assert!(text.contains(&format!("{address} is a {kind}")), "{text}");
+    }
     let force = "{'force': <true>}";
     for (method, args) in [
         ("BindWithOptions", &["old-port", force][..]),

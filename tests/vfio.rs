@@ -570,6 +570,9 @@ fn blockers_are_reported_and_bind_refuses_the_boot_display() {
     for (addr, want) in [
         ("0000:00:02.0", &["boot-vga", "open-by"][..]),
         ("0000:00:01.0", &["bridge"]),
+        // *(issue 24)* Every bridge, not only PCI-to-PCI ones.
+        ("0000:00:00.0", &["bridge"]),
+        ("0000:00:1f.0", &["bridge"]),
         ("0000:02:00.0", &["mounted", "mounted"]),
         ("0000:03:00.0", &["open-by"]),
         ("0000:05:00.0", &["network-active"]),

@@ -76,11 +76,27 @@ impl Drop for Served {
     }
 }
 
+/// Creates the listening socket at `socket`, mode 0600 whatever the umask:
+/// it is bound inside a private directory (0700) beside it, set to 0600 there,
+/// then renamed into place, so no one but root can ever connect to it (the
+/// kubelet is root). A stale socket is replaced by the rename.
+pub fn listen_private(socket: &Path) -> Result<UnixListener, std::io::Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    let private = tempfile::Builder::new()
+        .prefix(".hypeman-socket-")
+        .tempdir_in(dir)?;
+    let staged = private.path().join("s");
+    let listener = UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staged, socket)?;
+    Ok(listener)
+}
+
 /// Serves `resource` on its socket in `dir` (a stale socket is replaced).
 pub fn serve(dir: &Path, resource: &str, node: Arc<Node>) -> Result<Served, KubeletError> {
     let socket = dir.join(crate::socket_name(resource));
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).map_err(|source| KubeletError::Listen {
+    let listener = listen_private(&socket).map_err(|source| KubeletError::Listen {
         path: socket.display().to_string(),
         source,
     })?;

@@ -175,10 +175,11 @@ impl DevicePlugin for Plugin {
         &self,
         request: Request<dp::AllocateRequest>,
     ) -> Result<Response<dp::AllocateResponse>, Status> {
-        let requests = request.into_inner().container_requests;
+        let mut requests = request.into_inner().container_requests;
         // Read now: the kubelet's view may be a moment old.
         self.node.refresh().await;
         let snapshot = self.node.current();
+        check_ids(&mut requests, self.mine(&snapshot).len(), &self.resource)?;
         let mut bound_here: Vec<String> = Vec::new();
         let mut responses = Vec::new();
         for c in &requests {
@@ -211,6 +212,28 @@ impl DevicePlugin for Plugin {
     ) -> Result<Response<dp::PreStartContainerResponse>, Status> {
         Ok(Response::new(dp::PreStartContainerResponse {}))
     }
+}
+
+/// Bounds what the kubelet asks for before anything is bound: each id once
+/// (a duplicate, within a container or across them, is dropped: one device
+/// cannot be given twice, and 100,000 copies of one id are one bind, not
+/// 100,000), then no more ids than the resource has devices.
+pub fn check_ids(
+    requests: &mut [dp::ContainerAllocateRequest],
+    devices: usize,
+    resource: &str,
+) -> Result<(), Status> {
+    let mut seen = BTreeSet::new();
+    for c in requests.iter_mut() {
+        c.devices_ids.retain(|id| seen.insert(id.clone()));
+    }
+    if seen.len() > devices {
+        return Err(Status::invalid_argument(format!(
+            "Allocate asks for {} {resource} devices; this node has {devices}",
+            seen.len()
+        )));
+    }
+    Ok(())
 }
 
 impl Plugin {
@@ -301,6 +324,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// *(issue 24)* Duplicates are dropped, within and across containers, and
+    /// more ids than the resource has are refused before anything is bound.
+    #[test]
+    fn allocate_ids_are_bounded_and_unique() {
+        let req = |ids: &[&str]| dp::ContainerAllocateRequest {
+            devices_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut r = vec![req(&["a", "a", "b"]), req(&["b", "c", "a"])];
+        check_ids(&mut r, 6, "hypeman.io/gpu").unwrap();
+        assert_eq!(r[0].devices_ids, ["a", "b"]);
+        assert_eq!(r[1].devices_ids, ["c"]);
+        let mut copies = vec![req(&vec!["a"; 100_000])];
+        check_ids(&mut copies, 1, "hypeman.io/gpu").unwrap();
+        assert_eq!(copies[0].devices_ids, ["a"]);
+        let ids: Vec<String> = (0..4).map(|i| format!("0000:0{i}:00.0")).collect();
+        let mut four = vec![dp::ContainerAllocateRequest { devices_ids: ids }];
+        let e = check_ids(&mut four, 3, "hypeman.io/gpu").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("asks for 4"), "{}", e.message());
+    }
 
     fn dev(addr: &str, numa: i64, group: i64) -> NodeDevice {
         NodeDevice {

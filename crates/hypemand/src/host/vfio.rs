@@ -8,7 +8,7 @@
 
 use super::door::{Door, StepError};
 use super::{HostDevice, HostError, HostOp};
-use crate::pci::class::is_bridge;
+use crate::pci::class::is_pci_bridge;
 use crate::pci::PciAddress;
 use hypeman_api::VFIO_DRIVER;
 
@@ -115,7 +115,7 @@ impl Door {
         }
         let blockers: Vec<Blocker> = members
             .into_iter()
-            .filter(|m| m.address != dev.address && !is_bridge(m.class))
+            .filter(|m| m.address != dev.address && !is_pci_bridge(m.class))
             .filter(|m| {
                 m.driver
                     .as_deref()

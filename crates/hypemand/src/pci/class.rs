@@ -39,8 +39,36 @@ pub fn base_class(class: u32) -> u8 {
     ((class >> 16) & 0xff) as u8
 }
 
-/// PCI-to-PCI bridges (0x0604) do not count against IOMMU group viability.
+/// Every bridge (base class 0x06: host, ISA/LPC, PCI-to-PCI, CardBus and the
+/// rest) stays with the host: a VM given the host bridge or the LPC bridge
+/// (the firmware's TPM, the keyboard controller, the RTC) would take the
+/// platform with it. These are the `bridge` hard blocker.
 pub fn is_bridge(class: u32) -> bool {
+    base_class(class) == 0x06
+}
+
+/// What kind of bridge a class code is, as `lspci` names the subclass.
+pub fn bridge_kind(class: u32) -> &'static str {
+    match (class >> 8) & 0xff {
+        0x00 => "host bridge",
+        0x01 => "ISA bridge",
+        0x02 => "EISA bridge",
+        0x03 => "MicroChannel bridge",
+        0x04 => "PCI bridge",
+        0x05 => "PCMCIA bridge",
+        0x06 => "NuBus bridge",
+        0x07 => "CardBus bridge",
+        0x08 => "RACEway bridge",
+        0x09 => "semi-transparent PCI-to-PCI bridge",
+        0x0a => "InfiniBand to PCI host bridge",
+        _ => "bridge",
+    }
+}
+
+/// PCI-to-PCI bridges (0x0604) alone keep their special role in IOMMU group
+/// viability: vfio lets a group be used while its PCI-to-PCI bridges stay on
+/// pcieport or no driver, so they never stand in the way of their group.
+pub fn is_pci_bridge(class: u32) -> bool {
     (class >> 8) & 0xffff == 0x0604
 }
 
@@ -78,7 +106,19 @@ mod tests {
     fn bridges() {
         assert!(is_bridge(0x060400));
         assert!(is_bridge(0x060401));
-        assert!(!is_bridge(0x060000)); // host bridge
+        assert!(is_bridge(0x060000)); // host bridge
+        assert!(is_bridge(0x060100)); // ISA/LPC bridge
+        assert!(is_bridge(0x068000)); // other bridge
         assert!(!is_bridge(0x030000));
+        assert!(!is_bridge(0x050000));
+        // Only PCI-to-PCI bridges are left out of group viability.
+        assert!(is_pci_bridge(0x060400));
+        assert!(is_pci_bridge(0x060401));
+        assert!(!is_pci_bridge(0x060000));
+        assert!(!is_pci_bridge(0x060100));
+        assert_eq!(bridge_kind(0x060000), "host bridge");
+        assert_eq!(bridge_kind(0x060100), "ISA bridge");
+        assert_eq!(bridge_kind(0x060400), "PCI bridge");
+        assert_eq!(bridge_kind(0x068000), "bridge");
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::host::usage::{Usage, Use};
 use crate::host::HostDevice;
-use crate::pci::class::is_bridge;
+use crate::pci::class::{is_bridge, is_pci_bridge};
 use crate::pci::PciAddress;
 
 /// One reason, about `address` (the function itself or a group member).
@@ -108,8 +108,9 @@ pub fn own(dev: &HostDevice, virtual_machine: bool, uses: &[Use]) -> Vec<Blocker
         add(
             "bridge",
             format!(
-                "{} is a PCI bridge: bridges stay with the host (vfio-pci refuses them)",
-                dev.address
+                "{} is a {}: bridges stay with the host (vfio-pci refuses them)",
+                dev.address,
+                crate::pci::class::bridge_kind(dev.class)
             ),
         );
     }
@@ -142,7 +143,7 @@ pub fn of(
     let mut out = own(dev, virtual_machine, uses(&dev.address));
     for m in members
         .iter()
-        .filter(|m| m.address != dev.address && !is_bridge(m.class))
+        .filter(|m| m.address != dev.address && !is_pci_bridge(m.class))
     {
         for b in own(m, virtual_machine, uses(&m.address))
             .into_iter()

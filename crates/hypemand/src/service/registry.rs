@@ -11,7 +11,7 @@ use crate::pci::{DeviceType, PciAddress};
 use std::collections::BTreeMap;
 
 use crate::store::registry::{
-    new_device_id, now_rfc3339, tags_match, validate_name, validate_tags,
+    new_device_id, now_rfc3339, tags_match, validate_filter, validate_name, validate_tags,
 };
 use crate::store::{Change, StoredDevice};
 
@@ -125,6 +125,7 @@ impl Service {
 
     /// `ListByTags`: the registered devices carrying every pair of `filter`.
     pub async fn list_tagged(&self, filter: &BTreeMap<String, String>) -> Result<Vec<DeviceView>> {
+        validate_filter(filter)?;
         let stored: Vec<StoredDevice> = self
             .snapshot()
             .iter()

@@ -138,6 +138,28 @@ pub fn validate_tags<'a>(
     Ok(())
 }
 
+/// A tag filter within Hypeman's tag limits: at most [`MAX_TAGS`] pairs, keys
+/// of at most [`MAX_TAG_KEY`] and values of at most [`MAX_TAG_VALUE`] bytes.
+/// Larger filters could never match a stored device, so they are refused as
+/// the mistakes (or the attacks) they are rather than searched for.
+pub fn validate_filter(filter: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if filter.len() > MAX_TAGS {
+        return Err(ValidationError::Tags(format!(
+            "a tag filter has at most {MAX_TAGS} pairs, not {}",
+            filter.len()
+        )));
+    }
+    for (k, v) in filter {
+        if k.len() > MAX_TAG_KEY || v.len() > MAX_TAG_VALUE {
+            return Err(ValidationError::Tags(format!(
+                "filter on {:?}: keys have at most {MAX_TAG_KEY} bytes and values at most {MAX_TAG_VALUE}",
+                shorten(k)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `tags` carries every pair of `filter` (exact, case-sensitive; an
 /// empty filter matches everything), as Hypeman's tag filter.
 pub fn tags_match(tags: &BTreeMap<String, String>, filter: &BTreeMap<String, String>) -> bool {
@@ -465,6 +487,23 @@ pub(crate) mod tests {
         assert!(!tags_match(&t(&[("a", "1")]), &t(&[("a", "2")])));
         assert!(!tags_match(&t(&[]), &t(&[("a", "1")])));
         assert!(tags_match(&t(&[]), &t(&[])));
+    }
+
+    /// *(issue 24)* A filter within the tag limits is searched, one past
+    /// them is refused.
+    #[test]
+    fn filters_are_bounded_by_the_tag_limits() {
+        let filter = |n: usize, key: usize, value: usize| -> BTreeMap<String, String> {
+            (0..n)
+                .map(|i| (format!("{i:0key$}"), "v".repeat(value)))
+                .collect()
+        };
+        assert!(validate_filter(&filter(50, 128, 256)).is_ok());
+        assert!(validate_filter(&filter(0, 1, 0)).is_ok());
+        for bad in [filter(51, 3, 1), filter(1, 129, 1), filter(1, 3, 257)] {
+            let e = validate_filter(&bad).unwrap_err().to_string();
+            assert!(e.contains("at most"), "{e}");
+        }
     }
 
     /// The attached count follows every kind of change.

@@ -102,7 +102,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        super::expect_args(&header, "")?;
+        let _args = super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Delete, &self.id)
@@ -116,7 +116,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "")?;
+        let _args = super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Bind, &self.id)
@@ -130,7 +130,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "")?;
+        let _args = super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Unbind, &self.id)
@@ -145,7 +145,7 @@ impl DeviceObject {
         #[zbus(connection)] conn: &Connection,
         instance_id: &str,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "s")?;
+        let _args = super::expect_args(&header, "s")?;
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
             .authz
@@ -162,7 +162,7 @@ impl DeviceObject {
         #[zbus(connection)] conn: &Connection,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "a{sv}")?;
+        let _args = super::expect_args(&header, "a{sv}")?;
         let method = super::bind_method(&options)?;
         let t = self
             .authz
@@ -179,7 +179,7 @@ impl DeviceObject {
         instance_id: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "sa{sv}")?;
+        let _args = super::expect_args(&header, "sa{sv}")?;
         let method = super::attach_method(&options)?;
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
@@ -195,7 +195,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "")?;
+        let _args = super::expect_args(&header, "")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Detach, &self.id)

@@ -42,7 +42,7 @@ impl Manager {
         pci_address: &str,
         name: &str,
     ) -> Result<(OwnedObjectPath, Record), Error> {
-        super::expect_args(&header, "ss")?;
+        let _args = super::expect_args(&header, "ss")?;
         self.authz
             .register(conn, &Caller::Bus(&header), pci_address, name)
             .await?;
@@ -61,7 +61,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedValue>,
     ) -> Result<(OwnedObjectPath, Record), Error> {
-        super::expect_args(&header, "a{sv}")?;
+        let _args = super::expect_args(&header, "a{sv}")?;
         let r = hypeman_api::CreateRequest::from_dict(&request)?;
         let name = r.name.as_deref().unwrap_or("");
         self.authz
@@ -77,7 +77,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         tags: BTreeMap<String, String>,
     ) -> Result<Vec<Record>, Error> {
-        super::expect_args(&header, "a{ss}")?;
+        let _args = super::expect_args(&header, "a{ss}")?;
         Ok(self
             .service
             .list_tagged(&tags)
@@ -97,7 +97,7 @@ impl Manager {
         set: BTreeMap<String, String>,
         remove: Vec<String>,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "sa{ss}as")?;
+        let _args = super::expect_args(&header, "sa{ss}as")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::SetTags, id_or_name)
@@ -107,7 +107,7 @@ impl Manager {
 
     /// Every registered device.
     async fn list(&self, #[zbus(header)] header: Header<'_>) -> Result<Vec<Record>, Error> {
-        super::expect_args(&header, "")?;
+        let _args = super::expect_args(&header, "")?;
         let records: Vec<Record> = self
             .service
             .list()
@@ -127,7 +127,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "s")?;
+        let _args = super::expect_args(&header, "s")?;
         Ok(self.service.get(id_or_name).await?.record())
     }
 
@@ -138,7 +138,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<(), Error> {
-        super::expect_args(&header, "s")?;
+        let _args = super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Delete, id_or_name)
@@ -151,7 +151,7 @@ impl Manager {
         &self,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<Vec<Available>, Error> {
-        super::expect_args(&header, "")?;
+        let _args = super::expect_args(&header, "")?;
         let available: Vec<Available> = self
             .service
             .list_available()
@@ -172,7 +172,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "s")?;
+        let _args = super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Bind, id_or_name)
@@ -187,7 +187,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "s")?;
+        let _args = super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Unbind, id_or_name)
@@ -203,7 +203,7 @@ impl Manager {
         id_or_name: &str,
         instance_id: &str,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "ss")?;
+        let _args = super::expect_args(&header, "ss")?;
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
             .authz
@@ -221,7 +221,7 @@ impl Manager {
         id_or_name: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "sa{sv}")?;
+        let _args = super::expect_args(&header, "sa{sv}")?;
         let method = super::bind_method(&options)?;
         let t = self
             .authz
@@ -239,7 +239,7 @@ impl Manager {
         instance_id: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "ssa{sv}")?;
+        let _args = super::expect_args(&header, "ssa{sv}")?;
         let method = super::attach_method(&options)?;
         crate::store::registry::validate_instance_id(instance_id)?;
         let t = self
@@ -256,7 +256,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        super::expect_args(&header, "s")?;
+        let _args = super::expect_args(&header, "s")?;
         let t = self
             .authz
             .device(conn, &Caller::Bus(&header), Method::Detach, id_or_name)

@@ -31,12 +31,35 @@ use read_only::ReadOnly;
 
 pub use hypeman_api::BusChoice;
 
+/// A request body at least this large makes the daemon allocate a lot (a
+/// million-pair `ListByTags` filter decodes to hundreds of MiB of strings):
+/// the heap is trimmed once the call is answered.
+pub const LARGE_REQUEST: u32 = 64 * 1024;
+
+/// A call's arguments, checked. Dropped when the handler returns; if the
+/// request was large, its memory is then handed back (see [`LARGE_REQUEST`]).
+#[must_use = "keep the guard until the handler returns, so a large request's memory is trimmed afterwards"]
+pub struct Args {
+    large: bool,
+}
+
+impl Drop for Args {
+    fn drop(&mut self) {
+        if self.large {
+            crate::memory::trim_soon();
+        }
+    }
+}
+
 /// Refuses a call whose arguments are not exactly `expected`: zbus reads the
 /// arguments a method takes and would silently ignore any more.
-pub fn expect_args(header: &zbus::message::Header<'_>, expected: &str) -> Result<(), Error> {
+pub fn expect_args(header: &zbus::message::Header<'_>, expected: &str) -> Result<Args, Error> {
+    let args = Args {
+        large: header.primary().body_len() >= LARGE_REQUEST,
+    };
     let got = header.signature().to_string_no_parens();
     if got == expected {
-        return Ok(());
+        return Ok(args);
     }
     Err(Error::Other {
         name: "org.freedesktop.DBus.Error.InvalidArgs".into(),
