@@ -179,7 +179,7 @@ impl DevicePlugin for Plugin {
         // Read now: the kubelet's view may be a moment old.
         self.node.refresh().await;
         let snapshot = self.node.current();
-        check_ids(&mut requests, self.mine(&snapshot).len(), &self.resource)?;
+        check_ids(&mut requests, self.mine(&snapshot).len(), &self.resource).map_err(|e| *e)?;
         let mut bound_here: Vec<String> = Vec::new();
         let mut responses = Vec::new();
         for c in &requests {
@@ -222,16 +222,16 @@ pub fn check_ids(
     requests: &mut [dp::ContainerAllocateRequest],
     devices: usize,
     resource: &str,
-) -> Result<(), Status> {
+) -> Result<(), Box<Status>> {
     let mut seen = BTreeSet::new();
     for c in requests.iter_mut() {
         c.devices_ids.retain(|id| seen.insert(id.clone()));
     }
     if seen.len() > devices {
-        return Err(Status::invalid_argument(format!(
+        return Err(Box::new(Status::invalid_argument(format!(
             "Allocate asks for {} {resource} devices; this node has {devices}",
             seen.len()
-        )));
+        ))));
     }
     Ok(())
 }
