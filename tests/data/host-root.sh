@@ -12,6 +12,13 @@
 #   07:00.0  GPU, renderD129 held open by nobody; pid 900 holds card7, which is
 #            no device here                                 group 15
 #
+# Device numbers are the evidence, as on a real host: card1's `dev` is 1:7,
+# the number of the machine's real /dev/full, which Xorg's fd 12 links to, so
+# a stat through /proc/812/fd/12 finds a character device with it. Pid 901
+# plays the attacker: its fds' link texts say /dev/dri/renderD128 and
+# /dev/nvme0n1 (on this machine they are no device at all), and a FUSE mount
+# names itself /dev/nvme0n1p3 in mountinfo. None of it is a use.
+#
 # Nothing here is written outside DIR.
 set -euo pipefail
 root=${1:?usage: host-root.sh DIR}
@@ -66,6 +73,9 @@ for p in 1 2 3; do
   link "$disk/nvme0n1p$p" "class/block/nvme0n1p$p"
 done
 link "$disk" class/block/nvme0n1
+# p1 is a mounted btrfs filesystem's member: the kernel lists it there.
+link "$disk/nvme0n1p1" fs/btrfs/6f1d3b52-8e0e-4c5a-9a53-0b2c1d7e9f10/devices/nvme0n1p1
+mkdir -p "$sys/fs/btrfs/features"
 for n in 0 1; do
   mkdir -p "$sys/devices/virtual/block/dm-$n/dm"
   echo "253:$n" >"$sys/devices/virtual/block/dm-$n/dev"
@@ -74,6 +84,7 @@ for n in 0 1; do
 done
 echo vg-home >"$sys/devices/virtual/block/dm-0/dm/name"
 echo vg-swap >"$sys/devices/virtual/block/dm-1/dm/name"
+echo 241:0 >"$sys/devices/$nvme/nvme/nvme0/dev"
 link "devices/$nvme/nvme/nvme0" class/nvme/nvme0
 
 # Net.
@@ -90,13 +101,18 @@ mkdir -p "$sys/devices/virtual/net/lo"
 echo 0x9 >"$sys/devices/virtual/net/lo/flags"
 link devices/virtual/net/lo class/net/lo
 
-# DRM.
-for pair in "$gpu:card1" "$gpu:renderD128" "$gpu2:card2" "$gpu2:renderD129"; do
-  dev=${pair%:*}; name=${pair##*:}
+# DRM: card1 is 1:7 (see above), the others the DRM major's numbers.
+drm() {
+  local dev=$1 name=$2 num=$3
   mkdir -p "$sys/devices/$dev/drm/$name"
+  echo "$num" >"$sys/devices/$dev/drm/$name/dev"
   link "devices/$dev" "devices/$dev/drm/$name/device"
   link "devices/$dev/drm/$name" "class/drm/$name"
-done
+}
+drm "$gpu" card1 1:7
+drm "$gpu" renderD128 226:128
+drm "$gpu2" card2 226:2
+drm "$gpu2" renderD129 226:129
 
 # /proc.
 mkdir -p "$proc/self" "$proc/net"
@@ -105,6 +121,7 @@ cat >"$proc/self/mountinfo" <<'EOF'
 23 22 253:0 / /home\040dir rw,relatime shared:2 - ext4 /dev/mapper/vg-home rw
 24 22 0:22 / /proc rw - proc proc rw
 25 22 0:30 / /srv rw - btrfs /dev/nvme0n1p1 rw
+26 22 0:45 / /home/mallory/x rw,nosuid,nodev - fuse.sshfs /dev/nvme0n1p3 rw,user_id=1000
 EOF
 printf 'Filename\tType\tSize\tUsed\tPriority\n/dev/dm-1   partition\t8388604\t0\t-2\n' >"$proc/swaps"
 cat >"$proc/net/route" <<'EOF'
@@ -128,5 +145,6 @@ proc_pid() {
     ln -s "${fd#*=}" "$proc/$pid/fd/${fd%%=*}"
   done
 }
-proc_pid 812 Xorg 0=/dev/null 3='socket:[1234]' 12=/dev/dri/card1
+proc_pid 812 Xorg 0=/dev/null 3='socket:[1234]' 12=/dev/full
 proc_pid 900 bash 0=/dev/pts/0 1=/dev/dri/card7
+proc_pid 901 sh 7=/dev/dri/renderD128 8=/dev/nvme0n1

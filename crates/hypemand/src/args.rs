@@ -42,6 +42,11 @@ pub struct DaemonArgs {
     /// Deadline of each sysfs operation, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub sysfs_timeout: f64,
+    /// Budget of one walk of /proc for who holds a device open, in seconds.
+    /// A walk past it stops and says how far it got; Bind and Attach then
+    /// answer Busy unless forced.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_seconds)]
+    pub usage_timeout: f64,
     /// Compact the journal into devices.json once it holds this many bytes
     /// [default: 1 MiB, or the size of devices.json if larger]
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]

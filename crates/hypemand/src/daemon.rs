@@ -31,6 +31,8 @@ pub struct Options {
     pub simulate_state: Option<PathBuf>,
     /// The deadline of each sysfs operation.
     pub sysfs_timeout: std::time::Duration,
+    /// The budget of one walk of /proc for how the host uses its devices.
+    pub usage_timeout: std::time::Duration,
     /// The journal's compaction size (none: the default rule).
     pub journal_limit: Option<u64>,
 }
@@ -161,7 +163,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         pci_ids = %ids.source(),
         "starting"
     );
-    let door = Door::new(host.clone(), opts.sysfs_timeout).with_units(units);
+    let door = Door::new(host.clone(), opts.sysfs_timeout)
+        .with_usage_deadline(opts.usage_timeout)
+        .with_units(units);
     let commits = Commits::start(store, opened, opts.journal_limit).map_err(DaemonError::Writer)?;
     let service = Arc::new(Service::new(door.clone(), ids, commits));
     if let Some(note) = load_note {

@@ -104,6 +104,7 @@ fn main() -> ExitCode {
         simulate: args.simulate,
         simulate_state: args.simulate_state,
         sysfs_timeout: std::time::Duration::from_secs_f64(args.sysfs_timeout),
+        usage_timeout: std::time::Duration::from_secs_f64(args.usage_timeout),
         journal_limit: args.journal_limit,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::units::{Holder, UnitError, Units};
-use super::usage::Usage;
+use super::usage::Walked;
 use super::{Host, HostDevice, HostError, HostOp};
 use crate::pci::PciAddress;
 
@@ -48,9 +48,6 @@ pub enum Key {
     Write(PciAddress),
     /// A call about the host as a whole (enumeration, an IOMMU group, drivers).
     Host,
-    /// The walk of /proc for how the host uses its devices: kept apart from
-    /// [`Key::Host`], so a stuck walk does not hold up sysfs enumeration.
-    Usage,
 }
 
 impl std::fmt::Display for Key {
@@ -58,7 +55,6 @@ impl std::fmt::Display for Key {
         match self {
             Key::Device(a) | Key::Write(a) => write!(f, "{a}"),
             Key::Host => f.write_str("the host's PCI devices"),
-            Key::Usage => f.write_str("the host's use of its devices (/proc)"),
         }
     }
 }
@@ -80,11 +76,31 @@ impl Progress {
     }
 }
 
+/// The walk of /proc, shared: one runs at a time, and a caller uses the
+/// result of a walk that started after it asked (so what it is told is never
+/// older than its question), joining the queue otherwise. A flood of
+/// ListAvailable calls therefore costs at most one walk after another, and a
+/// Bind behind it waits for at most the walk in progress and the next one.
+#[derive(Default)]
+struct Walks {
+    /// The last walk's start number and result; held while a walk runs.
+    last: Arc<tokio::sync::Mutex<Option<(u64, Arc<Walked>)>>>,
+    /// Walks started so far.
+    started: std::sync::atomic::AtomicU64,
+}
+
+/// The default budget of one walk of /proc (`--usage-timeout`).
+pub const USAGE_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The host, seen through deadlines.
 #[derive(Clone)]
 pub struct Door {
     host: Arc<dyn Host>,
     deadline: Duration,
+    /// How long one walk of /proc may take before it stops and says how far
+    /// it got.
+    usage_deadline: Duration,
+    walks: Arc<Walks>,
     stuck: Stuck,
     virtual_machine: Arc<tokio::sync::OnceCell<bool>>,
     units: Arc<Units>,
@@ -95,6 +111,8 @@ impl Door {
         Door {
             host,
             deadline,
+            usage_deadline: USAGE_DEADLINE,
+            walks: Arc::default(),
             stuck: Arc::default(),
             virtual_machine: Arc::default(),
             units: Arc::new(Units::None),
@@ -104,6 +122,12 @@ impl Door {
     /// Asks and moves holder services through `units` (default: none).
     pub fn with_units(mut self, units: Units) -> Self {
         self.units = Arc::new(units);
+        self
+    }
+
+    /// Gives each walk of /proc `d` (default [`USAGE_DEADLINE`]).
+    pub fn with_usage_deadline(mut self, d: Duration) -> Self {
+        self.usage_deadline = d;
         self
     }
 
@@ -223,10 +247,68 @@ impl Door {
             .copied()
     }
 
-    /// How the host uses each of `addresses` (one walk of /proc for all).
-    pub async fn usage(&self, addresses: Vec<PciAddress>) -> Result<Usage, StepError> {
-        self.call(Key::Usage, move |h, _| Ok(h.usage(&addresses)))
-            .await
+    /// How the host uses each of `addresses`, from a walk of /proc that
+    /// started after this call (see [`Walks`]). Never an error and never a
+    /// stuck mark: a walk that runs out of its own deadline says how far it
+    /// got, one that does not return at all (a syscall stuck in the kernel)
+    /// leaves the addresses unknown, and the caller decides (Bind answers
+    /// `Busy` unless forced). Other reads are not held up by either.
+    pub async fn usage(&self, addresses: Vec<PciAddress>) -> Walked {
+        use std::sync::atomic::Ordering;
+        let unknown = |why: String| Walked {
+            unknown: addresses.iter().map(|a| (*a, why.clone())).collect(),
+            ..Walked::default()
+        };
+        let arrived = self.walks.started.load(Ordering::SeqCst);
+        // Waiting for the walk in progress, then running ours.
+        let bound = self.usage_deadline + self.deadline;
+        let guard = match tokio::time::timeout(bound, self.walks.last.clone().lock_owned()).await {
+            Ok(g) => g,
+            Err(_) => {
+                return unknown(format!(
+                    "could not finish: an earlier walk of /proc is still running after {bound:?}"
+                ))
+            }
+        };
+        if let Some((n, w)) = guard.as_ref() {
+            if *n > arrived {
+                return w.only(&addresses);
+            }
+        }
+        let n = self.walks.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let host = self.host.clone();
+        let until = std::time::Instant::now() + self.usage_deadline;
+        // The guard goes with the walk: a walk stuck in a syscall keeps the
+        // next ones waiting (answered as above) instead of piling up threads.
+        let task = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            let w = Arc::new(host.usage(until));
+            *guard = Some((n, w.clone()));
+            w
+        });
+        match tokio::time::timeout(bound, task).await {
+            Ok(Ok(w)) => {
+                if let Some(u) = w.unfinished {
+                    tracing::warn!(
+                        processes = u.processes,
+                        fds = u.fds,
+                        within_ms = u.within.as_millis() as u64,
+                        "the walk of /proc ran out of time"
+                    );
+                }
+                w.only(&addresses)
+            }
+            Ok(Err(join)) => unknown(format!("the walk of /proc failed: {join}")),
+            Err(_) => {
+                tracing::warn!(
+                    bound_ms = bound.as_millis() as u64,
+                    "the walk of /proc has not returned"
+                );
+                unknown(format!(
+                    "could not finish: the walk of /proc did not return within {bound:?}"
+                ))
+            }
+        }
     }
 
     /// The active service holding devices bound to `driver`, under the

@@ -253,9 +253,10 @@ pub trait Host: Send + Sync + 'static {
     /// settings.
     fn virtual_machine(&self) -> bool;
 
-    /// How the host uses each of `addresses` (mounts, swap, routed
-    /// interfaces, open device nodes); functions it does not use are absent.
-    fn usage(&self, addresses: &[PciAddress]) -> usage::Usage;
+    /// How the host uses each of its functions (mounts, swap, routed
+    /// interfaces, open device nodes), walking /proc until `deadline`;
+    /// functions it does not use are absent.
+    fn usage(&self, deadline: std::time::Instant) -> usage::Walked;
 
     /// Whether `drivers/<name>` exists.
     fn driver_loaded(&self, driver: &str) -> bool;

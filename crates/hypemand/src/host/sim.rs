@@ -851,7 +851,7 @@ impl Host for SimHost {
             .collect())
     }
 
-    fn usage(&self, addresses: &[PciAddress]) -> Usage {
+    fn usage(&self, _deadline: std::time::Instant) -> super::usage::Walked {
         // Mounts, interfaces and open nodes exist only while the device's own
         // driver has it; a stopped service's process holds nothing.
         let state = self.state();
@@ -861,8 +861,9 @@ impl Host for SimHost {
             .filter(|(a, _)| !*a)
             .map(|(_, pid)| *pid)
             .collect();
-        addresses
-            .iter()
+        let usage = state
+            .usage
+            .keys()
             .filter_map(|a| {
                 let d = state.devices.get(a)?;
                 let own = d
@@ -878,7 +879,11 @@ impl Host for SimHost {
                     .collect();
                 (own && !uses.is_empty()).then_some((*a, uses))
             })
-            .collect()
+            .collect();
+        super::usage::Walked {
+            usage,
+            ..Default::default()
+        }
     }
 
     fn driver_loaded(&self, driver: &str) -> bool {

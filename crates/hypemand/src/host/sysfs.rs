@@ -223,12 +223,12 @@ impl Host for SysfsHost {
         Ok(out)
     }
 
-    fn usage(&self, addresses: &[PciAddress]) -> super::usage::Usage {
+    fn usage(&self, deadline: std::time::Instant) -> super::usage::Walked {
         super::usage::HostRoot {
             sys: self.root.clone(),
             proc: self.proc_root.clone(),
         }
-        .read(addresses)
+        .read(deadline)
     }
 
     fn driver_loaded(&self, driver: &str) -> bool {

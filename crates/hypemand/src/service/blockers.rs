@@ -3,8 +3,11 @@
 //! group. Hard blockers (`no-iommu`, `bridge`) can never be overridden; soft
 //! ones (`boot-vga`, `mounted`, `network-active`, `open-by`, `group`) mean
 //! the host is using it, and only the force authorization overrides them.
+//! `usage-unknown` is soft too: whether the host uses the function could not
+//! be established (the walk of /proc ran out of time, or one of its files
+//! could not be read), so it is not passable, and Bind answers `Busy`.
 
-use crate::host::usage::{Usage, Use};
+use crate::host::usage::{Use, Walked};
 use crate::host::HostDevice;
 use crate::pci::class::{is_bridge, is_pci_bridge};
 use crate::pci::PciAddress;
@@ -15,6 +18,9 @@ pub struct Blocker {
     pub code: &'static str,
     pub message: String,
     pub address: PciAddress,
+    /// Not a known use, only that none could be ruled out (`usage-unknown`,
+    /// or a `group` blocker made of one).
+    pub unknown: bool,
 }
 
 impl Blocker {
@@ -84,14 +90,24 @@ fn from_use(address: PciAddress, u: &Use) -> (&'static str, String) {
     }
 }
 
-/// The function's own blockers; `uses` is how the host uses it.
-pub fn own(dev: &HostDevice, virtual_machine: bool, uses: &[Use]) -> Vec<Blocker> {
+/// The code of a function whose use could not be established.
+pub const UNKNOWN: &str = "usage-unknown";
+
+/// The function's own blockers; `uses` is how the host uses it, `unknown`
+/// why that could not be established, if it could not.
+pub fn own(
+    dev: &HostDevice,
+    virtual_machine: bool,
+    uses: &[Use],
+    unknown: Option<&str>,
+) -> Vec<Blocker> {
     let mut out = Vec::new();
     let mut add = |code, message: String| {
         out.push(Blocker {
             code,
             message,
             address: dev.address,
+            unknown: code == UNKNOWN,
         })
     };
     if dev.iommu_group.is_none() {
@@ -127,6 +143,16 @@ pub fn own(dev: &HostDevice, virtual_machine: bool, uses: &[Use]) -> Vec<Blocker
         let (code, message) = from_use(dev.address, u);
         add(code, message);
     }
+    if let Some(why) = unknown {
+        add(
+            UNKNOWN,
+            format!(
+                "{}: cannot tell whether the host uses it: {}",
+                dev.address,
+                shown(why)
+            ),
+        );
+    }
     out
 }
 
@@ -137,19 +163,26 @@ pub fn of(
     dev: &HostDevice,
     members: &[HostDevice],
     virtual_machine: bool,
-    usage: &Usage,
+    walked: &Walked,
 ) -> Vec<Blocker> {
-    let uses = |a: &PciAddress| usage.get(a).map(Vec::as_slice).unwrap_or_default();
-    let mut out = own(dev, virtual_machine, uses(&dev.address));
+    let uses = |a: &PciAddress| walked.usage.get(a).map(Vec::as_slice).unwrap_or_default();
+    let unknown = |a: &PciAddress| walked.unknown.get(a).map(String::as_str);
+    let mut out = own(
+        dev,
+        virtual_machine,
+        uses(&dev.address),
+        unknown(&dev.address),
+    );
     for m in members
         .iter()
         .filter(|m| m.address != dev.address && !is_pci_bridge(m.class))
     {
-        for b in own(m, virtual_machine, uses(&m.address))
+        for b in own(m, virtual_machine, uses(&m.address), unknown(&m.address))
             .into_iter()
             .filter(|b| !b.hard())
         {
             out.push(Blocker {
+                unknown: b.unknown,
                 code: "group",
                 message: format!(
                     "{} shares IOMMU group {} with {}: {}",
@@ -165,15 +198,33 @@ pub fn of(
     out
 }
 
-/// The message of `HostInUse`: every blocker, one after another.
-pub fn describe(blockers: &[Blocker]) -> String {
-    let list: Vec<String> = blockers
+/// The refusal of a Bind or Attach the soft blockers stand in the way of:
+/// `HostInUse` with every blocker when any is a known use; `Busy` when none
+/// is, only that a use could not be ruled out (try again, or force).
+pub fn refusal(blockers: &[Blocker]) -> hypeman_api::Error {
+    if blockers.iter().all(|b| b.unknown) {
+        hypeman_api::Error::Busy(format!(
+            "cannot tell whether the host is using this device or its IOMMU group, nothing was changed: {}; try again, or force (--force, BindWithOptions/AttachWithOptions force) to take it anyway",
+            list(blockers)
+        ))
+    } else {
+        hypeman_api::Error::HostInUse(describe(blockers))
+    }
+}
+
+fn list(blockers: &[Blocker]) -> String {
+    blockers
         .iter()
         .map(|b| format!("[{}] {}", b.code, b.message))
-        .collect();
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The message of `HostInUse`: every blocker, one after another.
+pub fn describe(blockers: &[Blocker]) -> String {
     format!(
         "the host is using this device or its IOMMU group, nothing was changed: {}",
-        list.join("; ")
+        list(blockers)
     )
 }
 
@@ -181,7 +232,7 @@ pub fn describe(blockers: &[Blocker]) -> String {
 /// group's): `NoIommu` or `NotPassable`. Register, Bind and Attach answer it,
 /// forced or not.
 pub fn hard_refusal(dev: &HostDevice, virtual_machine: bool) -> Option<hypeman_api::Error> {
-    let b = own(dev, virtual_machine, &[])
+    let b = own(dev, virtual_machine, &[], None)
         .into_iter()
         .find(Blocker::hard)?;
     Some(match b.code {
@@ -204,10 +255,9 @@ impl super::Service {
     pub(crate) async fn host_usage(
         &self,
         addresses: Vec<PciAddress>,
-    ) -> super::error::Result<Usage> {
-        let mut usage = self.door.usage(addresses).await.map_err(|e| {
-            super::error::host_error("cannot read how the host uses its devices".into(), e)
-        })?;
+    ) -> super::error::Result<Walked> {
+        let mut walked = self.door.usage(addresses).await;
+        let usage = &mut walked.usage;
         let opens = usage
             .values()
             .flatten()
@@ -228,7 +278,7 @@ impl super::Service {
                 usage.retain(|_, uses| !uses.is_empty());
             }
         }
-        Ok(usage)
+        Ok(walked)
     }
 
     /// A function's blockers, its IOMMU group's included, read now.
@@ -242,7 +292,7 @@ impl super::Service {
         if !addresses.contains(&dev.address) {
             addresses.push(dev.address);
         }
-        let usage = self.host_usage(addresses).await?;
-        Ok(of(dev, members, vm, &usage))
+        let walked = self.host_usage(addresses).await?;
+        Ok(of(dev, members, vm, &walked))
     }
 }

@@ -228,7 +228,7 @@ impl Service {
             }
         }
         // One walk of /proc for every function.
-        let usage = self
+        let walked = self
             .host_usage(devices.iter().map(|d| d.address).collect())
             .await?;
         let snapshot = self.snapshot();
@@ -244,7 +244,7 @@ impl Service {
                 AvailableView {
                     kind: DeviceType::from_class(host.vendor, host.class),
                     registered_as: snapshot.by_address(host.address).map(|d| d.id.clone()),
-                    blockers: super::blockers::of(&host, members, vm, &usage),
+                    blockers: super::blockers::of(&host, members, vm, &walked),
                     vendor_name,
                     device_name,
                     host,

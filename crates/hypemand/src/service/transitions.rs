@@ -157,7 +157,7 @@ impl Service {
                 if !soft.is_empty() {
                     let list = super::blockers::describe(&soft);
                     if !force {
-                        return Err(hypeman_api::Error::HostInUse(list));
+                        return Err(super::blockers::refusal(&soft));
                     }
                     tracing::warn!(
                         pci_address = %s.pci_address,
