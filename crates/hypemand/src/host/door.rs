@@ -81,10 +81,13 @@ impl Progress {
 /// older than its question), joining the queue otherwise. A flood of
 /// ListAvailable calls therefore costs at most one walk after another, and a
 /// Bind behind it waits for at most the walk in progress and the next one.
+/// The last walk's start number and result.
+type LastWalk = Option<(u64, Arc<Walked>)>;
+
 #[derive(Default)]
 struct Walks {
-    /// The last walk's start number and result; held while a walk runs.
-    last: Arc<tokio::sync::Mutex<Option<(u64, Arc<Walked>)>>>,
+    /// The last walk; held while a walk runs.
+    last: Arc<tokio::sync::Mutex<LastWalk>>,
     /// Walks started so far.
     started: std::sync::atomic::AtomicU64,
 }

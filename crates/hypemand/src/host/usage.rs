@@ -610,7 +610,8 @@ impl HostRoot {
             walked.processes += 1;
             for fd in list.flatten() {
                 walked.fds += 1;
-                if walked.fds % FDS_PER_CHECK == 0 && std::time::Instant::now() >= deadline {
+                if walked.fds.is_multiple_of(FDS_PER_CHECK) && std::time::Instant::now() >= deadline
+                {
                     out_of_time = true;
                     break 'procs;
                 }
