@@ -361,3 +361,147 @@ fn the_real_backend_reads_the_host_root() {
     assert_eq!(name, "org.hypeman.Devices.Error.HostInUse");
     assert_eq!(std::fs::read_to_string(override_file).unwrap(), "(null)\n");
 }
+
+/// A process the test starts, which says `ready` on stdout once set up and
+/// holds what it opened until its stdin closes; stopped by pid on every path
+/// ([`Proc`]'s drop).
+fn holder(mut cmd: std::process::Command) -> Proc {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let p = Proc { child };
+    assert_eq!(line.trim(), "ready", "the holder did not set up");
+    p
+}
+
+/// A host root whose /sys is tests/data/host-root.sh's tree and whose /proc
+/// is the machine's own, so real processes' fds are what is walked.
+fn live_host_root() -> tempfile::TempDir {
+    let host_root = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("bash")
+        .arg(root().join("tests/data/host-root.sh"))
+        .arg(host_root.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    std::fs::remove_dir_all(host_root.path().join("proc")).unwrap();
+    std::os::unix::fs::symlink("/proc", host_root.path().join("proc")).unwrap();
+    host_root
+}
+
+/// *(issue 24)* `open-by` believes only the kernel, and sees every fd.
+///
+/// A plain user in its own user and mount namespaces mounts a tmpfs on
+/// /dev, makes regular files named renderD128, nvme0n1 and nvme0 there and
+/// holds them open: nothing is blocked (before: the GPU and the NVMe were
+/// `open-by` the user, and root's Bind answered `HostInUse`). A real holder
+/// of card1's device number (1:7, the machine's /dev/full), behind 18,000
+/// other fds, is seen. (The fd past 65,536 that the old cap hid is the unit
+/// test `every_fd_is_read`: this sandbox's hard NOFILE limit is 20,000, and
+/// raising it needs CAP_SYS_RESOURCE, which it lacks.) Then a walk given 1 ms runs out of time: it says how far it got, Bind
+/// answers `Busy` saying so, nothing is marked stuck, and a forced Bind goes
+/// past it.
+#[test]
+fn open_by_believes_only_the_kernel_and_sees_every_fd() {
+    let host_root = live_host_root();
+    let users = TestUsers::create(&["mallory"], &[], "hypeman");
+    let mut fake = as_user(&users.names[0], "unshare");
+    fake.args([
+        "-Urm",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /dev && mkdir /dev/dri && touch /dev/dri/renderD128 /dev/nvme0n1 /dev/nvme0 \
+         && exec 7</dev/dri/renderD128 8</dev/nvme0n1 9</dev/nvme0 && echo ready && exec cat",
+    ]);
+    let _fake = holder(fake);
+    let mut real = std::process::Command::new("python3");
+    real.args([
+        "-c",
+        "import os, resource, sys\n\
+         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\
+         null = os.open('/dev/null', os.O_RDONLY)\n\
+         held = [os.dup(null) for _ in range(18000)]\n\
+         os.open('/dev/full', os.O_RDONLY)\n\
+         print('ready', flush=True)\n\
+         sys.stdin.read()\n",
+    ]);
+    let real = holder(real);
+
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let hr = host_root.path().to_str().unwrap().to_string();
+    let d = Daemon::start(&bus, state.path(), &["--host-root", &hr]);
+    let codes = |addr: &str| -> Vec<String> {
+        blockers_of(&bus, addr)
+            .into_iter()
+            .map(|(c, m)| format!("{c}: {m}"))
+            .collect()
+    };
+    assert_eq!(
+        codes("0000:01:00.0"),
+        [format!(
+            "open-by: 0000:01:00.0: /dev/dri/card1 is open by process {} (python3)",
+            real.pid()
+        )]
+    );
+    // The fake nodes are regular files: nothing. The tree's disks are
+    // mounted nowhere on this machine; only the tree's own btrfs member list
+    // says p1 is.
+    assert_eq!(
+        codes("0000:02:00.0"),
+        ["mounted: 0000:02:00.0: /dev/nvme0n1p1 is mounted on (btrfs filesystem 6f1d3b52-8e0e-4c5a-9a53-0b2c1d7e9f10)"]
+    );
+    assert_eq!(codes("0000:07:00.0"), Vec::<String>::new());
+    drop(d);
+    wait_until(|| !bus.has_owner(NAME));
+
+    // 1 ms for a walk of 18,000 fds and more: out of time.
+    let d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--host-root", &hr, "--usage-timeout", "0.001"],
+    );
+    let unknown = codes("0000:07:00.0");
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
+    assert!(
+        unknown[0].starts_with(
+            "usage-unknown: 0000:07:00.0: cannot tell whether the host uses it: could not finish: "
+        ) && unknown[0].contains(" processes and ")
+            && unknown[0].contains(" fds read in "),
+        "{unknown:?}"
+    );
+    // A NIC has no nodes: its answer does not depend on the fds.
+    assert_eq!(codes("0000:06:00.0"), Vec::<String>::new());
+    bus.manager("Register", &["ss", "0000:07:00.0", "gpu2"])
+        .unwrap();
+    let override_file = host_root
+        .path()
+        .join("sys/bus/pci/devices/0000:07:00.0/driver_override");
+    for _ in 0..2 {
+        // Busy each time, never "stuck": a slow walk is no stuck kernel.
+        let (name, text) = call_error(&bus, "Bind", &["gpu2"]);
+        assert_eq!(name, "org.hypeman.Devices.Error.Busy", "{text}");
+        assert!(
+            text.contains("cannot tell whether the host is using this device")
+                && text.contains("could not finish")
+                && text.contains("force"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read_to_string(&override_file).unwrap(), "(null)\n");
+    }
+    let got = bus.manager("Get", &["s", "gpu2"]).unwrap();
+    assert_eq!(got[0]["driver"]["data"], "nvidia");
+    // Forced: past the unknown (this tree has no vfio-pci, so it stops there).
+    let (name, text) = call_error(&bus, "BindWithOptions", &["gpu2", "{'force': <true>}"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.VfioUnavailable", "{text}");
+    assert!(d.log().contains("overridden=usage-unknown"), "{}", d.log());
+}

@@ -285,7 +285,14 @@ impl Door {
         // next ones waiting (answered as above) instead of piling up threads.
         let task = tokio::task::spawn_blocking(move || {
             let mut guard = guard;
+            let began = std::time::Instant::now();
             let w = Arc::new(host.usage(until));
+            tracing::debug!(
+                processes = w.processes,
+                fds = w.fds,
+                elapsed_us = began.elapsed().as_micros() as u64,
+                "walked /proc"
+            );
             *guard = Some((n, w.clone()));
             w
         });

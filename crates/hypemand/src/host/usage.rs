@@ -97,7 +97,7 @@ impl std::fmt::Display for Unfinished {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "could not finish: {} processes and {} fds read within {:?}",
+            "could not finish: {} processes and {} fds read in {:?}",
             self.processes, self.fds, self.within
         )
     }
@@ -648,7 +648,7 @@ impl HostRoot {
             let u = Unfinished {
                 processes: walked.processes,
                 fds: walked.fds,
-                within: deadline.saturating_duration_since(started),
+                within: started.elapsed(),
             };
             walked.unfinished = Some(u);
             let why =
@@ -840,6 +840,37 @@ mod tests {
         assert_eq!(walked.unfinished, None);
         // Every process and every fd was read.
         assert_eq!((walked.processes, walked.fds), (3, 7), "{walked:?}");
+    }
+
+    /// *(issue 24)* Every fd is read: a holder whose node is its 66,001st fd
+    /// (readdir lists it last: on tmpfs, newest first, and it was made first)
+    /// is seen. Before, the first 65,536 entries per process were read.
+    #[test]
+    fn every_fd_is_read() {
+        let root = tempfile::tempdir().unwrap();
+        lay_out(root.path());
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let fd = shm.path().join("4242/fd");
+        std::fs::create_dir_all(&fd).unwrap();
+        std::fs::write(shm.path().join("4242/comm"), "holder\n").unwrap();
+        std::os::unix::fs::symlink("/dev/full", fd.join("70000")).unwrap();
+        for n in 0..66_000 {
+            std::os::unix::fs::symlink("/dev/null", fd.join(n.to_string())).unwrap();
+        }
+        let host = HostRoot {
+            sys: root.path().join("sys"),
+            proc: shm.path().to_path_buf(),
+        };
+        let walked = host.read(later());
+        assert_eq!(walked.fds, 66_001);
+        assert_eq!(
+            walked.usage.get(&addr("0000:01:00.0")).unwrap(),
+            &vec![Use::OpenBy {
+                pid: 4242,
+                comm: "holder".into(),
+                node: "/dev/dri/card1".into()
+            }]
+        );
     }
 
     /// *(issue 24)* A btrfs mount is matched through the kernel's member
