@@ -15,6 +15,7 @@ packages=(
   umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi   # uevent tests
   python3-venv ca-certificates   # tests/sdk.rs and tests/rest.rs: the hypeman SDK from PyPI in a virtualenv
   mmdebstrap systemd-container   # scripts/test-system.sh: a Debian rootfs booted with systemd-nspawn
+  uidmap           # newuidmap: tests/rest.rs floods from a user's subordinate uids (unshare --map-users)
   protobuf-compiler   # protoc, for hypeman-device-plugin's gRPC code (tonic-build)
 )
 if [ "$(id -u)" != 0 ]; then

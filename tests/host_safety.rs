@@ -422,7 +422,7 @@ fn open_by_believes_only_the_kernel_and_sees_every_fd() {
          && exec 7</dev/dri/renderD128 8</dev/nvme0n1 9</dev/nvme0 && echo ready && exec cat",
     ]);
     let _fake = holder(fake);
-    let mut real = std::process::Command::new("python3");
+    let mut real = std::process::Command::new("/usr/bin/python3");
     real.args([
         "-c",
         "import os, resource, sys\n\

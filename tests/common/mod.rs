@@ -625,15 +625,21 @@ impl TestBus {
 }
 
 /// Test users, created for a test and removed (with their groups) when dropped.
+/// Tests of one binary that have test users run one after another: a group
+/// one of them created (and removes when done) must not vanish under another.
 pub struct TestUsers {
     pub names: Vec<String>,
     created_group: Option<String>,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl TestUsers {
     /// Creates one user per role, named `hm<role><pid>`; those in `admins` join
     /// group `group` (created if missing, and then removed again).
     pub fn create(roles: &[&str], admins: &[&str], group: &str) -> TestUsers {
+        let one_at_a_time = USERS.lock().unwrap_or_else(|p| p.into_inner());
         let exists = Command::new("getent")
             .args(["group", group])
             .output()
@@ -642,6 +648,7 @@ impl TestUsers {
         let mut users = TestUsers {
             names: Vec::new(),
             created_group: None,
+            _one_at_a_time: one_at_a_time,
         };
         if !exists {
             let st = Command::new("groupadd")

@@ -257,6 +257,21 @@ impl Bouncer {
         };
         let busy =
             |why: &str| Error::Busy(format!("{why}; nothing was changed: try again in a moment"));
+        // A socket's peer that has exited cannot be checked (polkitd reads
+        // its /proc entry): that is the caller's doing, not a busy daemon.
+        let exited = || {
+            match caller {
+            Caller::Process {
+                pid, start_time, ..
+            } if process_gone(*pid, *start_time) => Some(Error::AccessDenied(format!(
+                "the process that connected (pid {pid}) has exited, so it cannot be authorized; nothing was changed"
+            ))),
+            _ => None,
+        }
+        };
+        if let Some(e) = exited() {
+            return Err(e);
+        }
         // A place in the caller's queue (an unknown uid shares one), then
         // one of its slots, then a slot of all; a full queue is answered at
         // once, a wait past the deadline too.
@@ -285,6 +300,9 @@ impl Bouncer {
         });
         let answer = match answer {
             Err(NoAnswer::Transient(e)) => {
+                if let Some(gone) = exited() {
+                    return Err(gone);
+                }
                 note_polkit_transient(&e);
                 return Err(busy(&format!("polkit could not answer now ({e})")));
             }
@@ -501,4 +519,62 @@ fn capitalise(s: &str) -> String {
     c.next()
         .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
         .unwrap_or_default()
+}
+
+/// A process's start time (clock ticks after boot, field 22 of
+/// `/proc/PID/stat`), which polkitd compares to tell a reused pid apart.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process `pid` that started at `started` has exited (its pid
+/// is gone, or now another process's). A start time of 0 means it had
+/// already exited when its connection was accepted: gone, since nothing can
+/// tell it from a process that has its pid now.
+pub fn process_gone(pid: u32, started: u64) -> bool {
+    if started == 0 {
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return true;
+    };
+    let mut fields = rest.split_whitespace();
+    // A zombie has exited too; only its parent has not reaped it yet.
+    let state = fields.next();
+    let start = fields.nth(18).and_then(|t| t.parse::<u64>().ok());
+    state == Some("Z") || start != Some(started)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// *(issue 24)* A socket peer that has exited is told apart from a
+    /// running one, and from a pid now used by another process.
+    #[test]
+    fn an_exited_process_is_gone() {
+        let me = std::process::id();
+        let mine = start_time(me).unwrap();
+        assert!(!process_gone(me, mine));
+        assert!(process_gone(me, mine + 1));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let started = start_time(pid).unwrap_or(1);
+        // Exited, not yet reaped: a zombie is gone.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+        {
+            std::thread::yield_now();
+        }
+        assert!(process_gone(pid, started));
+        child.wait().unwrap();
+        assert!(process_gone(pid, started));
+        assert!(process_gone(me, 0));
+    }
 }

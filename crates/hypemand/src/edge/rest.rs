@@ -15,9 +15,21 @@
 //! actions as over D-Bus, for the peer's credentials (`SO_PEERCRED`, as a
 //! `unix-process` subject with the start time read when it connected).
 //!
-//! Hostile clients are bounded: bodies over [`MAX_BODY`] get 413, malformed
-//! JSON and wrong types 400, a client has [`HEADER_TIMEOUT`] to send each
-//! request's headers, and connections are capped in all and per uid.
+//! Hostile clients are bounded ([`deadlines`](self#deadlines)): bodies over
+//! [`MAX_BODY`] get 413, malformed JSON and wrong types 400; every phase of a
+//! request has its deadline; connections are capped in all and per user (a
+//! user's subordinate uids count as the user), with [`RESERVED_CONNECTIONS`]
+//! kept for root and members of [`RESERVED_GROUP`]; a slot is given back as
+//! soon as its peer has hung up.
+//!
+//! # Deadlines
+//!
+//! | phase | deadline | past it |
+//! |---|---|---|
+//! | a request's headers (the first, and each next one on a kept-alive connection: the idle timeout) | [`HEADER_TIMEOUT`] | the connection is closed |
+//! | its body, from the end of the headers | [`BODY_TIMEOUT`] | 408 `request_timeout`, closed |
+//! | the answer, from the end of the body | [`REQUEST_TIMEOUT`] | 503 `timeout`, closed; the work goes on to its end |
+//! | writing the response, from when it is ready | [`WRITE_TIMEOUT`] | the connection is closed |
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,10 +43,8 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use hypeman_api::{CreateRequest, Error};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
 
 use super::authz::{Authz, Method};
 use super::polkit::Caller;
@@ -43,11 +53,26 @@ use crate::service::Service;
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
 /// How long a client has to send a request's headers (the first, and each
-/// next one on a kept-alive connection).
+/// next one on a kept-alive connection: an idle connection is closed then).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections open at once, in all and per uid.
+/// How long a client has to send a request's body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the daemon has to answer once the body is in. A handler is never
+/// cut short (a half-done change is worse than a late one): past this the
+/// client gets 503 and the work finishes on its own.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client has to read a response once it is ready (pipelined
+/// requests whose responses are never read hold their connection no longer).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once, in all and per user.
 pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_CONNECTIONS_PER_UID: usize = 16;
+/// Of [`MAX_CONNECTIONS`], the ones only root and members of
+/// [`RESERVED_GROUP`] may take: a plain user filling every other slot
+/// (from one account, or from its subordinate uids) never locks them out.
+pub const RESERVED_CONNECTIONS: usize = 16;
+/// The group the shipped polkit rule lets change devices.
+pub const RESERVED_GROUP: &str = "hypeman";
 
 /// What the handlers share.
 pub struct Api {
@@ -183,7 +208,18 @@ async fn create(
 /// refused, so a misspelt filter does not silently list everything.
 fn tag_filter(query: Option<&str>) -> Result<BTreeMap<String, String>, ApiError> {
     let mut filter = BTreeMap::new();
-    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    for (n, (k, v)) in form_urlencoded::parse(query.unwrap_or("").as_bytes()).enumerate() {
+        // Not collected past the limit: the service would refuse it anyway.
+        if n >= crate::store::registry::MAX_TAGS {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!(
+                    "a tag filter has at most {} pairs",
+                    crate::store::registry::MAX_TAGS
+                ),
+            ));
+        }
         let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) else {
             let shown: String = k.chars().take(64).collect();
             return Err(ApiError::new(
@@ -321,45 +357,463 @@ pub fn listen(path: &std::path::Path) -> Result<Listening, SocketError> {
     })
 }
 
-/// A process's start time (clock ticks after boot, field 22 of
-/// `/proc/PID/stat`), which polkitd compares to tell a reused pid apart.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command may hold spaces and parentheses: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+use super::polkit::start_time;
+
+/// `SO_PEERGROUPS` (Linux 4.13): the supplementary groups the peer had when
+/// it connected. The libc crate does not export it for every target.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The groups a connected peer had when it connected, as the kernel recorded
+/// them (not read from /proc later, where the pid may be another's).
+fn peer_groups(fd: &impl std::os::fd::AsRawFd) -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt into a buffer of `len` bytes that it may fill.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return groups;
+        }
+        // ERANGE: `len` says how much it needs (bounded: NGROUPS_MAX 65536).
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE)
+            && n > groups.len()
+            && n <= 65_536
+        {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Vec::new();
+    }
 }
 
-/// Connections open per uid.
-#[derive(Default)]
-struct PerUid(Mutex<HashMap<u32, usize>>);
+/// One small system file, re-read only when it changes (device, inode, size
+/// and modification time), and never past 4 MiB.
+struct Watched<T> {
+    path: std::path::PathBuf,
+    seen: Option<(u64, u64, u64, i64, i64)>,
+    parsed: T,
+}
 
-impl PerUid {
-    fn take(&self, uid: u32) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(uid).or_default();
-        if *n >= MAX_CONNECTIONS_PER_UID {
-            return false;
+impl<T: Default> Watched<T> {
+    fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        Watched {
+            path: path.into(),
+            seen: None,
+            parsed: T::default(),
         }
-        *n += 1;
-        true
     }
-    fn give(&self, uid: u32) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&uid) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&uid);
+
+    fn get(&mut self, parse: impl FnOnce(&str) -> T) -> &T {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+        if now != self.seen {
+            self.seen = now;
+            self.parsed = crate::host::usage::read_text(&self.path)
+                .ok()
+                .filter(|t| t.len() <= 4 << 20)
+                .map(|t| parse(&t))
+                .unwrap_or_default();
+        }
+        &self.parsed
+    }
+}
+
+/// Who a connecting uid is, for the connection limits: `/etc/subuid` makes
+/// a user's subordinate uids that user's (so `unshare -U --map-auto` gives
+/// no one more slots), `/etc/passwd` names the owners, and `/etc/group` gives
+/// [`RESERVED_GROUP`]'s gid. Files only (no NSS call can stall the accept
+/// loop); each is re-read when it changes.
+struct Accounts {
+    passwd: Watched<HashMap<String, u32>>,
+    subuid: Watched<Vec<(String, u32, u32)>>,
+    group: Watched<Option<u32>>,
+}
+
+impl Accounts {
+    fn new(etc: &std::path::Path) -> Self {
+        Accounts {
+            passwd: Watched::new(etc.join("passwd")),
+            subuid: Watched::new(etc.join("subuid")),
+            group: Watched::new(etc.join("group")),
+        }
+    }
+
+    /// The uid a connection counts against: the owner of the subordinate
+    /// range `uid` lies in, else `uid` itself.
+    fn owner(&mut self, uid: u32) -> u32 {
+        let ranges = self.subuid.get(|t| {
+            t.lines()
+                .filter_map(|l| {
+                    let mut f = l.trim().splitn(3, ':');
+                    let (name, start, count) = (f.next()?, f.next()?, f.next()?);
+                    Some((name.to_string(), start.parse().ok()?, count.parse().ok()?))
+                })
+                .collect()
+        });
+        let Some(name) = ranges
+            .iter()
+            .find(|(_, start, count)| uid >= *start && (uid - start) < *count)
+            .map(|(n, _, _)| n.clone())
+        else {
+            return uid;
+        };
+        if let Ok(n) = name.parse::<u32>() {
+            return n;
+        }
+        let users = self.passwd.get(|t| {
+            t.lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next()?;
+                    Some((name.to_string(), f.nth(1)?.parse().ok()?))
+                })
+                .collect()
+        });
+        // A range whose owner has no account: its uids share one bucket.
+        users.get(&name).copied().unwrap_or(u32::MAX)
+    }
+
+    fn reserved_gid(&mut self) -> Option<u32> {
+        *self.group.get(|t| {
+            t.lines().find_map(|l| {
+                let mut f = l.split(':');
+                (f.next()? == RESERVED_GROUP)
+                    .then(|| f.nth(1)?.parse().ok())
+                    .flatten()
+            })
+        })
+    }
+}
+
+/// A connection's place.
+struct Slot {
+    owner: u32,
+    privileged: bool,
+    reserved: bool,
+    /// A duplicate of the connection's socket, to see whether the peer has
+    /// hung up while its task has not noticed yet.
+    fd: std::os::fd::OwnedFd,
+}
+
+/// The connections open, counted against the limits.
+#[derive(Default)]
+struct Slots {
+    open: HashMap<u64, Slot>,
+    next: u64,
+    general: usize,
+    reserved: usize,
+    per_owner: HashMap<u32, usize>,
+}
+
+/// Why a connection was refused, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Owner,
+    All,
+}
+
+impl Slots {
+    /// Takes a place, if the limits allow, first giving back the places of
+    /// peers that have already hung up.
+    fn take(
+        &mut self,
+        owner: u32,
+        privileged: bool,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<u64, Refused> {
+        let mut swept = false;
+        loop {
+            let mine = self.per_owner.get(&owner).copied().unwrap_or(0);
+            let owner_ok = privileged || mine < MAX_CONNECTIONS_PER_UID;
+            let place = if !owner_ok {
+                Err(Refused::Owner)
+            } else if self.general < MAX_CONNECTIONS - RESERVED_CONNECTIONS {
+                Ok(false)
+            } else if privileged && self.reserved < RESERVED_CONNECTIONS {
+                Ok(true)
+            } else {
+                Err(Refused::All)
+            };
+            match place {
+                Ok(reserved) => {
+                    if reserved {
+                        self.reserved += 1;
+                    } else {
+                        self.general += 1;
+                    }
+                    if !privileged {
+                        *self.per_owner.entry(owner).or_default() += 1;
+                    }
+                    self.next += 1;
+                    self.open.insert(
+                        self.next,
+                        Slot {
+                            owner,
+                            privileged,
+                            reserved,
+                            fd,
+                        },
+                    );
+                    return Ok(self.next);
+                }
+                Err(why) if swept => return Err(why),
+                Err(_) => {
+                    self.sweep();
+                    swept = true;
+                }
+            }
+        }
+    }
+
+    /// Gives a place back (once: a swept place is already back).
+    fn give(&mut self, id: u64) {
+        let Some(s) = self.open.remove(&id) else {
+            return;
+        };
+        if s.reserved {
+            self.reserved -= 1;
+        } else {
+            self.general -= 1;
+        }
+        if !s.privileged {
+            if let Some(n) = self.per_owner.get_mut(&s.owner) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_owner.remove(&s.owner);
+                }
+            }
+        }
+    }
+
+    /// Gives back the places whose peer has closed its end: a client that
+    /// opens a connection per request has reconnected before the old
+    /// connection's task has read the end of it.
+    fn sweep(&mut self) {
+        use std::os::fd::AsRawFd;
+        let mut polled: Vec<(u64, libc::pollfd)> = self
+            .open
+            .iter()
+            .map(|(id, s)| {
+                (
+                    *id,
+                    libc::pollfd {
+                        fd: s.fd.as_raw_fd(),
+                        events: 0,
+                        revents: 0,
+                    },
+                )
+            })
+            .collect();
+        let mut fds: Vec<libc::pollfd> = polled.iter().map(|(_, p)| *p).collect();
+        // SAFETY: poll over descriptors this process owns, without waiting.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        if n <= 0 {
+            return;
+        }
+        for ((id, _), p) in polled.drain(..).zip(fds) {
+            // POLLHUP: the peer has closed (or shut down both ways); nothing
+            // more can come from it or be sent to it.
+            if p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                self.give(id);
             }
         }
     }
 }
 
+/// What the deadlines of one connection share: when the response being
+/// written must be written by.
+#[derive(Default)]
+struct Phase {
+    write_by: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Phase {
+    fn set(&self, by: Option<tokio::time::Instant>) {
+        *self.write_by.lock().unwrap_or_else(|p| p.into_inner()) = by;
+    }
+    fn get(&self) -> Option<tokio::time::Instant> {
+        *self.write_by.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The connection's socket, with the write deadline: a write that cannot
+/// make progress past [`Phase::write_by`] fails, and hyper closes the
+/// connection.
+struct Deadlined {
+    io: TokioIo<tokio::net::UnixStream>,
+    phase: Arc<Phase>,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadlined {
+    fn stalled<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let Some(by) = self.phase.get() else {
+            return Poll::Pending;
+        };
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(by)));
+        if sleep.deadline() != by {
+            sleep.as_mut().reset(by);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not read its response within {WRITE_TIMEOUT:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Read for Deadlined {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Deadlined {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.io).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.stalled(cx),
+            r => r,
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Pending => self.stalled(cx),
+            r => r,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.io).poll_flush(cx) {
+            std::task::Poll::Pending => self.stalled(cx),
+            r => r,
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An error response that also closes the connection.
+fn closing(e: ApiError) -> Response {
+    let mut r = e.into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// One request, under its deadlines: the body is read whole within
+/// [`BODY_TIMEOUT`] (and [`MAX_BODY`]), the router runs on a task of its own
+/// (so neither a client leaving nor [`REQUEST_TIMEOUT`] cuts a change short),
+/// and the response must then be written within [`WRITE_TIMEOUT`].
+async fn handle(
+    router: Router,
+    phase: Arc<Phase>,
+    req: axum::http::Request<hyper::body::Incoming>,
+) -> Result<Response, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    phase.set(None);
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::Limited::new(body, MAX_BODY);
+    let response = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Err(_) => closing(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => closing(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {MAX_BODY} bytes"),
+        )),
+        Ok(Err(e)) => closing(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("cannot read the request body: {e}"),
+        )),
+        Ok(Ok(collected)) => {
+            use tower::ServiceExt;
+            let req = axum::http::Request::from_parts(
+                parts,
+                axum::body::Body::from(collected.to_bytes()),
+            );
+            let task = tokio::spawn(router.oneshot(req));
+            match tokio::time::timeout(REQUEST_TIMEOUT, task).await {
+                Ok(Ok(Ok(r))) => r,
+                Ok(Ok(Err(never))) => match never {},
+                Ok(Err(join)) => closing(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    format!("the request failed: {join}"),
+                )),
+                Err(_) => closing(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!("no answer within {REQUEST_TIMEOUT:?}; the request goes on, and GET /devices shows its outcome"),
+                )),
+            }
+        }
+    };
+    phase.set(Some(tokio::time::Instant::now() + WRITE_TIMEOUT));
+    Ok(response)
+}
+
 /// Serves `listener` until the task is dropped.
 pub async fn serve(listener: UnixListener, api: Arc<Api>) {
+    serve_with(listener, api, std::path::Path::new("/etc")).await
+}
+
+/// [`serve`], with the account files read from `etc` (tests).
+pub async fn serve_with(listener: UnixListener, api: Arc<Api>, etc: &std::path::Path) {
     let router = router(api);
-    let all = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_uid = Arc::new(PerUid::default());
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let mut accounts = Accounts::new(etc);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -377,33 +831,51 @@ pub async fn serve(listener: UnixListener, api: Arc<Api>) {
         let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok()) else {
             continue;
         };
-        let Ok(permit) = all.clone().try_acquire_owned() else {
-            tracing::debug!(uid, "API connection refused: too many open");
+        let gid = accounts.reserved_gid();
+        let privileged =
+            uid == 0 || gid.is_some_and(|g| cred.gid() == g || peer_groups(&stream).contains(&g));
+        let owner = if privileged { uid } else { accounts.owner(uid) };
+        let Ok(dup) = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() else {
             continue;
         };
-        if !per_uid.take(uid) {
-            tracing::debug!(uid, "API connection refused: too many open for this uid");
-            continue;
-        }
+        let taken = slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(owner, privileged, dup);
+        let id = match taken {
+            Ok(id) => id,
+            Err(why) => {
+                tracing::debug!(uid, owner, privileged, refused = ?why, "API connection refused: too many open");
+                continue;
+            }
+        };
         // Read now, while the peer is connected: the process that made this
-        // connection, not whatever has its pid later.
+        // connection, not whatever has its pid later. 0 if it has already
+        // exited: its changes are then refused (see `polkit::process_gone`).
         let peer = Peer {
             pid,
             uid,
             start_time: start_time(pid).unwrap_or(0),
         };
-        let service = TowerToHyperService::new(router.clone().layer(Extension(peer)));
-        let per_uid = per_uid.clone();
+        let router = router.clone().layer(Extension(peer));
+        let phase = Arc::new(Phase::default());
+        let io = Deadlined {
+            io: TokioIo::new(stream),
+            phase: phase.clone(),
+            sleep: None,
+        };
+        let slots = slots.clone();
         tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req| handle(router.clone(), phase.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(io, service);
             if let Err(e) = conn.await {
                 tracing::debug!(uid, error = %e, "API connection ended");
             }
-            per_uid.give(uid);
-            drop(permit);
+            slots.lock().unwrap_or_else(|p| p.into_inner()).give(id);
         });
     }
 }
