@@ -37,18 +37,33 @@ path, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
 if mode == "requests":
     answered = refused = 0
-    req = b"GET /devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    # Kept alive, as HTTP/1.1 clients are: the client reads its answer (by
+    # Content-Length) and hangs up itself, then connects again at once.
+    req = b"GET /devices HTTP/1.1\r\nHost: x\r\n\r\n"
     for _ in range(n):
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
+        got = b""
         try:
             s.sendall(req)
-            got = b""
-            while True:
+            while b"\r\n\r\n" not in got:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 got += chunk
+            head, _, body = got.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v)
+            while len(body) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            if len(body) < length:
+                got = b""
         except OSError:
             got = b""
         s.close()
