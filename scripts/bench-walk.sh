@@ -47,8 +47,12 @@ pids+=("$(head -1 "$work/bus.pid")")
 RUST_LOG=debug "$hypemand" --bus "$bus" --state-dir "$work/state" \
   --host-root "$work/root" --api-socket none --usage-timeout 600 \
   2>"$work/log" &
-pids+=($!)
-until busctl --address="$bus" status org.hypeman.Devices >/dev/null 2>&1; do sleep 0.1; done
+daemon=$!
+pids+=("$daemon")
+until busctl --address="$bus" status org.hypeman.Devices >/dev/null 2>&1; do
+  kill -0 "$daemon" 2>/dev/null || { echo "hypemand exited:" >&2; cat "$work/log" >&2; exit 1; }
+  sleep 0.1
+done
 for _ in $(seq "$runs"); do
   busctl --address="$bus" call org.hypeman.Devices /org/hypeman/Devices \
     org.hypeman.Devices1 ListAvailable >/dev/null
