@@ -56,6 +56,14 @@ fn call_error(bus: &TestBus, method: &str, args: &[&str]) -> (String, String) {
     )
 }
 
+/// `code: message`, one a blocker, of `addr` in ListAvailable.
+fn blocker_lines(bus: &TestBus, addr: &str) -> Vec<String> {
+    blockers_of(bus, addr)
+        .into_iter()
+        .map(|(c, m)| format!("{c}: {m}"))
+        .collect()
+}
+
 fn blockers_of(bus: &TestBus, addr: &str) -> Vec<(String, String)> {
     let all = bus.manager("ListAvailable", &[]).unwrap();
     let row = all[0]
@@ -302,11 +310,8 @@ fn persistenced_is_stopped_and_started_around_the_moves() {
     assert_eq!(bus.host_driver("0000:01:00.0").as_deref(), Some("nvidia"));
 }
 
-/// The real backend on a temporary host root laid out as the kernel lays out
-/// /sys and /proc (tests/data/host-root.sh): ListAvailable's blockers are
-/// exact, and Bind refuses the mounted drive without writing.
-#[test]
-fn the_real_backend_reads_the_host_root() {
+/// tests/data/host-root.sh's tree in a temporary directory.
+fn host_root_tree() -> tempfile::TempDir {
     let host_root = tempfile::tempdir().unwrap();
     let ok = std::process::Command::new("bash")
         .arg(root().join("tests/data/host-root.sh"))
@@ -315,6 +320,15 @@ fn the_real_backend_reads_the_host_root() {
         .unwrap()
         .success();
     assert!(ok);
+    host_root
+}
+
+/// The real backend on a temporary host root laid out as the kernel lays out
+/// /sys and /proc (tests/data/host-root.sh): ListAvailable's blockers are
+/// exact, and Bind refuses the mounted drive without writing.
+#[test]
+fn the_real_backend_reads_the_host_root() {
+    let host_root = host_root_tree();
     let bus = TestBus::start();
     let state = tempfile::tempdir().unwrap();
     let _d = Daemon::start(
@@ -322,12 +336,7 @@ fn the_real_backend_reads_the_host_root() {
         state.path(),
         &["--host-root", host_root.path().to_str().unwrap()],
     );
-    let codes = |addr: &str| -> Vec<String> {
-        blockers_of(&bus, addr)
-            .into_iter()
-            .map(|(c, m)| format!("{c}: {m}"))
-            .collect()
-    };
+    let codes = |addr: &str| blocker_lines(&bus, addr);
     assert_eq!(
         codes("0000:02:00.0"),
         [
@@ -384,14 +393,7 @@ fn holder(mut cmd: std::process::Command) -> Proc {
 /// A host root whose /sys is tests/data/host-root.sh's tree and whose /proc
 /// is the machine's own, so real processes' fds are what is walked.
 fn live_host_root() -> tempfile::TempDir {
-    let host_root = tempfile::tempdir().unwrap();
-    let ok = std::process::Command::new("bash")
-        .arg(root().join("tests/data/host-root.sh"))
-        .arg(host_root.path())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    let host_root = host_root_tree();
     std::fs::remove_dir_all(host_root.path().join("proc")).unwrap();
     std::os::unix::fs::symlink("/proc", host_root.path().join("proc")).unwrap();
     host_root
@@ -440,12 +442,7 @@ fn open_by_believes_only_the_kernel_and_sees_every_fd() {
     let state = tempfile::tempdir().unwrap();
     let hr = host_root.path().to_str().unwrap().to_string();
     let d = Daemon::start(&bus, state.path(), &["--host-root", &hr]);
-    let codes = |addr: &str| -> Vec<String> {
-        blockers_of(&bus, addr)
-            .into_iter()
-            .map(|(c, m)| format!("{c}: {m}"))
-            .collect()
-    };
+    let codes = |addr: &str| blocker_lines(&bus, addr);
     assert_eq!(
         codes("0000:01:00.0"),
         [format!(

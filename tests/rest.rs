@@ -22,6 +22,25 @@ fn open_dir() -> tempfile::TempDir {
     d
 }
 
+/// A daemon on l4.toml serving the API on `devices.sock` in a directory of
+/// its own; the state directory, that directory and the daemon.
+fn l4_with_api(bus: &TestBus) -> (tempfile::TempDir, tempfile::TempDir, Daemon) {
+    let state = tempfile::tempdir().unwrap();
+    let dir = open_dir();
+    let sock = dir.path().join("devices.sock");
+    let d = Daemon::start(
+        bus,
+        state.path(),
+        &[
+            "--simulate",
+            fixture("l4.toml").to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    (state, dir, d)
+}
+
 /// l4.toml with one more NIC function, to be attached over D-Bus.
 fn host(dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(fixture("l4.toml")).unwrap()
@@ -66,18 +85,23 @@ fn raw(sock: &Path, request: &[u8]) -> (String, String) {
     (status, body)
 }
 
+/// The real polkitd on `bus`, with the shipped rule.
+fn shipped_polkit(bus: &TestBus) -> Polkitd {
+    Polkitd::start(
+        bus,
+        &[(
+            "50-org.hypeman.devices.rules",
+            std::fs::read_to_string(root().join("polkit/50-org.hypeman.devices.rules")).unwrap(),
+        )],
+    )
+}
+
 #[test]
 fn the_official_sdk_over_the_socket() {
     let python = sdk_python();
     let users = TestUsers::create(&["member", "plain"], &["member"], "hypeman");
     let bus = TestBus::start_polkit();
-    let _pk = Polkitd::start(
-        &bus,
-        &[(
-            "50-org.hypeman.devices.rules",
-            std::fs::read_to_string(root().join("polkit/50-org.hypeman.devices.rules")).unwrap(),
-        )],
-    );
+    let _pk = shipped_polkit(&bus);
     let state = tempfile::tempdir().unwrap();
     let dir = open_dir();
     let sock = dir.path().join("devices.sock");
@@ -139,19 +163,8 @@ fn the_official_sdk_over_the_socket() {
 #[test]
 fn hostile_clients_are_bounded() {
     let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let dir = open_dir();
+    let (_state, dir, _d) = l4_with_api(&bus);
     let sock = dir.path().join("devices.sock");
-    let _d = Daemon::start(
-        &bus,
-        state.path(),
-        &[
-            "--simulate",
-            fixture("l4.toml").to_str().unwrap(),
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
     let post = |body: &str| {
         raw(
             &sock,
@@ -228,28 +241,12 @@ fn hostile_clients_are_bounded() {
 #[test]
 fn every_phase_has_a_deadline() {
     let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let dir = open_dir();
+    let (_state, dir, _d) = l4_with_api(&bus);
     let sock = dir.path().join("devices.sock");
-    let _d = Daemon::start(
-        &bus,
-        state.path(),
-        &[
-            "--simulate",
-            fixture("l4.toml").to_str().unwrap(),
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
     std::thread::scope(|t| {
         // a body that never arrives is answered 408 at the body deadline;
         t.spawn(|| {
-            let mut c = UnixStream::connect(&sock).unwrap();
-            c.set_read_timeout(Some(HANG_GUARD)).unwrap();
-            c.write_all(b"POST /devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{")
-                .unwrap();
-            let mut got = String::new();
-            c.read_to_string(&mut got).unwrap();
+            let got = until_closed(&sock, b"POST /devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{");
             assert!(
                 got.starts_with("HTTP/1.1 408") && got.contains("request_timeout"),
                 "{got}"
@@ -257,12 +254,7 @@ fn every_phase_has_a_deadline() {
         });
         // a kept-alive connection left idle after its answer is closed;
         t.spawn(|| {
-            let mut c = UnixStream::connect(&sock).unwrap();
-            c.set_read_timeout(Some(HANG_GUARD)).unwrap();
-            c.write_all(b"GET /devices HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut got = String::new();
-            c.read_to_string(&mut got).unwrap();
+            let got = until_closed(&sock, b"GET /devices HTTP/1.1\r\nHost: x\r\n\r\n");
             assert_eq!(got.matches("HTTP/1.1 200").count(), 1, "{got}");
         });
         // pipelined requests whose answers are never read: the connection
@@ -285,6 +277,17 @@ fn every_phase_has_a_deadline() {
             assert!(p.revents & libc::POLLRDHUP != 0, "{:x}", p.revents);
         });
     });
+}
+
+/// Sends `request` and reads until the daemon closes the connection (a read
+/// past [`HANG_GUARD`] fails the test).
+fn until_closed(sock: &Path, request: &[u8]) -> String {
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    c.write_all(request).unwrap();
+    let mut got = String::new();
+    c.read_to_string(&mut got).unwrap();
+    got
 }
 
 /// How long a test waits for the daemon to act before it calls it a hang
@@ -342,6 +345,22 @@ fn count(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
+/// The start of `user`'s first subordinate range in `file` (useradd gives
+/// every user one).
+fn first_subordinate(file: &str, user: &str) -> u32 {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{user}:"))?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{user} has no subordinate range in {file}"))
+}
+
 /// *(issue 24)* Plain users cannot lock root out of the socket. Four users
 /// hold 16 connections each with bodies that never arrive (64, the old
 /// total); then one user does the same from four of its subordinate uids
@@ -356,19 +375,8 @@ fn no_user_locks_root_out() {
         "hypeman",
     );
     let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let dir = open_dir();
+    let (_state, dir, d) = l4_with_api(&bus);
     let sock = dir.path().join("devices.sock");
-    let d = Daemon::start(
-        &bus,
-        state.path(),
-        &[
-            "--simulate",
-            fixture("l4.toml").to_str().unwrap(),
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
     let sock_s = sock.to_str().unwrap().to_string();
     let root_requests = |n: usize| -> usize {
         (0..n)
@@ -432,28 +440,8 @@ fn no_user_locks_root_out() {
     // that are 100000 + 1..4 outside, 16 connections each. They count as
     // the user: 16 in all.
     let sub = &users.names[4];
-    let subuid = std::fs::read_to_string("/etc/subuid").unwrap();
-    let start = subuid
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{sub}:"))?
-                .split(':')
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .expect("useradd gave the user a subordinate range");
-    let subgid = std::fs::read_to_string("/etc/subgid").unwrap();
-    let gstart = subgid
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{sub}:"))?
-                .split(':')
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .expect("useradd gave the user a subordinate gid range");
+    let start = first_subordinate("/etc/subuid", sub);
+    let gstart = first_subordinate("/etc/subgid", sub);
     let mut c = as_user(sub, "unshare");
     c.args([
         "--map-user=0",
@@ -492,19 +480,8 @@ fn no_user_locks_root_out() {
 fn a_connection_per_request_is_never_refused() {
     let users = TestUsers::create(&["cpr"], &[], "hypeman");
     let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let dir = open_dir();
+    let (_state, dir, _d) = l4_with_api(&bus);
     let sock = dir.path().join("devices.sock");
-    let _d = Daemon::start(
-        &bus,
-        state.path(),
-        &[
-            "--simulate",
-            fixture("l4.toml").to_str().unwrap(),
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
     let clients: Vec<std::process::Child> = (0..12)
         .map(|_| {
             as_user(&users.names[0], "/usr/bin/python3")
@@ -579,26 +556,9 @@ fn a_socket_passed_by_systemd_is_served() {
 fn a_connector_that_has_left_is_forbidden_not_busy() {
     let users = TestUsers::create(&["leaver"], &["leaver"], "hypeman");
     let bus = TestBus::start_polkit();
-    let _pk = Polkitd::start(
-        &bus,
-        &[(
-            "50-org.hypeman.devices.rules",
-            std::fs::read_to_string(root().join("polkit/50-org.hypeman.devices.rules")).unwrap(),
-        )],
-    );
-    let state = tempfile::tempdir().unwrap();
-    let dir = open_dir();
+    let _pk = shipped_polkit(&bus);
+    let (_state, dir, _d) = l4_with_api(&bus);
     let sock = dir.path().join("devices.sock");
-    let _d = Daemon::start(
-        &bus,
-        state.path(),
-        &[
-            "--simulate",
-            fixture("l4.toml").to_str().unwrap(),
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
     // The parent connects, forks and exits; once the test has reaped it,
     // it tells the child (on stdin) to send.
     let program = r#"
