@@ -907,7 +907,7 @@ mod tests {
         assert_eq!((u.processes, u.fds), (0, 0));
         assert!(
             u.to_string()
-                .starts_with("could not finish: 0 processes and 0 fds read within"),
+                .starts_with("could not finish: 0 processes and 0 fds read in "),
             "{u}"
         );
         for a in ["0000:01:00.0", "0000:07:00.0", "0000:02:00.0"] {
