@@ -76,14 +76,14 @@ impl Progress {
     }
 }
 
+/// The last walk's start number and result.
+type LastWalk = Option<(u64, Arc<Walked>)>;
+
 /// The walk of /proc, shared: one runs at a time, and a caller uses the
 /// result of a walk that started after it asked (so what it is told is never
 /// older than its question), joining the queue otherwise. A flood of
 /// ListAvailable calls therefore costs at most one walk after another, and a
 /// Bind behind it waits for at most the walk in progress and the next one.
-/// The last walk's start number and result.
-type LastWalk = Option<(u64, Arc<Walked>)>;
-
 #[derive(Default)]
 struct Walks {
     /// The last walk; held while a walk runs.

@@ -129,7 +129,9 @@ impl Walked {
                 .iter()
                 .filter_map(|a| Some((*a, self.unknown.get(a)?.clone())))
                 .collect(),
-            ..self.clone()
+            unfinished: self.unfinished,
+            processes: self.processes,
+            fds: self.fds,
         }
     }
 }
@@ -166,24 +168,40 @@ fn devnum(major: u32, minor: u32) -> u64 {
 /// sysfs and procfs files are regular files, for which `O_NONBLOCK` changes
 /// nothing.
 pub fn read_text(path: &Path) -> Result<String, String> {
+    read_file(path).map_err(|e| e.to_string())
+}
+
+/// Why [`read_file`] read nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not a regular file")]
+    NotRegular(String),
+}
+
+/// [`read_text`], with a missing file told apart (one open, no stat first).
+fn read_file(path: &Path) -> Result<String, ReadError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let shown = path.display();
+    let io = |source| ReadError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{shown} is not a regular file"));
+        .map_err(io)?;
+    if !f.metadata().map_err(io)?.is_file() {
+        return Err(ReadError::NotRegular(path.display().to_string()));
     }
     let mut text = String::new();
-    f.take(MAX_FILE)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    f.take(MAX_FILE).read_to_string(&mut text).map_err(io)?;
     Ok(text)
 }
 
@@ -235,9 +253,12 @@ impl HostRoot {
     /// Any other failure is returned, so the caller can say which device it
     /// could not read instead of failing them all.
     fn read_opt(path: &Path) -> Result<Option<String>, String> {
-        match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            _ => read_text(path).map(|t| Some(t.trim().to_string())),
+        match read_file(path) {
+            Ok(t) => Ok(Some(t.trim().to_string())),
+            Err(ReadError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
         }
     }
 
