@@ -1,7 +1,7 @@
 //! Name and instance-id validation: never panics, and accepts only what the
 //! contract's patterns allow.
 #![no_main]
-use hypemand::store::registry::{validate_instance_id, validate_name};
+use hypeman_api::validate::{validate_instance_id, validate_name};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,6 +7,7 @@
 //! - [`names`]: the bus name, object paths and interface names;
 //! - [`options`]: the options dictionary of BindWithOptions/AttachWithOptions;
 //! - [`request`]: the seed's create request (JSON and `a{sv}`);
+//! - [`validate`]: the rules for names, instance ids and tags;
 //! - [`record`]: the device record and the available-device dictionary, with the
 //!   seed's JSON documents;
 //! - [`error`]: every error name, once, for the daemon's replies and the
@@ -20,6 +21,7 @@ pub mod options;
 pub mod proxy;
 pub mod record;
 pub mod request;
+pub mod validate;
 
 pub use bus::BusChoice;
 pub use error::Error;

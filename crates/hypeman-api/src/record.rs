@@ -38,7 +38,9 @@ pub struct Record {
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`
 /// (`no-iommu`, `bridge`, `boot-vga`, `group`, ...), a message a person can act
 /// on, and the function it concerns (itself, or a member of its group).
-#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type, zbus::Variant,
+)]
 #[zvariant(signature = "a{sv}")]
 pub struct Blocker {
     pub code: String,

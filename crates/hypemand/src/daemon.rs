@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::edge::authz::Authz;
 use crate::edge::dbus::{self as bus, BusChoice, ServeError};
+use crate::edge::polkit::Bouncer;
 use crate::edge::{systemd, udev as hotplug};
 use crate::host::door::Door;
 use crate::host::sim::{FixtureError, SimHost};
@@ -221,10 +223,17 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         },
     };
     tracing::debug!(elapsed_ms = ms(), "serving on the bus");
-    let (conn, authz) = bus::serve(service.clone(), &opts.bus, sim).await?;
+    // One connection, one bouncer and one gate for the daemon's life, shared
+    // by every edge: the REST edge holds no bus connection of its own.
+    let conn = bus::connect(&opts.bus).await?;
+    let bouncer = Bouncer::new(&conn)
+        .await
+        .map_err(|e| DaemonError::Bus(ServeError::Connect(e)))?;
+    let authz = Arc::new(Authz::new(service.clone(), Arc::new(bouncer)));
+    bus::serve(&conn, service.clone(), authz.clone(), sim).await?;
     let api_created = api_socket.as_ref().and_then(|l| l.created.clone());
     let _api = api_socket.map(|l| {
-        let api = crate::edge::rest::Api::new(service.clone(), authz.clone(), conn.clone());
+        let api = crate::edge::rest::Api::new(service.clone(), authz.clone());
         AbortOnDrop(tokio::spawn(crate::edge::rest::serve(l.listener, api)))
     });
     let summary = service.summary();

@@ -1,39 +1,50 @@
-//! Authorization, declared once.
+//! Authorization, declared once, for every edge.
 //!
-//! [`Method::action`] is the one table from a changing method to the polkit
-//! action that guards it. Every changing handler goes through [`Authz`]: it
-//! resolves what the caller named to one record, once, asks the bouncer about
-//! that exact record (its address, vendor:device and name go to polkit as
-//! details), and hands back the resolved [`Target`]. The service then acts on
-//! that record's id and nothing else: a name re-pointed while polkit was
-//! deciding cannot redirect the change.
+//! [`Method::actions`] is the one table from a changing method to the polkit
+//! actions that guard it. Every change an edge makes goes through [`Authz`]:
+//! it resolves what the caller named to one record, once, asks the
+//! [`Authorizer`] about that exact record (its address, vendor:device and name
+//! go to polkit as details), and hands the service that record and nothing
+//! else. A name re-pointed while polkit was deciding cannot redirect the
+//! change, and a Register registers the host device it asked about.
+//!
+//! The authorizer is built once, at start-up (the daemon's polkit
+//! [`Bouncer`](super::polkit::Bouncer)); edges hold no bus connection for it
+//! and pass only a [`Caller`]. Tests put a fake in its place.
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use hypeman_api::Error;
-use tokio::sync::OnceCell;
-use zbus::Connection;
+use zbus::message::Header;
 
-use super::polkit::{Action, Bouncer, Caller, Target as PolkitTarget};
-use crate::service::{Service, Target};
+use crate::service::{Candidate, DeviceView, Op, Service, Target};
 
 /// Every method that changes anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
+    /// Register and Create.
     Register,
+    /// Delete.
     Delete,
+    /// Bind and BindWithOptions without `force`.
     Bind,
+    /// Unbind.
     Unbind,
+    /// Attach and AttachWithOptions without `force`.
     Attach,
+    /// Detach.
     Detach,
-    /// Bind or Attach with `force`: overrides the soft blockers.
+    /// Bind with `force`: overrides the soft blockers.
     ForceBind,
+    /// Attach with `force`: overrides the soft blockers.
     ForceAttach,
     /// Changing a device's tags (issue 15): authorized as registering.
     SetTags,
 }
 
 impl Method {
+    /// Every method, for the table's test.
     pub const ALL: [Method; 9] = [
         Method::Register,
         Method::Delete,
@@ -63,84 +74,165 @@ impl Method {
     pub const fn forces(self) -> bool {
         matches!(self, Method::ForceBind | Method::ForceAttach)
     }
+
+    /// The method a change of the service is authorized as.
+    pub fn of(op: &Op) -> Method {
+        match op {
+            Op::Delete => Method::Delete,
+            Op::Bind { force: false } => Method::Bind,
+            Op::Bind { force: true } => Method::ForceBind,
+            Op::Unbind => Method::Unbind,
+            Op::Attach { force: false, .. } => Method::Attach,
+            Op::Attach { force: true, .. } => Method::ForceAttach,
+            Op::Detach => Method::Detach,
+            Op::SetTags { .. } => Method::SetTags,
+        }
+    }
 }
 
-/// The gate every changing handler passes.
+/// The polkit actions (`polkit/org.hypeman.devices.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Register, Create, SetTags.
+    Register,
+    /// Delete.
+    Delete,
+    /// Bind and Unbind.
+    Bind,
+    /// Attach and Detach.
+    Attach,
+    /// Overriding soft blockers, asked in addition to Bind or Attach.
+    Force,
+}
+
+impl Action {
+    /// The action's id in the policy file.
+    pub fn id(self) -> &'static str {
+        match self {
+            Action::Register => "org.hypeman.devices.register",
+            Action::Delete => "org.hypeman.devices.delete",
+            Action::Bind => "org.hypeman.devices.bind",
+            Action::Attach => "org.hypeman.devices.attach",
+            Action::Force => "org.hypeman.devices.force",
+        }
+    }
+}
+
+/// What a check is about; passed to polkit as details so rules can grant
+/// one device and not another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Details {
+    /// The function's address, `0000:a2:00.0`.
+    pub pci_address: String,
+    /// `vendor:device`, e.g. `10de:27b8`.
+    pub device_id: String,
+    /// The registered name (or the name it is about to get).
+    pub name: String,
+}
+
+/// Who is asking.
+#[derive(Debug)]
+pub enum Caller<'a> {
+    /// The sender of a D-Bus message (a `system-bus-name` subject).
+    Bus(&'a Header<'a>),
+    /// A process on a socket, from `SO_PEERCRED` and its start time read
+    /// when it connected (a `unix-process` subject: polkitd checks the start
+    /// time, so a reused pid is not mistaken for the caller).
+    Process {
+        /// The peer's pid.
+        pid: u32,
+        /// The peer's uid.
+        uid: u32,
+        /// The peer's start time, in clock ticks since boot.
+        start_time: u64,
+    },
+}
+
+/// Decides whether a caller may take an action on a device: polkit in the
+/// daemon, a fake in the edges' in-process tests.
+#[async_trait]
+pub trait Authorizer: Send + Sync {
+    /// `Ok` if `caller` may take `action` on the device of `details`; the
+    /// refusal otherwise (`AccessDenied`, `InteractiveAuthorizationRequired`,
+    /// `Busy`).
+    async fn check(
+        &self,
+        caller: &Caller<'_>,
+        action: Action,
+        details: &Details,
+    ) -> Result<(), Error>;
+}
+
+/// The gate every change passes.
 pub struct Authz {
     service: Arc<Service>,
-    /// Built on first use from the serving connection, then kept for the
-    /// daemon's life.
-    bouncer: OnceCell<Bouncer>,
+    authorizer: Arc<dyn Authorizer>,
 }
 
 impl Authz {
-    pub fn new(service: Arc<Service>) -> Self {
+    /// The gate of `service`, asking `authorizer`.
+    pub fn new(service: Arc<Service>, authorizer: Arc<dyn Authorizer>) -> Self {
         Authz {
             service,
-            bouncer: OnceCell::new(),
+            authorizer,
         }
     }
 
-    async fn bouncer(&self, conn: &Connection) -> Result<&Bouncer, Error> {
-        self.bouncer
-            .get_or_try_init(|| Bouncer::new(conn))
-            .await
-            .map_err(|e| Error::Failed(format!("cannot reach the bus to ask polkit: {e}")))
+    async fn check(&self, caller: &Caller<'_>, method: Method, d: &Details) -> Result<(), Error> {
+        for action in method.actions() {
+            self.authorizer.check(caller, *action, d).await?;
+        }
+        Ok(())
     }
 
-    /// Resolves `id_or_name` once and authorizes `method` on that record for
-    /// the caller of `header`.
-    pub async fn device(
+    /// Checks `op`'s arguments, resolves `id_or_name` once, authorizes the
+    /// caller for `op` on that record, then has the service apply it to that
+    /// record.
+    pub async fn apply(
         &self,
-        conn: &Connection,
         caller: &Caller<'_>,
-        method: Method,
         id_or_name: &str,
-    ) -> Result<Target, Error> {
+        op: Op,
+    ) -> Result<DeviceView, Error> {
+        op.validate()?;
+        let method = Method::of(&op);
         let target = self.service.resolve(id_or_name)?;
         let d = target.record();
-        let details = PolkitTarget {
+        let details = Details {
             pci_address: d.pci_address.to_string(),
             device_id: format!("{}:{}", d.vendor_id, d.device_id),
             name: d.name.clone(),
         };
-        let bouncer = self.bouncer(conn).await?;
-        for action in method.actions() {
-            bouncer.check(caller, *action, &details).await?;
-        }
-        Ok(if method.forces() {
+        self.check(caller, method, &details).await?;
+        let target: Target = if method.forces() {
             target.forced()
         } else {
             target
-        })
+        };
+        self.service.apply(&target, op).await
     }
 
-    /// Authorizes registering the host device at `pci_address` under `name`
-    /// (empty: the default name).
+    /// Reads the host device at `pci_address` once, authorizes registering
+    /// that device under `name` (empty: the default name), and registers it.
     pub async fn register(
         &self,
-        conn: &Connection,
         caller: &Caller<'_>,
         pci_address: &str,
         name: &str,
-    ) -> Result<(), Error> {
-        if !name.is_empty() {
-            crate::store::registry::validate_name(name)?;
-        }
-        let host = self.service.inspect(pci_address).await?;
-        let details = PolkitTarget {
-            pci_address: host.address.to_string(),
-            device_id: format!("{:04x}:{:04x}", host.vendor, host.device),
-            name: if name.is_empty() {
-                host.address.default_name()
-            } else {
-                name.to_string()
-            },
+        tags: std::collections::BTreeMap<String, String>,
+    ) -> Result<DeviceView, Error> {
+        let candidate: Candidate = self.service.propose(pci_address, name, tags).await?;
+        let details = Details {
+            pci_address: candidate.host().address.to_string(),
+            device_id: format!(
+                "{:04x}:{:04x}",
+                candidate.host().vendor,
+                candidate.host().device
+            ),
+            name: candidate.name().to_string(),
         };
-        self.bouncer(conn)
-            .await?
-            .check(caller, Action::Register, &details)
-            .await
+        self.check(caller, Method::Register, &details).await?;
+        self.service.register(candidate).await
     }
 }
 
@@ -168,5 +260,18 @@ mod tests {
         assert!(!force.contains("auth_admin_keep"));
         let rule = include_str!("../../../../polkit/50-org.hypeman.devices.rules");
         assert!(rule.contains("action.id !== \"org.hypeman.devices.force\""));
+    }
+
+    /// A forced change is authorized as the force method, and needs force.
+    #[test]
+    fn force_is_asked_for_a_forced_op() {
+        let bind = Method::of(&Op::Bind { force: true });
+        assert_eq!(bind, Method::ForceBind);
+        assert!(bind.actions().contains(&Action::Force));
+        let attach = Method::of(&Op::Attach {
+            instance_id: "vm".into(),
+            force: false,
+        });
+        assert!(!attach.actions().contains(&Action::Force));
     }
 }

@@ -1,5 +1,6 @@
 //! The bouncer: asks polkitd, and decides alone only when polkitd is absent.
-//! Handlers never come here directly: [`super::authz`] does, from its table.
+//! Handlers never come here directly: [`super::authz`] does, from its table,
+//! through the [`Authorizer`] the bouncer is.
 //!
 //! Every caller is checked with polkitd, root included: the answer is
 //! polkitd's to give, and a rule set that denies nothing today may tomorrow.
@@ -32,11 +33,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
-use zbus::message::{Flags, Header};
+use zbus::message::Flags;
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
 use hypeman_api::Error;
+
+use super::authz::{Action, Authorizer, Caller, Details};
 
 /// How long a check without interaction may take before polkit counts as failing.
 const NON_INTERACTIVE_LIMIT: Duration = Duration::from_secs(25);
@@ -112,51 +115,6 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// The polkit actions (`polkit/org.hypeman.devices.policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Register,
-    Delete,
-    /// Bind and Unbind.
-    Bind,
-    /// Attach and Detach.
-    Attach,
-    /// Overriding soft blockers, asked in addition to Bind or Attach.
-    Force,
-}
-
-impl Action {
-    pub fn id(self) -> &'static str {
-        match self {
-            Action::Register => "org.hypeman.devices.register",
-            Action::Delete => "org.hypeman.devices.delete",
-            Action::Bind => "org.hypeman.devices.bind",
-            Action::Attach => "org.hypeman.devices.attach",
-            Action::Force => "org.hypeman.devices.force",
-        }
-    }
-}
-
-/// What the check is about; passed to polkit as details so rules can grant
-/// one device and not another.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub pci_address: String,
-    /// `vendor:device`, e.g. `10de:27b8`.
-    pub device_id: String,
-    pub name: String,
-}
-
-/// Who is asking.
-pub enum Caller<'a> {
-    /// The sender of a D-Bus message (a `system-bus-name` subject).
-    Bus(&'a Header<'a>),
-    /// A process on a socket, from `SO_PEERCRED` and its start time read
-    /// when it connected (a `unix-process` subject: polkitd checks the start
-    /// time, so a reused pid is not mistaken for the caller).
-    Process { pid: u32, uid: u32, start_time: u64 },
-}
-
 /// What was decided and why, for the log and the reply.
 enum Verdict {
     Granted(&'static str),
@@ -167,7 +125,6 @@ enum Verdict {
 /// The daemon's one bouncer: one polkit proxy and one uid cache for its
 /// whole life.
 pub struct Bouncer {
-    conn: Connection,
     authority: AuthorityProxy<'static>,
     dbus: zbus::fdo::DBusProxy<'static>,
     /// Unique names are never reused on a bus, so a sender's uid is
@@ -193,7 +150,6 @@ impl Bouncer {
             .build()
             .await?;
         Ok(Bouncer {
-            conn: conn.clone(),
             authority,
             dbus,
             uids: std::sync::Mutex::new(HashMap::new()),
@@ -237,11 +193,11 @@ impl Bouncer {
     }
 
     /// Authorizes `caller` for `action` on `target`.
-    pub async fn check(
+    async fn decide(
         &self,
         caller: &Caller<'_>,
         action: Action,
-        target: &Target,
+        target: &Details,
     ) -> Result<(), Error> {
         let (sender, interactive, uid) = match caller {
             Caller::Bus(header) => {
@@ -369,7 +325,7 @@ impl Bouncer {
         caller: &Caller<'_>,
         sender: &str,
         action: Action,
-        target: &Target,
+        target: &Details,
         interactive: bool,
     ) -> Result<zbus_polkit::policykit1::AuthorizationResult, NoAnswer> {
         let subject = match caller {
@@ -470,9 +426,17 @@ impl Bouncer {
         }
         Some(uid)
     }
+}
 
-    pub fn connection(&self) -> &Connection {
-        &self.conn
+#[async_trait::async_trait]
+impl Authorizer for Bouncer {
+    async fn check(
+        &self,
+        caller: &Caller<'_>,
+        action: Action,
+        details: &Details,
+    ) -> Result<(), Error> {
+        self.decide(caller, action, details).await
     }
 }
 

@@ -46,9 +46,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
 
-use super::authz::{Authz, Method};
-use super::polkit::Caller;
-use crate::service::Service;
+use super::authz::{Authz, Caller};
+use crate::service::{Op, Service};
 
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -78,17 +77,12 @@ pub const RESERVED_GROUP: &str = "hypeman";
 pub struct Api {
     service: Arc<Service>,
     authz: Arc<Authz>,
-    /// The serving bus connection (polkitd is asked through it).
-    conn: zbus::Connection,
 }
 
 impl Api {
-    pub fn new(service: Arc<Service>, authz: Arc<Authz>, conn: zbus::Connection) -> Arc<Self> {
-        Arc::new(Api {
-            service,
-            authz,
-            conn,
-        })
+    /// The API of `service`, authorizing changes through `authz`.
+    pub fn new(service: Arc<Service>, authz: Arc<Authz>) -> Arc<Self> {
+        Arc::new(Api { service, authz })
     }
 }
 
@@ -197,10 +191,10 @@ async fn create(
         }
     })?;
     let name = r.name.as_deref().unwrap_or("");
-    api.authz
-        .register(&api.conn, &peer.caller(), &r.pci_address, name)
+    let view = api
+        .authz
+        .register(&peer.caller(), &r.pci_address, name, r.tags)
         .await?;
-    let view = api.service.register(&r.pci_address, name, r.tags).await?;
     Ok((StatusCode::CREATED, Json(doc(&view.record().seed()))))
 }
 
@@ -210,13 +204,13 @@ fn tag_filter(query: Option<&str>) -> Result<BTreeMap<String, String>, ApiError>
     let mut filter = BTreeMap::new();
     for (n, (k, v)) in form_urlencoded::parse(query.unwrap_or("").as_bytes()).enumerate() {
         // Not collected past the limit: the service would refuse it anyway.
-        if n >= crate::store::registry::MAX_TAGS {
+        if n >= hypeman_api::validate::MAX_TAGS {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 format!(
                     "a tag filter has at most {} pairs",
-                    crate::store::registry::MAX_TAGS
+                    hypeman_api::validate::MAX_TAGS
                 ),
             ));
         }
@@ -268,11 +262,7 @@ async fn delete(
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let t = api
-        .authz
-        .device(&api.conn, &peer.caller(), Method::Delete, &id)
-        .await?;
-    api.service.delete(&t).await?;
+    api.authz.apply(&peer.caller(), &id, Op::Delete).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -892,6 +882,168 @@ mod tests {
         assert!(tag_filter(None).unwrap().is_empty());
         assert!(tag_filter(Some("tag[x]=1")).is_err());
         assert!(tag_filter(Some("limit=3")).is_err());
+    }
+
+    /// In-process: the router on a simulated host, with a fake authorizer in
+    /// polkit's place (axum's `examples/testing`, `Router::oneshot`).
+    mod in_process {
+        use super::*;
+        use crate::edge::authz::{Action, Authorizer, Details};
+        use crate::host::sim::SimHost;
+        use crate::pci::PciAddress;
+        use crate::service::testing::{example, service_on, Fixture};
+        use axum::body::Body;
+        use axum::http::Request;
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        /// Grants or denies everything, remembers what it was asked, and can
+        /// unplug a device while it "decides" (as the host may while polkit
+        /// waits for a password).
+        struct Fake {
+            grant: bool,
+            asked: Mutex<Vec<(u32, Action, Details)>>,
+            unplug_while_deciding: Option<(Arc<SimHost>, PciAddress)>,
+        }
+
+        #[async_trait::async_trait]
+        impl Authorizer for Fake {
+            async fn check(
+                &self,
+                caller: &Caller<'_>,
+                action: Action,
+                details: &Details,
+            ) -> Result<(), Error> {
+                let Caller::Process { uid, .. } = caller else {
+                    return Err(Error::Failed("a REST caller is a process".into()));
+                };
+                self.asked
+                    .lock()
+                    .unwrap()
+                    .push((*uid, action, details.clone()));
+                if let Some((sim, address)) = &self.unplug_while_deciding {
+                    sim.unplug(*address).unwrap();
+                }
+                if self.grant {
+                    Ok(())
+                } else {
+                    Err(Error::AccessDenied(format!("denied {}", action.id())))
+                }
+            }
+        }
+
+        fn fake(grant: bool) -> Arc<Fake> {
+            Arc::new(Fake {
+                grant,
+                asked: Mutex::new(Vec::new()),
+                unplug_while_deciding: None,
+            })
+        }
+
+        fn app(f: &Fixture, authorizer: Arc<Fake>) -> Router {
+            let authz = Arc::new(Authz::new(f.service.clone(), authorizer));
+            let peer = Peer {
+                pid: 4242,
+                uid: 1000,
+                start_time: 7,
+            };
+            router(Api::new(f.service.clone(), authz)).layer(Extension(peer))
+        }
+
+        async fn call(app: Router, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            )
+        }
+
+        const GPU: &str = "0000:01:00.0";
+
+        #[tokio::test]
+        async fn a_denied_create_registers_nothing_and_says_forbidden() {
+            let f = service_on(&example("workstation.toml"), Duration::from_secs(5));
+            let authorizer = fake(false);
+            let body = json!({"pci_address": GPU, "name": "l4"}).to_string();
+            let (status, doc) = call(app(&f, authorizer.clone()), "POST", "/devices", &body).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{doc}");
+            assert_eq!(doc["code"], "forbidden");
+            assert!(f.service.snapshot().is_empty());
+            let asked = authorizer.asked.lock().unwrap().clone();
+            let details = Details {
+                pci_address: GPU.into(),
+                device_id: "10de:2684".into(),
+                name: "l4".into(),
+            };
+            assert_eq!(asked, vec![(1000, Action::Register, details)]);
+        }
+
+        #[tokio::test]
+        async fn create_then_delete_ask_about_the_device_they_change() {
+            let f = service_on(&example("workstation.toml"), Duration::from_secs(5));
+            let authorizer = fake(true);
+            let body = json!({"pci_address": GPU}).to_string();
+            let (status, doc) = call(app(&f, authorizer.clone()), "POST", "/devices", &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{doc}");
+            assert_eq!(doc["name"], "pci-0000-01-00-0");
+            let id = doc["id"].as_str().unwrap().to_string();
+            let uri = format!("/devices/{id}");
+            let (status, _) = call(app(&f, authorizer.clone()), "DELETE", &uri, "").await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+            assert!(f.service.snapshot().is_empty());
+            let actions: Vec<(Action, String)> = authorizer
+                .asked
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, a, d)| (*a, d.name.clone()))
+                .collect();
+            let name = "pci-0000-01-00-0".to_string();
+            assert_eq!(
+                actions,
+                vec![(Action::Register, name.clone()), (Action::Delete, name)]
+            );
+        }
+
+        /// Register registers the host device it asked about: the device
+        /// leaving while polkit decides does not make it register something
+        /// else, or read the host again (the old code answered 404 here,
+        /// from a second read).
+        #[tokio::test]
+        async fn register_registers_what_was_authorized() {
+            let f = service_on(&example("workstation.toml"), Duration::from_secs(5));
+            let address = PciAddress::parse(GPU).unwrap();
+            let authorizer = Arc::new(Fake {
+                grant: true,
+                asked: Mutex::new(Vec::new()),
+                unplug_while_deciding: Some((f.sim.clone(), address)),
+            });
+            let body = json!({"pci_address": GPU, "name": "l4"}).to_string();
+            let (status, doc) = call(app(&f, authorizer.clone()), "POST", "/devices", &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{doc}");
+            assert_eq!(doc["vendor_id"], "10de");
+            assert_eq!(doc["device_id"], "2684");
+            assert_eq!(authorizer.asked.lock().unwrap().len(), 1);
+        }
+
+        #[tokio::test]
+        async fn reads_ask_nobody() {
+            let f = service_on(&example("workstation.toml"), Duration::from_secs(5));
+            let authorizer = fake(false);
+            let (status, doc) = call(app(&f, authorizer.clone()), "GET", "/devices", "").await;
+            assert_eq!((status, doc), (StatusCode::OK, json!([])));
+            let (status, doc) = call(app(&f, authorizer.clone()), "GET", "/devices/nope", "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{doc}");
+            assert!(authorizer.asked.lock().unwrap().is_empty());
+        }
     }
 
     #[test]

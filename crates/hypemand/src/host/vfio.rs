@@ -16,14 +16,16 @@ use hypeman_api::VFIO_DRIVER;
 /// IOMMU group from being assigned.
 pub const CEDING_DRIVERS: [&str; 3] = [VFIO_DRIVER, "pci-stub", "pcieport"];
 
-/// A device in the way of assigning an IOMMU group.
+/// A member of an IOMMU group whose driver has not ceded DMA ownership: it
+/// is in the way of assigning the group. (Not a [`crate::service::blockers::Blocker`],
+/// which says why the host must keep a function.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blocker {
+pub struct Unceded {
     pub address: PciAddress,
     pub driver: Option<String>,
 }
 
-impl std::fmt::Display for Blocker {
+impl std::fmt::Display for Unceded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.driver {
             Some(d) => write!(f, "{} (driver {d})", self.address),
@@ -38,11 +40,11 @@ pub enum VfioError {
     NoIommu(PciAddress),
     #[error("vfio-pci is not available on this host: load it with `modprobe vfio-pci` (the module is in the kernel package on most distributions)")]
     VfioUnavailable,
-    #[error("IOMMU group {group} of {address} also holds {}: register each of them and bind it to vfio-pci (or unbind it from its driver) first", list(.blockers))]
+    #[error("IOMMU group {group} of {address} also holds {}: register each of them and bind it to vfio-pci (or unbind it from its driver) first", list(.unceded))]
     GroupConflict {
         address: PciAddress,
         group: u32,
-        blockers: Vec<Blocker>,
+        unceded: Vec<Unceded>,
     },
     /// A step failed; `outcome` says what state the device was left in.
     #[error("{action} {address} failed at step {step}: {error}; {outcome}")]
@@ -67,8 +69,8 @@ impl VfioError {
     }
 }
 
-fn list(blockers: &[Blocker]) -> String {
-    blockers
+fn list(unceded: &[Unceded]) -> String {
+    unceded
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
@@ -113,7 +115,7 @@ impl Door {
         if !loaded {
             return Err(VfioError::VfioUnavailable);
         }
-        let blockers: Vec<Blocker> = members
+        let unceded: Vec<Unceded> = members
             .into_iter()
             .filter(|m| m.address != dev.address && !is_pci_bridge(m.class))
             .filter(|m| {
@@ -122,18 +124,18 @@ impl Door {
                     .is_some_and(|d| !CEDING_DRIVERS.contains(&d))
             })
             .filter(|m| strict || !movable(m.address))
-            .map(|m| Blocker {
+            .map(|m| Unceded {
                 address: m.address,
                 driver: m.driver,
             })
             .collect();
-        if blockers.is_empty() {
+        if unceded.is_empty() {
             Ok(())
         } else {
             Err(VfioError::GroupConflict {
                 address: dev.address,
                 group,
-                blockers,
+                unceded,
             })
         }
     }

@@ -1,8 +1,10 @@
 //! Why a PCI function must not be taken from the host: decided from what the
 //! host says of the function, of how it uses it ([`Use`]), and of its IOMMU
-//! group. Hard blockers (`no-iommu`, `bridge`) can never be overridden; soft
-//! ones (`boot-vga`, `mounted`, `network-active`, `open-by`, `group`) mean
-//! the host is using it, and only the force authorization overrides them.
+//! group. Every kind is one [`Kind`], which says its code, its [`Strength`]
+//! and the error it refuses with. Hard blockers (`no-iommu`, `bridge`) can
+//! never be overridden; soft ones (`boot-vga`, `mounted`, `network-active`,
+//! `open-by`, `group`) mean the host is using it, and only the force
+//! authorization overrides them.
 //! `usage-unknown` is soft too: whether the host uses the function could not
 //! be established (the walk of /proc ran out of time, or one of its files
 //! could not be read), so it is not passable, and Bind answers `Busy`.
@@ -12,34 +14,118 @@ use crate::host::HostDevice;
 use crate::pci::class::{is_bridge, is_pci_bridge};
 use crate::pci::PciAddress;
 
+/// Every kind of blocker: its code, how strongly it blocks, and the error
+/// it refuses with. A new kind is added here, and the compiler points at
+/// every place that must say what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The function has no IOMMU group.
+    NoIommu,
+    /// A bridge of any kind (base class 0x06).
+    Bridge,
+    /// The boot display.
+    BootVga,
+    /// A block device of the function is mounted or is active swap.
+    Mounted,
+    /// A network interface of the function is up and carries routes.
+    NetworkActive,
+    /// A device node of the function is open.
+    OpenBy,
+    /// Whether the host uses the function could not be established.
+    UsageUnknown,
+    /// A member of the function's IOMMU group is blocked; `unknown` when
+    /// that member's blocker is `UsageUnknown`.
+    Group {
+        /// The member's use is unknown, not known.
+        unknown: bool,
+    },
+}
+
+/// How a blocker stands in the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strength {
+    /// vfio-pci cannot take the function at all: Register, Bind and Attach
+    /// refuse it, forced or not.
+    Hard,
+    /// The host is (or may be) using it: Bind and Attach refuse unless forced.
+    Soft,
+}
+
+impl Kind {
+    /// The code clients see (`Blocker.code`).
+    pub const fn code(self) -> &'static str {
+        match self {
+            Kind::NoIommu => "no-iommu",
+            Kind::Bridge => "bridge",
+            Kind::BootVga => "boot-vga",
+            Kind::Mounted => "mounted",
+            Kind::NetworkActive => "network-active",
+            Kind::OpenBy => "open-by",
+            Kind::UsageUnknown => "usage-unknown",
+            Kind::Group { .. } => "group",
+        }
+    }
+
+    /// How strongly it blocks.
+    pub const fn strength(self) -> Strength {
+        match self {
+            Kind::NoIommu | Kind::Bridge => Strength::Hard,
+            Kind::BootVga
+            | Kind::Mounted
+            | Kind::NetworkActive
+            | Kind::OpenBy
+            | Kind::UsageUnknown
+            | Kind::Group { .. } => Strength::Soft,
+        }
+    }
+
+    /// Not a known use, only that none could be ruled out.
+    pub const fn unknown(self) -> bool {
+        matches!(self, Kind::UsageUnknown | Kind::Group { unknown: true })
+    }
+
+    /// The error a change this blocker stops is refused with, by itself.
+    pub fn refusal(self, message: String) -> hypeman_api::Error {
+        use hypeman_api::Error;
+        match self {
+            Kind::NoIommu => Error::NoIommu(message),
+            Kind::Bridge => Error::NotPassable(message),
+            Kind::UsageUnknown | Kind::Group { unknown: true } => Error::Busy(message),
+            Kind::BootVga
+            | Kind::Mounted
+            | Kind::NetworkActive
+            | Kind::OpenBy
+            | Kind::Group { unknown: false } => Error::HostInUse(message),
+        }
+    }
+}
+
 /// One reason, about `address` (the function itself or a group member).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocker {
-    pub code: &'static str,
+    /// What kind of reason.
+    pub kind: Kind,
+    /// What it is, for a person.
     pub message: String,
+    /// The function it concerns.
     pub address: PciAddress,
-    /// Not a known use, only that none could be ruled out (`usage-unknown`,
-    /// or a `group` blocker made of one).
-    pub unknown: bool,
 }
 
 impl Blocker {
     /// Never overridden: vfio-pci cannot take the function at all.
     pub fn hard(&self) -> bool {
-        HARD.contains(&self.code)
+        self.kind.strength() == Strength::Hard
     }
 
+    /// The contract's form of it.
     pub fn record(&self) -> hypeman_api::Blocker {
         hypeman_api::Blocker {
-            code: self.code.to_string(),
+            code: self.kind.code().to_string(),
             message: self.message.clone(),
             pci_address: self.address.to_string(),
         }
     }
 }
-
-/// The codes that can never be overridden, forced or not.
-pub const HARD: [&str; 2] = ["no-iommu", "bridge"];
 
 /// A name the host reported (a process's `comm`, a mount point), made safe to
 /// show: control characters become `?`, and it is cut at 256 characters.
@@ -51,13 +137,13 @@ fn shown(s: &str) -> String {
 }
 
 /// What one use of the host means, as a blocker code and message.
-fn from_use(address: PciAddress, u: &Use) -> (&'static str, String) {
+fn from_use(address: PciAddress, u: &Use) -> (Kind, String) {
     match u {
         Use::Mounted {
             device,
             mount_points,
         } => (
-            "mounted",
+            Kind::Mounted,
             format!(
                 "{address}: {} is mounted on {}",
                 shown(device),
@@ -69,18 +155,18 @@ fn from_use(address: PciAddress, u: &Use) -> (&'static str, String) {
             ),
         ),
         Use::Swap { device } => (
-            "mounted",
+            Kind::Mounted,
             format!("{address}: {} is active swap", shown(device)),
         ),
         Use::NetworkActive { interface } => (
-            "network-active",
+            Kind::NetworkActive,
             format!(
                 "{address}: network interface {} is up and carries routes",
                 shown(interface)
             ),
         ),
         Use::OpenBy { pid, comm, node } => (
-            "open-by",
+            Kind::OpenBy,
             format!(
                 "{address}: {} is open by process {pid} ({})",
                 shown(node),
@@ -89,9 +175,6 @@ fn from_use(address: PciAddress, u: &Use) -> (&'static str, String) {
         ),
     }
 }
-
-/// The code of a function whose use could not be established.
-pub const UNKNOWN: &str = "usage-unknown";
 
 /// The function's own blockers; `uses` is how the host uses it, `unknown`
 /// why that could not be established, if it could not.
@@ -102,17 +185,16 @@ pub fn own(
     unknown: Option<&str>,
 ) -> Vec<Blocker> {
     let mut out = Vec::new();
-    let mut add = |code, message: String| {
+    let mut add = |kind, message: String| {
         out.push(Blocker {
-            code,
+            kind,
             message,
             address: dev.address,
-            unknown: code == UNKNOWN,
         })
     };
     if dev.iommu_group.is_none() {
         add(
-            "no-iommu",
+            Kind::NoIommu,
             if virtual_machine {
                 format!("{} has no IOMMU group: this is a virtual machine without a virtual IOMMU; give the VM one (QEMU: -device intel-iommu or virtio-iommu) or pass the device through on the host that runs it", dev.address)
             } else {
@@ -122,7 +204,7 @@ pub fn own(
     }
     if is_bridge(dev.class) {
         add(
-            "bridge",
+            Kind::Bridge,
             format!(
                 "{} is a {}: bridges stay with the host (vfio-pci refuses them)",
                 dev.address,
@@ -132,7 +214,7 @@ pub fn own(
     }
     if dev.boot_vga {
         add(
-            "boot-vga",
+            Kind::BootVga,
             format!(
                 "{} is the boot display: the host's console is on it",
                 dev.address
@@ -140,12 +222,12 @@ pub fn own(
         );
     }
     for u in uses {
-        let (code, message) = from_use(dev.address, u);
-        add(code, message);
+        let (kind, message) = from_use(dev.address, u);
+        add(kind, message);
     }
     if let Some(why) = unknown {
         add(
-            UNKNOWN,
+            Kind::UsageUnknown,
             format!(
                 "{}: cannot tell whether the host uses it: {}",
                 dev.address,
@@ -182,8 +264,9 @@ pub fn of(
             .filter(|b| !b.hard())
         {
             out.push(Blocker {
-                unknown: b.unknown,
-                code: "group",
+                kind: Kind::Group {
+                    unknown: b.kind.unknown(),
+                },
                 message: format!(
                     "{} shares IOMMU group {} with {}: {}",
                     dev.address,
@@ -202,20 +285,20 @@ pub fn of(
 /// `HostInUse` with every blocker when any is a known use; `Busy` when none
 /// is, only that a use could not be ruled out (try again, or force).
 pub fn refusal(blockers: &[Blocker]) -> hypeman_api::Error {
-    if blockers.iter().all(|b| b.unknown) {
-        hypeman_api::Error::Busy(format!(
+    // A known use outweighs any number of unknown ones.
+    if let Some(known) = blockers.iter().find(|b| !b.kind.unknown()) {
+        return known.kind.refusal(describe(blockers));
+    }
+    Kind::UsageUnknown.refusal(format!(
             "cannot tell whether the host is using this device or its IOMMU group, nothing was changed: {}; try again, or force (--force, BindWithOptions/AttachWithOptions force) to take it anyway",
             list(blockers)
         ))
-    } else {
-        hypeman_api::Error::HostInUse(describe(blockers))
-    }
 }
 
 fn list(blockers: &[Blocker]) -> String {
     blockers
         .iter()
-        .map(|b| format!("[{}] {}", b.code, b.message))
+        .map(|b| format!("[{}] {}", b.kind.code(), b.message))
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -235,15 +318,12 @@ pub fn hard_refusal(dev: &HostDevice, virtual_machine: bool) -> Option<hypeman_a
     let b = own(dev, virtual_machine, &[], None)
         .into_iter()
         .find(Blocker::hard)?;
-    Some(match b.code {
-        "no-iommu" => hypeman_api::Error::NoIommu(b.message),
-        _ => hypeman_api::Error::NotPassable(b.message),
-    })
+    Some(b.kind.refusal(b.message))
 }
 
 /// The codes of some blockers, for a log line: `boot-vga, open-by`.
 pub fn codes(blockers: &[Blocker]) -> String {
-    let mut c: Vec<&str> = blockers.iter().map(|b| b.code).collect();
+    let mut c: Vec<&str> = blockers.iter().map(|b| b.kind.code()).collect();
     c.dedup();
     c.join(", ")
 }
@@ -294,5 +374,60 @@ impl super::Service {
         }
         let walked = self.host_usage(addresses).await?;
         Ok(of(dev, members, vm, &walked))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Kind; 9] = [
+        Kind::NoIommu,
+        Kind::Bridge,
+        Kind::BootVga,
+        Kind::Mounted,
+        Kind::NetworkActive,
+        Kind::OpenBy,
+        Kind::UsageUnknown,
+        Kind::Group { unknown: false },
+        Kind::Group { unknown: true },
+    ];
+
+    /// Each kind refuses with its own error: the hard ones with the typed
+    /// refusals Register answers, a known use with HostInUse, an unknown one
+    /// with Busy (retryable).
+    #[test]
+    fn every_kind_says_its_code_strength_and_refusal() {
+        use hypeman_api::Error;
+        for kind in ALL {
+            let e = kind.refusal("m".into());
+            let expected = match kind.code() {
+                "no-iommu" => Error::NoIommu("m".into()),
+                "bridge" => Error::NotPassable("m".into()),
+                _ if kind.unknown() => Error::Busy("m".into()),
+                _ => Error::HostInUse("m".into()),
+            };
+            assert_eq!(e, expected, "{kind:?}");
+            let hard = matches!(kind.code(), "no-iommu" | "bridge");
+            assert_eq!(kind.strength() == Strength::Hard, hard, "{kind:?}");
+        }
+        let mut codes: Vec<&str> = ALL.iter().map(|k| k.code()).collect();
+        codes.dedup();
+        assert_eq!(codes.len(), 8, "one code per kind: {codes:?}");
+    }
+
+    /// A known use among unknown ones is HostInUse; unknown ones alone, Busy.
+    #[test]
+    fn a_known_use_outweighs_unknown_ones() {
+        let a = PciAddress::parse("0000:01:00.0").unwrap();
+        let b = |kind| Blocker {
+            kind,
+            message: "m".into(),
+            address: a,
+        };
+        let unknown = [b(Kind::UsageUnknown), b(Kind::Group { unknown: true })];
+        assert!(matches!(refusal(&unknown), hypeman_api::Error::Busy(_)));
+        let mixed = [b(Kind::UsageUnknown), b(Kind::OpenBy)];
+        assert!(matches!(refusal(&mixed), hypeman_api::Error::HostInUse(_)));
     }
 }

@@ -6,7 +6,7 @@ use hypeman_api::Error;
 use crate::host::door::StepError;
 use crate::host::vfio::VfioError;
 use crate::pci::AddressError;
-use crate::store::registry::{shorten, ValidationError};
+use crate::store::registry::shorten;
 use crate::store::{ChangeError, Conflict};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -14,17 +14,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<AddressError> for Error {
     fn from(e: AddressError) -> Self {
         Error::InvalidPciAddress(e.to_string())
-    }
-}
-
-impl From<ValidationError> for Error {
-    fn from(e: ValidationError) -> Self {
-        match e {
-            ValidationError::Name(_) => Error::InvalidName(e.to_string()),
-            ValidationError::InstanceId(_) | ValidationError::Tags(_) => {
-                Error::InvalidArgument(e.to_string())
-            }
-        }
     }
 }
 

@@ -104,10 +104,10 @@ mod tests {
     async fn a_group_goes_to_one_instance() {
         let f = service_on(&example("desktop.toml"), Duration::from_secs(5));
         let s = &f.service;
-        s.register("0000:01:00.0", "gpu", Default::default())
+        s.register_at("0000:01:00.0", "gpu", Default::default())
             .await
             .unwrap();
-        s.register("0000:01:00.1", "audio", Default::default())
+        s.register_at("0000:01:00.1", "audio", Default::default())
             .await
             .unwrap();
         let (gpu, audio) = (s.resolve("gpu").unwrap(), s.resolve("audio").unwrap());

@@ -13,17 +13,23 @@
 //! - [`blockers`]: why a function must not be taken from the host;
 //! - [`transitions`]: Bind, Unbind, Attach, Detach and reconciling, with rollback;
 //! - [`group`]: the IOMMU group as the unit of assignment;
+//! - [`hotplug`]: what the host's events mean for the registered devices;
 //! - [`commit`]: the way every change takes to disk, group-committed;
+//! - [`request`]: what an edge may ask for, as values ([`Op`], [`Candidate`]);
 //! - [`seen`]: the host state clients were last told about;
+//! - [`status`]: the summary systemd's status line shows;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
 pub mod blockers;
 pub mod commit;
 pub mod error;
 pub mod group;
+pub mod hotplug;
 pub mod placement;
 pub mod registry;
+pub mod request;
 pub mod seen;
+pub mod status;
 pub mod transitions;
 
 use std::collections::HashMap;
@@ -38,6 +44,7 @@ use crate::host::HostDevice;
 use crate::pci::{DeviceType, PciAddress, PciIds};
 use crate::store::{Registry, StoredDevice};
 pub use error::Result;
+pub use request::{Candidate, Op};
 
 /// A registered device as clients see it: what the store keeps, joined with what
 /// the kernel says right now.
@@ -178,8 +185,10 @@ pub trait Publisher: Send + Sync {
 
 pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
+/// The service: the rules and the one owner of the state.
 pub struct Service {
-    pub(crate) door: Door,
+    /// The one way to the host (private: edges ask the service, never the host).
+    door: Door,
     ids: PciIds,
     /// The registry, published and staged, and the way changes take to disk.
     commits: commit::Commits,
@@ -348,6 +357,19 @@ pub(crate) mod testing {
             sim,
             service,
             _dir: dir,
+        }
+    }
+
+    impl Service {
+        /// Register, as an edge asks for it (without authorization).
+        pub async fn register_at(
+            &self,
+            pci_address: &str,
+            name: &str,
+            tags: std::collections::BTreeMap<String, String>,
+        ) -> Result<DeviceView> {
+            let candidate = self.propose(pci_address, name, tags).await?;
+            self.register(candidate).await
         }
     }
 

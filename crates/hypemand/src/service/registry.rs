@@ -3,7 +3,7 @@
 
 use hypeman_api::Error;
 
-use super::error::{device_not_found, host_error, in_use, not_found, Result};
+use super::error::{host_error, in_use, not_found, Result};
 use super::placement::placement;
 use super::{AvailableView, DeviceView, Service, Target};
 use crate::host::HostDevice;
@@ -11,7 +11,7 @@ use crate::pci::{DeviceType, PciAddress};
 use std::collections::BTreeMap;
 
 use crate::store::registry::{
-    new_device_id, now_rfc3339, tags_match, validate_filter, validate_name, validate_tags,
+    new_device_id, now_rfc3339, tags_match, validate_filter, validate_tags,
 };
 use crate::store::{Change, StoredDevice};
 
@@ -48,30 +48,14 @@ impl Service {
         })
     }
 
-    /// A host device by address, as `Register` would find it.
-    pub async fn inspect(&self, pci_address: &str) -> Result<HostDevice> {
-        let address = PciAddress::parse(pci_address)?;
-        self.live(address)
-            .await?
-            .ok_or_else(|| device_not_found(address))
-    }
-
-    /// `Register`: sets a host device aside under a new id and a unique name.
-    pub async fn register(
+    /// Registers `host` under `name` (both already checked).
+    pub(super) async fn register_host(
         &self,
-        pci_address: &str,
-        name: &str,
+        host: HostDevice,
+        name: String,
         tags: BTreeMap<String, String>,
     ) -> Result<DeviceView> {
-        let address = PciAddress::parse(pci_address)?;
-        if !name.is_empty() {
-            validate_name(name)?;
-        }
-        validate_tags(&tags)?;
-        let host = self
-            .live(address)
-            .await?
-            .ok_or_else(|| device_not_found(address))?;
+        let address = host.address;
         // As Hypeman does: a function that can never be passed through (no
         // IOMMU group, a bridge) is not registered, so every new record has
         // an IOMMU group.
@@ -79,11 +63,6 @@ impl Service {
         if let Some(e) = super::blockers::hard_refusal(&host, vm) {
             return Err(e);
         }
-        let name = if name.is_empty() {
-            address.default_name()
-        } else {
-            name.to_string()
-        };
         let stored = StoredDevice {
             id: new_device_id(),
             name,

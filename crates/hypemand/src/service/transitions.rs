@@ -12,8 +12,8 @@ use super::error::{in_use, Result};
 use super::placement::{placement, Needed};
 use super::{DeviceView, Service, Target};
 use crate::pci::PciAddress;
-use crate::store::registry::validate_instance_id;
 use crate::store::StoredDevice;
+use hypeman_api::validate::validate_instance_id;
 
 /// A driver name for logs: `nvidia`, or `(none)`.
 fn driver_text(d: Option<&str>) -> &str {
@@ -435,7 +435,7 @@ mod tests {
 
     async fn enter(f: &Fixture, state: State) {
         f.service
-            .register(GPU, "l4-gpu", Default::default())
+            .register_at(GPU, "l4-gpu", Default::default())
             .await
             .unwrap();
         match state {
@@ -695,7 +695,7 @@ mod tests {
     async fn group_rules() {
         let f = service_on(&example("desktop.toml"), Duration::from_secs(5));
         let s = &f.service;
-        s.register("0000:01:00.0", "gpu", Default::default())
+        s.register_at("0000:01:00.0", "gpu", Default::default())
             .await
             .unwrap();
         let e = s.bind(&s.resolve("gpu").unwrap()).await.unwrap_err();
@@ -705,7 +705,7 @@ mod tests {
                 .contains("0000:01:00.1 (driver snd_hda_intel)"),
             "{e}"
         );
-        s.register("0000:01:00.1", "gpu-audio", Default::default())
+        s.register_at("0000:01:00.1", "gpu-audio", Default::default())
             .await
             .unwrap();
         // The GPU is registered, so it can follow: the audio function may go first.
@@ -736,7 +736,7 @@ mod tests {
         std::fs::write(&fixture, text).unwrap();
         let f = service_on(&fixture, Duration::from_secs(5));
         let (s, sim) = (&f.service, &f.sim);
-        s.register(GPU, "gpu", Default::default()).await.unwrap();
+        s.register_at(GPU, "gpu", Default::default()).await.unwrap();
         assert_eq!(
             s.bind(&s.resolve("gpu").unwrap())
                 .await
@@ -756,7 +756,7 @@ mod tests {
         std::fs::write(&fixture, text).unwrap();
         let f = service_on(&fixture, Duration::from_secs(5));
         let s = &f.service;
-        s.register(GPU, "gpu", Default::default()).await.unwrap();
+        s.register_at(GPU, "gpu", Default::default()).await.unwrap();
         assert!(s
             .bind(&s.resolve("gpu").unwrap())
             .await
@@ -780,12 +780,12 @@ mod resolve_once {
     async fn a_re_pointed_name_does_not_redirect_an_operation() {
         let f = service_on(&example("l4.toml"), Duration::from_secs(5));
         let s = &f.service;
-        s.register("0000:3b:00.0", "dev", Default::default())
+        s.register_at("0000:3b:00.0", "dev", Default::default())
             .await
             .unwrap();
         let authorized = s.resolve("dev").unwrap();
         s.delete(&authorized).await.unwrap();
-        s.register("0000:a2:00.0", "dev", Default::default())
+        s.register_at("0000:a2:00.0", "dev", Default::default())
             .await
             .unwrap();
         for result in [

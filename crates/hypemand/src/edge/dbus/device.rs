@@ -4,26 +4,27 @@
 //! The object holds only the id. Every property is a field of the device's
 //! [`Record`] (the same record `Get` answers), built from the registry and the
 //! host state last seen, so a property and `Get` cannot disagree. The
-//! properties that follow the host are listed once in [`live_properties`],
-//! which is also what `PropertiesChanged` is computed from.
-
-use std::sync::Arc;
+//! properties are listed once, in `properties`: `GetAll`, `GetManagedObjects`
+//! and `InterfacesAdded` build one record per object from it, and
+//! `PropertiesChanged` is computed from its live rows. Its methods are the
+//! manager's ([`Manager::change`]) with the device's own id.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use hypeman_api::{Error, Record};
 use zbus::message::Header;
 use zbus::OwnedVariant as OwnedValue;
 use zbus::Variant as Value;
-use zbus::{fdo, interface, Connection};
+use zbus::{fdo, interface};
 
-use crate::edge::authz::{Authz, Method};
-use crate::edge::polkit::Caller;
-use crate::service::Service;
+use super::exported::{AllProperties, Exported, Properties, PropertiesFuture};
+use super::manager::Manager;
+use crate::service::Op;
 
+/// One registered device on the bus: the manager, and the device's id.
 pub struct DeviceObject {
-    service: Arc<Service>,
-    authz: Arc<Authz>,
+    manager: Arc<Manager>,
     id: String,
 }
 
@@ -45,113 +46,125 @@ mod prop {
     }
 }
 
-/// The properties that change after the object was made (the host moved, the
-/// device was attached, its tags were set): name and value.
-pub fn live_properties(r: &Record) -> [(&'static str, Value<'static>); 7] {
+/// Whether a property changes after the object was made (the host moved,
+/// the device was attached, its tags were set): those are signalled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Const,
+    Live,
+}
+
+/// Every property but `Blockers` (read from the host when asked), from one
+/// record: name, whether it changes, value. The live rows come first, in
+/// the order their `PropertiesChanged` signals are sent.
+fn properties(r: &Record) -> [(&'static str, Change, Value<'static>); 16] {
+    use Change::{Const, Live};
     [
-        ("Tags", Value::from(r.tags.clone())),
-        ("Driver", prop::driver(r).into()),
-        ("BoundToVfio", r.bound_to_vfio.into()),
-        ("AttachedTo", prop::attached_to(r).into()),
-        ("Present", r.present.into()),
-        ("IommuGroup", prop::iommu_group(r).into()),
-        ("NumaNode", prop::numa_node(r).into()),
+        ("Tags", Live, Value::from(r.tags.clone())),
+        ("Driver", Live, prop::driver(r).into()),
+        ("BoundToVfio", Live, r.bound_to_vfio.into()),
+        ("AttachedTo", Live, prop::attached_to(r).into()),
+        ("Present", Live, r.present.into()),
+        ("IommuGroup", Live, prop::iommu_group(r).into()),
+        ("NumaNode", Live, prop::numa_node(r).into()),
+        ("Id", Const, r.id.clone().into()),
+        ("Name", Const, r.name.clone().into()),
+        ("PciAddress", Const, r.pci_address.clone().into()),
+        ("VendorId", Const, r.vendor_id.clone().into()),
+        ("DeviceId", Const, r.device_id.clone().into()),
+        ("VendorName", Const, r.vendor_name.clone().into()),
+        ("DeviceName", Const, r.device_name.clone().into()),
+        ("Type", Const, r.kind.clone().into()),
+        ("CreatedAt", Const, r.created_at.clone().into()),
     ]
 }
 
 /// The live properties that differ between two records, in table order.
 pub fn changed_properties(before: &Record, after: &Record) -> Vec<(&'static str, Value<'static>)> {
-    live_properties(before)
+    properties(before)
         .into_iter()
-        .zip(live_properties(after))
-        .filter(|((_, b), (_, a))| a != b)
-        .map(|(_, (name, a))| (name, a))
+        .zip(properties(after))
+        .filter(|((_, change, b), (_, _, a))| *change == Change::Live && a != b)
+        .map(|(_, (name, _, a))| (name, a))
         .collect()
 }
 
 impl DeviceObject {
-    pub fn new(service: Arc<Service>, authz: Arc<Authz>, id: String) -> Self {
-        DeviceObject { service, authz, id }
+    /// The object of device `id`.
+    pub fn new(manager: Arc<Manager>, id: String) -> DeviceObject {
+        DeviceObject { manager, id }
+    }
+
+    /// The object of device `id`, served through the daemon's base.
+    pub fn exported(manager: Arc<Manager>, id: String) -> Exported<DeviceObject> {
+        Exported::new(DeviceObject::new(manager, id))
     }
 
     /// The device's record from the registry and the host state as last seen
     /// (no host read on the common path).
     async fn record(&self) -> fdo::Result<Record> {
-        let stored = self
-            .service
-            .snapshot()
-            .by_id(&self.id)
-            .cloned()
-            .ok_or_else(|| {
-                fdo::Error::UnknownObject(format!("device {} is no longer registered", self.id))
-            })?;
-        let live = self
-            .service
+        let service = &self.manager.service;
+        let stored = service.snapshot().by_id(&self.id).cloned().ok_or_else(|| {
+            fdo::Error::UnknownObject(format!("device {} is no longer registered", self.id))
+        })?;
+        let live = service
             .cached_live(&stored)
             .await
             .map_err(|e| fdo::Error::Failed(e.to_string()))?;
-        Ok(self.service.view(stored, live).record())
+        Ok(service.view(stored, live).into_record())
+    }
+
+    /// Every property, from one record and one read of the blockers.
+    pub async fn all(&self) -> fdo::Result<Properties> {
+        let record = self.record().await?;
+        let mut all = Properties::with_capacity(17);
+        for (name, _, value) in properties(&record) {
+            let value =
+                OwnedValue::try_from(value).map_err(|e| fdo::Error::Failed(e.to_string()))?;
+            all.insert(name.to_string(), value);
+        }
+        let blockers = OwnedValue::try_from(Value::from(self.blockers().await?))
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        all.insert("Blockers".to_string(), blockers);
+        Ok(all)
+    }
+}
+
+impl AllProperties for DeviceObject {
+    fn all_properties(&self) -> Option<PropertiesFuture<'_>> {
+        Some(Box::pin(self.all()))
     }
 }
 
 #[interface(name = "org.hypeman.Device1")]
 impl DeviceObject {
     /// Unregisters this device; refuses while it is attached.
-    async fn delete(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> Result<(), Error> {
-        let _args = super::expect_args(&header, "")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Delete, &self.id)
-            .await?;
-        self.service.delete(&t).await.map(|_| ())
+    async fn delete(&self, #[zbus(header)] header: Header<'_>) -> Result<(), Error> {
+        self.manager
+            .change(&header, &self.id, Op::Delete)
+            .await
+            .map(drop)
     }
 
     /// Moves this device to vfio-pci (idempotent).
-    async fn bind(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Bind, &self.id)
-            .await?;
-        Ok(self.service.bind(&t).await?.record())
+    async fn bind(&self, #[zbus(header)] header: Header<'_>) -> Result<Record, Error> {
+        let op = Manager::bind(None)?;
+        self.manager.change(&header, &self.id, op).await
     }
 
     /// Gives this device back to its host driver (idempotent).
-    async fn unbind(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Unbind, &self.id)
-            .await?;
-        Ok(self.service.unbind(&t).await?.record())
+    async fn unbind(&self, #[zbus(header)] header: Header<'_>) -> Result<Record, Error> {
+        self.manager.change(&header, &self.id, Op::Unbind).await
     }
 
     /// Binds if needed, then marks this device attached to `instance_id`.
     async fn attach(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         instance_id: &str,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "s")?;
-        crate::store::registry::validate_instance_id(instance_id)?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Attach, &self.id)
-            .await?;
-        Ok(self.service.attach(&t, instance_id).await?.record())
+        let op = Manager::attach(instance_id, None)?;
+        self.manager.change(&header, &self.id, op).await
     }
 
     /// Bind, with options: `force` (b) overrides the soft blockers and needs
@@ -159,48 +172,26 @@ impl DeviceObject {
     async fn bind_with_options(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "a{sv}")?;
-        let method = super::bind_method(&options)?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), method, &self.id)
-            .await?;
-        Ok(self.service.bind(&t).await?.record())
+        let op = Manager::bind(Some(&options))?;
+        self.manager.change(&header, &self.id, op).await
     }
 
     /// Attach, with options (as BindWithOptions).
     async fn attach_with_options(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         instance_id: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "sa{sv}")?;
-        let method = super::attach_method(&options)?;
-        crate::store::registry::validate_instance_id(instance_id)?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), method, &self.id)
-            .await?;
-        Ok(self.service.attach(&t, instance_id).await?.record())
+        let op = Manager::attach(instance_id, Some(&options))?;
+        self.manager.change(&header, &self.id, op).await
     }
 
     /// Clears the attachment; the device stays on vfio-pci.
-    async fn detach(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Detach, &self.id)
-            .await?;
-        Ok(self.service.detach(&t).await?.record())
+    async fn detach(&self, #[zbus(header)] header: Header<'_>) -> Result<Record, Error> {
+        self.manager.change(&header, &self.id, Op::Detach).await
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
@@ -288,7 +279,8 @@ impl DeviceObject {
     /// open nodes change without an event, so no change signal is sent.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn blockers(&self) -> fdo::Result<Vec<hypeman_api::Blocker>> {
-        self.service
+        self.manager
+            .service
             .device_blockers(&self.id)
             .await
             .map_err(|e| fdo::Error::Failed(e.to_string()))

@@ -1,56 +1,111 @@
 //! `org.hypeman.Devices1` on `/org/hypeman/Devices`: the registry's front door.
-//! Each handler forwards to the service; changing ones pass [`Authz`] first.
-
-use std::sync::Arc;
+//!
+//! Every changing method is one call of [`Manager::change`]: authorize the
+//! caller for the change on what it named, have the service apply it, answer
+//! the record. Argument signatures are checked before any handler runs, by
+//! [`Exported`](super::exported::Exported). Device1's methods are these,
+//! with the device's own id.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use hypeman_api::{Available, Error, Record};
+use hypeman_api::{Available, Error, Options, Record};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::OwnedVariant as OwnedValue;
-use zbus::{interface, Connection, OwnedObjectPath};
+use zbus::{interface, OwnedObjectPath};
 
 use super::device_path;
-use crate::edge::authz::{Authz, Method};
-use crate::edge::polkit::Caller;
-use crate::service::Service;
+use crate::edge::authz::{Authz, Caller};
+use crate::service::{Op, Service};
 
 /// Replies of this many entries are followed by a heap trim: megabytes of
 /// buffers would otherwise stay with the process after they are sent.
 const LARGE_REPLY: usize = 1024;
 
+/// What the manager and every device object share: the service and the gate.
 pub struct Manager {
-    service: Arc<Service>,
+    pub(super) service: Arc<Service>,
     authz: Arc<Authz>,
 }
 
+/// `force` from an options dictionary.
+fn force(options: &HashMap<String, OwnedValue>) -> Result<bool, Error> {
+    Ok(Options::from_dict(options)?.force)
+}
+
 impl Manager {
+    /// The manager of `service`, authorizing through `authz`.
     pub fn new(service: Arc<Service>, authz: Arc<Authz>) -> Self {
         Manager { service, authz }
     }
+
+    /// Every changing method: `op` on what the caller of `header` named.
+    pub(super) async fn change(
+        &self,
+        header: &Header<'_>,
+        id_or_name: &str,
+        op: Op,
+    ) -> Result<Record, Error> {
+        let view = self
+            .authz
+            .apply(&Caller::Bus(header), id_or_name, op)
+            .await?;
+        Ok(view.into_record())
+    }
+
+    /// Register and Create.
+    async fn register(
+        &self,
+        header: &Header<'_>,
+        pci_address: &str,
+        name: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<(OwnedObjectPath, Record), Error> {
+        let view = self
+            .authz
+            .register(&Caller::Bus(header), pci_address, name, tags)
+            .await?;
+        Ok((device_path(&view.stored.id)?, view.into_record()))
+    }
+
+    /// Bind, Bind with options.
+    pub(super) fn bind(options: Option<&HashMap<String, OwnedValue>>) -> Result<Op, Error> {
+        Ok(Op::Bind {
+            force: options.map(force).transpose()?.unwrap_or(false),
+        })
+    }
+
+    /// Attach, Attach with options.
+    pub(super) fn attach(
+        instance_id: &str,
+        options: Option<&HashMap<String, OwnedValue>>,
+    ) -> Result<Op, Error> {
+        Ok(Op::Attach {
+            instance_id: instance_id.to_string(),
+            force: options.map(force).transpose()?.unwrap_or(false),
+        })
+    }
 }
 
+/// The manager as the bus sees it.
+pub struct ManagerObject(pub Arc<Manager>);
+
+impl super::exported::AllProperties for ManagerObject {}
+
 #[interface(name = "org.hypeman.Devices1")]
-impl Manager {
+impl ManagerObject {
     /// Registers a host PCI device for passthrough (the seed's `POST /devices`).
     /// An empty `name` means `pci-<address>`.
     async fn register(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         pci_address: &str,
         name: &str,
     ) -> Result<(OwnedObjectPath, Record), Error> {
-        let _args = super::expect_args(&header, "ss")?;
-        self.authz
-            .register(conn, &Caller::Bus(&header), pci_address, name)
-            .await?;
-        let view = self
-            .service
-            .register(pci_address, name, Default::default())
-            .await?;
-        Ok((device_path(&view.stored.id)?, view.record()))
+        self.0
+            .register(&header, pci_address, name, Default::default())
+            .await
     }
 
     /// Registers from the seed's create request as a dictionary:
@@ -58,33 +113,17 @@ impl Manager {
     async fn create(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         request: HashMap<String, OwnedValue>,
     ) -> Result<(OwnedObjectPath, Record), Error> {
-        let _args = super::expect_args(&header, "a{sv}")?;
         let r = hypeman_api::CreateRequest::from_dict(&request)?;
         let name = r.name.as_deref().unwrap_or("");
-        self.authz
-            .register(conn, &Caller::Bus(&header), &r.pci_address, name)
-            .await?;
-        let view = self.service.register(&r.pci_address, name, r.tags).await?;
-        Ok((device_path(&view.stored.id)?, view.record()))
+        self.0.register(&header, &r.pci_address, name, r.tags).await
     }
 
     /// The registered devices carrying every pair of `tags` (exact match).
-    async fn list_by_tags(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        tags: BTreeMap<String, String>,
-    ) -> Result<Vec<Record>, Error> {
-        let _args = super::expect_args(&header, "a{ss}")?;
-        Ok(self
-            .service
-            .list_tagged(&tags)
-            .await?
-            .into_iter()
-            .map(|v| v.into_record())
-            .collect())
+    async fn list_by_tags(&self, tags: BTreeMap<String, String>) -> Result<Vec<Record>, Error> {
+        let views = self.0.service.list_tagged(&tags).await?;
+        Ok(views.into_iter().map(|v| v.into_record()).collect())
     }
 
     /// Sets the pairs of `set` and removes the keys of `remove` on a
@@ -92,29 +131,19 @@ impl Manager {
     async fn set_tags(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
         set: BTreeMap<String, String>,
         remove: Vec<String>,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "sa{ss}as")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::SetTags, id_or_name)
-            .await?;
-        Ok(self.service.set_tags(&t, set, remove).await?.record())
+        self.0
+            .change(&header, id_or_name, Op::SetTags { set, remove })
+            .await
     }
 
     /// Every registered device.
-    async fn list(&self, #[zbus(header)] header: Header<'_>) -> Result<Vec<Record>, Error> {
-        let _args = super::expect_args(&header, "")?;
-        let records: Vec<Record> = self
-            .service
-            .list()
-            .await?
-            .into_iter()
-            .map(|v| v.into_record())
-            .collect();
+    async fn list(&self) -> Result<Vec<Record>, Error> {
+        let views = self.0.service.list().await?;
+        let records: Vec<Record> = views.into_iter().map(|v| v.into_record()).collect();
         if records.len() >= LARGE_REPLY {
             crate::memory::trim_soon();
         }
@@ -122,43 +151,26 @@ impl Manager {
     }
 
     /// One device, by id or exact name.
-    async fn get(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        id_or_name: &str,
-    ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "s")?;
-        Ok(self.service.get(id_or_name).await?.record())
+    async fn get(&self, id_or_name: &str) -> Result<Record, Error> {
+        Ok(self.0.service.get(id_or_name).await?.into_record())
     }
 
     /// Unregisters a device; refuses while it is attached.
     async fn delete(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<(), Error> {
-        let _args = super::expect_args(&header, "s")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Delete, id_or_name)
-            .await?;
-        self.service.delete(&t).await.map(|_| ())
+        self.0
+            .change(&header, id_or_name, Op::Delete)
+            .await
+            .map(drop)
     }
 
     /// Every PCI device on the host, registered or not.
-    async fn list_available(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-    ) -> Result<Vec<Available>, Error> {
-        let _args = super::expect_args(&header, "")?;
-        let available: Vec<Available> = self
-            .service
-            .list_available()
-            .await?
-            .iter()
-            .map(|v| v.record())
-            .collect();
+    async fn list_available(&self) -> Result<Vec<Available>, Error> {
+        let views = self.0.service.list_available().await?;
+        let available: Vec<Available> = views.iter().map(|v| v.record()).collect();
         if available.len() >= LARGE_REPLY {
             crate::memory::trim_soon();
         }
@@ -169,47 +181,31 @@ impl Manager {
     async fn bind(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "s")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Bind, id_or_name)
-            .await?;
-        Ok(self.service.bind(&t).await?.record())
+        self.0
+            .change(&header, id_or_name, Manager::bind(None)?)
+            .await
     }
 
     /// Gives a device back to its host driver (idempotent).
     async fn unbind(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "s")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Unbind, id_or_name)
-            .await?;
-        Ok(self.service.unbind(&t).await?.record())
+        self.0.change(&header, id_or_name, Op::Unbind).await
     }
 
     /// Binds if needed, then marks the device attached to `instance_id`.
     async fn attach(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
         instance_id: &str,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "ss")?;
-        crate::store::registry::validate_instance_id(instance_id)?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Attach, id_or_name)
-            .await?;
-        Ok(self.service.attach(&t, instance_id).await?.record())
+        let op = Manager::attach(instance_id, None)?;
+        self.0.change(&header, id_or_name, op).await
     }
 
     /// Bind, with options: `force` (b) overrides the soft blockers (the host
@@ -217,53 +213,35 @@ impl Manager {
     async fn bind_with_options(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "sa{sv}")?;
-        let method = super::bind_method(&options)?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), method, id_or_name)
-            .await?;
-        Ok(self.service.bind(&t).await?.record())
+        let op = Manager::bind(Some(&options))?;
+        self.0.change(&header, id_or_name, op).await
     }
 
     /// Attach, with options (as BindWithOptions).
     async fn attach_with_options(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
         instance_id: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "ssa{sv}")?;
-        let method = super::attach_method(&options)?;
-        crate::store::registry::validate_instance_id(instance_id)?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), method, id_or_name)
-            .await?;
-        Ok(self.service.attach(&t, instance_id).await?.record())
+        let op = Manager::attach(instance_id, Some(&options))?;
+        self.0.change(&header, id_or_name, op).await
     }
 
     /// Clears the attachment; the device stays on vfio-pci.
     async fn detach(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         id_or_name: &str,
     ) -> Result<Record, Error> {
-        let _args = super::expect_args(&header, "s")?;
-        let t = self
-            .authz
-            .device(conn, &Caller::Bus(&header), Method::Detach, id_or_name)
-            .await?;
-        Ok(self.service.detach(&t).await?.record())
+        self.0.change(&header, id_or_name, Op::Detach).await
     }
 
+    /// This build's version.
     #[zbus(property)]
     fn version(&self) -> String {
         crate::VERSION.to_string()

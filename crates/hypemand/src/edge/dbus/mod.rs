@@ -1,18 +1,21 @@
 //! The D-Bus edge: calls in, forwarded to the service; the service's changes
 //! out, as objects and signals. No rule lives here.
 //!
-//! - [`manager`]: `org.hypeman.Devices1`, the registry's front door;
-//! - [`device`]: `org.hypeman.Device1`, one object per registered device;
+//! - [`exported`]: the base every interface is served through: argument
+//!   signatures, read-only properties, heap trims, `GetAll` from one record;
+//! - [`manager`]: `org.hypeman.Devices1`, the registry's front door, and the
+//!   one helper every changing method goes through;
+//! - [`device`]: `org.hypeman.Device1`, one object per registered device,
+//!   whose methods are the manager's with the device's own id;
 //! - [`objects`]: the ObjectManager, announcing registrations and deletions;
-//! - [`authz`]: the method-to-action table and the one helper every change passes;
-//! - [`polkit`]: the bouncer that asks polkitd;
-//! - [`simulator`]: `org.hypeman.Simulator1`, only under `--simulate`;
-//! - [`read_only`]: `PropertyReadOnly` for properties that cannot be set.
+//! - [`simulator`]: `org.hypeman.Simulator1`, only under `--simulate`.
+//!
+//! Authorization is [`crate::edge::authz`]'s, for every edge.
 
 pub mod device;
+pub mod exported;
 pub mod manager;
 pub mod objects;
-pub mod read_only;
 pub mod simulator;
 
 use std::sync::Arc;
@@ -23,72 +26,13 @@ use zbus::Connection;
 use hypeman_api::Error;
 use zbus::OwnedObjectPath;
 
-use super::authz::{self, Authz};
+use super::authz::Authz;
 use crate::service::{BoxFuture, DeviceView, Publisher, Service};
 use device::DeviceObject;
+use exported::Exported;
 use manager::Manager;
-use read_only::ReadOnly;
 
 pub use hypeman_api::BusChoice;
-
-/// A request body at least this large makes the daemon allocate a lot (a
-/// million-pair `ListByTags` filter decodes to hundreds of MiB of strings):
-/// the heap is trimmed once the call is answered.
-pub const LARGE_REQUEST: u32 = 64 * 1024;
-
-/// A call's arguments, checked. Dropped when the handler returns; if the
-/// request was large, its memory is then handed back (see [`LARGE_REQUEST`]).
-#[must_use = "keep the guard until the handler returns, so a large request's memory is trimmed afterwards"]
-pub struct Args {
-    large: bool,
-}
-
-impl Drop for Args {
-    fn drop(&mut self) {
-        if self.large {
-            crate::memory::trim_soon();
-        }
-    }
-}
-
-/// Refuses a call whose arguments are not exactly `expected`: zbus reads the
-/// arguments a method takes and would silently ignore any more.
-pub fn expect_args(header: &zbus::message::Header<'_>, expected: &str) -> Result<Args, Error> {
-    let args = Args {
-        large: header.primary().body_len() >= LARGE_REQUEST,
-    };
-    let got = header.signature().to_string_no_parens();
-    if got == expected {
-        return Ok(args);
-    }
-    Err(Error::Other {
-        name: "org.freedesktop.DBus.Error.InvalidArgs".into(),
-        message: format!("this method takes arguments of type \"{expected}\", not \"{got}\""),
-    })
-}
-
-/// Bind's method for the authorization table, from its options: a forced
-/// Bind needs the force action too.
-pub fn bind_method(
-    options: &std::collections::HashMap<String, zbus::OwnedVariant>,
-) -> Result<authz::Method, Error> {
-    Ok(if hypeman_api::Options::from_dict(options)?.force {
-        authz::Method::ForceBind
-    } else {
-        authz::Method::Bind
-    })
-}
-
-/// Attach's method for the authorization table, from its options.
-pub fn attach_method(
-    options: &std::collections::HashMap<String, zbus::OwnedVariant>,
-) -> Result<authz::Method, Error> {
-    Ok(if hypeman_api::Options::from_dict(options)?.force {
-        authz::Method::ForceAttach
-    } else {
-        authz::Method::Attach
-    })
-}
 
 /// The object path of a device id.
 pub fn device_path(id: &str) -> Result<OwnedObjectPath, Error> {
@@ -96,6 +40,7 @@ pub fn device_path(id: &str) -> Result<OwnedObjectPath, Error> {
         .ok_or_else(|| Error::Failed(format!("device id {id} makes no valid object path")))
 }
 
+/// Why the bus cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot connect to the bus: {0}")]
@@ -111,34 +56,43 @@ pub enum ServeError {
     Name(#[source] zbus::Error),
 }
 
-/// Exports the manager, the ObjectManager and every registered device, then takes
-/// the well-known name, so the first client to see the name sees everything.
+/// Connects to the bus (nothing is exported and no name is taken yet).
+pub async fn connect(bus: &BusChoice) -> Result<Connection, ServeError> {
+    bus.builder().build().await.map_err(ServeError::Connect)
+}
+
+/// Exports the manager, the ObjectManager and every registered device on
+/// `conn`, then takes the well-known name, so the first client to see the
+/// name sees everything.
 pub async fn serve(
+    conn: &Connection,
     service: Arc<Service>,
-    bus: &BusChoice,
+    authz: Arc<Authz>,
     sim: Option<Arc<crate::host::sim::SimHost>>,
-) -> Result<(Connection, Arc<Authz>), ServeError> {
-    let authz = Arc::new(Authz::new(service.clone()));
-    let mut builder = bus.builder().serve_at(
-        hypeman_api::MANAGER_PATH,
-        ReadOnly(Manager::new(service.clone(), authz.clone())),
-    );
+) -> Result<(), ServeError> {
+    let manager = Arc::new(Manager::new(service.clone(), authz));
+    let server = conn.object_server();
+    server
+        .at(
+            hypeman_api::MANAGER_PATH,
+            Exported::new(manager::ManagerObject(manager.clone())),
+        )
+        .await
+        .map_err(ServeError::Export)?;
     if let Some(sim) = sim {
-        builder = builder.serve_at(hypeman_api::SIMULATOR_PATH, simulator::Simulator::new(sim));
+        server
+            .at(
+                hypeman_api::SIMULATOR_PATH,
+                Exported::new(simulator::Simulator::new(sim)),
+            )
+            .await
+            .map_err(ServeError::Export)?;
     }
-    let conn = builder.build().await.map_err(ServeError::Connect)?;
     for d in service.snapshot().iter() {
         let path = device_path(&d.id)
             .map_err(|e| ServeError::Export(zbus::Error::Failure(e.to_string())))?;
-        conn.object_server()
-            .at(
-                path,
-                ReadOnly(DeviceObject::new(
-                    service.clone(),
-                    authz.clone(),
-                    d.id.clone(),
-                )),
-            )
+        server
+            .at(path, DeviceObject::exported(manager.clone(), d.id.clone()))
             .await
             .map_err(ServeError::Export)?;
     }
@@ -147,18 +101,17 @@ pub async fn serve(
         "device objects exported"
     );
     // Our own ObjectManager (see `objects.rs`): it announces nothing here.
-    conn.object_server()
+    server
         .at(
             hypeman_api::MANAGER_PATH,
-            objects::Objects::new(service.clone(), authz.clone()),
+            Exported::new(objects::Objects::new(manager.clone())),
         )
         .await
         .map_err(ServeError::Export)?;
     tracing::debug!("object manager exported");
     service.set_publisher(Arc::new(BusPublisher {
         conn: conn.clone(),
-        service: Arc::downgrade(&service),
-        authz: authz.clone(),
+        manager: Arc::downgrade(&manager),
     }));
     // No REPLACE_EXISTING / ALLOW_REPLACEMENT: a second daemon must fail, not
     // take the name over, and must not wait in the queue either.
@@ -169,7 +122,7 @@ pub async fn serve(
             zbus::Error::NameTaken => ServeError::NameTaken,
             e => ServeError::Name(e),
         })? {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok((conn, authz)),
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(()),
         RequestNameReply::Exists | RequestNameReply::InQueue => Err(ServeError::NameTaken),
     }
 }
@@ -177,8 +130,8 @@ pub async fn serve(
 /// Turns the service's changes into exported or removed device objects.
 struct BusPublisher {
     conn: Connection,
-    service: std::sync::Weak<Service>,
-    authz: Arc<Authz>,
+    /// Weak: the service holds this publisher, and the manager the service.
+    manager: std::sync::Weak<Manager>,
 }
 
 impl Publisher for BusPublisher {
@@ -187,7 +140,7 @@ impl Publisher for BusPublisher {
             // A change's buffers (the store write, the reply) are freed once
             // it is answered: hand them back soon after.
             crate::memory::trim_soon();
-            let Some(service) = self.service.upgrade() else {
+            let Some(manager) = self.manager.upgrade() else {
                 return;
             };
             let id = device.stored.id.clone();
@@ -195,20 +148,13 @@ impl Publisher for BusPublisher {
             if let Err(e) = self
                 .conn
                 .object_server()
-                .at(
-                    path,
-                    ReadOnly(DeviceObject::new(
-                        service.clone(),
-                        self.authz.clone(),
-                        id.clone(),
-                    )),
-                )
+                .at(path, DeviceObject::exported(manager.clone(), id.clone()))
                 .await
             {
                 tracing::error!(device_id = %id, error = %e, "cannot export the device object");
                 return;
             }
-            if let Err(e) = objects::announce_added(&service, &self.authz, &self.conn, &id).await {
+            if let Err(e) = objects::announce_added(&manager, &self.conn, &id).await {
                 tracing::warn!(device_id = %id, error = %e, "cannot emit InterfacesAdded");
             }
         })
@@ -254,7 +200,9 @@ impl Publisher for BusPublisher {
                 Ok(e) => e,
                 Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceAdded"),
             };
-            if let Err(e) = Manager::host_device_added(&emitter, &address.to_string()).await {
+            if let Err(e) =
+                manager::ManagerObject::host_device_added(&emitter, &address.to_string()).await
+            {
                 tracing::warn!(pci_address = %address, error = %e, "cannot emit HostDeviceAdded");
             }
         })
@@ -269,7 +217,9 @@ impl Publisher for BusPublisher {
                 Ok(e) => e,
                 Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceRemoved"),
             };
-            if let Err(e) = Manager::host_device_removed(&emitter, &address.to_string()).await {
+            if let Err(e) =
+                manager::ManagerObject::host_device_removed(&emitter, &address.to_string()).await
+            {
                 tracing::warn!(pci_address = %address, error = %e, "cannot emit HostDeviceRemoved");
             }
         })
@@ -282,7 +232,7 @@ impl Publisher for BusPublisher {
             if let Err(e) = self
                 .conn
                 .object_server()
-                .remove::<ReadOnly<DeviceObject>, _>(path)
+                .remove::<Exported<DeviceObject>, _>(path)
                 .await
             {
                 tracing::error!(device_id = %id, error = %e, "cannot remove the device object");

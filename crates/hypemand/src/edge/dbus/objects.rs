@@ -12,55 +12,37 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use zbus::fdo;
-use zbus::object_server::{Interface, ObjectServer, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
 use super::device::DeviceObject;
 use super::device_path;
-use crate::edge::authz::Authz;
-use crate::service::Service;
+use super::manager::Manager;
 use hypeman_api::{DEVICE_IFACE, MANAGER_PATH};
 
 /// Per object, per interface, the properties.
 pub type ManagedObjects = HashMap<OwnedObjectPath, HashMap<String, HashMap<String, OwnedVariant>>>;
 
+/// The ObjectManager of the manager's path.
 pub struct Objects {
-    service: Arc<Service>,
-    authz: Arc<Authz>,
+    manager: Arc<Manager>,
 }
 
 impl Objects {
-    pub fn new(service: Arc<Service>, authz: Arc<Authz>) -> Self {
-        Objects { service, authz }
-    }
-
-    /// A device object's properties, from the object's own getters, so the
-    /// signal and `GetManagedObjects` can never disagree with `GetAll`.
-    pub async fn properties(
-        service: &Arc<Service>,
-        authz: &Arc<Authz>,
-        server: &ObjectServer,
-        conn: &Connection,
-        id: &str,
-    ) -> fdo::Result<HashMap<String, OwnedVariant>> {
-        let path = device_path(id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
-        let emitter =
-            SignalEmitter::new(conn, path).map_err(|e| fdo::Error::Failed(e.to_string()))?;
-        DeviceObject::new(service.clone(), authz.clone(), id.to_string())
-            .get_all(server, conn, None, &emitter)
-            .await
+    /// The ObjectManager of the devices `manager` serves.
+    pub fn new(manager: Arc<Manager>) -> Self {
+        Objects { manager }
     }
 }
+
+impl super::exported::AllProperties for Objects {}
 
 #[zbus::interface(name = "org.freedesktop.DBus.ObjectManager")]
 impl Objects {
     /// Every registered device and its `org.hypeman.Device1` properties.
-    async fn get_managed_objects(
-        &self,
-        #[zbus(object_server)] server: &ObjectServer,
-        #[zbus(connection)] conn: &Connection,
-    ) -> fdo::Result<ManagedObjects> {
+    async fn get_managed_objects(&self) -> fdo::Result<ManagedObjects> {
         let ids: Vec<String> = self
+            .manager
             .service
             .snapshot()
             .iter()
@@ -70,8 +52,7 @@ impl Objects {
         for id in ids {
             let path = device_path(&id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
             // A device deleted meanwhile is simply left out.
-            if let Ok(props) = Self::properties(&self.service, &self.authz, server, conn, &id).await
-            {
+            if let Ok(props) = DeviceObject::new(self.manager.clone(), id).all().await {
                 out.insert(path, HashMap::from([(DEVICE_IFACE.to_string(), props)]));
             }
         }
@@ -96,14 +77,14 @@ impl Objects {
 
 /// Announces a newly exported device object.
 pub async fn announce_added(
-    service: &Arc<Service>,
-    authz: &Arc<Authz>,
+    manager: &Arc<Manager>,
     conn: &Connection,
     id: &str,
 ) -> zbus::Result<()> {
     let path = device_path(id).map_err(|e| zbus::Error::Failure(e.to_string()))?;
-    let server = conn.object_server();
-    let props = Objects::properties(service, authz, server, conn, id).await?;
+    let props = DeviceObject::new(manager.clone(), id.to_string())
+        .all()
+        .await?;
     let props = props
         .iter()
         .map(|(k, v)| Ok((k.as_str(), Variant::try_from(v)?)))

@@ -21,6 +21,8 @@ impl Simulator {
     }
 }
 
+impl super::exported::AllProperties for Simulator {}
+
 #[interface(name = "org.hypeman.Simulator1")]
 impl Simulator {
     /// Makes `operation` (set_override, clear_override, unbind, bind, probe) on

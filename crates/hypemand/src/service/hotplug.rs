@@ -1,0 +1,153 @@
+//! What hotplug events mean for the registered devices: the service's rules,
+//! fed by the udev edge (`edge/udev.rs`), which only delivers events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::placement::{placement, Needed};
+use super::Service;
+use crate::host::{EventKind, HostDevice, HostEvent};
+use crate::pci::PciAddress;
+
+impl Service {
+    /// Handles a batch of hotplug events (udev, or the simulated kernel).
+    ///
+    /// Every `add` and `remove` is announced (`HostDeviceAdded`/`Removed`), for
+    /// registered and unregistered devices alike. The rest is coalesced per
+    /// device: each address in the batch is read once, and a registered device's
+    /// object signals only what really changed. A registered device that came
+    /// back and should be on vfio-pci is bound again, through the same code and
+    /// rollback as `Bind`, in a task of its own so events keep flowing.
+    pub async fn on_events(self: &Arc<Self>, batch: Vec<HostEvent>) {
+        let mut order: Vec<PciAddress> = Vec::new();
+        let mut last: HashMap<PciAddress, EventKind> = HashMap::new();
+        let mut added: std::collections::HashSet<PciAddress> = Default::default();
+        for ev in &batch {
+            if ev.error_event {
+                tracing::warn!(pci_address = %ev.address, "the kernel reports a PCIe error event (AER recovery) for this device");
+            }
+            tracing::debug!(pci_address = %ev.address, action = ev.kind.as_str(), enumerated = ev.enumerated, "host event");
+            if !ev.enumerated {
+                if let Some(p) = self.publisher() {
+                    match ev.kind {
+                        EventKind::Add => p.host_added(ev.address).await,
+                        EventKind::Remove => p.host_removed(ev.address).await,
+                        _ => {}
+                    }
+                }
+                if ev.kind == EventKind::Add {
+                    added.insert(ev.address);
+                }
+            }
+            if last.insert(ev.address, ev.kind).is_none() {
+                order.push(ev.address);
+            }
+        }
+        // The enumeration already read its devices; the rest are read in one go.
+        let mut known: HashMap<PciAddress, HostDevice> = batch
+            .into_iter()
+            .filter_map(|e| e.device.map(|d| (e.address, d)))
+            .collect();
+        // The kernel sends `remove` as the device goes: trust it rather than a
+        // sysfs read that may still see the last of it.
+        let to_read: Vec<PciAddress> = order
+            .iter()
+            .copied()
+            .filter(|a| !known.contains_key(a) && last.get(a) != Some(&EventKind::Remove))
+            .collect();
+        let read: Vec<_> = match self.door.read_many(to_read.clone()).await {
+            Ok(results) => to_read.iter().copied().zip(results).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot refresh devices after events");
+                Vec::new()
+            }
+        };
+        let mut fresh: HashMap<PciAddress, Option<HostDevice>> = HashMap::new();
+        for (a, r) in read {
+            match r {
+                Ok(l) => {
+                    fresh.insert(a, l);
+                }
+                Err(e) => {
+                    tracing::warn!(pci_address = %a, error = %e, "cannot refresh the device after an event")
+                }
+            }
+        }
+        for address in order {
+            let live = if let Some(d) = known.remove(&address) {
+                Some(d)
+            } else if last.get(&address) == Some(&EventKind::Remove) {
+                None
+            } else if let Some(l) = fresh.remove(&address) {
+                l
+            } else {
+                continue;
+            };
+            self.refresh(address, live, added.contains(&address)).await;
+        }
+    }
+
+    async fn refresh(
+        self: &Arc<Self>,
+        address: PciAddress,
+        live: Option<HostDevice>,
+        came_back: bool,
+    ) {
+        let first_sight = !self.seen().knows(address);
+        let stored = {
+            let snapshot = self.snapshot();
+            match snapshot.by_address(address) {
+                // First sight of a registered device (the start-up
+                // enumeration): nothing was announced yet, so nothing to
+                // compare with; no record is copied.
+                Some(_) if first_sight && !came_back => None,
+                Some(s) => Some(s.clone()),
+                None => None,
+            }
+        };
+        let Some(stored) = stored else {
+            self.seen().set(address, live);
+            return;
+        };
+        if first_sight {
+            self.seen().set(address, live.clone());
+        } else {
+            // An operation on the device is under way: it publishes the final
+            // state itself, so the intermediate steps it causes are not announced.
+            let lock = self.device_lock(address);
+            let held = lock.try_lock();
+            if held.is_ok() {
+                if let Some(prev) = self.seen().get(address) {
+                    if prev != live {
+                        let before = self.view(stored.clone(), prev);
+                        let after = self.view(stored.clone(), live.clone());
+                        self.publish_change(&before, &after).await;
+                    }
+                }
+            }
+            drop(held);
+        }
+        // What the event showed is announced first (the native driver, back
+        // from the unplug), and only then does the re-claim take the device:
+        // clients see the device return before they see it move.
+        if came_back && placement(&stored, live.as_ref()).needed() == Needed::Bind {
+            tracing::info!(
+                pci_address = %address,
+                device_id = %stored.id,
+                device_name = %stored.name,
+                "a registered device came back: moving it to vfio-pci again"
+            );
+            let this = self.clone();
+            let name = stored.name.clone();
+            let Ok(target) = self.resolve(&stored.id) else {
+                return;
+            };
+            // Its own task: it waits for the device's lock, and events keep flowing.
+            tokio::spawn(async move {
+                if let Err(e) = this.reconcile_one(&target).await {
+                    tracing::warn!(pci_address = %address, device_name = %name, error = %e, "could not move the returning device to vfio-pci");
+                }
+            });
+        }
+    }
+}
