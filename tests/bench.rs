@@ -1,7 +1,7 @@
 //! Smoke test of `hypeman-bench`: a small, quick run produces every figure and
 //! no errors. No timing is asserted here: the targets belong to the benchmark.
 
-mod common;
+use crate::common;
 
 use common::bin;
 use std::process::Command;

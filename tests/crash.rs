@@ -6,7 +6,7 @@
 //! exact moment of a write (stopped there with `HYPEMAN_PAUSE_AT`): between
 //! the journal's sync and the reply, and inside a compaction.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -301,7 +301,7 @@ fn sigkill_at_each_moment_of_a_write_loses_nothing() {
 
         let mut cmd = Daemon::command(&bus, &state, &args);
         cmd.env("HYPEMAN_PAUSE_AT", point);
-        let d = Daemon::from_command(&bus, cmd, &state);
+        let d = Daemon::from_command(&bus, cmd);
         let mut call = Proc {
             child: std::process::Command::new("gdbus")
                 .args(["call", "--address", &bus.address, "--dest", NAME])

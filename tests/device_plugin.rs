@@ -4,7 +4,7 @@
 //! calling the plugin as the kubelet does. hypemand runs `--simulate` on the
 //! workstation host, on a private bus.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

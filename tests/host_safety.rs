@@ -7,7 +7,7 @@
 //! started around the driver moves, and the real backend on a host root laid
 //! out as the kernel lays it out.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! (or the bus's own signature error), nothing panics, and memory stays
 //! bounded.
 
-mod common;
+use crate::common;
 
 use common::*;
 use hypeman_api::BusChoice;
@@ -148,6 +148,42 @@ async fn wrong_signatures_get_the_bus_invalid_args() {
     assert_eq!(
         error_name(&s.conn, PATH, IFACE, "NoSuchMethod", &()).await,
         "org.freedesktop.DBus.Error.UnknownMethod"
+    );
+    // Every interface, not only the methods that asked for it (issue 25):
+    // the ObjectManager and the simulator answered these as if they were
+    // called without the extra arguments.
+    assert_eq!(
+        error_name(
+            &s.conn,
+            PATH,
+            "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects",
+            &("extra",)
+        )
+        .await,
+        INVALID_ARGS
+    );
+    assert_eq!(
+        error_name(
+            &s.conn,
+            "/org/hypeman/Simulator",
+            "org.hypeman.Simulator1",
+            "Journal",
+            &(7u32,)
+        )
+        .await,
+        INVALID_ARGS
+    );
+    assert_eq!(
+        error_name(
+            &s.conn,
+            "/org/hypeman/Simulator",
+            "org.hypeman.Simulator1",
+            "Unplug",
+            &("0000:a2:00.0", "extra")
+        )
+        .await,
+        INVALID_ARGS
     );
 
     s.still_well().await;

@@ -1,7 +1,7 @@
 //! End to end: hotplug on the simulated host, through the same event path as
 //! udev, seen by real clients.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! End to end: the real `hypemanctl` against the real daemon on a private bus.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

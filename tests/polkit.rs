@@ -4,7 +4,7 @@
 //!
 //! The tests of this file share the `hypeman` group, so they run one at a time.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

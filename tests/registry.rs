@@ -1,7 +1,7 @@
 //! End to end: the registry methods of the real `hypemand --simulate` on a private
 //! bus, driven by `busctl`, `gdbus` and `hypemanctl`.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! driven by the official SDK (PyPI `hypeman`, over an httpx unix-socket
 //! transport) and by raw HTTP for the hostile cases.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;

@@ -8,7 +8,7 @@
 //! `List` unreadable to SDK clients. The test also shows the validator
 //! refusing such a document, so it cannot pass vacuously.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! latency and the daemon's RSS at the start (after a warm-up) and the end.
 //! Ignored in the quick suite; `.ci/run` runs it (`--include-ignored`).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

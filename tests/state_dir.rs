@@ -3,7 +3,7 @@
 //! refused at once with exit 3 and left as it is, what breaks a rule is
 //! dropped record by record, and nothing is followed through a link.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -250,7 +250,7 @@ fn the_registry_is_0600_and_the_temp_files_are_never_followed() {
             Ok(())
         });
     }
-    let d = Daemon::from_command(&bus, cmd, state.path());
+    let d = Daemon::from_command(&bus, cmd);
     bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
     let file = state.path().join("devices.json");
     let journal = state.path().join("devices.journal");

@@ -5,7 +5,7 @@
 //! `--journal-limit 1`: every change is compacted into `devices.json` and the
 //! journal left empty, and the next change needs a page it cannot get.)
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -8,7 +8,7 @@
 //! stuck device answers `Timeout` at once without another stuck thread; and
 //! SIGTERM still stops the daemon.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::path::Path;

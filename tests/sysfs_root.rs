@@ -5,7 +5,7 @@
 //! real /sys independently of the daemon's code, so the test fails if the daemon
 //! misreads what a real kernel wrote.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::symlink;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! socket the test binds, `systemd-analyze` on the shipped unit, and the
 //! installed tree of `make install`.
 
-mod common;
+use crate::common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;

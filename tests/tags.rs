@@ -3,7 +3,7 @@
 //! kept across restarts, checked against Hypeman's rules; and `hypemanctl`'s
 //! `--tag` and `tag`.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -1,7 +1,7 @@
 //! End to end: moving devices to vfio-pci and back with the real `hypemand` on a
 //! private bus, driven by `busctl` and `gdbus`.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::symlink;
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! with the project's bus policy, the real `hypemand`, and the real clients
 //! (`busctl`, `gdbus`, `hypemanctl`). Every process started here is stopped by
 //! pid when its guard drops, on success and on panic alike.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -168,6 +167,71 @@ pub struct TestBus {
     pub address: String,
     pub dir: tempfile::TempDir,
     _proc: Proc,
+    /// Dropped last: the bus is gone before another test may run alone.
+    _turn: Turn,
+}
+
+/// Every test shares the machine with the others in this binary, except
+/// the few that run alone: those that measure how long events take to reach
+/// a client (umockdev's script waits a fixed time for each signal). A test
+/// holds its turn for as long as its bus lives.
+static TURNS: (std::sync::Mutex<Turns>, std::sync::Condvar) = (
+    std::sync::Mutex::new(Turns::new()),
+    std::sync::Condvar::new(),
+);
+
+/// A test that shares never waits for one that wants to be alone (a test
+/// that starts a second bus while it holds the first must not deadlock);
+/// the one alone waits until nobody shares.
+struct Turns {
+    sharing: usize,
+    alone: bool,
+}
+
+impl Turns {
+    const fn new() -> Turns {
+        Turns {
+            sharing: 0,
+            alone: false,
+        }
+    }
+}
+
+/// A test's turn on the machine.
+pub struct Turn {
+    alone: bool,
+}
+
+impl Turn {
+    fn take(alone: bool) -> Turn {
+        let (lock, cv) = &TURNS;
+        let mut t = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if alone {
+            while t.alone || t.sharing > 0 {
+                t = cv.wait(t).unwrap_or_else(|p| p.into_inner());
+            }
+            t.alone = true;
+        } else {
+            while t.alone {
+                t = cv.wait(t).unwrap_or_else(|p| p.into_inner());
+            }
+            t.sharing += 1;
+        }
+        Turn { alone }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let (lock, cv) = &TURNS;
+        let mut t = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.alone {
+            t.alone = false;
+        } else {
+            t.sharing -= 1;
+        }
+        cv.notify_all();
+    }
 }
 
 impl TestBus {
@@ -267,6 +331,16 @@ impl TestBus {
     }
 
     pub fn start_with_includes(includes: &[PathBuf]) -> TestBus {
+        Self::start_taking(includes, Turn::take(false))
+    }
+
+    /// A bus for a test that must have the machine to itself (see [`Turn`]).
+    pub fn start_alone() -> TestBus {
+        let includes = [root().join("dbus/org.hypeman.Devices.conf")];
+        Self::start_taking(&includes, Turn::take(true))
+    }
+
+    fn start_taking(includes: &[PathBuf], turn: Turn) -> TestBus {
         let dir = tempfile::tempdir().expect("tempdir");
         // Other users (polkitd, test callers) must reach the bus socket.
         std::fs::set_permissions(
@@ -310,6 +384,7 @@ impl TestBus {
             address,
             dir,
             _proc: proc,
+            _turn: turn,
         }
     }
 
@@ -432,7 +507,6 @@ impl TestBus {
 /// A running `hypemand` on a [`TestBus`].
 pub struct Daemon {
     pub proc: Proc,
-    pub state_dir: PathBuf,
     pub stderr_path: PathBuf,
 }
 
@@ -457,11 +531,11 @@ impl Daemon {
     }
 
     pub fn start(bus: &TestBus, state_dir: &Path, host_args: &[&str]) -> Daemon {
-        Self::from_command(bus, Self::command(bus, state_dir, host_args), state_dir)
+        Self::from_command(bus, Self::command(bus, state_dir, host_args))
     }
 
     /// Starts a prepared [`Daemon::command`] and waits until it owns its name.
-    pub fn from_command(bus: &TestBus, mut cmd: Command, state_dir: &Path) -> Daemon {
+    pub fn from_command(bus: &TestBus, mut cmd: Command) -> Daemon {
         let stderr_path = bus
             .dir
             .path()
@@ -474,7 +548,6 @@ impl Daemon {
             .expect("spawn hypemand");
         let mut d = Daemon {
             proc: Proc { child },
-            state_dir: state_dir.to_path_buf(),
             stderr_path,
         };
         // A hang guard, not a timing assertion: a daemon that never comes up fails

@@ -1,0 +1,382 @@
+//! The fixture: a host described in TOML (`examples/hosts`), parsed and
+//! checked, then turned into the simulated kernel's starting state.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::host::usage::{parse_route, route_counts, Usage, Use};
+use crate::host::HostDevice;
+use crate::pci::sysfs::parse_hex;
+use crate::pci::PciAddress;
+
+/// Why a fixture cannot be used. Names the file and the entry at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("cannot read fixture {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fixture {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("fixture {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The fixture file, as written by people.
+///
+/// ```toml
+/// [[driver]]
+/// name = "nvidia"
+/// ids = ["10de:*"]          # vendor:device, `*` for any device
+///
+/// [[driver]]
+/// name = "vfio-pci"         # no id table: binds only through driver_override
+///
+/// [[device]]
+/// address = "0000:a2:00.0"
+/// vendor = "10de"
+/// device = "27b8"
+/// class = "030200"
+/// iommu_group = 82
+/// driver = "nvidia"
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fixture {
+    #[serde(default)]
+    pub description: String,
+    /// The host is a virtual machine (for the no-IOMMU message).
+    #[serde(default)]
+    pub virtual_machine: bool,
+    #[serde(default, rename = "driver")]
+    pub drivers: Vec<FixtureDriver>,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<FixtureDevice>,
+    /// systemd services that hold devices open (nvidia-persistenced).
+    #[serde(default, rename = "service")]
+    pub services: Vec<FixtureService>,
+}
+
+/// A service that holds devices open: while it is active, unbinding a
+/// device its process holds blocks, as the kernel's nvidia driver does.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureService {
+    pub name: String,
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Its main process; the device nodes it holds are listed under the
+    /// devices' `open_by` with this pid.
+    pub pid: u32,
+}
+
+/// A block device under a function, as `[[device.block]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureBlock {
+    /// `nvme0n1p2`, `dm-0`: shown as `/dev/NAME`.
+    pub name: String,
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    #[serde(default)]
+    pub swap: bool,
+}
+
+/// A network interface under a function, as `[[device.interface]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureInterface {
+    pub name: String,
+    #[serde(default)]
+    pub up: bool,
+    /// Route destinations: `default`, `10.0.0.0/8`, `fe80::/64`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+}
+
+/// A process holding one of the function's device nodes, as `[[device.open_by]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureOpen {
+    pub pid: u32,
+    pub comm: String,
+    pub node: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureDriver {
+    pub name: String,
+    /// `vvvv:dddd` or `vvvv:*`.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Whether the module is loaded at boot (`drivers/<name>` exists).
+    #[serde(default = "yes")]
+    pub loaded: bool,
+    /// Whether `modprobe` could load it when it is not loaded.
+    #[serde(default = "yes")]
+    pub loadable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureDevice {
+    pub address: String,
+    pub vendor: String,
+    pub device: String,
+    pub class: String,
+    #[serde(default)]
+    pub subsystem_vendor: Option<String>,
+    #[serde(default)]
+    pub subsystem_device: Option<String>,
+    #[serde(default)]
+    pub iommu_group: Option<u32>,
+    #[serde(default)]
+    pub driver: Option<String>,
+    /// The NUMA node (sysfs `numa_node`); absent or -1 for none.
+    #[serde(default)]
+    pub numa_node: Option<i32>,
+    /// The firmware's console is on this device (sysfs `boot_vga`).
+    #[serde(default)]
+    pub boot_vga: bool,
+    #[serde(default)]
+    pub block: Vec<FixtureBlock>,
+    #[serde(default)]
+    pub interface: Vec<FixtureInterface>,
+    #[serde(default)]
+    pub open_by: Vec<FixtureOpen>,
+}
+
+/// One id-table entry: a vendor and, optionally, a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdMatch {
+    pub vendor: u16,
+    pub device: Option<u16>,
+}
+
+impl IdMatch {
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        let (v, d) = s.split_once(':')?;
+        Some(IdMatch {
+            vendor: parse_hex(v, 0xffff)? as u16,
+            device: if d == "*" {
+                None
+            } else {
+                Some(parse_hex(d, 0xffff)? as u16)
+            },
+        })
+    }
+
+    pub fn matches(&self, vendor: u16, device: u16) -> bool {
+        self.vendor == vendor && self.device.is_none_or(|d| d == device)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimDriver {
+    pub ids: Vec<IdMatch>,
+    pub loaded: bool,
+    pub loadable: bool,
+}
+
+/// The simulated kernel's state.
+#[derive(Debug, Clone)]
+pub struct SimState {
+    pub virtual_machine: bool,
+    pub drivers: BTreeMap<String, SimDriver>,
+    pub devices: BTreeMap<PciAddress, HostDevice>,
+    /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
+    pub unplugged: BTreeMap<PciAddress, HostDevice>,
+    /// How the host uses each device while its own driver has it.
+    pub usage: Usage,
+    /// Services by unit name: (active, main pid).
+    pub services: BTreeMap<String, (bool, u32)>,
+    /// Every function of each IOMMU group, plugged or not (groups never
+    /// change): a group is read in the time of its size, as a kernel reads
+    /// one directory, not by walking every function.
+    pub groups: BTreeMap<u32, Vec<PciAddress>>,
+}
+
+impl Fixture {
+    pub fn parse(path: &Path, text: &str) -> Result<Fixture, FixtureError> {
+        toml::from_str(text).map_err(|e| FixtureError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks the fixture and turns it into a booted host's state.
+    pub fn into_state(self, path: &Path) -> Result<SimState, FixtureError> {
+        let invalid = |message: String| FixtureError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut drivers = BTreeMap::new();
+        for d in self.drivers {
+            if d.name.is_empty() || d.name.contains('/') {
+                return Err(invalid(format!(
+                    "driver name {:?} is not a valid module name",
+                    d.name
+                )));
+            }
+            let ids = d
+                .ids
+                .iter()
+                .map(|s| {
+                    IdMatch::parse(s).ok_or_else(|| {
+                        invalid(format!(
+                            "driver {}: id {s:?} is not vvvv:dddd or vvvv:*",
+                            d.name
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let driver = SimDriver {
+                ids,
+                loaded: d.loaded,
+                loadable: d.loadable,
+            };
+            if drivers.insert(d.name.clone(), driver).is_some() {
+                return Err(invalid(format!("driver {} is listed twice", d.name)));
+            }
+        }
+        let mut devices = BTreeMap::new();
+        let mut usage = Usage::new();
+        for d in self.devices {
+            let address = PciAddress::parse(&d.address).map_err(|e| invalid(e.to_string()))?;
+            let hex = |field: &str, value: &str, max: u32| {
+                parse_hex(value, max).ok_or_else(|| {
+                    invalid(format!(
+                        "device {address}: {field} {value:?} is not a hex number"
+                    ))
+                })
+            };
+            let opt_hex = |field: &str, value: &Option<String>| match value {
+                Some(v) => hex(field, v, 0xffff).map(|n| n as u16),
+                None => Ok(0),
+            };
+            if let Some(drv) = &d.driver {
+                match drivers.get(drv) {
+                    Some(info) if info.loaded => {}
+                    Some(_) => {
+                        return Err(invalid(format!(
+                            "device {address}: driver {drv} is not loaded"
+                        )))
+                    }
+                    None => {
+                        return Err(invalid(format!(
+                            "device {address}: driver {drv} is not listed"
+                        )))
+                    }
+                }
+            }
+            let mut uses = Vec::new();
+            for b in &d.block {
+                if b.name.is_empty() || b.name.contains('/') {
+                    return Err(invalid(format!(
+                        "device {address}: block device name {:?} is not a /dev name",
+                        b.name
+                    )));
+                }
+                let device = format!("/dev/{}", b.name);
+                if !b.mounts.is_empty() {
+                    uses.push(Use::Mounted {
+                        device: device.clone(),
+                        mount_points: b.mounts.clone(),
+                    });
+                }
+                if b.swap {
+                    uses.push(Use::Swap { device });
+                }
+            }
+            for i in &d.interface {
+                let mut counts = false;
+                for r in &i.routes {
+                    let dest = parse_route(r).ok_or_else(|| {
+                        invalid(format!(
+                            "device {address}: interface {}: route {r:?} is not default or an address/prefix",
+                            i.name
+                        ))
+                    })?;
+                    counts |= route_counts(dest);
+                }
+                if i.up && counts {
+                    uses.push(Use::NetworkActive {
+                        interface: i.name.clone(),
+                    });
+                }
+            }
+            for o in &d.open_by {
+                if !crate::host::usage::is_node(&o.node) {
+                    return Err(invalid(format!(
+                        "device {address}: {:?} is not a device node the daemon checks (/dev/dri/card*, /dev/dri/renderD*, /dev/nvidiaN, /dev/nvme*)",
+                        o.node
+                    )));
+                }
+                uses.push(Use::OpenBy {
+                    pid: o.pid,
+                    comm: o.comm.clone(),
+                    node: o.node.clone(),
+                });
+            }
+            if !uses.is_empty() {
+                uses.sort();
+                usage.insert(address, uses);
+            }
+            let device = HostDevice {
+                address,
+                vendor: hex("vendor", &d.vendor, 0xffff)? as u16,
+                device: hex("device", &d.device, 0xffff)? as u16,
+                class: hex("class", &d.class, 0xff_ffff)?,
+                subsystem_vendor: opt_hex("subsystem_vendor", &d.subsystem_vendor)?,
+                subsystem_device: opt_hex("subsystem_device", &d.subsystem_device)?,
+                driver: d.driver,
+                iommu_group: d.iommu_group,
+                driver_override: None,
+                numa_node: d.numa_node.and_then(|n| u32::try_from(n).ok()),
+                boot_vga: d.boot_vga,
+            };
+            if devices.insert(address, device).is_some() {
+                return Err(invalid(format!("device {address} is listed twice")));
+            }
+        }
+        let mut services = BTreeMap::new();
+        for sv in self.services {
+            if !sv.name.ends_with(".service") || sv.name.contains('/') {
+                return Err(invalid(format!(
+                    "service {:?} is not a unit name ending in .service",
+                    sv.name
+                )));
+            }
+            if services
+                .insert(sv.name.clone(), (sv.active, sv.pid))
+                .is_some()
+            {
+                return Err(invalid(format!("service {} is listed twice", sv.name)));
+            }
+        }
+        let mut groups: BTreeMap<u32, Vec<PciAddress>> = BTreeMap::new();
+        for (address, d) in &devices {
+            if let Some(g) = d.iommu_group {
+                groups.entry(g).or_default().push(*address);
+            }
+        }
+        Ok(SimState {
+            virtual_machine: self.virtual_machine,
+            drivers,
+            devices,
+            unplugged: BTreeMap::new(),
+            usage,
+            services,
+            groups,
+        })
+    }
+}

@@ -1,0 +1,295 @@
+//! The simulated host: a kernel's PCI bookkeeping in memory, described by a fixture.
+//!
+//! It exists so that everything above the [`Host`] trait can be run and tested on a
+//! machine whose own PCI devices must never be touched. It keeps the same facts the
+//! kernel keeps (DESIGN.md section 4): drivers with id tables, devices with their
+//! bound driver, override and IOMMU group.
+//!
+//! - [`fixture`]: the TOML host description, parsed and checked;
+//! - `kernel`: the [`Host`] trait's reads and writes, with the kernel's rules;
+//! - [`faults`]: errors, stalls and grabs a test injects;
+//! - `persist`: the state kept between daemon runs (`--simulate-state`);
+//! - here: the host itself, and what outside actors do to it (unplug,
+//!   plug, another driver binding, services stopping and starting).
+
+pub mod faults;
+pub mod fixture;
+mod kernel;
+mod persist;
+
+pub use faults::{Fault, FaultKind};
+pub use fixture::*;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use super::{EventKind, EventSink, Host, HostError, HostEvent};
+use crate::pci::PciAddress;
+use faults::ENODEV;
+
+pub struct SimHost {
+    source: PathBuf,
+    state: Mutex<SimState>,
+    faults: Mutex<Vec<Fault>>,
+    /// Wakes stalled writes when faults are cleared.
+    faults_cleared: Condvar,
+    /// Where the kernel state is kept between daemon runs, if anywhere.
+    state_file: Option<PathBuf>,
+    /// Where hotplug events go (the daemon's event path), once connected.
+    sink: Mutex<Option<EventSink>>,
+    /// Wakes an unbind waiting for a service to let go of its device.
+    state_changed: Condvar,
+    /// Every write attempted and every service stopped or started, in order,
+    /// for tests (Simulator1.Journal); bounded.
+    journal: Mutex<std::collections::VecDeque<String>>,
+}
+
+/// The most journal entries kept (the oldest go first).
+const JOURNAL_LIMIT: usize = 4096;
+
+impl SimHost {
+    /// Boots a simulated host from a fixture file.
+    pub fn from_file(path: &Path) -> Result<Self, FixtureError> {
+        Self::open(path, None)
+    }
+
+    /// Boots from `fixture`, or, when `state_file` holds a saved state, resumes
+    /// the host as it was (a daemon restart is not a reboot). Every change is
+    /// saved there. Deleting the file is a reboot.
+    pub fn open(fixture: &Path, state_file: Option<&Path>) -> Result<Self, FixtureError> {
+        let text = std::fs::read_to_string(fixture).map_err(|source| FixtureError::Read {
+            path: fixture.to_path_buf(),
+            source,
+        })?;
+        let mut state = Fixture::parse(fixture, &text)?.into_state(fixture)?;
+        if let Some(file) = state_file {
+            persist::restore(&mut state, file)?;
+        }
+        Ok(SimHost {
+            source: fixture.to_path_buf(),
+            state: Mutex::new(state),
+            faults: Mutex::new(Vec::new()),
+            faults_cleared: Condvar::new(),
+            state_file: state_file.map(Path::to_path_buf),
+            sink: Mutex::new(None),
+            state_changed: Condvar::new(),
+            journal: Mutex::default(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
+        // The state is plain data and every change to it is a single assignment,
+        // so a poisoned lock still guards a consistent state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note(&self, entry: String) {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if j.len() >= JOURNAL_LIMIT {
+            j.pop_front();
+        }
+        j.push_back(entry);
+    }
+
+    /// Every write attempted and every service stopped or started, oldest
+    /// first: `unbind 0000:01:00.0 nvidia`, `stop nvidia-persistenced.service`.
+    pub fn journal(&self) -> Vec<String> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// A declared service: `Some((active, main pid))`.
+    pub fn unit(&self, name: &str) -> Option<(bool, u32)> {
+        self.state().services.get(name).copied()
+    }
+
+    /// Stops or starts a declared service, as systemd would.
+    pub fn set_unit(&self, name: &str, active: bool) -> Result<(), String> {
+        let mut state = self.state();
+        let Some(sv) = state.services.get_mut(name) else {
+            return Err(format!("the simulated host has no service {name}"));
+        };
+        sv.0 = active;
+        self.note(format!("{} {name}", if active { "start" } else { "stop" }));
+        tracing::info!(
+            holder_service = %name,
+            active,
+            "simulator: service state changed"
+        );
+        self.save(&state);
+        drop(state);
+        self.state_changed.notify_all();
+        Ok(())
+    }
+
+    /// Connects the event path; events before this are not delivered.
+    pub fn set_event_sink(&self, sink: EventSink) {
+        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    fn emit(&self, kind: EventKind, address: PciAddress) {
+        if let Some(sink) = &*self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
+            sink(HostEvent::new(kind, address));
+        }
+    }
+
+    /// Hot-removes a device: its driver lets go (`unbind`), then it leaves the
+    /// bus (`remove`).
+    pub fn unplug(&self, address: PciAddress) -> Result<(), String> {
+        let had_driver = {
+            let mut state = self.state();
+            let Some(dev) = state.devices.remove(&address) else {
+                return Err(format!("{address} is not on the simulated host"));
+            };
+            let had = dev.driver.is_some();
+            state.unplugged.insert(address, dev);
+            self.save(&state);
+            had
+        };
+        tracing::info!(pci_address = %address, "simulator: unplugged");
+        if had_driver {
+            self.emit(EventKind::Unbind, address);
+        }
+        self.emit(EventKind::Remove, address);
+        Ok(())
+    }
+
+    /// Hot-adds a device that was unplugged: it appears (`add`) with no driver
+    /// and no override, then its native driver probes it (`bind`), as the
+    /// kernel would.
+    pub fn plug(&self, address: PciAddress) -> Result<(), String> {
+        let native = {
+            let mut state = self.state();
+            let Some(mut dev) = state.unplugged.remove(&address) else {
+                return Err(format!(
+                    "{address} is not unplugged (plug only brings back an unplugged device)"
+                ));
+            };
+            dev.driver = None;
+            dev.driver_override = None;
+            let native = Self::matching_driver(&state, &dev);
+            state.devices.insert(address, dev);
+            self.save(&state);
+            native
+        };
+        tracing::info!(pci_address = %address, "simulator: plugged");
+        self.emit(EventKind::Add, address);
+        if let Some(n) = native {
+            if let Some(d) = self.state().devices.get_mut(&address) {
+                if d.driver.is_none() {
+                    d.driver = Some(n);
+                }
+            }
+            self.save(&self.state());
+            self.emit(EventKind::Bind, address);
+        }
+        Ok(())
+    }
+
+    /// An outside actor binds `driver` (as `echo ADDR > drivers/X/bind` would,
+    /// after unbinding the current driver).
+    pub fn driver_bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
+        let current = self
+            .device(address)?
+            .ok_or(HostError::NoDevice(address))?
+            .driver;
+        if let Some(c) = current {
+            if c == driver {
+                return Ok(());
+            }
+            self.unbind(address, &c)?;
+            self.emit(EventKind::Unbind, address);
+        }
+        if let Err(e) = self.bind(address, driver) {
+            // The way driverctl does it: an override makes the driver take a
+            // device its id table does not list (vfio-pci has none).
+            let HostError::Write { errno: ENODEV, .. } = e else {
+                return Err(e);
+            };
+            self.set_override(address, Some(driver))?;
+            self.bind(address, driver)?;
+        }
+        self.emit(EventKind::Bind, address);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hosts")
+    }
+
+    #[test]
+    fn shipped_fixtures_load() {
+        for name in [
+            "l4.toml",
+            "desktop.toml",
+            "no-iommu.toml",
+            "workstation.toml",
+        ] {
+            let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
+            let state = host.state().clone();
+            assert!(
+                state
+                    .drivers
+                    .get("vfio-pci")
+                    .is_some_and(|d| d.loaded && d.ids.is_empty()),
+                "{name}: vfio-pci must be available and have no id table"
+            );
+            assert!(!state.devices.is_empty());
+        }
+        let l4 = SimHost::from_file(&examples().join("l4.toml")).unwrap();
+        let gpu = l4
+            .device(PciAddress::parse("0000:a2:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (gpu.vendor, gpu.device, gpu.class),
+            (0x10de, 0x27b8, 0x030200)
+        );
+        assert_eq!(gpu.iommu_group, Some(82));
+        assert_eq!(gpu.driver.as_deref(), Some("nvidia"));
+        let no = SimHost::from_file(&examples().join("no-iommu.toml")).unwrap();
+        assert!(no
+            .devices()
+            .unwrap()
+            .iter()
+            .all(|d| d.iommu_group.is_none()));
+    }
+
+    #[test]
+    fn bad_fixtures_are_refused_with_the_reason() {
+        let p = Path::new("t.toml");
+        let cases = [
+            ("[[device]]\naddress = \"0000:a2:00.0/..\"\nvendor=\"10de\"\ndevice=\"1\"\nclass=\"0\"", "invalid PCI address"),
+            ("[[device]]\naddress = \"a2:00.0\"\nvendor=\"zz\"\ndevice=\"1\"\nclass=\"0\"", "vendor"),
+            ("[[device]]\naddress = \"a2:00.0\"\nvendor=\"10de\"\ndevice=\"1\"\nclass=\"0\"\ndriver=\"nv\"", "not listed"),
+            ("[[driver]]\nname=\"x\"\nids=[\"10de\"]", "vvvv:dddd"),
+            ("[[driver]]\nname=\"x\"\n[[driver]]\nname=\"x\"", "twice"),
+            ("bogus = 1", "not valid"),
+        ];
+        for (text, want) in cases {
+            let err = Fixture::parse(p, text)
+                .and_then(|f| f.into_state(p))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn id_tables_match() {
+        let m = IdMatch::parse("10de:*").unwrap();
+        assert!(m.matches(0x10de, 0x27b8));
+        assert!(!m.matches(0x8086, 0x27b8));
+        let exact = IdMatch::parse("8086:1572").unwrap();
+        assert!(exact.matches(0x8086, 0x1572) && !exact.matches(0x8086, 0x1573));
+    }
+}

@@ -1,0 +1,105 @@
+//! What survives a daemon restart of the simulated host (not a reboot): the
+//! drivers loaded, each device's driver and override, what is unplugged, and
+//! which services run, kept in `--simulate-state`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{FixtureError, SimHost, SimState};
+use crate::pci::PciAddress;
+
+/// What survives a daemon restart of the simulated host (not a reboot).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    loaded: BTreeMap<String, bool>,
+    devices: BTreeMap<String, SavedDevice>,
+    #[serde(default)]
+    unplugged: Vec<String>,
+    /// Service name -> active.
+    #[serde(default)]
+    services: BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedDevice {
+    driver: Option<String>,
+    driver_override: Option<String>,
+}
+
+/// Puts `state` back as `file` saved it; a missing file is a fresh boot.
+pub(super) fn restore(state: &mut SimState, file: &Path) -> Result<(), FixtureError> {
+    if let Ok(bytes) = std::fs::read(file) {
+        let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| FixtureError::Parse {
+            path: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for (name, loaded) in saved.loaded {
+            if let Some(d) = state.drivers.get_mut(&name) {
+                d.loaded = loaded;
+            }
+        }
+        for addr in &saved.unplugged {
+            let Ok(a) = PciAddress::parse(addr) else {
+                continue;
+            };
+            if let Some(d) = state.devices.remove(&a) {
+                state.unplugged.insert(a, d);
+            }
+        }
+        for (name, active) in saved.services {
+            if let Some(sv) = state.services.get_mut(&name) {
+                sv.0 = active;
+            }
+        }
+        for (addr, sd) in saved.devices {
+            let Ok(a) = PciAddress::parse(&addr) else {
+                continue;
+            };
+            if let Some(d) = state.devices.get_mut(&a) {
+                d.driver = sd.driver;
+                d.driver_override = sd.driver_override;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl SimHost {
+    pub(super) fn save(&self, state: &SimState) {
+        let Some(file) = &self.state_file else { return };
+        let saved = Saved {
+            loaded: state
+                .drivers
+                .iter()
+                .map(|(n, d)| (n.clone(), d.loaded))
+                .collect(),
+            devices: state
+                .devices
+                .iter()
+                .map(|(a, d)| {
+                    let sd = SavedDevice {
+                        driver: d.driver.clone(),
+                        driver_override: d.driver_override.clone(),
+                    };
+                    (a.to_string(), sd)
+                })
+                .collect(),
+            unplugged: state.unplugged.keys().map(ToString::to_string).collect(),
+            services: state
+                .services
+                .iter()
+                .map(|(n, (active, _))| (n.clone(), *active))
+                .collect(),
+        };
+        let tmp = file.with_extension("tmp");
+        let result = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::from)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = result {
+            tracing::warn!(path = %file.display(), error = %e, "cannot save the simulated host's state");
+        }
+    }
+}
