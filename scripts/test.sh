@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# The docs: every intra-doc link resolves, no public item of the contract
+# crate or the client is undocumented (#![warn(missing_docs)]).
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 # The end-to-end tests in tests/ run the workspace's binaries: build them all.
 cargo build --locked --workspace --all-targets
 cargo test --locked --workspace --all-targets -- --include-ignored

@@ -5,6 +5,7 @@
 pub enum BusChoice {
     /// The system bus; honours `DBUS_SYSTEM_BUS_ADDRESS`.
     System,
+    /// The session bus.
     Session,
     /// A bus address such as `unix:path=/run/test/bus`.
     Address(String),

@@ -1,6 +1,6 @@
 //! Every error of the API, written once.
 //!
-//! [`error_table!`] below is the only list of error names: it makes the enum,
+//! `error_table!` below is the only list of error names: it makes the enum,
 //! the reply the daemon sends ([`zbus::DBusError`]) and the conversion a client
 //! makes from a reply (`From<zbus::Error>`), so the two sides cannot drift.
 //! Each daemon error carries the human message as its description; a client
@@ -25,9 +25,14 @@ macro_rules! error_table {
             /// The call did not complete for a reason of the bus's or zbus's own.
             #[error("{0}")]
             Bus(String),
-            /// Any other D-Bus error: its name and message.
+            /// Any other D-Bus error: its name and message, kept as they came.
             #[error("{message} ({name})")]
-            Other { name: String, message: String },
+            Other {
+                /// The D-Bus error name.
+                name: String,
+                /// Its message.
+                message: String,
+            },
         }
 
         impl Error {
@@ -65,15 +70,20 @@ error_table! {
     DeviceNotFound => "org.hypeman.Devices.Error.DeviceNotFound",
     /// No registered device with that id or name.
     NotFound => "org.hypeman.Devices.Error.NotFound",
+    /// The host device is already registered (under another id).
     AlreadyRegistered => "org.hypeman.Devices.Error.AlreadyRegistered",
+    /// The name is taken by another device.
     NameTaken => "org.hypeman.Devices.Error.NameTaken",
     /// Attached to an instance.
     InUse => "org.hypeman.Devices.Error.InUse",
+    /// The function has no IOMMU group: the IOMMU is off, or a VM has no virtual one.
     NoIommu => "org.hypeman.Devices.Error.NoIommu",
     /// The function can never be passed through (a PCI bridge: vfio-pci
     /// refuses them); nothing was registered or changed.
     NotPassable => "org.hypeman.Devices.Error.NotPassable",
+    /// vfio-pci is not available on this host (`modprobe vfio-pci`).
     VfioUnavailable => "org.hypeman.Devices.Error.VfioUnavailable",
+    /// A member of the IOMMU group is bound to a driver that keeps DMA ownership.
     IommuGroupConflict => "org.hypeman.Devices.Error.IommuGroupConflict",
     /// A step of a driver change failed; the message says how the device was left.
     BindFailed => "org.hypeman.Devices.Error.BindFailed",
@@ -81,6 +91,7 @@ error_table! {
     Timeout => "org.hypeman.Devices.Error.Timeout",
     /// The registry could not be written; nothing changed.
     StoreFailed => "org.hypeman.Devices.Error.StoreFailed",
+    /// Anything else the daemon could not do; the message says what.
     Failed => "org.hypeman.Devices.Error.Failed",
     /// The host is using the device or a member of its IOMMU group (the
     /// message lists every blocker); nothing was written. *(issue 14)*

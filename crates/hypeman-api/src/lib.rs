@@ -14,6 +14,8 @@
 //!   client's typed errors alike;
 //! - [`proxy`]: typed zbus proxies of the manager and of a device object.
 
+#![warn(missing_docs)]
+
 pub mod bus;
 pub mod error;
 pub mod names;

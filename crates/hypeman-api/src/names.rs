@@ -10,6 +10,7 @@ pub const MANAGER_IFACE: &str = "org.hypeman.Devices1";
 pub const DEVICE_IFACE: &str = "org.hypeman.Device1";
 /// The simulated kernel's test interface (only under `hypemand --simulate`).
 pub const SIMULATOR_PATH: &str = "/org/hypeman/Simulator";
+/// The simulator's interface (only under `--simulate`).
 pub const SIMULATOR_IFACE: &str = "org.hypeman.Simulator1";
 /// The prefix of the daemon's own error names.
 pub const ERROR_PREFIX: &str = "org.hypeman.Devices.Error";

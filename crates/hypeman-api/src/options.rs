@@ -17,6 +17,7 @@ pub const FORCE: &str = "force";
 /// What a caller asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Options {
+    /// Override the soft blockers (needs `org.hypeman.devices.force`).
     pub force: bool,
 }
 

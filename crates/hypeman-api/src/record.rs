@@ -13,20 +13,34 @@ use zbus::zvariant::{DeserializeDict, SerializeDict, Type};
 #[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
 #[zvariant(signature = "a{sv}")]
 pub struct Record {
+    /// The device id: 24 lowercase letters and digits, starting with a letter.
     pub id: String,
+    /// The unique name (`pci-<address>` unless one was given).
     pub name: String,
+    /// The PCI address, `0000:a2:00.0`.
     pub pci_address: String,
+    /// The PCI vendor id, 4 lowercase hex digits.
     pub vendor_id: String,
+    /// The PCI device id, 4 lowercase hex digits.
     pub device_id: String,
+    /// `gpu`, `nic`, `nvme`, ... from the PCI class (the seed's `type`).
     #[zvariant(rename = "type")]
     pub kind: String,
+    /// The IOMMU group; absent when the device has none (or is unplugged).
     pub iommu_group: Option<i64>,
+    /// Whether vfio-pci has the device now.
     pub bound_to_vfio: bool,
+    /// The instance holding the device; absent when none.
     pub attached_to: Option<String>,
+    /// When it was registered, RFC 3339, UTC, whole seconds.
     pub created_at: String,
+    /// The driver bound now; absent when none.
     pub driver: Option<String>,
+    /// Whether the device is on the host now (false while unplugged).
     pub present: bool,
+    /// The vendor's name from the PCI ID database, empty when unknown.
     pub vendor_name: String,
+    /// The device's name from the PCI ID database, empty when unknown.
     pub device_name: String,
     /// The NUMA node the device is attached to; absent when the platform has
     /// none (sysfs says -1) or the device is unplugged.
@@ -43,8 +57,11 @@ pub struct Record {
 )]
 #[zvariant(signature = "a{sv}")]
 pub struct Blocker {
+    /// The kind of reason: `no-iommu`, `bridge`, `boot-vga`, `mounted`, `network-active`, `open-by`, `group`, `usage-unknown`.
     pub code: String,
+    /// What it is, for a person.
     pub message: String,
+    /// The PCI address, `0000:a2:00.0`.
     pub pci_address: String,
 }
 
@@ -53,19 +70,30 @@ pub struct Blocker {
 #[derive(Debug, Clone, Default, PartialEq, SerializeDict, DeserializeDict, Type)]
 #[zvariant(signature = "a{sv}")]
 pub struct Available {
+    /// The PCI address, `0000:a2:00.0`.
     pub pci_address: String,
+    /// The PCI vendor id, 4 lowercase hex digits.
     pub vendor_id: String,
+    /// The PCI device id, 4 lowercase hex digits.
     pub device_id: String,
+    /// The vendor's name from the PCI ID database, empty when unknown.
     pub vendor_name: String,
+    /// The device's name from the PCI ID database, empty when unknown.
     pub device_name: String,
+    /// The IOMMU group; absent when the device has none (or is unplugged).
     pub iommu_group: Option<i64>,
+    /// The driver bound now; absent when none.
     pub current_driver: Option<String>,
+    /// `gpu`, `nic`, `nvme`, ... from the PCI class (the seed's `type`).
     #[zvariant(rename = "type")]
     pub kind: String,
+    /// The id it is registered under, if it is.
     pub registered_as: Option<String>,
+    /// The NUMA node; absent when the platform has none.
     pub numa_node: Option<i64>,
     /// No blocker: the function may be set aside for a VM.
     pub passable: bool,
+    /// Why it must stay with the host, one entry per reason.
     pub blockers: Vec<Blocker>,
 }
 
@@ -74,17 +102,27 @@ pub struct Available {
 /// device has none.
 #[derive(Debug, Serialize)]
 pub struct SeedDevice<'a> {
+    /// The device id: 24 lowercase letters and digits, starting with a letter.
     pub id: &'a str,
+    /// Whether vfio-pci has the device now.
     pub bound_to_vfio: bool,
+    /// When it was registered, RFC 3339, UTC, whole seconds.
     pub created_at: &'a str,
+    /// The PCI device id, 4 lowercase hex digits.
     pub device_id: &'a str,
+    /// The IOMMU group; absent when the device has none (or is unplugged).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iommu_group: Option<i64>,
+    /// The PCI address, `0000:a2:00.0`.
     pub pci_address: &'a str,
+    /// `gpu`, `nic`, `nvme`, ... from the PCI class (the seed's `type`).
     #[serde(rename = "type")]
     pub kind: &'a str,
+    /// The PCI vendor id, 4 lowercase hex digits.
     pub vendor_id: &'a str,
+    /// The instance holding the device; absent when none.
     pub attached_to: Option<&'a str>,
+    /// The unique name (`pci-<address>` unless one was given).
     pub name: &'a str,
     /// Present when the device has tags, as Hypeman's `tags`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,19 +132,29 @@ pub struct SeedDevice<'a> {
 /// The original API's available-device document (absent values left out).
 #[derive(Debug, Serialize)]
 pub struct SeedAvailable<'a> {
+    /// The PCI address, `0000:a2:00.0`.
     pub pci_address: &'a str,
+    /// The PCI vendor id, 4 lowercase hex digits.
     pub vendor_id: &'a str,
+    /// The PCI device id, 4 lowercase hex digits.
     pub device_id: &'a str,
+    /// The vendor's name from the PCI ID database, empty when unknown.
     pub vendor_name: &'a str,
+    /// The device's name from the PCI ID database, empty when unknown.
     pub device_name: &'a str,
+    /// The IOMMU group; absent when the device has none (or is unplugged).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iommu_group: Option<i64>,
+    /// The driver bound now; absent when none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_driver: Option<&'a str>,
+    /// `gpu`, `nic`, `nvme`, ... from the PCI class (the seed's `type`).
     #[serde(rename = "type")]
     pub kind: &'a str,
+    /// The id it is registered under, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registered_as: Option<&'a str>,
+    /// The NUMA node; absent when the platform has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub numa_node: Option<i64>,
 }

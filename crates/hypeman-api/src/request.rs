@@ -12,12 +12,16 @@ use zbus::{OwnedVariant, Variant};
 
 use crate::error::Error;
 
+/// The seed's create request: what `POST /devices` and `Create` take.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
+    /// The host device to register, `0000:a2:00.0`.
     pub pci_address: String,
+    /// Its name; `pci-<address>` when absent.
     #[serde(default)]
     pub name: Option<String>,
+    /// Its tags (Hypeman's rules).
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }

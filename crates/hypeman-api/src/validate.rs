@@ -7,10 +7,13 @@ use std::collections::BTreeMap;
 /// Why a name or instance id is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
+    /// A device name.
     #[error("invalid name {0:?}: use 2-63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit")]
     Name(String),
+    /// An instance id.
     #[error("invalid instance id {0:?}: use 1-128 characters from A-Z a-z 0-9 _ . : -, or k8s:<namespace>/<pod>")]
     InstanceId(String),
+    /// Tags or a tag filter.
     #[error("invalid tags: {0}")]
     Tags(String),
 }
@@ -30,7 +33,9 @@ impl From<ValidationError> for crate::Error {
 /// Hypeman's limits on tags (its `lib/tags`): at most 50, keys of 1-128
 /// characters, values of 0-256, both from `A-Z a-z 0-9`, space and `_ . : / = + @ -`.
 pub const MAX_TAGS: usize = 50;
+/// The longest tag key, in bytes.
 pub const MAX_TAG_KEY: usize = 128;
+/// The longest tag value, in bytes.
 pub const MAX_TAG_VALUE: usize = 256;
 
 fn tag_chars_ok(s: &str) -> bool {

@@ -26,17 +26,19 @@ pub struct CtlArgs {
     /// Let polkit ask for a password [default: yes when stdin is a terminal]
     #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub allow_interactive: Option<bool>,
+    /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
 }
 
+/// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {
     /// Register a host PCI device for passthrough.
     Register {
         /// dddd:bb:dd.f or bb:dd.f
         pci_address: String,
-        /// Name for the device [default: pci-<address>]
+        /// Name for the device [default: pci-ADDRESS, e.g. pci-0000-a2-00-0]
         #[arg(long)]
         name: Option<String>,
         /// A tag, KEY=VALUE (repeatable).
@@ -51,6 +53,7 @@ pub enum CtlCommand {
     },
     /// Set or remove a device's tags.
     Tag {
+        /// The device's id or name.
         id_or_name: String,
         /// Tags to set, KEY=VALUE.
         #[arg(value_name = "KEY=VALUE", value_parser = parse_tag)]
@@ -60,9 +63,15 @@ pub enum CtlCommand {
         remove: Vec<String>,
     },
     /// Show one registered device.
-    Get { id_or_name: String },
+    Get {
+        /// The device's id or name.
+        id_or_name: String,
+    },
     /// Unregister a device (gives it back to its driver first if hypemand took it).
-    Delete { id_or_name: String },
+    Delete {
+        /// The device's id or name.
+        id_or_name: String,
+    },
     /// List the host's PCI devices with what blocks each (with --json, only
     /// the passable ones, in the seed's shape, unless --all).
     Available {
@@ -72,6 +81,7 @@ pub enum CtlCommand {
     },
     /// Move a device to vfio-pci.
     Bind {
+        /// The device's id or name.
         id_or_name: String,
         /// Take it even though the host is using it (its display, a mounted
         /// disk, a routed interface, an open node, its group): needs the
@@ -81,10 +91,15 @@ pub enum CtlCommand {
         force: bool,
     },
     /// Give a device back to its host driver.
-    Unbind { id_or_name: String },
+    Unbind {
+        /// The device's id or name.
+        id_or_name: String,
+    },
     /// Bind if needed, then mark a device as held by a VM instance.
     Attach {
+        /// The device's id or name.
         id_or_name: String,
+        /// The instance (VM) that holds it.
         instance: String,
         /// Attach every registered member of the device's IOMMU group (a VM
         /// that holds one function of a group can reach them all).
@@ -95,14 +110,20 @@ pub enum CtlCommand {
         force: bool,
     },
     /// Clear a device's attachment (it stays on vfio-pci).
-    Detach { id_or_name: String },
+    Detach {
+        /// The device's id or name.
+        id_or_name: String,
+    },
     /// Print one line per event as it happens (Ctrl-C to stop).
     Monitor,
     /// The daemon's version and counts.
     Status,
     /// Write shell completions and man pages into a directory (used by make install).
     #[command(hide = true)]
-    GenerateAssets { dir: PathBuf },
+    GenerateAssets {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 /// `KEY=VALUE` (the value may be empty or contain `=`).

@@ -31,6 +31,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod cli;
 
 use zbus::proxy::MethodFlags;
@@ -52,6 +54,7 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to hypemand on `bus`.
     pub async fn connect(bus: &BusChoice) -> Result<Self, ClientError> {
         let conn = bus
             .builder()
@@ -83,6 +86,7 @@ impl Client {
         self
     }
 
+    /// The bus connection (for signal streams).
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
@@ -98,6 +102,7 @@ impl Client {
             .ok_or_else(|| ClientError::Failed(format!("{method} returned no reply")))
     }
 
+    /// `Register`: sets the host device at `pci_address` aside under `name` (empty: the default).
     pub async fn register(&self, pci_address: &str, name: &str) -> Result<Record, ClientError> {
         let (_, r): (OwnedObjectPath, Record) = self.call("Register", &(pci_address, name)).await?;
         Ok(r)
@@ -130,14 +135,17 @@ impl Client {
         self.call("SetTags", &(id_or_name, set, remove)).await
     }
 
+    /// `List`: every registered device.
     pub async fn list(&self) -> Result<Vec<Record>, ClientError> {
         self.call("List", &()).await
     }
 
+    /// `Get`: one device by id or name.
     pub async fn get(&self, id_or_name: &str) -> Result<Record, ClientError> {
         self.call("Get", &(id_or_name,)).await
     }
 
+    /// `Delete`: unregisters a device.
     pub async fn delete(&self, id_or_name: &str) -> Result<(), ClientError> {
         self.proxy
             .call_with_flags::<_, _, ()>("Delete", self.flags, &(id_or_name,))
@@ -145,10 +153,12 @@ impl Client {
         Ok(())
     }
 
+    /// `ListAvailable`: every PCI function on the host.
     pub async fn available(&self) -> Result<Vec<Available>, ClientError> {
         self.call("ListAvailable", &()).await
     }
 
+    /// `Bind`: moves a device to vfio-pci.
     pub async fn bind(&self, id_or_name: &str) -> Result<Record, ClientError> {
         self.call("Bind", &(id_or_name,)).await
     }
@@ -195,18 +205,22 @@ impl Client {
         Ok(device.blockers().await?)
     }
 
+    /// `Unbind`: gives a device back to its host driver.
     pub async fn unbind(&self, id_or_name: &str) -> Result<Record, ClientError> {
         self.call("Unbind", &(id_or_name,)).await
     }
 
+    /// `Attach`: binds if needed, then marks the device held by `instance_id`.
     pub async fn attach(&self, id_or_name: &str, instance_id: &str) -> Result<Record, ClientError> {
         self.call("Attach", &(id_or_name, instance_id)).await
     }
 
+    /// `Detach`: clears the attachment.
     pub async fn detach(&self, id_or_name: &str) -> Result<Record, ClientError> {
         self.call("Detach", &(id_or_name,)).await
     }
 
+    /// The daemon's version.
     pub async fn version(&self) -> Result<String, ClientError> {
         Ok(self.proxy.get_property::<String>("Version").await?)
     }

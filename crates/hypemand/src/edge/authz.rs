@@ -45,6 +45,7 @@ pub enum Method {
 
 impl Method {
     /// Every method, for the table's test.
+    #[cfg(test)]
     pub const ALL: [Method; 9] = [
         Method::Register,
         Method::Delete,

@@ -251,7 +251,7 @@ impl Door {
     }
 
     /// How the host uses each of `addresses`, from a walk of /proc that
-    /// started after this call (see [`Walks`]). Never an error and never a
+    /// started after this call (see `Walks`). Never an error and never a
     /// stuck mark: a walk that runs out of its own deadline says how far it
     /// got, one that does not return at all (a syscall stuck in the kernel)
     /// leaves the addresses unknown, and the caller decides (Bind answers

@@ -17,8 +17,8 @@ use hypeman_api::VFIO_DRIVER;
 pub const CEDING_DRIVERS: [&str; 3] = [VFIO_DRIVER, "pci-stub", "pcieport"];
 
 /// A member of an IOMMU group whose driver has not ceded DMA ownership: it
-/// is in the way of assigning the group. (Not a [`crate::service::blockers::Blocker`],
-/// which says why the host must keep a function.)
+/// is in the way of assigning the group. (Not a blocker
+/// of `service::blockers`, which says why the host must keep a function.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unceded {
     pub address: PciAddress,

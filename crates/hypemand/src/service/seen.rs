@@ -56,15 +56,6 @@ impl Seen {
     pub fn on_vfio(&self) -> Vec<PciAddress> {
         self.known().on_vfio.iter().copied().collect()
     }
-
-    /// The driver last seen on `address`.
-    pub fn driver(&self, address: PciAddress) -> Option<String> {
-        self.known()
-            .by_address
-            .get(&address)
-            .and_then(|l| l.as_ref())
-            .and_then(|l| l.driver.clone())
-    }
 }
 
 impl Service {

@@ -1,5 +1,5 @@
 //! What the daemon remembers across restarts: the registry in memory
-//! ([`registry`]), its snapshot on disk ([`file`], `devices.json`) and the
+//! ([`registry`]), its snapshot on disk ([`mod@file`], `devices.json`) and the
 //! changes since ([`journal`], `devices.journal`).
 
 pub mod file;

@@ -182,8 +182,8 @@ pub async fn serve(listener: UnixListener, api: Arc<Api>) {
     serve_with(listener, api, std::path::Path::new("/etc")).await
 }
 
-/// [`serve`], with the account files read from `etc` (tests).
-pub async fn serve_with(listener: UnixListener, api: Arc<Api>, etc: &std::path::Path) {
+/// [`serve`], with the account files read from `etc`.
+async fn serve_with(listener: UnixListener, api: Arc<Api>, etc: &std::path::Path) {
     let router = router(api);
     let slots = Arc::new(Mutex::new(Slots::default()));
     let mut accounts = Accounts::new(etc);

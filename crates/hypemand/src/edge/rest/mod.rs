@@ -270,8 +270,8 @@ mod conn;
 mod slots;
 mod socket;
 
-pub use conn::{serve, serve_with};
-pub use socket::{activated, listen, Listening, SocketError};
+pub use conn::serve;
+pub use socket::{activated, listen, SocketError};
 
 #[cfg(test)]
 mod tests {

@@ -139,14 +139,14 @@ fn devnum(major: u32, minor: u32) -> u64 {
 /// Reads a small text file from a host tree without ever blocking on it: the
 /// file is opened `O_NONBLOCK` and must be a regular file (a FIFO, a device
 /// or a socket planted in a root-built `--host-root` tree is refused, not
-/// waited on), and at most [`MAX_FILE`] bytes are read. The kernel's own
+/// waited on), and at most `MAX_FILE` (64 MiB) bytes are read. The kernel's own
 /// sysfs and procfs files are regular files, for which `O_NONBLOCK` changes
 /// nothing.
 pub fn read_text(path: &Path) -> Result<String, String> {
     read_file(path).map_err(|e| e.to_string())
 }
 
-/// Why [`read_file`] read nothing.
+/// Why `read_file` read nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("cannot read {path}: {source}")]
