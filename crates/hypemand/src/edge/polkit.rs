@@ -192,8 +192,120 @@ impl Bouncer {
         }
     }
 
+    /// Asks polkitd, under a deadline, and cancels the check at polkitd when
+    /// the deadline passes or the caller leaves the bus.
+    async fn ask_polkit(
+        &self,
+        caller: &Caller<'_>,
+        sender: &str,
+        action: Action,
+        target: &Details,
+        interactive: bool,
+    ) -> Result<zbus_polkit::policykit1::AuthorizationResult, NoAnswer> {
+        let subject = match caller {
+            Caller::Bus(header) => Subject::new_for_message_header(header),
+            Caller::Process {
+                pid,
+                uid,
+                start_time,
+            } => Subject::new_for_pid(*pid, Some(*start_time), Some(*uid)),
+        }
+        .map_err(|e| NoAnswer::Transient(e.to_string()))?;
+        let details = HashMap::from([
+            ("pci_address", target.pci_address.as_str()),
+            ("device_id", target.device_id.as_str()),
+            ("name", target.name.as_str()),
+        ]);
+        let flags = if interactive {
+            CheckAuthorizationFlags::ALLOW_USER_INTERACTION
+        } else {
+            CheckAuthorizationFlags::empty()
+        };
+        let limit = if interactive {
+            INTERACTIVE_LIMIT
+        } else {
+            NON_INTERACTIVE_LIMIT
+        };
+        let cancel_id = format!(
+            "hypemand-{}-{}",
+            std::process::id(),
+            self.next_check.fetch_add(1, Ordering::Relaxed)
+        );
+        // The caller leaving: its unique name losing its owner. (A process
+        // on a socket is not watched: its check ends at the deadline.)
+        let gone = async {
+            if !matches!(caller, Caller::Bus(_)) {
+                return std::future::pending().await;
+            }
+            let Ok(name) = zbus::names::BusName::try_from(sender) else {
+                return std::future::pending().await;
+            };
+            let Ok(mut changes) = self
+                .dbus
+                .receive_name_owner_changed_with_args(&[(0, name.as_str())])
+                .await
+            else {
+                return std::future::pending().await;
+            };
+            // Already gone before the watch began?
+            if !self
+                .dbus
+                .name_has_owner(name.as_ref())
+                .await
+                .unwrap_or(true)
+            {
+                return;
+            }
+            while let Some(change) = changes.next().await {
+                if change.args().is_ok_and(|a| a.new_owner().is_none()) {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        let call =
+            self.authority
+                .check_authorization(&subject, action.id(), &details, flags, &cancel_id);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(limit, call) => match r {
+                Ok(r) => return r.map_err(classify),
+                Err(_) => NoAnswer::Transient(format!("no answer within {limit:?}")),
+            },
+            () = gone => NoAnswer::CallerGone,
+        };
+        match self.authority.cancel_check_authorization(&cancel_id).await {
+            Ok(()) => tracing::info!(
+                sender = %sender,
+                action = %action.id(),
+                reason = %outcome,
+                "authorization check cancelled at polkitd"
+            ),
+            Err(e) => tracing::debug!(error = %e, "cannot cancel the check at polkitd"),
+        }
+        Err(outcome)
+    }
+
+    /// The caller's uid, from the bus daemon.
+    async fn caller_uid(&self, sender: &str) -> Option<u32> {
+        if let Some(uid) = self.uids.lock().ok().and_then(|m| m.get(sender).copied()) {
+            return Some(uid);
+        }
+        let name = zbus::names::BusName::try_from(sender).ok()?;
+        let uid = self.dbus.get_connection_unix_user(name).await.ok()?;
+        if let Ok(mut m) = self.uids.lock() {
+            if m.len() >= 4096 {
+                m.clear();
+            }
+            m.insert(sender.to_string(), uid);
+        }
+        Some(uid)
+    }
+}
+
+#[async_trait::async_trait]
+impl Authorizer for Bouncer {
     /// Authorizes `caller` for `action` on `target`.
-    async fn decide(
+    async fn check(
         &self,
         caller: &Caller<'_>,
         action: Action,
@@ -316,127 +428,6 @@ impl Bouncer {
                 )))
             }
         }
-    }
-
-    /// Asks polkitd, under a deadline, and cancels the check at polkitd when
-    /// the deadline passes or the caller leaves the bus.
-    async fn ask_polkit(
-        &self,
-        caller: &Caller<'_>,
-        sender: &str,
-        action: Action,
-        target: &Details,
-        interactive: bool,
-    ) -> Result<zbus_polkit::policykit1::AuthorizationResult, NoAnswer> {
-        let subject = match caller {
-            Caller::Bus(header) => Subject::new_for_message_header(header),
-            Caller::Process {
-                pid,
-                uid,
-                start_time,
-            } => Subject::new_for_pid(*pid, Some(*start_time), Some(*uid)),
-        }
-        .map_err(|e| NoAnswer::Transient(e.to_string()))?;
-        let details = HashMap::from([
-            ("pci_address", target.pci_address.as_str()),
-            ("device_id", target.device_id.as_str()),
-            ("name", target.name.as_str()),
-        ]);
-        let flags = if interactive {
-            CheckAuthorizationFlags::ALLOW_USER_INTERACTION
-        } else {
-            CheckAuthorizationFlags::empty()
-        };
-        let limit = if interactive {
-            INTERACTIVE_LIMIT
-        } else {
-            NON_INTERACTIVE_LIMIT
-        };
-        let cancel_id = format!(
-            "hypemand-{}-{}",
-            std::process::id(),
-            self.next_check.fetch_add(1, Ordering::Relaxed)
-        );
-        // The caller leaving: its unique name losing its owner. (A process
-        // on a socket is not watched: its check ends at the deadline.)
-        let gone = async {
-            if !matches!(caller, Caller::Bus(_)) {
-                return std::future::pending().await;
-            }
-            let Ok(name) = zbus::names::BusName::try_from(sender) else {
-                return std::future::pending().await;
-            };
-            let Ok(mut changes) = self
-                .dbus
-                .receive_name_owner_changed_with_args(&[(0, name.as_str())])
-                .await
-            else {
-                return std::future::pending().await;
-            };
-            // Already gone before the watch began?
-            if !self
-                .dbus
-                .name_has_owner(name.as_ref())
-                .await
-                .unwrap_or(true)
-            {
-                return;
-            }
-            while let Some(change) = changes.next().await {
-                if change.args().is_ok_and(|a| a.new_owner().is_none()) {
-                    return;
-                }
-            }
-            std::future::pending().await
-        };
-        let call =
-            self.authority
-                .check_authorization(&subject, action.id(), &details, flags, &cancel_id);
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(limit, call) => match r {
-                Ok(r) => return r.map_err(classify),
-                Err(_) => NoAnswer::Transient(format!("no answer within {limit:?}")),
-            },
-            () = gone => NoAnswer::CallerGone,
-        };
-        match self.authority.cancel_check_authorization(&cancel_id).await {
-            Ok(()) => tracing::info!(
-                sender = %sender,
-                action = %action.id(),
-                reason = %outcome,
-                "authorization check cancelled at polkitd"
-            ),
-            Err(e) => tracing::debug!(error = %e, "cannot cancel the check at polkitd"),
-        }
-        Err(outcome)
-    }
-
-    /// The caller's uid, from the bus daemon.
-    async fn caller_uid(&self, sender: &str) -> Option<u32> {
-        if let Some(uid) = self.uids.lock().ok().and_then(|m| m.get(sender).copied()) {
-            return Some(uid);
-        }
-        let name = zbus::names::BusName::try_from(sender).ok()?;
-        let uid = self.dbus.get_connection_unix_user(name).await.ok()?;
-        if let Ok(mut m) = self.uids.lock() {
-            if m.len() >= 4096 {
-                m.clear();
-            }
-            m.insert(sender.to_string(), uid);
-        }
-        Some(uid)
-    }
-}
-
-#[async_trait::async_trait]
-impl Authorizer for Bouncer {
-    async fn check(
-        &self,
-        caller: &Caller<'_>,
-        action: Action,
-        details: &Details,
-    ) -> Result<(), Error> {
-        self.decide(caller, action, details).await
     }
 }
 

@@ -8,6 +8,7 @@ use hypeman_api::Error;
 
 use super::error::{host_error, Result};
 use super::Service;
+use crate::host::HostDevice;
 use crate::store::StoredDevice;
 
 /// A registered sibling that holds the group for an instance.
@@ -19,16 +20,18 @@ pub struct Holder {
 }
 
 impl Service {
-    /// Takes the lock of `s`'s group (the caller holds `s`'s own lock) and
-    /// checks, under it, that no sibling is attached to another instance than
-    /// `instance` (`None`: to any instance). The guard keeps the group's
-    /// attachments still until the operation is done.
+    /// Takes the lock of `s`'s group (the caller holds `s`'s own lock, and
+    /// read the device as `live`) and checks, under it, that no sibling is
+    /// attached to another instance than `instance` (`None`: to any
+    /// instance). The guard keeps the group's attachments still until the
+    /// operation is done.
     pub(crate) async fn hold_group(
         &self,
         s: &StoredDevice,
+        live: Option<&HostDevice>,
         instance: Option<&str>,
     ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
-        let Some(group) = self.live(s.pci_address).await?.and_then(|d| d.iommu_group) else {
+        let Some(group) = live.and_then(|d| d.iommu_group) else {
             return Ok(None);
         };
         let guard = self.group_lock(group).lock_owned().await;

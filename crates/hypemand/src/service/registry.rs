@@ -243,13 +243,12 @@ impl Service {
         if let Some(instance) = &stored.attached_to {
             return Err(in_use(&stored.name, instance));
         }
-        let _group = self.hold_group(&stored, None).await?;
-        if stored.want_vfio || stored.original_driver.is_some() {
-            let live = self.live(stored.pci_address).await?;
-            if live.is_some() && placement(&stored, live.as_ref()).held() {
-                let (before, after) = self.unbind_locked(stored.clone()).await?;
-                self.publish_change(&before, &after).await;
-            }
+        let live = self.live(stored.pci_address).await?;
+        let _group = self.hold_group(&stored, live.as_ref(), None).await?;
+        let moved = stored.want_vfio || stored.original_driver.is_some();
+        if moved && live.is_some() && placement(&stored, live.as_ref()).held() {
+            let (before, after) = self.unbind_locked(stored.clone(), live).await?;
+            self.publish_change(&before, &after).await;
         }
         let removed = self.current(target)?;
         self.commit(Change::Remove(removed.id.clone())).await?;

@@ -71,16 +71,6 @@ impl Service {
             .map_err(|e| host_error(format!("cannot read {address} from the host"), e))
     }
 
-    /// A registered device that must be on the host now.
-    pub(crate) async fn present(&self, stored: &StoredDevice) -> Result<HostDevice> {
-        self.live(stored.pci_address).await?.ok_or_else(|| {
-            device_not_found(format!(
-                "{} (registered as {}; it is not on the host now, unplugged?)",
-                stored.pci_address, stored.name
-            ))
-        })
-    }
-
     /// Tells clients what changed, and remembers it.
     pub(crate) async fn publish_change(&self, before: &DeviceView, after: &DeviceView) {
         self.seen.set(after.stored.pci_address, after.live.clone());
@@ -111,4 +101,12 @@ impl Service {
             known.by_address.entry(s.pci_address).or_insert(None);
         }
     }
+}
+
+/// The refusal of an operation on a registered device that is not on the host now.
+pub(crate) fn absent(stored: &StoredDevice) -> hypeman_api::Error {
+    device_not_found(format!(
+        "{} (registered as {}; it is not on the host now, unplugged?)",
+        stored.pci_address, stored.name
+    ))
 }

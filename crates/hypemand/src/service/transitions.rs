@@ -11,6 +11,7 @@ use std::future::Future;
 use super::error::{in_use, Result};
 use super::placement::{placement, Needed};
 use super::{DeviceView, Service, Target};
+use crate::host::HostDevice;
 use crate::pci::PciAddress;
 use crate::store::StoredDevice;
 use hypeman_api::validate::validate_instance_id;
@@ -22,11 +23,13 @@ fn driver_text(d: Option<&str>) -> &str {
 
 impl Service {
     /// Runs `op` holding the device's lock, with the stored record re-read by
-    /// id under the lock (it may have changed or gone while we waited), then
-    /// publishes what changed.
+    /// id under the lock (it may have changed or gone while we waited) and the
+    /// device read from the host once, then publishes what changed. `op`
+    /// decides from that one read: nothing reads the device again before the
+    /// first write.
     async fn with_device<F, Fut>(&self, target: &Target, op: F) -> Result<DeviceView>
     where
-        F: FnOnce(StoredDevice) -> Fut,
+        F: FnOnce(StoredDevice, Option<HostDevice>) -> Fut,
         Fut: Future<Output = Result<(DeviceView, DeviceView)>>,
     {
         self.refuse_if_stopping()?;
@@ -34,8 +37,8 @@ impl Service {
         let _held = lock.lock().await;
         self.refuse_if_stopping()?;
         let stored = self.current(target)?;
-        let initial = self.live(stored.pci_address).await.ok().flatten();
-        match op(stored.clone()).await {
+        let initial = self.live(stored.pci_address).await?;
+        match op(stored.clone(), initial.clone()).await {
             Ok((before, after)) => {
                 self.publish_change(&before, &after).await;
                 Ok(after)
@@ -57,18 +60,20 @@ impl Service {
 
     /// `Bind`: moves the device to vfio-pci (idempotent).
     pub async fn bind(&self, target: &Target) -> Result<DeviceView> {
-        self.with_device(target, |s| self.bind_locked(s, false, target.is_forced()))
-            .await
+        self.with_device(target, |s, live| {
+            self.bind_locked(s, live, false, target.is_forced())
+        })
+        .await
     }
 
     /// `Unbind`: gives the device back to its host driver (idempotent).
     pub async fn unbind(&self, target: &Target) -> Result<DeviceView> {
-        self.with_device(target, |s| async move {
+        self.with_device(target, |s, live| async move {
             if let Some(instance) = &s.attached_to {
                 return Err(in_use(&s.name, instance));
             }
-            let _group = self.hold_group(&s, None).await?;
-            self.unbind_locked(s).await
+            let _group = self.hold_group(&s, live.as_ref(), None).await?;
+            self.unbind_locked(s, live).await
         })
         .await
     }
@@ -78,18 +83,17 @@ impl Service {
         validate_instance_id(instance)?;
         let instance = instance.to_string();
         let forced = target.is_forced();
-        self.with_device(target, |s| async move {
+        self.with_device(target, |s, live| async move {
             match &s.attached_to {
                 Some(other) if *other != instance => return Err(in_use(&s.name, other)),
                 Some(_) => {
-                    let live = self.live(s.pci_address).await?;
                     let v = self.view(s, live);
                     return Ok((v.clone(), v));
                 }
                 None => {}
             }
-            let _group = self.hold_group(&s, Some(&instance)).await?;
-            let (before, bound) = self.bind_locked(s, true, forced).await?;
+            let _group = self.hold_group(&s, live.as_ref(), Some(&instance)).await?;
+            let (before, bound) = self.bind_locked(s, live, true, forced).await?;
             let stored = self
                 .modify(&bound.stored.id, |d| d.attached_to = Some(instance.clone()))
                 .await?;
@@ -107,8 +111,7 @@ impl Service {
 
     /// `Detach`: clears the attachment; the device stays on vfio-pci.
     pub async fn detach(&self, target: &Target) -> Result<DeviceView> {
-        self.with_device(target, |s| async move {
-            let live = self.live(s.pci_address).await?;
+        self.with_device(target, |s, live| async move {
             let before = self.view(s.clone(), live.clone());
             if s.attached_to.is_none() {
                 return Ok((before.clone(), before));
@@ -131,10 +134,11 @@ impl Service {
     async fn bind_locked(
         &self,
         s: StoredDevice,
+        live: Option<HostDevice>,
         strict: bool,
         force: bool,
     ) -> Result<(DeviceView, DeviceView)> {
-        let dev = self.present(&s).await?;
+        let dev = live.ok_or_else(|| super::seen::absent(&s))?;
         let before = self.view(s.clone(), Some(dev.clone()));
         let on_vfio = placement(&s, Some(&dev)).on_vfio();
         // Hard blockers (no IOMMU, a bridge): never, forced or not.
@@ -223,9 +227,14 @@ impl Service {
         }
     }
 
-    /// Gives a device back to its host driver; the caller holds its lock.
-    pub(crate) async fn unbind_locked(&self, s: StoredDevice) -> Result<(DeviceView, DeviceView)> {
-        let dev = self.present(&s).await?;
+    /// Gives a device back to its host driver; the caller holds its lock
+    /// and read the device as `live`.
+    pub(crate) async fn unbind_locked(
+        &self,
+        s: StoredDevice,
+        live: Option<HostDevice>,
+    ) -> Result<(DeviceView, DeviceView)> {
+        let dev = live.ok_or_else(|| super::seen::absent(&s))?;
         let before = self.view(s.clone(), Some(dev.clone()));
         // A device left with no driver by an unbind cut short (a crash between
         // unbind and probe) is given back too, not only one still on vfio-pci.
@@ -352,8 +361,7 @@ impl Service {
 
     /// Reconciles one device (also the path a returning device takes).
     pub async fn reconcile_one(&self, target: &Target) -> Result<()> {
-        self.with_device(target, |s| async move {
-            let live = self.live(s.pci_address).await?;
+        self.with_device(target, |s, live| async move {
             let view = self.view(s.clone(), live.clone());
             match placement(&s, live.as_ref()).needed() {
                 Needed::Nothing => Ok((view.clone(), view)),
@@ -365,7 +373,7 @@ impl Service {
                         driver = %driver_text(view.driver()),
                         "device should be on vfio-pci: binding it again"
                     );
-                    self.bind_locked(s, false, false).await
+                    self.bind_locked(s, live, false, false).await
                 }
                 Needed::GiveBack => {
                     tracing::info!(
@@ -374,7 +382,7 @@ impl Service {
                         device_name = %s.name,
                         "an unbind was cut short: giving the device back"
                     );
-                    self.unbind_locked(s).await
+                    self.unbind_locked(s, live).await
                 }
             }
         })
@@ -762,6 +770,31 @@ mod tests {
             .await
             .unwrap()
             .bound_to_vfio());
+    }
+
+    /// A Bind or an Attach reads the device from the host once, under its
+    /// lock, and decides everything from that read (before: Bind read it
+    /// twice, Attach three times).
+    #[tokio::test]
+    async fn bind_and_attach_read_the_device_once() {
+        let f = setup();
+        let v = f
+            .service
+            .register_at(GPU, "gpu", Default::default())
+            .await
+            .unwrap();
+        let t = f.service.resolve(&v.stored.id).unwrap();
+        f.service.bind(&t).await.unwrap();
+        let reads = |f: &Fixture| f.sim.reads();
+        let before = reads(&f);
+        f.service.bind(&t).await.unwrap();
+        assert_eq!(reads(&f) - before, 1, "a Bind of a device on vfio-pci");
+        let before = reads(&f);
+        f.service.attach(&t, "vm-1").await.unwrap();
+        assert_eq!(reads(&f) - before, 1, "an Attach of a bound device");
+        let before = reads(&f);
+        f.service.detach(&t).await.unwrap();
+        assert_eq!(reads(&f) - before, 1, "a Detach");
     }
 }
 

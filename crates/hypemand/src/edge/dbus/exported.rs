@@ -102,14 +102,22 @@ impl<T: Interface> Exported<T> {
     }
 
     /// The refusal of a call whose arguments are not the method's, if they are not.
-    fn wrong_arguments(&self, msg: &Message, name: &MemberName<'_>) -> Option<fdo::Error> {
+    fn wrong_arguments<'c>(
+        &self,
+        msg: &Message,
+        name: &MemberName<'_>,
+    ) -> Option<DispatchResult<'c>> {
         let expected = self.signatures.get(name.as_str())?;
         let got = msg.header().signature().to_string_no_parens();
-        (got != *expected).then(|| {
-            fdo::Error::InvalidArgs(format!(
-                "this method takes arguments of type \"{expected}\", not \"{got}\""
-            ))
-        })
+        if got == *expected {
+            return None;
+        }
+        let e = fdo::Error::InvalidArgs(format!(
+            "this method takes arguments of type \"{expected}\", not \"{got}\""
+        ));
+        Some(DispatchResult::Async(Box::pin(async move {
+            Err(Box::new(e) as BoxDBusError)
+        })))
     }
 
     /// `result`, trimming the heap once its future ends if the request was large.
@@ -210,12 +218,10 @@ impl<T: Interface + AllProperties> Interface for Exported<T> {
         msg: &'call Message,
         name: MemberName<'call>,
     ) -> DispatchResult<'call> {
-        if let Some(e) = self.wrong_arguments(msg, &name) {
-            return DispatchResult::Async(Box::pin(
-                async move { Err(Box::new(e) as BoxDBusError) },
-            ));
+        match self.wrong_arguments(msg, &name) {
+            Some(refusal) => refusal,
+            None => Self::trimmed(msg, self.inner.call(server, connection, msg, name)),
         }
-        Self::trimmed(msg, self.inner.call(server, connection, msg, name))
     }
 
     fn call_mut<'call>(
@@ -225,12 +231,10 @@ impl<T: Interface + AllProperties> Interface for Exported<T> {
         msg: &'call Message,
         name: MemberName<'call>,
     ) -> DispatchResult<'call> {
-        if let Some(e) = self.wrong_arguments(msg, &name) {
-            return DispatchResult::Async(Box::pin(
-                async move { Err(Box::new(e) as BoxDBusError) },
-            ));
+        match self.wrong_arguments(msg, &name) {
+            Some(refusal) => refusal,
+            None => Self::trimmed(msg, self.inner.call_mut(server, connection, msg, name)),
         }
-        Self::trimmed(msg, self.inner.call_mut(server, connection, msg, name))
     }
 
     fn introspect_to_writer(&self, writer: &mut dyn std::fmt::Write, level: usize) {

@@ -29,6 +29,14 @@ pub struct Manager {
     authz: Arc<Authz>,
 }
 
+/// A reply, after which the heap is trimmed if it is large.
+fn trimmed<T>(reply: Vec<T>) -> Vec<T> {
+    if reply.len() >= LARGE_REPLY {
+        crate::memory::trim_soon();
+    }
+    reply
+}
+
 /// `force` from an options dictionary.
 fn force(options: &HashMap<String, OwnedValue>) -> Result<bool, Error> {
     Ok(Options::from_dict(options)?.force)
@@ -143,11 +151,9 @@ impl ManagerObject {
     /// Every registered device.
     async fn list(&self) -> Result<Vec<Record>, Error> {
         let views = self.0.service.list().await?;
-        let records: Vec<Record> = views.into_iter().map(|v| v.into_record()).collect();
-        if records.len() >= LARGE_REPLY {
-            crate::memory::trim_soon();
-        }
-        Ok(records)
+        Ok(trimmed(
+            views.into_iter().map(|v| v.into_record()).collect(),
+        ))
     }
 
     /// One device, by id or exact name.
@@ -170,11 +176,7 @@ impl ManagerObject {
     /// Every PCI device on the host, registered or not.
     async fn list_available(&self) -> Result<Vec<Available>, Error> {
         let views = self.0.service.list_available().await?;
-        let available: Vec<Available> = views.iter().map(|v| v.record()).collect();
-        if available.len() >= LARGE_REPLY {
-            crate::memory::trim_soon();
-        }
-        Ok(available)
+        Ok(trimmed(views.iter().map(|v| v.record()).collect()))
     }
 
     /// Moves a device to vfio-pci (idempotent).

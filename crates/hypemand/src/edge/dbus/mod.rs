@@ -127,6 +127,31 @@ pub async fn serve(
     }
 }
 
+impl BusPublisher {
+    /// `HostDeviceAdded` or `HostDeviceRemoved` for `address`.
+    async fn host_signal(&self, address: crate::pci::PciAddress, added: bool) {
+        let name = if added {
+            "HostDeviceAdded"
+        } else {
+            "HostDeviceRemoved"
+        };
+        let result = async {
+            let emitter =
+                zbus::object_server::SignalEmitter::new(&self.conn, hypeman_api::MANAGER_PATH)?;
+            let address = address.to_string();
+            if added {
+                manager::ManagerObject::host_device_added(&emitter, &address).await
+            } else {
+                manager::ManagerObject::host_device_removed(&emitter, &address).await
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(pci_address = %address, error = %e, signal = name, "cannot emit a host device signal");
+        }
+    }
+}
+
 /// Turns the service's changes into exported or removed device objects.
 struct BusPublisher {
     conn: Connection,
@@ -192,37 +217,11 @@ impl Publisher for BusPublisher {
     }
 
     fn host_added<'a>(&'a self, address: crate::pci::PciAddress) -> BoxFuture<'a> {
-        Box::pin(async move {
-            let emitter = match zbus::object_server::SignalEmitter::new(
-                &self.conn,
-                hypeman_api::MANAGER_PATH,
-            ) {
-                Ok(e) => e,
-                Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceAdded"),
-            };
-            if let Err(e) =
-                manager::ManagerObject::host_device_added(&emitter, &address.to_string()).await
-            {
-                tracing::warn!(pci_address = %address, error = %e, "cannot emit HostDeviceAdded");
-            }
-        })
+        Box::pin(self.host_signal(address, true))
     }
 
     fn host_removed<'a>(&'a self, address: crate::pci::PciAddress) -> BoxFuture<'a> {
-        Box::pin(async move {
-            let emitter = match zbus::object_server::SignalEmitter::new(
-                &self.conn,
-                hypeman_api::MANAGER_PATH,
-            ) {
-                Ok(e) => e,
-                Err(e) => return tracing::warn!(error = %e, "cannot emit HostDeviceRemoved"),
-            };
-            if let Err(e) =
-                manager::ManagerObject::host_device_removed(&emitter, &address.to_string()).await
-            {
-                tracing::warn!(pci_address = %address, error = %e, "cannot emit HostDeviceRemoved");
-            }
-        })
+        Box::pin(self.host_signal(address, false))
     }
 
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {

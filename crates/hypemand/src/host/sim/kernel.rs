@@ -66,6 +66,7 @@ impl Host for SimHost {
     }
 
     fn device(&self, address: PciAddress) -> Result<Option<HostDevice>, HostError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(self.state().devices.get(&address).cloned())
     }
 

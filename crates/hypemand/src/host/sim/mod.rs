@@ -42,6 +42,9 @@ pub struct SimHost {
     /// Every write attempted and every service stopped or started, in order,
     /// for tests (Simulator1.Journal); bounded.
     journal: Mutex<std::collections::VecDeque<String>>,
+    /// How many times a device was read (`Host::device`), for tests that
+    /// count what an operation costs.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 /// The most journal entries kept (the oldest go first).
@@ -74,6 +77,7 @@ impl SimHost {
             sink: Mutex::new(None),
             state_changed: Condvar::new(),
             journal: Mutex::default(),
+            reads: Default::default(),
         })
     }
 
@@ -89,6 +93,11 @@ impl SimHost {
             j.pop_front();
         }
         j.push_back(entry);
+    }
+
+    /// How many single-device reads were made so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every write attempted and every service stopped or started, oldest
