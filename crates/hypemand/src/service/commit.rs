@@ -472,13 +472,13 @@ impl Service {
             .commits
             .commit_with(|registry| {
                 let before = registry.by_id(id).cloned().ok_or_else(|| not_found(id))?;
-                let mut after = before.clone();
+                let mut after = (*before).clone();
                 f(&mut after);
                 // The id, name and address are keys: they never change this way.
                 after.id.clone_from(&before.id);
                 after.name.clone_from(&before.name);
                 after.pci_address = before.pci_address;
-                let change = (after != before).then(|| Change::Replace(after.clone()));
+                let change = (after != *before).then(|| Change::Replace(after.clone()));
                 Ok((change, after))
             })
             .await?;

@@ -119,8 +119,8 @@ impl Service {
             if held.is_ok() {
                 if let Some(prev) = self.seen().get(address) {
                     if prev != live {
-                        let before = self.view(stored.clone(), prev);
-                        let after = self.view(stored.clone(), live.clone());
+                        let before = self.view((*stored).clone(), prev);
+                        let after = self.view((*stored).clone(), live.clone());
                         self.publish_change(&before, &after).await;
                     }
                 }

@@ -149,7 +149,7 @@ impl AvailableView {
 /// was authorized for `org.hypeman.devices.force`, it lets a Bind or Attach
 /// override the soft blockers (never the hard ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target(StoredDevice, bool);
+pub struct Target(Arc<StoredDevice>, bool);
 
 impl Target {
     /// The same target, with the soft blockers overridden.

@@ -9,6 +9,7 @@ use super::{AvailableView, DeviceView, Service, Target};
 use crate::host::HostDevice;
 use crate::pci::{DeviceType, PciAddress};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::store::registry::{
     new_device_id, now_rfc3339, tags_match, validate_filter, validate_tags,
@@ -39,13 +40,16 @@ impl Service {
     /// The record of a resolved target as it is now; `NotFound` if that id
     /// was deleted meanwhile (a new record under the same name is another id).
     pub(crate) fn current(&self, target: &Target) -> Result<StoredDevice> {
-        self.snapshot().by_id(target.id()).cloned().ok_or_else(|| {
-            Error::NotFound(format!(
-                "device {} ({}) was deleted meanwhile; nothing was changed",
-                target.record().name,
-                target.id()
-            ))
-        })
+        self.snapshot()
+            .by_id(target.id())
+            .map(|d| (**d).clone())
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "device {} ({}) was deleted meanwhile; nothing was changed",
+                    target.record().name,
+                    target.id()
+                ))
+            })
     }
 
     /// Registers `host` under `name` (both already checked).
@@ -109,7 +113,7 @@ impl Service {
             .snapshot()
             .iter()
             .filter(|d| tags_match(&d.tags, filter))
-            .cloned()
+            .map(|d| (**d).clone())
             .collect();
         let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
         let what = "cannot read the registered devices from the host";
@@ -132,7 +136,7 @@ impl Service {
     pub async fn get(&self, id_or_name: &str) -> Result<DeviceView> {
         let stored = self.resolve(id_or_name)?.0;
         let live = self.live(stored.pci_address).await?;
-        Ok(self.view(stored, live))
+        Ok(self.view(Arc::unwrap_or_clone(stored), live))
     }
 
     /// `SetTags`: sets the pairs of `set` and removes the keys of `remove`

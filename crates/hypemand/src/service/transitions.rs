@@ -207,7 +207,7 @@ impl Service {
                 let stored = self
                     .snapshot()
                     .by_id(&s.id)
-                    .cloned()
+                    .map(|d| (**d).clone())
                     .unwrap_or_else(|| s.clone());
                 Ok((before, self.view(stored, Some(after))))
             }
@@ -325,7 +325,7 @@ impl Service {
     /// vfio-pci but is elsewhere (after a reboot, a replug) is bound again, and
     /// one whose unbind was cut short is given back. Failures are logged.
     pub async fn reconcile(&self) {
-        let devices: Vec<StoredDevice> = self
+        let devices: Vec<std::sync::Arc<StoredDevice>> = self
             .snapshot()
             .iter()
             .filter(|d| d.want_vfio || d.original_driver.is_some())

@@ -340,7 +340,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let json = encode(seq, registry.iter()).map_err(|e| err(e.into()))?;
+        let json = encode(seq, registry.iter().map(|d| &**d)).map_err(|e| err(e.into()))?;
         let tmp = self.temp_path();
         let result = journal::create_fresh(&tmp, &json)
             .map(|_| crate::pause::at(crate::pause::Point::SnapshotWritten))
@@ -574,7 +574,7 @@ mod tests {
         odd.created_at = "2025 \"quoted\" \u{e9}".into();
         odd.attached_to = Some("vm-1".into());
         let mut r = Registry::from_devices(vec![odd, sample("3b:00.0", "nic")]).unwrap();
-        let mut replaced = r.by_name("nic").unwrap().clone();
+        let mut replaced = (**r.by_name("nic").unwrap()).clone();
         replaced.want_vfio = true;
         let first = r.iter().next().unwrap().id.clone();
         for (seq, change) in [
@@ -591,7 +591,7 @@ mod tests {
             let expected = FileOut {
                 version: VERSION,
                 seq,
-                devices: r.iter().collect(),
+                devices: r.iter().map(|d| &**d).collect(),
             };
             let mut bytes = serde_json::to_vec(&expected).unwrap();
             bytes.push(b'\n');
@@ -787,8 +787,8 @@ mod tests {
         };
         assert_eq!(dropped, 8);
         assert_eq!(r.len(), 2);
-        assert_eq!(r.by_name("l4-gpu").unwrap(), &good);
-        assert_eq!(r.by_name("nic").unwrap(), &attached);
+        assert_eq!(**r.by_name("l4-gpu").unwrap(), good);
+        assert_eq!(**r.by_name("nic").unwrap(), attached);
         assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), text);
         // The file now holds what was kept, and loads cleanly.
         assert_eq!(store.load().unwrap(), (r, Loaded::Existing));

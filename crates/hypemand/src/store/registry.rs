@@ -229,35 +229,36 @@ impl Registry {
         Some(Arc::unwrap_or_clone(d))
     }
 
-    pub fn by_address(&self, address: PciAddress) -> Option<&StoredDevice> {
+    // Lookups hand out the registry's own `Arc`: a caller that keeps the
+    // record clones a pointer, not the record.
+
+    /// The device registered at `address`.
+    pub fn by_address(&self, address: PciAddress) -> Option<&Arc<StoredDevice>> {
         self.by_address
             .get(&address)
             .and_then(|id| self.devices.get(id))
-            .map(|d| &**d)
     }
 
-    pub fn by_name(&self, name: &str) -> Option<&StoredDevice> {
-        self.by_name
-            .get(name)
-            .and_then(|id| self.devices.get(id))
-            .map(|d| &**d)
+    /// The device registered under `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<StoredDevice>> {
+        self.by_name.get(name).and_then(|id| self.devices.get(id))
     }
 
     /// By id only: what an operation acts on once its target is resolved.
-    pub fn by_id(&self, id: &str) -> Option<&StoredDevice> {
-        self.devices.get(id).map(|d| &**d)
+    pub fn by_id(&self, id: &str) -> Option<&Arc<StoredDevice>> {
+        self.devices.get(id)
     }
 
     /// By id first, then by exact name.
-    pub fn resolve(&self, id_or_name: &str) -> Option<&StoredDevice> {
+    pub fn resolve(&self, id_or_name: &str) -> Option<&Arc<StoredDevice>> {
         self.devices
             .get(id_or_name)
-            .map(|d| &**d)
             .or_else(|| self.by_name(id_or_name))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &StoredDevice> {
-        self.devices.values().map(|d| &**d)
+    /// Every registered device, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<StoredDevice>> {
+        self.devices.values()
     }
 
     /// Whether `change` can be applied: a new device breaks no rule, a

@@ -104,9 +104,13 @@ impl DeviceObject {
     /// (no host read on the common path).
     async fn record(&self) -> fdo::Result<Record> {
         let service = &self.manager.service;
-        let stored = service.snapshot().by_id(&self.id).cloned().ok_or_else(|| {
-            fdo::Error::UnknownObject(format!("device {} is no longer registered", self.id))
-        })?;
+        let stored = service
+            .snapshot()
+            .by_id(&self.id)
+            .map(|d| (**d).clone())
+            .ok_or_else(|| {
+                fdo::Error::UnknownObject(format!("device {} is no longer registered", self.id))
+            })?;
         let live = service
             .cached_live(&stored)
             .await
