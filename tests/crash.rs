@@ -350,9 +350,11 @@ fn sigkill_at_each_moment_of_a_write_loses_nothing() {
 /// last write of the journal (never acknowledged) is dropped and logged.
 #[test]
 fn a_clean_stop_compacts_and_a_torn_write_is_dropped() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state,
+        daemon: mut d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     bus.manager("Register", &["ss", "0000:a2:00.0", "gpu"])
         .unwrap();
     bus.manager("Register", &["ss", "0000:3b:00.0", "nic"])

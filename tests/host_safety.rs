@@ -203,9 +203,11 @@ fn register_refuses_bridges_and_forcing_cannot_help() {
 /// soft blockers, and says so in the log; unknown options are refused.
 #[test]
 fn forcing_overrides_soft_blockers_and_is_logged() {
-    let bus = TestBus::start_sim();
-    let state = tempfile::tempdir().unwrap();
-    let d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: d,
+    } = Sim::start("workstation.toml");
     bus.manager("Register", &["ss", "0000:03:00.0", "data"])
         .unwrap();
     let (name, _) = call_error(&bus, "BindWithOptions", &["data", "{'forse': <true>}"]);

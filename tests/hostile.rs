@@ -49,9 +49,11 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
-        let bus = TestBus::start_sim();
-        let state = tempfile::tempdir().unwrap();
-        let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+        let Sim {
+            bus,
+            state,
+            daemon: d,
+        } = Sim::start("l4.toml");
         let conn = connect(&bus).await;
         let reg = conn
             .call_method(

@@ -58,9 +58,11 @@ fn assert_seed_like(doc: &Value, changes: &[(&str, Value)]) {
 
 #[test]
 fn every_subcommand_in_table_and_json() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
 
     let doc = ok_json(ctl(
         &bus,
@@ -302,9 +304,11 @@ fn error_output_for_each_error() {
 fn authorization_errors_read_well() {
     let _users = TestUsers::create(&["ctl"], &[], "hypeman");
     let user = TestUsers::name_of("ctl");
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     // No polkitd on this bus: a non-root caller is refused, and told why.
     let out = as_user(&user, &bin("hypemanctl"))
         .arg(format!("--bus={}", bus.address))
@@ -327,9 +331,11 @@ fn authorization_errors_read_well() {
 
 #[test]
 fn exit_codes() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     assert_eq!(ctl(&bus, &["list"]).status.code(), Some(0));
     assert_eq!(ctl(&bus, &["get", "nope"]).status.code(), Some(1));
     assert_eq!(ctl(&bus, &["no-such-command"]).status.code(), Some(2));
@@ -350,9 +356,11 @@ fn exit_codes() {
 
 #[test]
 fn monitor_prints_each_event_promptly() {
-    let bus = TestBus::start_sim();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("l4.toml");
     for json in [false, true] {
         let out_path = bus.dir.path().join(format!("monitor-{json}.txt"));
         let err_path = bus.dir.path().join(format!("monitor-{json}.err"));

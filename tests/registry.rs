@@ -41,9 +41,11 @@ fn register(bus: &TestBus, addr: &str, name: &str) -> (String, serde_json::Map<S
 
 #[test]
 fn register_matches_the_seed_record() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
 
     let data = bus
         .manager("Register", &["ss", "0000:a2:00.0", "l4-gpu"])
@@ -121,9 +123,11 @@ fn register_matches_the_seed_record() {
 
 #[test]
 fn tree_properties_and_object_manager() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let (path, rec) = register(&bus, "0000:a2:00.0", "l4-gpu");
 
     let tree = bus.busctl(&["tree", NAME]);
@@ -279,9 +283,11 @@ fn every_registry_error_name_from_real_bad_input() {
 
 #[test]
 fn registry_survives_kill_9() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state,
+        daemon: d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let (_, before) = register(&bus, "0000:a2:00.0", "l4-gpu");
     let (_, nic_before) = register(&bus, "0000:3b:00.0", "");
     d.kill9(&bus);
@@ -300,9 +306,11 @@ fn registry_survives_kill_9() {
 
 #[test]
 fn twenty_concurrent_registrations_one_winner() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let children: Vec<Proc> = (0..20)
         .map(|i| {
             let child = Command::new("gdbus")
@@ -356,9 +364,11 @@ fn twenty_concurrent_registrations_one_winner() {
 
 #[test]
 fn list_available_shows_every_fixture_device() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let (_, gpu) = register(&bus, "0000:a2:00.0", "l4-gpu");
     let all = bus.manager("ListAvailable", &[]).unwrap();
     let rows: Vec<_> = all[0]
@@ -402,9 +412,11 @@ fn list_available_shows_every_fixture_device() {
 
 #[test]
 fn a_second_daemon_refuses_to_start() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _first = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _first,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let state2 = tempfile::tempdir().unwrap();
     let fixture = fixture("l4.toml");
     let out = Daemon::command(

@@ -207,9 +207,11 @@ fn bad_records_are_dropped_and_the_rest_kept() {
 
 #[test]
 fn a_name_may_not_be_another_devices_id() {
-    let bus = TestBus::start_sim();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("l4.toml");
     let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
     let id = reg[1]["id"]["data"].as_str().unwrap().to_string();
     let e = bus

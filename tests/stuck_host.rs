@@ -10,8 +10,7 @@
 
 use crate::common;
 
-use std::os::unix::fs::{symlink, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -19,41 +18,28 @@ use common::*;
 const STUCK: &str = "0000:a2:00.0";
 const OTHER: &str = "0000:b2:00.0";
 
-fn add_device(root: &Path, addr: &str, group: u32) {
-    let dev = root.join("devices/pci0000:00").join(addr);
-    std::fs::create_dir_all(&dev).unwrap();
-    for (f, v) in [
-        ("vendor", "0x10de\n"),
-        ("device", "0x27b8\n"),
-        ("class", "0x030200\n"),
-        ("driver_override", "(null)\n"),
-        ("numa_node", "1\n"),
-    ] {
-        std::fs::write(dev.join(f), v).unwrap();
-    }
-    std::fs::create_dir_all(root.join("bus/pci/drivers/nvidia")).unwrap();
-    std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
-    symlink(
-        format!("../../../devices/pci0000:00/{addr}"),
-        root.join("bus/pci/devices").join(addr),
-    )
-    .unwrap();
-    symlink("../../../bus/pci/drivers/nvidia", dev.join("driver")).unwrap();
-    let g = root.join(format!("kernel/iommu_groups/{group}/devices"));
-    std::fs::create_dir_all(&g).unwrap();
-    symlink(
-        format!("../../../kernel/iommu_groups/{group}"),
-        dev.join("iommu_group"),
-    )
-    .unwrap();
+fn add_device(tree: &SysfsTree, addr: &str, group: &str) {
+    tree.function(&Function {
+        address: addr,
+        parent: "pci0000:00",
+        attrs: &[
+            ("vendor", b"0x10de\n"),
+            ("device", b"0x27b8\n"),
+            ("class", b"0x030200\n"),
+            ("driver_override", b"(null)\n"),
+            ("numa_node", b"1\n"),
+        ],
+        driver: Some("nvidia"),
+        group: Some(group),
+    });
 }
 
 #[test]
 fn a_stuck_read_holds_only_its_own_device() {
-    let tree = tempfile::tempdir().unwrap();
-    let root = tree.path();
-    add_device(root, STUCK, 82);
-    add_device(root, OTHER, 83);
+    let tree = SysfsTree::new();
+    let root = tree.root();
+    add_device(&tree, STUCK, "82");
+    add_device(&tree, OTHER, "83");
     let bus = TestBus::start();
     let state = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(
@@ -142,10 +128,10 @@ fn a_stuck_read_holds_only_its_own_device() {
 /// `ListAvailable`; -1 (no NUMA) leaves it out.
 #[test]
 fn numa_node_is_read_from_sysfs() {
-    let tree = tempfile::tempdir().unwrap();
-    let root = tree.path();
-    add_device(root, STUCK, 82);
-    add_device(root, OTHER, 83);
+    let tree = SysfsTree::new();
+    let root = tree.root();
+    add_device(&tree, STUCK, "82");
+    add_device(&tree, OTHER, "83");
     std::fs::write(
         root.join("devices/pci0000:00")
             .join(OTHER)

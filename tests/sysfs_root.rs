@@ -7,7 +7,6 @@
 
 use crate::common;
 
-use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use common::*;
@@ -27,8 +26,8 @@ fn link_target_name(p: &Path) -> Option<String> {
         .map(|n| n.to_string_lossy().into_owned())
 }
 
-/// Copies the PCI part of /sys into `root`, returning what the kernel reported.
-fn capture(root: &Path) -> Vec<Seen> {
+/// Copies the PCI part of /sys into `tree`, returning what the kernel reported.
+fn capture(tree: &SysfsTree) -> Vec<Seen> {
     let mut seen = Vec::new();
     let devices = Path::new("/sys/bus/pci/devices");
     let mut entries: Vec<_> = std::fs::read_dir(devices).unwrap().flatten().collect();
@@ -36,9 +35,7 @@ fn capture(root: &Path) -> Vec<Seen> {
     for e in entries {
         let addr = e.file_name().to_string_lossy().into_owned();
         let src = e.path();
-        let dst = root.join("devices/pci").join(&addr);
-        std::fs::create_dir_all(&dst).unwrap();
-        for attr in [
+        let attrs: Vec<(&str, Vec<u8>)> = [
             "vendor",
             "device",
             "class",
@@ -46,31 +43,20 @@ fn capture(root: &Path) -> Vec<Seen> {
             "subsystem_device",
             "driver_override",
             "uevent",
-        ] {
-            if let Ok(bytes) = std::fs::read(src.join(attr)) {
-                std::fs::write(dst.join(attr), bytes).unwrap();
-            }
-        }
+        ]
+        .into_iter()
+        .filter_map(|a| std::fs::read(src.join(a)).ok().map(|b| (a, b)))
+        .collect();
+        let attrs: Vec<(&str, &[u8])> = attrs.iter().map(|(a, b)| (*a, b.as_slice())).collect();
         let driver = link_target_name(&src.join("driver"));
-        if let Some(d) = &driver {
-            std::fs::create_dir_all(root.join("bus/pci/drivers").join(d)).unwrap();
-            symlink(format!("../../../bus/pci/drivers/{d}"), dst.join("driver")).unwrap();
-        }
         let group = link_target_name(&src.join("iommu_group"));
-        if let Some(g) = &group {
-            std::fs::create_dir_all(root.join("kernel/iommu_groups").join(g)).unwrap();
-            symlink(
-                format!("../../../kernel/iommu_groups/{g}"),
-                dst.join("iommu_group"),
-            )
-            .unwrap();
-        }
-        std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
-        symlink(
-            format!("../../../devices/pci/{addr}"),
-            root.join("bus/pci/devices").join(&addr),
-        )
-        .unwrap();
+        tree.function(&Function {
+            address: &addr,
+            parent: "pci",
+            attrs: &attrs,
+            driver: driver.as_deref(),
+            group: group.as_deref(),
+        });
         let hex = |a: &str| {
             std::fs::read_to_string(src.join(a))
                 .unwrap()
@@ -95,8 +81,8 @@ fn reports_what_the_real_kernel_reported() {
         eprintln!("no PCI sysfs on this machine; nothing to compare against");
         return;
     }
-    let tree = tempfile::tempdir().unwrap();
-    let seen = capture(tree.path());
+    let tree = SysfsTree::new();
+    let seen = capture(&tree);
     assert!(!seen.is_empty());
 
     let bus = TestBus::start();
@@ -104,7 +90,7 @@ fn reports_what_the_real_kernel_reported() {
     let _d = Daemon::start(
         &bus,
         state.path(),
-        &["--sysfs-root", tree.path().to_str().unwrap()],
+        &["--sysfs-root", tree.root().to_str().unwrap()],
     );
 
     let all = bus.manager("ListAvailable", &[]).unwrap();

@@ -14,9 +14,11 @@ fn tags_of(record: &Value) -> Value {
 
 #[test]
 fn tags_on_create_list_filter_set_and_restart() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state,
+        daemon: d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let made = bus
         .manager(
             "Create",
@@ -72,8 +74,7 @@ fn tags_on_create_list_filter_set_and_restart() {
 
     // SetTags: one signal, with the new map.
     let path = made[0].as_str().unwrap().to_string();
-    let (_monitor, out_path) = bus.monitor(&path);
-    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let mut signals = Signals::watch(&bus, Some(&path));
     let after = bus
         .manager(
             "SetTags",
@@ -84,12 +85,14 @@ fn tags_on_create_list_filter_set_and_restart() {
         tags_of(&after[0]),
         serde_json::json!({"team": "ml", "owner": "ana"})
     );
-    wait_until(|| read().contains("PropertiesChanged"));
+    let tags: std::collections::HashMap<String, String> = [("team", "ml"), ("owner", "ana")]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+    let first = signals.wait_for(|s| matches!(s, Signal::Changed { .. }));
     assert!(
-        read().contains("'Tags': <{'owner': 'ana', 'team': 'ml'}>")
-            || read().contains("'Tags': <{'team': 'ml', 'owner': 'ana'}>"),
-        "{}",
-        read()
+        signals.seen[first].sets(Some(&path), "Tags", tags),
+        "one signal, with the new map: {:?}",
+        signals.seen
     );
 
     // Hypeman's rules: refused, typed, nothing changed.
@@ -140,9 +143,11 @@ fn tags_on_create_list_filter_set_and_restart() {
 
 #[test]
 fn hypemanctl_tags() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let ok = |args: &[&str]| -> String {
         let out = bus.hypemanctl(args);
         assert!(

@@ -3,7 +3,6 @@
 
 use crate::common;
 
-use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,9 +27,11 @@ fn error_text(bus: &TestBus, method: &str, args: &[&str]) -> String {
 
 #[test]
 fn desktop_group_needs_both_functions() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "desktop.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "desktop.toml");
     bus.manager("Register", &["ss", "0000:01:00.0", "rtx"])
         .unwrap();
 
@@ -145,9 +146,11 @@ fn l4_lifecycle_across_restarts_and_reboots() {
 
 #[test]
 fn delete_gives_a_bound_device_back() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let data = bus
         .manager("Register", &["ss", "0000:3b:00.0", "nic"])
         .unwrap();
@@ -345,39 +348,21 @@ async fn a_stalled_bind_stalls_nobody_else() {
 /// fail within the deadline and leave the device as it was.
 #[test]
 fn real_backend_on_a_plain_tree_fails_safely() {
-    let tree = tempfile::tempdir().unwrap();
-    let root = tree.path();
-    let dev = root.join("devices/pci0000:a0/0000:a2:00.0");
-    std::fs::create_dir_all(&dev).unwrap();
-    for (f, v) in [
-        ("vendor", "0x10de\n"),
-        ("device", "0x27b8\n"),
-        ("class", "0x030200\n"),
-        ("driver_override", "(null)\n"),
-    ] {
-        std::fs::write(dev.join(f), v).unwrap();
-    }
-    for d in ["nvidia", "vfio-pci"] {
-        let dir = root.join("bus/pci/drivers").join(d);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("bind"), "").unwrap();
-        std::fs::write(dir.join("unbind"), "").unwrap();
-    }
-    std::fs::write(root.join("bus/pci/drivers_probe"), "").unwrap();
-    std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
-    symlink(
-        "../../../devices/pci0000:a0/0000:a2:00.0",
-        root.join("bus/pci/devices/0000:a2:00.0"),
-    )
-    .unwrap();
-    symlink("../../../bus/pci/drivers/nvidia", dev.join("driver")).unwrap();
-    std::fs::create_dir_all(root.join("kernel/iommu_groups/82/devices")).unwrap();
-    symlink("../../../kernel/iommu_groups/82", dev.join("iommu_group")).unwrap();
-    symlink(
-        "../../../../devices/pci0000:a0/0000:a2:00.0",
-        root.join("kernel/iommu_groups/82/devices/0000:a2:00.0"),
-    )
-    .unwrap();
+    let tree = SysfsTree::new();
+    let root = tree.root();
+    let dev = tree.function(&Function {
+        address: "0000:a2:00.0",
+        parent: "pci0000:a0",
+        attrs: &[
+            ("vendor", b"0x10de\n"),
+            ("device", b"0x27b8\n"),
+            ("class", b"0x030200\n"),
+            ("driver_override", b"(null)\n"),
+        ],
+        driver: Some("nvidia"),
+        group: Some("82"),
+    });
+    tree.driver("vfio-pci");
 
     let read_state = |dev: &Path| {
         let link = std::fs::read_link(dev.join("driver")).unwrap();
@@ -438,13 +423,14 @@ fn real_backend_on_a_plain_tree_fails_safely() {
 /// as a second client (gdbus monitor) sees them.
 #[test]
 fn property_changes_are_signalled() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "l4.toml");
     let data = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
     let path = data[0].as_str().unwrap().to_string();
-    let (_monitor, out_path) = bus.monitor(&path);
-    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let mut signals = Signals::watch(&bus, Some(&path));
 
     bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
     bus.manager("Get", &["s", "l4-gpu"]).unwrap(); // a read changes nothing
@@ -452,27 +438,35 @@ fn property_changes_are_signalled() {
     bus.manager("Attach", &["ss", "l4-gpu", "vm-1"]).unwrap();
     bus.manager("Detach", &["s", "l4-gpu"]).unwrap();
     bus.manager("Unbind", &["s", "l4-gpu"]).unwrap();
-    let want = [
-        "{'Driver': <'vfio-pci'>}",
-        "{'BoundToVfio': <true>}",
-        "{'AttachedTo': <'vm-1'>}",
-        "{'AttachedTo': <''>}",
-        "{'Driver': <'nvidia'>}",
-        "{'BoundToVfio': <false>}",
-    ];
-    wait_until(|| read().matches("PropertiesChanged").count() >= want.len());
-    let text = read();
-    let changes: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("PropertiesChanged"))
-        .map(|l| {
-            l.split("'org.hypeman.Device1', ")
-                .nth(1)
-                .unwrap_or("")
-                .trim_end_matches(", @as [])")
+    // The last change's signal: every one before it has arrived by then.
+    signals.wait_set(Some(&path), "BoundToVfio", false);
+    let changes: Vec<(String, String)> = signals
+        .seen
+        .iter()
+        .map(|s| match s {
+            Signal::Changed { changed, .. } => {
+                assert_eq!(changed.len(), 1, "one property per signal: {s:?}");
+                let (k, v) = changed.iter().next().unwrap();
+                (k.clone(), format!("{:?}", &**v))
+            }
+            Signal::Other { member, path } => {
+                panic!("only property changes on the device object, not {member} on {path}")
+            }
+            Signal::Host { .. } => panic!("no host device signal on a device object: {s:?}"),
         })
         .collect();
-    assert_eq!(changes, want, "{text}");
+    let want: Vec<(String, String)> = [
+        ("Driver", zbus::Variant::from("vfio-pci")),
+        ("BoundToVfio", true.into()),
+        ("AttachedTo", "vm-1".into()),
+        ("AttachedTo", "".into()),
+        ("Driver", "nvidia".into()),
+        ("BoundToVfio", false.into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), format!("{v:?}")))
+    .collect();
+    assert_eq!(changes, want);
 }
 
 /// *(issue 14, the group as the unit of assignment)* On the desktop host, the
@@ -482,9 +476,11 @@ fn property_changes_are_signalled() {
 /// attached; the same instance is fine.
 #[test]
 fn the_iommu_group_is_the_unit_of_assignment() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "desktop.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "desktop.toml");
     bus.manager("Register", &["ss", "0000:01:00.0", "rtx"])
         .unwrap();
     bus.manager("Register", &["ss", "0000:01:00.1", "rtx-audio"])
@@ -546,9 +542,11 @@ fn the_iommu_group_is_the_unit_of_assignment() {
 /// boot display answers `HostInUse` without touching it.
 #[test]
 fn blockers_are_reported_and_bind_refuses_the_boot_display() {
-    let bus = TestBus::start_sim();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("workstation.toml");
     let all = bus.manager("ListAvailable", &[]).unwrap();
     let row = |addr: &str| -> serde_json::Value {
         all[0]
@@ -640,9 +638,11 @@ fn no_iommu_tells_a_virtual_machine_from_bare_metal() {
 /// `hypemanctl available` shows what blocks each function, and why.
 #[test]
 fn hypemanctl_available_shows_blockers() {
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on(TestBus::start(), "workstation.toml");
     let out = bus.hypemanctl(&["available"]);
     assert!(
         out.status.success(),

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod signals;
+mod tree;
+pub use signals::{Signal, Signals};
+pub use tree::{Function, SysfsTree};
+
 pub const NAME: &str = "org.hypeman.Devices";
 pub const PATH: &str = "/org/hypeman/Devices";
 pub const IFACE: &str = "org.hypeman.Devices1";
@@ -461,39 +466,6 @@ impl TestBus {
             .expect("gdbus must be installed (apt-get install libglib2.0-bin)")
     }
 
-    /// `gdbus monitor` of one object, writing into a file, started and
-    /// watching (it has printed that the name is owned) when this returns;
-    /// stopped by pid when the guard drops.
-    pub fn monitor(&self, path: &str) -> (Proc, PathBuf) {
-        let out_path = self.dir.path().join(format!(
-            "monitor-{}.txt",
-            path.rsplit('/').next().unwrap_or("root")
-        ));
-        let out = std::fs::File::create(&out_path).expect("monitor file");
-        let proc = Proc {
-            child: Command::new("gdbus")
-                .args([
-                    "monitor",
-                    "--address",
-                    &self.address,
-                    "--dest",
-                    NAME,
-                    "--object-path",
-                    path,
-                ])
-                .stdout(out)
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("gdbus monitor"),
-        };
-        wait_until(|| {
-            std::fs::read_to_string(&out_path)
-                .unwrap_or_default()
-                .contains("is owned by")
-        });
-        (proc, out_path)
-    }
-
     /// Runs the real `hypemanctl` against this bus.
     pub fn hypemanctl(&self, args: &[&str]) -> Output {
         Command::new(bin("hypemanctl"))
@@ -501,6 +473,29 @@ impl TestBus {
             .args(args)
             .output()
             .expect("run hypemanctl")
+    }
+}
+
+/// What most tests start with: a private bus, a fresh state directory, and
+/// `hypemand --simulate` on one of `examples/hosts`. Fields drop in order:
+/// the daemon is stopped before its bus and its state go.
+pub struct Sim {
+    pub daemon: Daemon,
+    pub bus: TestBus,
+    pub state: tempfile::TempDir,
+}
+
+impl Sim {
+    /// On a bus where the simulator may be driven (`Simulator1`).
+    pub fn start(fixture: &str) -> Sim {
+        Sim::on(TestBus::start_sim(), fixture)
+    }
+
+    /// On `bus`.
+    pub fn on(bus: TestBus, fixture: &str) -> Sim {
+        let state = tempfile::tempdir().expect("a state directory");
+        let daemon = Daemon::simulate(&bus, state.path(), fixture);
+        Sim { daemon, bus, state }
     }
 }
 
