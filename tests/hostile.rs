@@ -154,39 +154,22 @@ async fn wrong_signatures_get_the_bus_invalid_args() {
     // Every interface, not only the methods that asked for it (issue 25):
     // the ObjectManager and the simulator answered these as if they were
     // called without the extra arguments.
-    assert_eq!(
-        error_name(
-            &s.conn,
+    let sim = "/org/hypeman/Simulator";
+    for (path, iface, method) in [
+        (
             PATH,
             "org.freedesktop.DBus.ObjectManager",
             "GetManagedObjects",
-            &("extra",)
-        )
-        .await,
-        INVALID_ARGS
-    );
-    assert_eq!(
-        error_name(
-            &s.conn,
-            "/org/hypeman/Simulator",
-            "org.hypeman.Simulator1",
-            "Journal",
-            &(7u32,)
-        )
-        .await,
-        INVALID_ARGS
-    );
-    assert_eq!(
-        error_name(
-            &s.conn,
-            "/org/hypeman/Simulator",
-            "org.hypeman.Simulator1",
-            "Unplug",
-            &("0000:a2:00.0", "extra")
-        )
-        .await,
-        INVALID_ARGS
-    );
+        ),
+        (sim, "org.hypeman.Simulator1", "Journal"),
+        (sim, "org.hypeman.Simulator1", "ClearFaults"),
+    ] {
+        let name = error_name(&s.conn, path, iface, method, &("extra",)).await;
+        assert_eq!(name, INVALID_ARGS, "{method}");
+    }
+    let unplug = ("0000:a2:00.0", "extra");
+    let name = error_name(&s.conn, sim, "org.hypeman.Simulator1", "Unplug", &unplug).await;
+    assert_eq!(name, INVALID_ARGS);
 
     s.still_well().await;
 }
