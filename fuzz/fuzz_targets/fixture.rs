@@ -1,6 +1,6 @@
 //! The simulated-host fixture parser: never panics on any text.
 #![no_main]
-use hypemand::host::sim::Fixture;
+use hypemand::fuzzing::Fixture;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! PCI address parsing: never panics; whatever it accepts prints back to a
 //! canonical form that parses to the same address and names no path.
 #![no_main]
-use hypemand::pci::PciAddress;
+use hypemand::fuzzing::PciAddress;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

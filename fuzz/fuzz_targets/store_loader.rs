@@ -5,7 +5,7 @@
 //! chooses the file: even, `devices.json`; odd, the journal (issue 18) with no
 //! snapshot.
 #![no_main]
-use hypemand::store::{Loaded, Store, StoreError};
+use hypemand::fuzzing::{Loaded, Store, StoreError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

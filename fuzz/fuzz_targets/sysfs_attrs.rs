@@ -1,7 +1,7 @@
 //! The sysfs attribute readers: hex with or without 0x, trailing garbage,
 //! empty input. Never panics; accepted values fit their width and print back.
 #![no_main]
-use hypemand::pci::sysfs::{parse_hex, parse_override};
+use hypemand::fuzzing::{parse_hex, parse_override};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

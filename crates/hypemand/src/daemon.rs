@@ -20,13 +20,17 @@ use crate::store::{Loaded, Store, StoreError};
 /// Everything `hypemand` can be told on its command line.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Which bus to serve on.
     pub bus: BusChoice,
+    /// Where `devices.json` and its journal live.
     pub state_dir: PathBuf,
+    /// The sysfs to read and write (`/sys`, or a tree for tests).
     pub sysfs_root: PathBuf,
     /// procfs, for how the host uses its devices.
     pub proc_root: PathBuf,
     /// Where Hypeman's REST API is served (systemd's socket wins); none: not.
     pub api_socket: Option<PathBuf>,
+    /// A fixture: serve a simulated host instead of sysfs.
     pub simulate: Option<PathBuf>,
     /// With `simulate`: where the simulated kernel keeps its state between
     /// daemon runs (absent: every start is a fresh boot).
@@ -43,40 +47,58 @@ pub struct Options {
 /// README "Exit status"), so a supervisor can tell them apart.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The state directory or the registry in it cannot be used.
     #[error(transparent)]
     State(#[from] StoreError),
+    /// The state directory cannot be created.
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
+        /// The directory.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The simulated host's fixture cannot be used.
     #[error(transparent)]
     Fixture(#[from] FixtureError),
+    /// The bus cannot be served (or the name is taken).
     #[error(transparent)]
     Bus(#[from] ServeError),
+    /// The REST socket cannot be served.
     #[error(transparent)]
     Api(#[from] crate::edge::rest::SocketError),
+    /// SIGTERM and SIGINT cannot be handled.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// The store's writer thread cannot be started.
     #[error("cannot start the store's writer thread: {0}")]
     Writer(#[source] std::io::Error),
+    /// A start-up thread panicked (what it said).
     #[error("a start-up thread failed: {0}")]
     Thread(String),
 }
 
 /// Exit statuses. 2 is left to the argument parser (bad options).
 pub mod exit {
+    /// Any other failure.
     pub const FAILURE: u8 = 1;
+    /// Bad options (the argument parser's).
     pub const USAGE: u8 = 2;
+    /// The state directory or the registry cannot be used.
     pub const STATE: u8 = 3;
+    /// Another hypemand owns the name on this bus.
     pub const NAME_TAKEN: u8 = 4;
+    /// The bus cannot be reached or served.
     pub const BUS: u8 = 5;
+    /// The host (a fixture) cannot be used.
     pub const HOST: u8 = 6;
+    /// The REST socket cannot be served.
     pub const API: u8 = 7;
 }
 
 impl DaemonError {
+    /// The exit status this failure stops the daemon with.
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::State(_) | DaemonError::StateDir { .. } => exit::STATE,

@@ -134,10 +134,6 @@ impl Door {
         self
     }
 
-    pub fn deadline(&self) -> Duration {
-        self.deadline
-    }
-
     fn is_stuck(&self, key: Key) -> bool {
         self.stuck
             .lock()

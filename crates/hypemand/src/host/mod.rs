@@ -205,17 +205,6 @@ pub enum HostOp {
 }
 
 impl HostOp {
-    /// The operation's name, as faults and messages use it.
-    pub fn kind(&self) -> Op {
-        match self {
-            HostOp::SetOverride(_) => Op::SetOverride,
-            HostOp::ClearOverride => Op::ClearOverride,
-            HostOp::Unbind(_) => Op::Unbind,
-            HostOp::Bind(_) => Op::Bind,
-            HostOp::Probe => Op::Probe,
-        }
-    }
-
     /// Performs the write on `host` (blocking).
     pub fn apply(&self, host: &dyn Host, address: PciAddress) -> Result<(), HostError> {
         match self {

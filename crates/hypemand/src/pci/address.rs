@@ -13,9 +13,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A canonical PCI function address: domain, bus, device (slot) and function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PciAddress {
+    /// The PCI domain (segment), `0000`.
     pub domain: u16,
+    /// The bus number.
     pub bus: u8,
+    /// The device number on the bus (0-31).
     pub device: u8,
+    /// The function number (0-7).
     pub function: u8,
 }
 

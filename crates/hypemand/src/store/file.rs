@@ -33,30 +33,59 @@ pub const VERSION: u32 = 1;
 
 pub const FILE_NAME: &str = "devices.json";
 
+/// Why the store cannot be read or written; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file cannot be read.
     #[error("cannot read the registry {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// `devices.json` is of a newer format version.
     #[error("the registry {path} has format version {found}, newer than this hypemand understands ({VERSION}); upgrade hypemand or restore an older file")]
-    Newer { path: PathBuf, found: String },
+    Newer {
+        /// The file.
+        path: PathBuf,
+        /// The version it has.
+        found: String,
+    },
+    /// `devices.json` (or the journal) does not parse.
     #[error("the registry {path} does not parse ({why}); it was left untouched: repair it, or move it away to start with an empty registry")]
-    Unparsable { path: PathBuf, why: String },
+    Unparsable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A file is a link, a FIFO, or another user's or writable by others.
     #[error("refusing to use {path}: {why}")]
-    Unsafe { path: PathBuf, why: String },
+    Unsafe {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The original could not be kept aside before its bad records were dropped.
     #[error("cannot keep the original registry {path} aside at {to}: {source}")]
     KeepAside {
+        /// The file.
         path: PathBuf,
+        /// Where it was to be kept.
         to: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A file cannot be written.
     #[error("cannot write the registry {path}: {source}")]
     Write {
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
@@ -76,11 +105,14 @@ struct FileOut<'a> {
 pub enum Loaded {
     /// No file yet: a first start.
     Fresh,
+    /// A registry was there and every record loaded.
     Existing,
     /// Some records broke the rules and were dropped (each is logged); the
     /// original files are kept at `aside`, and the store now holds the rest.
     Dropped {
+        /// How many records were dropped.
         dropped: usize,
+        /// Where the originals are kept.
         aside: Vec<PathBuf>,
     },
 }
@@ -119,6 +151,7 @@ fn newer_version(version: &serde_json::Value) -> Option<String> {
     newer.then(|| n.to_string())
 }
 
+/// The store: the state directory and the files in it.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
@@ -158,18 +191,22 @@ impl Opened {
 }
 
 impl Store {
+    /// The store of state directory `dir` (nothing is read yet).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Store { dir: dir.into() }
     }
 
+    /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// `devices.json`'s path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE_NAME)
     }
 
+    /// `devices.journal`'s path.
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join(JOURNAL_NAME)
     }

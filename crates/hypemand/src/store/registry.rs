@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pci::{DeviceType, PciAddress};
 pub use hypeman_api::validate::{
-    shorten, validate_filter, validate_instance_id, validate_name, validate_tags, ValidationError,
-    MAX_TAGS,
+    shorten, validate_filter, validate_instance_id, validate_name, validate_tags,
 };
 
 /// One registered device as the store keeps it.

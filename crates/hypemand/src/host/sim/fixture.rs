@@ -47,13 +47,16 @@ pub enum FixtureError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fixture {
+    /// What the host is, for people.
     #[serde(default)]
     pub description: String,
     /// The host is a virtual machine (for the no-IOMMU message).
     #[serde(default)]
     pub virtual_machine: bool,
+    /// The drivers the kernel has (`[[driver]]`).
     #[serde(default, rename = "driver")]
     pub drivers: Vec<FixtureDriver>,
+    /// The PCI functions (`[[device]]`).
     #[serde(default, rename = "device")]
     pub devices: Vec<FixtureDevice>,
     /// systemd services that hold devices open (nvidia-persistenced).
@@ -206,6 +209,7 @@ pub struct SimState {
 }
 
 impl Fixture {
+    /// Parses `text`, read from `path` (named in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Fixture, FixtureError> {
         toml::from_str(text).map_err(|e| FixtureError::Parse {
             path: path.to_path_buf(),

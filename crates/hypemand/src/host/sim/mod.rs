@@ -52,6 +52,7 @@ const JOURNAL_LIMIT: usize = 4096;
 
 impl SimHost {
     /// Boots a simulated host from a fixture file.
+    #[cfg(test)]
     pub fn from_file(path: &Path) -> Result<Self, FixtureError> {
         Self::open(path, None)
     }
@@ -96,6 +97,7 @@ impl SimHost {
     }
 
     /// How many single-device reads were made so far.
+    #[cfg(test)]
     pub fn reads(&self) -> u64 {
         self.reads.load(std::sync::atomic::Ordering::SeqCst)
     }
