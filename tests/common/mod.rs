@@ -777,8 +777,14 @@ pub const SDK: &str = "hypeman==0.28.0";
 
 /// A virtualenv with the official hypeman SDK from PyPI, made once per
 /// target directory: built under a name of its own, then renamed into place,
-/// so test binaries running at once never see a half-made one.
+/// so processes running at once never see a half-made one; within this
+/// binary, the first test to ask makes it and the others wait for it.
 pub fn sdk_python() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_sdk_python).clone()
+}
+
+fn make_sdk_python() -> PathBuf {
     let dir = root().join("target/sdk-venv");
     let python = dir.join("bin/python");
     if dir.join(".ready").exists() {

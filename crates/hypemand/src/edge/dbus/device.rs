@@ -4,10 +4,12 @@
 //! The object holds only the id. Every property is a field of the device's
 //! [`Record`] (the same record `Get` answers), built from the registry and the
 //! host state last seen, so a property and `Get` cannot disagree. The
-//! properties are listed once, in `properties`: `GetAll`, `GetManagedObjects`
-//! and `InterfacesAdded` build one record per object from it, and
-//! `PropertiesChanged` is computed from its live rows. Its methods are the
-//! manager's ([`Manager::change`]) with the device's own id.
+//! properties are one table, `ROWS`, and there is no getter per property:
+//! `Get`, `GetAll`, `GetManagedObjects`, `InterfacesAdded`, `Set`'s refusal
+//! and the introspection all come from it (through
+//! [`Exported`](super::exported::Exported)), each from one record, and
+//! `PropertiesChanged` is computed from its signalled rows. Its methods are
+//! the manager's ([`Manager::change`]) with the device's own id.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,9 @@ use zbus::OwnedVariant as OwnedValue;
 use zbus::Variant as Value;
 use zbus::{fdo, interface};
 
-use super::exported::{AllProperties, Exported, Properties, PropertiesFuture};
+use super::exported::{
+    AllProperties, Declared, Emits, Exported, Properties, PropertiesFuture, PropertyFuture,
+};
 use super::manager::Manager;
 use crate::service::Op;
 
@@ -28,65 +32,109 @@ pub struct DeviceObject {
     id: String,
 }
 
-/// How each property reads from a record (-1 and "" stand for none on D-Bus).
-mod prop {
-    use hypeman_api::Record;
+/// A property of `Device1`: how it is declared, and its value in a record
+/// (`None`: `Blockers`, read from the host when asked). -1 and "" stand for
+/// none on D-Bus.
+struct Row {
+    declared: Declared,
+    value: Option<fn(&Record) -> Value<'static>>,
+}
 
-    pub fn driver(r: &Record) -> String {
-        r.driver.clone().unwrap_or_default()
-    }
-    pub fn attached_to(r: &Record) -> String {
-        r.attached_to.clone().unwrap_or_default()
-    }
-    pub fn iommu_group(r: &Record) -> i64 {
-        r.iommu_group.unwrap_or(-1)
-    }
-    pub fn numa_node(r: &Record) -> i64 {
-        r.numa_node.unwrap_or(-1)
+const fn row(
+    name: &'static str,
+    signature: &'static str,
+    emits: Emits,
+    doc: &'static str,
+    value: fn(&Record) -> Value<'static>,
+) -> Row {
+    Row {
+        declared: Declared {
+            name,
+            signature,
+            emits,
+            doc,
+        },
+        value: Some(value),
     }
 }
 
-/// Whether a property changes after the object was made (the host moved,
-/// the device was attached, its tags were set): those are signalled.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Change {
-    Const,
-    Live,
+/// Every property, in introspection order. A new property is a row here
+/// (and a field of [`Record`]).
+static ROWS: [Row; 17] = [
+    row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
+        r.attached_to.clone().unwrap_or_default().into()
+    }),
+    Row {
+        declared: Declared {
+            name: "Blockers",
+            signature: "aa{sv}",
+            emits: Emits::False,
+            doc: "Why the host must keep this device (`code`, `message`,\n`pci_address`), read from the host when asked: mounts, routes and\nopen nodes change without an event, so no change signal is sent.",
+        },
+        value: None,
+    },
+    row("BoundToVfio", "b", Emits::True, "", |r| r.bound_to_vfio.into()),
+    row("CreatedAt", "s", Emits::Const, "", |r| r.created_at.clone().into()),
+    row("DeviceId", "s", Emits::Const, "", |r| r.device_id.clone().into()),
+    row("DeviceName", "s", Emits::Const, "", |r| r.device_name.clone().into()),
+    row("Driver", "s", Emits::True, "The bound driver, \"\" when none.", |r| {
+        r.driver.clone().unwrap_or_default().into()
+    }),
+    row("Id", "s", Emits::Const, "", |r| r.id.clone().into()),
+    row("IommuGroup", "x", Emits::True, "The IOMMU group, -1 when the device has none (or is unplugged).", |r| {
+        r.iommu_group.unwrap_or(-1).into()
+    }),
+    row("Name", "s", Emits::True, "", |r| r.name.clone().into()),
+    row("NumaNode", "x", Emits::True, "The NUMA node, -1 when the platform has none (or it is unplugged).", |r| {
+        r.numa_node.unwrap_or(-1).into()
+    }),
+    row("PciAddress", "s", Emits::Const, "", |r| r.pci_address.clone().into()),
+    row("Present", "b", Emits::True, "", |r| r.present.into()),
+    row("Tags", "a{ss}", Emits::True, "User-defined labels (`SetTags` changes them).", |r| {
+        Value::from(r.tags.clone())
+    }),
+    row("Type", "s", Emits::Const, "", |r| r.kind.clone().into()),
+    row("VendorId", "s", Emits::Const, "", |r| r.vendor_id.clone().into()),
+    row("VendorName", "s", Emits::Const, "", |r| r.vendor_name.clone().into()),
+];
+
+/// The order `PropertiesChanged` signals go in, one per changed property
+/// (clients see the driver move before they see `BoundToVfio`). `Name` is
+/// announced as it always was, though no operation renames a device.
+const SIGNAL_ORDER: [&str; 8] = [
+    "Tags",
+    "Driver",
+    "BoundToVfio",
+    "AttachedTo",
+    "Present",
+    "IommuGroup",
+    "NumaNode",
+    "Name",
+];
+
+static DECLARED: std::sync::LazyLock<Vec<Declared>> =
+    std::sync::LazyLock::new(|| ROWS.iter().map(|r| r.declared).collect());
+
+fn value_of(name: &str, r: &Record) -> Option<Value<'static>> {
+    ROWS.iter()
+        .find(|row| row.declared.name == name)
+        .and_then(|row| row.value)
+        .map(|value| value(r))
 }
 
-/// Every property but `Blockers` (read from the host when asked), from one
-/// record: name, whether it changes, value. The live rows come first, in
-/// the order their `PropertiesChanged` signals are sent.
-fn properties(r: &Record) -> [(&'static str, Change, Value<'static>); 16] {
-    use Change::{Const, Live};
-    [
-        ("Tags", Live, Value::from(r.tags.clone())),
-        ("Driver", Live, prop::driver(r).into()),
-        ("BoundToVfio", Live, r.bound_to_vfio.into()),
-        ("AttachedTo", Live, prop::attached_to(r).into()),
-        ("Present", Live, r.present.into()),
-        ("IommuGroup", Live, prop::iommu_group(r).into()),
-        ("NumaNode", Live, prop::numa_node(r).into()),
-        ("Id", Const, r.id.clone().into()),
-        ("Name", Const, r.name.clone().into()),
-        ("PciAddress", Const, r.pci_address.clone().into()),
-        ("VendorId", Const, r.vendor_id.clone().into()),
-        ("DeviceId", Const, r.device_id.clone().into()),
-        ("VendorName", Const, r.vendor_name.clone().into()),
-        ("DeviceName", Const, r.device_name.clone().into()),
-        ("Type", Const, r.kind.clone().into()),
-        ("CreatedAt", Const, r.created_at.clone().into()),
-    ]
-}
-
-/// The live properties that differ between two records, in table order.
+/// The signalled properties that differ between two records, in signal order.
 pub fn changed_properties(before: &Record, after: &Record) -> Vec<(&'static str, Value<'static>)> {
-    properties(before)
-        .into_iter()
-        .zip(properties(after))
-        .filter(|((_, change, b), (_, _, a))| *change == Change::Live && a != b)
-        .map(|(_, (name, _, a))| (name, a))
+    SIGNAL_ORDER
+        .iter()
+        .filter_map(|name| {
+            let (b, a) = (value_of(name, before)?, value_of(name, after)?);
+            (a != b).then_some((*name, a))
+        })
         .collect()
+}
+
+fn owned(v: Value<'_>) -> fdo::Result<OwnedValue> {
+    OwnedValue::try_from(v).map_err(|e| fdo::Error::Failed(e.to_string()))
 }
 
 impl DeviceObject {
@@ -118,25 +166,54 @@ impl DeviceObject {
         Ok(service.view(stored, live).into_record())
     }
 
+    /// Why the host must keep this device, read from the host now.
+    async fn blockers(&self) -> fdo::Result<OwnedValue> {
+        let blockers = self
+            .manager
+            .service
+            .device_blockers(&self.id)
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        owned(Value::from(blockers))
+    }
+
     /// Every property, from one record and one read of the blockers.
     pub async fn all(&self) -> fdo::Result<Properties> {
         let record = self.record().await?;
-        let mut all = Properties::with_capacity(17);
-        for (name, _, value) in properties(&record) {
-            let value =
-                OwnedValue::try_from(value).map_err(|e| fdo::Error::Failed(e.to_string()))?;
-            all.insert(name.to_string(), value);
+        let mut all = Properties::with_capacity(ROWS.len());
+        for row in &ROWS {
+            let value = match row.value {
+                Some(value) => owned(value(&record))?,
+                None => self.blockers().await?,
+            };
+            all.insert(row.declared.name.to_string(), value);
         }
-        let blockers = OwnedValue::try_from(Value::from(self.blockers().await?))
-            .map_err(|e| fdo::Error::Failed(e.to_string()))?;
-        all.insert("Blockers".to_string(), blockers);
         Ok(all)
+    }
+
+    /// One property, from one record (or the blockers' read).
+    async fn one(&self, name: &str) -> fdo::Result<OwnedValue> {
+        match ROWS.iter().find(|row| row.declared.name == name) {
+            Some(Row {
+                value: Some(value), ..
+            }) => owned(value(&self.record().await?)),
+            Some(Row { value: None, .. }) => self.blockers().await,
+            None => Err(fdo::Error::UnknownProperty(format!("no property {name}"))),
+        }
     }
 }
 
 impl AllProperties for DeviceObject {
+    fn declared(&self) -> &'static [Declared] {
+        &DECLARED
+    }
     fn all_properties(&self) -> Option<PropertiesFuture<'_>> {
         Some(Box::pin(self.all()))
+    }
+    fn property<'a>(&'a self, name: &'a str) -> Option<PropertyFuture<'a>> {
+        ROWS.iter()
+            .any(|row| row.declared.name == name)
+            .then(|| Box::pin(self.one(name)) as PropertyFuture<'a>)
     }
 }
 
@@ -197,101 +274,38 @@ impl DeviceObject {
     async fn detach(&self, #[zbus(header)] header: Header<'_>) -> Result<Record, Error> {
         self.manager.change(&header, &self.id, Op::Detach).await
     }
+}
 
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn id(&self) -> String {
-        self.id.clone()
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    #[zbus(property)]
-    async fn name(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.name)
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn pci_address(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.pci_address)
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn vendor_id(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.vendor_id)
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn device_id(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.device_id)
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn vendor_name(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.vendor_name)
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn device_name(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.device_name)
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn r#type(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.kind)
-    }
-
-    /// The IOMMU group, -1 when the device has none (or is unplugged).
-    #[zbus(property)]
-    async fn iommu_group(&self) -> fdo::Result<i64> {
-        Ok(prop::iommu_group(&self.record().await?))
-    }
-
-    /// The NUMA node, -1 when the platform has none (or it is unplugged).
-    #[zbus(property)]
-    async fn numa_node(&self) -> fdo::Result<i64> {
-        Ok(prop::numa_node(&self.record().await?))
-    }
-
-    /// The bound driver, "" when none.
-    #[zbus(property)]
-    async fn driver(&self) -> fdo::Result<String> {
-        Ok(prop::driver(&self.record().await?))
-    }
-
-    #[zbus(property)]
-    async fn bound_to_vfio(&self) -> fdo::Result<bool> {
-        Ok(self.record().await?.bound_to_vfio)
-    }
-
-    /// The instance holding the device, "" when none.
-    #[zbus(property)]
-    async fn attached_to(&self) -> fdo::Result<String> {
-        Ok(prop::attached_to(&self.record().await?))
-    }
-
-    #[zbus(property)]
-    async fn present(&self) -> fdo::Result<bool> {
-        Ok(self.record().await?.present)
-    }
-
-    /// User-defined labels (`SetTags` changes them).
-    #[zbus(property)]
-    async fn tags(&self) -> fdo::Result<HashMap<String, String>> {
-        Ok(self.record().await?.tags)
-    }
-
-    /// Why the host must keep this device (`code`, `message`,
-    /// `pci_address`), read from the host when asked: mounts, routes and
-    /// open nodes change without an event, so no change signal is sent.
-    #[zbus(property(emits_changed_signal = "false"))]
-    async fn blockers(&self) -> fdo::Result<Vec<hypeman_api::Blocker>> {
-        self.manager
-            .service
-            .device_blockers(&self.id)
-            .await
-            .map_err(|e| fdo::Error::Failed(e.to_string()))
-    }
-
-    #[zbus(property(emits_changed_signal = "const"))]
-    async fn created_at(&self) -> fdo::Result<String> {
-        Ok(self.record().await?.created_at)
+    /// Each row's declared type is its value's, and the signalled rows are
+    /// exactly those whose changes are announced.
+    #[test]
+    fn the_table_declares_what_it_answers() {
+        let r = Record::default();
+        for row in &ROWS {
+            let d = row.declared;
+            let signature = match row.value {
+                Some(value) => value(&r).value_signature().to_string(),
+                None => Value::from(Vec::<hypeman_api::Blocker>::new())
+                    .value_signature()
+                    .to_string(),
+            };
+            assert_eq!(signature, d.signature, "{}", d.name);
+        }
+        let mut announced: Vec<&str> = ROWS
+            .iter()
+            .filter(|r| r.declared.emits == Emits::True)
+            .map(|r| r.declared.name)
+            .collect();
+        let mut order = SIGNAL_ORDER.to_vec();
+        announced.sort();
+        order.sort();
+        assert_eq!(announced, order);
+        let mut names: Vec<&str> = ROWS.iter().map(|r| r.declared.name).collect();
+        names.dedup();
+        assert_eq!(names.len(), ROWS.len(), "one row per property");
     }
 }

@@ -12,9 +12,10 @@
 //! - **Read-only properties.** zbus answers `Properties.Set` on a property
 //!   without a setter with `UnknownProperty`, as if it did not exist; this
 //!   answers `PropertyReadOnly` for a property the interface has *(issue 13)*.
-//! - **All properties at once.** An interface whose properties are fields of
-//!   one record builds that record once for `GetAll` ([`AllProperties`]),
-//!   not once per property.
+//! - **Properties as a table.** An interface whose properties are fields of
+//!   one record declares them as rows ([`AllProperties`]): `Get`, `GetAll`
+//!   (one record, not one per property), `Set` and the introspection are
+//!   answered from the rows, and no getter is written per property.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -35,11 +36,86 @@ pub type Properties = HashMap<String, OwnedVariant>;
 pub type PropertiesFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = fdo::Result<Properties>> + Send + 'a>>;
 
-/// An interface that can answer `GetAll` from one read.
+/// The future of [`AllProperties::property`].
+pub type PropertyFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = fdo::Result<OwnedVariant>> + Send + 'a>>;
+
+/// How a property announces its changes (introspection's
+/// `org.freedesktop.DBus.Property.EmitsChangedSignal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emits {
+    /// Never changes once the object exists.
+    Const,
+    /// Each change is signalled with its value.
+    True,
+    /// Changes without a signal (read it when needed).
+    False,
+}
+
+/// One property an interface declares as a row of its table.
+#[derive(Debug, Clone, Copy)]
+pub struct Declared {
+    /// The property's name.
+    pub name: &'static str,
+    /// Its D-Bus type.
+    pub signature: &'static str,
+    /// How it announces changes.
+    pub emits: Emits,
+    /// What it is, for introspection.
+    pub doc: &'static str,
+}
+
+/// An interface that answers its properties from a table of rows, built
+/// from one read, instead of a getter per property.
 pub trait AllProperties {
-    /// Every property at once; `None` to let zbus call each getter.
+    /// The rows, in introspection order; none: zbus's getters answer.
+    fn declared(&self) -> &'static [Declared] {
+        &[]
+    }
+    /// Every property at once.
     fn all_properties(&self) -> Option<PropertiesFuture<'_>> {
         None
+    }
+    /// One declared property.
+    fn property<'a>(&'a self, _name: &'a str) -> Option<PropertyFuture<'a>> {
+        None
+    }
+}
+
+/// The `<property>` elements of `rows`, as zbus writes its own.
+fn write_declared(rows: &[Declared], out: &mut String, level: usize) {
+    use std::fmt::Write as _;
+    let pad = " ".repeat(level + 2);
+    for d in rows {
+        if !d.doc.is_empty() {
+            let _ = writeln!(out, "{pad}<!--");
+            for line in d.doc.lines() {
+                let _ = writeln!(out, "{pad} {line}");
+            }
+            let _ = writeln!(out, "{pad} -->");
+        }
+        let open = format!(
+            "{pad}<property name=\"{}\" type=\"{}\" access=\"read\"",
+            d.name, d.signature
+        );
+        match d.emits {
+            Emits::True => {
+                let _ = writeln!(out, "{open}/>");
+            }
+            Emits::Const | Emits::False => {
+                let value = if d.emits == Emits::Const {
+                    "const"
+                } else {
+                    "false"
+                };
+                let _ = writeln!(out, "{open}>");
+                let _ = writeln!(
+                    out,
+                    "{pad}  <annotation name=\"org.freedesktop.DBus.Property.EmitsChangedSignal\" value=\"{value}\"/>"
+                );
+                let _ = writeln!(out, "{pad}</property>");
+            }
+        }
     }
 }
 
@@ -153,6 +229,9 @@ impl<T: Interface + AllProperties> Interface for Exported<T> {
         header: Option<&Header<'_>>,
         emitter: &SignalEmitter<'_>,
     ) -> Option<Result<OwnedVariant, BoxDBusError>> {
+        if let Some(value) = self.inner.property(property_name) {
+            return Some(value.await.map_err(|e| Box::new(e) as BoxDBusError));
+        }
         self.inner
             .get(property_name, server, connection, header, emitter)
             .await
@@ -187,9 +266,14 @@ impl<T: Interface + AllProperties> Interface for Exported<T> {
         DispatchResult::Async(Box::pin(async move {
             let exists = self
                 .inner
-                .get(property_name, server, connection, header, emitter)
-                .await
-                .is_some();
+                .declared()
+                .iter()
+                .any(|d| d.name == property_name)
+                || self
+                    .inner
+                    .get(property_name, server, connection, header, emitter)
+                    .await
+                    .is_some();
             let e = if exists {
                 fdo::Error::PropertyReadOnly(format!("property {property_name} is read-only"))
             } else {
@@ -238,6 +322,19 @@ impl<T: Interface + AllProperties> Interface for Exported<T> {
     }
 
     fn introspect_to_writer(&self, writer: &mut dyn std::fmt::Write, level: usize) {
-        self.inner.introspect_to_writer(writer, level)
+        let rows = self.inner.declared();
+        if rows.is_empty() {
+            return self.inner.introspect_to_writer(writer, level);
+        }
+        // The declared properties go inside the interface element zbus
+        // writes for the methods and signals.
+        let mut xml = String::new();
+        self.inner.introspect_to_writer(&mut xml, level);
+        let close = format!("{}</interface>", " ".repeat(level));
+        let at = xml.rfind(&close).unwrap_or(xml.len());
+        let mut props = String::new();
+        write_declared(rows, &mut props, level);
+        xml.insert_str(at, &props);
+        let _ = writer.write_str(&xml);
     }
 }
