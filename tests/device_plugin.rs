@@ -339,7 +339,7 @@ async fn the_kubelet_sees_hypemands_devices() {
     // saw it gone), and its signals are followed again afterwards: an unplug
     // and a plug after the restart both reach the kubelet.
     drop(daemon.take());
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
     daemon = Some(Daemon::simulate(&bus, state.path(), "workstation.toml"));
     let nic2 = |health: &str| vec![("0000:06:00.0".to_string(), health.to_string(), None)];
     bus.sim("Unplug", &["s", "0000:06:00.0"]);

@@ -461,7 +461,7 @@ fn open_by_believes_only_the_kernel_and_sees_every_fd() {
     );
     assert_eq!(codes("0000:07:00.0"), Vec::<String>::new());
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
 
     // 1 ms for a walk of 18,000 fds and more: out of time.
     let d = Daemon::start(

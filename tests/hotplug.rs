@@ -114,7 +114,7 @@ fn the_simulator_exists_only_when_simulating() {
         .unwrap()
         .contains(SIM_IFACE));
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
 
     // The real backend, on an (empty) directory instead of /sys.
     let tree = SysfsTree::new();

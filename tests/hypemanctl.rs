@@ -251,7 +251,7 @@ fn error_output_for_each_error() {
     );
     limit_file_size(d.proc.pid(), None);
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
 
     // The daemon not running: a hint about starting it.
     fails_with(ctl(&bus, &["list"]), "systemctl start hypemand");
@@ -269,7 +269,7 @@ fn error_output_for_each_error() {
     let d = Daemon::simulate(&bus, state.path(), "no-iommu.toml");
     fails_with(ctl(&bus, &["register", "0000:a2:00.0"]), "intel_iommu=on");
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::simulate(&bus, state.path(), "desktop.toml");
     ok_text(ctl(&bus, &["register", "0000:01:00.0"]));
@@ -278,7 +278,7 @@ fn error_output_for_each_error() {
         "0000:01:00.1 (driver snd_hda_intel)",
     );
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
     let state = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(fixture("l4.toml"))
         .unwrap()

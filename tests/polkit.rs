@@ -371,7 +371,7 @@ fn without_polkitd_only_root_may_change() {
 
     // polkitd goes away mid-run.
     drop(pk);
-    wait_until(|| !bus.has_owner("org.freedesktop.PolicyKit1"));
+    wait_name(&bus, "org.freedesktop.PolicyKit1", false, None);
     let out = call(
         &bus,
         Some(plain),

@@ -396,7 +396,7 @@ fn list_available_shows_every_fixture_device() {
 
     // Without an IOMMU, no group is reported anywhere.
     drop(_d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
     let state2 = tempfile::tempdir().unwrap();
     let _d = Daemon::simulate(&bus, state2.path(), "no-iommu.toml");
     let all = bus.manager("ListAvailable", &[]).unwrap();

@@ -126,7 +126,7 @@ fn tags_on_create_list_filter_set_and_restart() {
 
     // Kept across a restart; a file without tags (earlier versions) loads.
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
     let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
     let got = bus.manager("Get", &["s", "gpu"]).unwrap();
     assert_eq!(

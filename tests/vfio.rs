@@ -97,7 +97,7 @@ fn l4_lifecycle_across_restarts_and_reboots() {
     // 3. Reboot: the kernel comes back with the L4 on nvidia; the daemon takes it
     //    back at start-up.
     drop(d);
-    wait_until(|| !bus.has_owner(NAME));
+    wait_name(&bus, NAME, false, None);
     std::fs::remove_file(&kernel_state).unwrap();
     let d = Daemon::start(&bus, state.path(), &args);
     assert_eq!(bus.host_driver(GPU).as_deref(), Some("vfio-pci"));

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 mod signals;
 mod tree;
-pub use signals::{Signal, Signals};
+pub use signals::{wait_name, Signal, Signals};
 pub use tree::{Function, SysfsTree};
 
 pub const NAME: &str = "org.hypeman.Devices";
@@ -547,17 +547,14 @@ impl Daemon {
         };
         // A hang guard, not a timing assertion: a daemon that never comes up fails
         // the test instead of hanging CI.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !bus.has_owner(NAME) {
-            if let Ok(Some(status)) = d.proc.child.try_wait() {
-                panic!("hypemand exited early ({status}):\n{}", d.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hypemand did not take its name:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        if !wait_name(bus, NAME, true, Some(d.proc.child.id())) {
+            let status = d
+                .proc
+                .child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            panic!("hypemand exited early ({status}):\n{}", d.log());
         }
         d
     }
@@ -569,7 +566,7 @@ impl Daemon {
     /// SIGKILL: the crash case.
     pub fn kill9(mut self, bus: &TestBus) {
         self.proc.signal_and_wait("KILL");
-        wait_until(|| !bus.has_owner(NAME));
+        wait_name(bus, NAME, false, None);
     }
 }
 
@@ -662,17 +659,15 @@ impl Polkitd {
             proc: Proc { child },
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !bus.has_owner("org.freedesktop.PolicyKit1") {
-            if let Ok(Some(st)) = p.proc.child.try_wait() {
-                panic!("polkitd exited ({st}): {}", p.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "polkitd did not start: {}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let pid = p.proc.child.id();
+        if !wait_name(bus, "org.freedesktop.PolicyKit1", true, Some(pid)) {
+            let st = p
+                .proc
+                .child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            panic!("polkitd exited ({st}): {}", p.log());
         }
         p
     }

@@ -156,3 +156,86 @@ impl Signals {
         )
     }
 }
+
+/// A process's exit as an event: readable once the process has exited.
+struct Exit(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl Exit {
+    fn of(pid: u32) -> Option<Exit> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the AsyncFd owns the descriptor, which stays open (and
+        // refers to this process) until the AsyncFd is dropped.
+        unsafe { tokio::io::unix::AsyncFd::register(fd) }
+            .ok()
+            .map(Exit)
+    }
+
+    async fn wait(&self) {
+        let _ = self.0.readable().await;
+    }
+}
+
+/// Waits, on `NameOwnerChanged` and not by polling, until `name` is owned
+/// (`owned`) or has no owner on `bus`. With `pid`, gives up as soon as that
+/// process exits (returns false: it died first).
+pub fn wait_name(bus: &TestBus, name: &str, owned: bool, pid: Option<u32>) -> bool {
+    // On a thread of its own: async tests call this from inside their runtime.
+    let address = bus.address.clone();
+    std::thread::scope(|s| {
+        s.spawn(|| wait_name_on(&address, name, owned, pid))
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+fn wait_name_on(address: &str, name: &str, owned: bool, pid: Option<u32>) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let conn = hypeman_api::BusChoice::Address(address.to_string())
+            .builder()
+            .build()
+            .await
+            .expect("connect to the test bus");
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await.expect("the bus's proxy");
+        // Subscribed before the first look, so no change falls in between.
+        let mut changes = dbus
+            .receive_name_owner_changed_with_args(&[(0, name)])
+            .await
+            .expect("NameOwnerChanged");
+        let bus_name = zbus::names::BusName::try_from(name).expect("a bus name");
+        if dbus.name_has_owner(bus_name).await.expect("NameHasOwner") == owned {
+            return true;
+        }
+        let exit = pid.and_then(Exit::of);
+        let changed = async {
+            while let Some(c) = changes.next().await {
+                if c.args().is_ok_and(|a| a.new_owner().is_some() == owned) {
+                    return;
+                }
+            }
+        };
+        let exited = async {
+            match &exit {
+                Some(e) => e.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = changed => true,
+            () = exited => false,
+            () = tokio::time::sleep(HANG_GUARD) => {
+                panic!("{name} was not {} within the hang guard", if owned { "owned" } else { "released" })
+            }
+        }
+    })
+}
