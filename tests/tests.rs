@@ -20,6 +20,7 @@ mod registry;
 mod rest;
 mod sdk;
 mod soak;
+mod sriov;
 mod state_dir;
 mod store_faults;
 mod stuck_host;

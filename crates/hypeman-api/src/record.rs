@@ -47,6 +47,14 @@ pub struct Record {
     pub numa_node: Option<i64>,
     /// User-defined labels (issue 15): `a{ss}`, empty when none.
     pub tags: std::collections::HashMap<String, String>,
+    /// *(issue 26)* A physical function's most virtual functions
+    /// (`sriov_totalvfs`); absent when it has no SR-IOV.
+    pub sriov_total_vfs: Option<i64>,
+    /// *(issue 26)* How many virtual functions it has now (`sriov_numvfs`).
+    pub sriov_vfs: Option<i64>,
+    /// *(issue 26)* A virtual function's physical function, by address;
+    /// absent for every other function.
+    pub parent: Option<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`
@@ -91,6 +99,12 @@ pub struct Available {
     pub registered_as: Option<String>,
     /// The NUMA node; absent when the platform has none.
     pub numa_node: Option<i64>,
+    /// *(issue 26)* As in [`Record`].
+    pub sriov_total_vfs: Option<i64>,
+    /// *(issue 26)* As in [`Record`].
+    pub sriov_vfs: Option<i64>,
+    /// *(issue 26)* A virtual function's physical function, by address.
+    pub parent: Option<String>,
     /// No blocker: the function may be set aside for a VM.
     pub passable: bool,
     /// Why it must stay with the host, one entry per reason.

@@ -42,6 +42,23 @@ pub struct HostDevice {
     pub numa_node: Option<u32>,
     /// `boot_vga` is 1: the firmware's console is on this device.
     pub boot_vga: bool,
+    /// *(issue 26)* A physical function's SR-IOV capability; `None` when it
+    /// has none (or is itself a virtual function).
+    pub sriov: Option<Sriov>,
+    /// *(issue 26)* A virtual function's physical function (the `physfn`
+    /// link); `None` for every other function.
+    pub physfn: Option<PciAddress>,
+}
+
+/// What sysfs says of a physical function's SR-IOV capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sriov {
+    /// `sriov_totalvfs`: the most virtual functions it can have.
+    pub total_vfs: u32,
+    /// `sriov_numvfs`: how many it has now.
+    pub num_vfs: u32,
+    /// `sriov_vf_device`: its virtual functions' device id.
+    pub vf_device: Option<u16>,
 }
 
 /// What a uevent (or the simulated kernel) says happened to a device.

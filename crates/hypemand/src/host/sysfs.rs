@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Host, HostDevice, HostError};
+use super::{Host, HostDevice, HostError, Sriov};
 use crate::pci::sysfs::{link_name, parse_override, read_hex};
 use crate::pci::PciAddress;
 
@@ -96,8 +96,30 @@ impl SysfsHost {
                 .ok()
                 .and_then(|t| t.trim().parse::<i64>().ok())
                 .and_then(|n| u32::try_from(n).ok()),
+            sriov: read_sriov(dir),
+            // The kernel's link to the physical function's device directory,
+            // whose name is its address.
+            physfn: link_name(&dir.join("physfn")).and_then(|n| PciAddress::parse(&n).ok()),
         })
     }
+}
+
+/// A physical function's SR-IOV capability: present only when the kernel
+/// lists `sriov_totalvfs` (and it is a number); counts past 65535 are not a
+/// PCI device's and are refused as absent.
+fn read_sriov(dir: &Path) -> Option<Sriov> {
+    let count = |name: &str| -> Option<u32> {
+        let t = std::fs::read_to_string(dir.join(name)).ok()?;
+        t.trim().parse::<u32>().ok().filter(|n| *n <= 0xffff)
+    };
+    let total_vfs = count("sriov_totalvfs")?;
+    Some(Sriov {
+        total_vfs,
+        num_vfs: count("sriov_numvfs").unwrap_or(0).min(total_vfs),
+        vf_device: read_hex(&dir.join("sriov_vf_device"), 0xffff)
+            .ok()
+            .map(|v| v as u16),
+    })
 }
 
 /// The bound driver: the `driver` link's target name. Copies of sysfs made with

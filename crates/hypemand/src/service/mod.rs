@@ -81,9 +81,9 @@ impl DeviceView {
     pub fn into_record(self) -> Record {
         let (iommu_group, bound_to_vfio, present) =
             (self.iommu_group(), self.bound_to_vfio(), self.present());
-        let (driver, numa_node) = match self.live {
-            Some(l) => (l.driver, l.numa_node),
-            None => (None, None),
+        let (driver, numa_node, sriov, physfn) = match self.live {
+            Some(l) => (l.driver, l.numa_node, l.sriov, l.physfn),
+            None => (None, None, None, None),
         };
         let s = self.stored;
         Record {
@@ -103,6 +103,9 @@ impl DeviceView {
             device_name: self.device_name,
             numa_node: numa_node.map(i64::from),
             tags: s.tags.into_iter().collect(),
+            sriov_total_vfs: sriov.map(|s| i64::from(s.total_vfs)),
+            sriov_vfs: sriov.map(|s| i64::from(s.num_vfs)),
+            parent: physfn.map(|p| p.to_string()),
         }
     }
 }
@@ -132,6 +135,9 @@ impl AvailableView {
             kind: self.kind.as_str().to_string(),
             registered_as: self.registered_as.clone(),
             numa_node: self.host.numa_node.map(i64::from),
+            sriov_total_vfs: self.host.sriov.map(|s| i64::from(s.total_vfs)),
+            sriov_vfs: self.host.sriov.map(|s| i64::from(s.num_vfs)),
+            parent: self.host.physfn.map(|p| p.to_string()),
             passable: self.blockers.is_empty(),
             blockers: self
                 .blockers

@@ -100,6 +100,8 @@ mod tests {
             iommu_group: Some(82),
             driver_override: None,
             numa_node: None,
+            sriov: None,
+            physfn: None,
             boot_vga: false,
         }
     }

@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 17] = [
+static ROWS: [Row; 20] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -88,8 +88,29 @@ static ROWS: [Row; 17] = [
     row("NumaNode", "x", Emits::True, "The NUMA node, -1 when the platform has none (or it is unplugged).", |r| {
         r.numa_node.unwrap_or(-1).into()
     }),
+    row(
+        "Parent",
+        "s",
+        Emits::Const,
+        "A virtual function's physical function, \"\" for any other function.",
+        |r| r.parent.clone().unwrap_or_default().into(),
+    ),
     row("PciAddress", "s", Emits::Const, "", |r| r.pci_address.clone().into()),
     row("Present", "b", Emits::True, "", |r| r.present.into()),
+    row(
+        "SriovTotalVfs",
+        "x",
+        Emits::Const,
+        "The most virtual functions (sriov_totalvfs), -1 without SR-IOV.",
+        |r| r.sriov_total_vfs.unwrap_or(-1).into(),
+    ),
+    row(
+        "SriovVfs",
+        "x",
+        Emits::True,
+        "The virtual functions enabled now (sriov_numvfs), -1 without SR-IOV.",
+        |r| r.sriov_vfs.unwrap_or(-1).into(),
+    ),
     row("Tags", "a{ss}", Emits::True, "User-defined labels (`SetTags` changes them).", |r| {
         Value::from(r.tags.clone())
     }),
@@ -101,7 +122,7 @@ static ROWS: [Row; 17] = [
 /// The order `PropertiesChanged` signals go in, one per changed property
 /// (clients see the driver move before they see `BoundToVfio`). `Name` is
 /// announced as it always was, though no operation renames a device.
-const SIGNAL_ORDER: [&str; 8] = [
+const SIGNAL_ORDER: [&str; 9] = [
     "Tags",
     "Driver",
     "BoundToVfio",
@@ -109,6 +130,7 @@ const SIGNAL_ORDER: [&str; 8] = [
     "Present",
     "IommuGroup",
     "NumaNode",
+    "SriovVfs",
     "Name",
 ];
 

@@ -150,6 +150,18 @@ pub struct FixtureDevice {
     /// The firmware's console is on this device (sysfs `boot_vga`).
     #[serde(default)]
     pub boot_vga: bool,
+    /// *(issue 26)* A physical function's `sriov_totalvfs`.
+    #[serde(default)]
+    pub sriov_total_vfs: Option<u32>,
+    /// Its `sriov_numvfs`: as many functions must name it as `physfn`.
+    #[serde(default)]
+    pub sriov_vfs: Option<u32>,
+    /// Its `sriov_vf_device` (hex).
+    #[serde(default)]
+    pub sriov_vf_device: Option<String>,
+    /// A virtual function's physical function (its `physfn` link).
+    #[serde(default)]
+    pub physfn: Option<String>,
     #[serde(default)]
     pub block: Vec<FixtureBlock>,
     #[serde(default)]
@@ -347,6 +359,31 @@ impl Fixture {
                 driver_override: None,
                 numa_node: d.numa_node.and_then(|n| u32::try_from(n).ok()),
                 boot_vga: d.boot_vga,
+                sriov: match d.sriov_total_vfs {
+                    Some(total_vfs) => Some(crate::host::Sriov {
+                        total_vfs,
+                        num_vfs: d.sriov_vfs.unwrap_or(0),
+                        vf_device: d
+                            .sriov_vf_device
+                            .as_ref()
+                            .map(|v| hex("sriov_vf_device", v, 0xffff).map(|v| v as u16))
+                            .transpose()?,
+                    }),
+                    None if d.sriov_vfs.is_some() || d.sriov_vf_device.is_some() => {
+                        return Err(invalid(format!(
+                            "device {address}: sriov_vfs and sriov_vf_device need sriov_total_vfs"
+                        )))
+                    }
+                    None => None,
+                },
+                physfn: d
+                    .physfn
+                    .as_deref()
+                    .map(|p| {
+                        PciAddress::parse(p)
+                            .map_err(|e| invalid(format!("device {address}: physfn {p:?}: {e}")))
+                    })
+                    .transpose()?,
             };
             if devices.insert(address, device).is_some() {
                 return Err(invalid(format!("device {address} is listed twice")));
@@ -365,6 +402,32 @@ impl Fixture {
                 .is_some()
             {
                 return Err(invalid(format!("service {} is listed twice", sv.name)));
+            }
+        }
+        // As the kernel keeps them: a virtual function's physical function
+        // is a declared function with SR-IOV, and has exactly as many
+        // virtual functions as its sriov_vfs says, within its total.
+        let mut vfs: BTreeMap<PciAddress, u32> = BTreeMap::new();
+        for (address, d) in &devices {
+            if let Some(pf) = d.physfn {
+                let capable = devices.get(&pf).is_some_and(|p| p.sriov.is_some());
+                if !capable {
+                    return Err(invalid(format!(
+                        "device {address}: physfn {pf} is not a declared function with sriov_total_vfs"
+                    )));
+                }
+                *vfs.entry(pf).or_default() += 1;
+            }
+        }
+        for (address, d) in &devices {
+            if let Some(s) = d.sriov {
+                let have = vfs.get(address).copied().unwrap_or(0);
+                if s.num_vfs > s.total_vfs || s.num_vfs != have {
+                    return Err(invalid(format!(
+                        "device {address}: sriov_vfs is {}, sriov_total_vfs {}, and {have} functions name it as physfn",
+                        s.num_vfs, s.total_vfs
+                    )));
+                }
             }
         }
         let mut groups: BTreeMap<u32, Vec<PciAddress>> = BTreeMap::new();

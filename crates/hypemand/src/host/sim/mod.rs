@@ -244,6 +244,7 @@ mod tests {
             "desktop.toml",
             "no-iommu.toml",
             "workstation.toml",
+            "sriov-nic.toml",
         ] {
             let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             let state = host.state().clone();
@@ -302,5 +303,47 @@ mod tests {
         assert!(!m.matches(0x8086, 0x27b8));
         let exact = IdMatch::parse("8086:1572").unwrap();
         assert!(exact.matches(0x8086, 0x1572) && !exact.matches(0x8086, 0x1573));
+    }
+
+    /// *(issue 26)* A fixture's virtual functions must agree with their
+    /// physical function, as the kernel's always do.
+    #[test]
+    fn virtual_functions_agree_with_their_physical_function() {
+        let text = std::fs::read_to_string(examples().join("sriov-nic.toml")).unwrap();
+        let host = SimHost::from_file(&examples().join("sriov-nic.toml")).unwrap();
+        let pf = host
+            .device(PciAddress::parse("0000:3b:00.0").unwrap())
+            .unwrap()
+            .unwrap();
+        let s = pf.sriov.unwrap();
+        assert_eq!((s.total_vfs, s.num_vfs, s.vf_device), (64, 2, Some(0x154c)));
+        let vf = host
+            .device(PciAddress::parse("0000:3b:02.1").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(vf.physfn, pf.address.into());
+        assert!(vf.sriov.is_none());
+        let broken = [
+            (
+                text.replace("sriov_vfs = 2", "sriov_vfs = 3"),
+                "2 functions name it",
+            ),
+            (
+                text.replace("sriov_vfs = 2", "sriov_vfs = 65"),
+                "sriov_total_vfs 64",
+            ),
+            (
+                text.replacen("physfn = \"0000:3b:00.0\"", "physfn = \"0000:3b:02.0\"", 1),
+                "is not a declared function with sriov_total_vfs",
+            ),
+        ];
+        for (t, why) in broken {
+            let e = Fixture::parse(Path::new("x.toml"), &t)
+                .unwrap()
+                .into_state(Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
     }
 }
