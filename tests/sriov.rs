@@ -14,27 +14,15 @@ use serde_json::Value;
 const PF: &str = "0000:3b:00.0";
 const VFS: [&str; 2] = ["0000:3b:02.0", "0000:3b:02.1"];
 
-/// The `ListAvailable` row of `address`.
-fn available(bus: &TestBus, address: &str) -> Value {
-    let all = bus.manager("ListAvailable", &[]).unwrap();
-    all[0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["pci_address"]["data"] == address)
-        .unwrap_or_else(|| panic!("{address} is not listed: {all}"))
-        .clone()
-}
-
 /// What both hosts must show: the physical function's counts, each virtual
 /// function's parent, and no parent or counts where there are none.
 fn shows_the_functions(bus: &TestBus) {
-    let pf = available(bus, PF);
+    let pf = bus.available(PF);
     assert_eq!(pf["sriov_total_vfs"]["data"], 64, "{pf}");
     assert_eq!(pf["sriov_vfs"]["data"], 2, "{pf}");
     assert!(pf.get("parent").is_none(), "{pf}");
     for vf in VFS {
-        let row = available(bus, vf);
+        let row = bus.available(vf);
         assert_eq!(row["parent"]["data"], PF, "{row}");
         assert!(row.get("sriov_total_vfs").is_none(), "{row}");
     }
@@ -114,12 +102,10 @@ fn the_real_backend_reads_them_from_sysfs() {
         symlink(format!("../{PF}"), dir.join("physfn")).unwrap();
         symlink(format!("../{vf}"), pf.join(format!("virtfn{i}"))).unwrap();
     }
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::start(
-        &bus,
-        state.path(),
-        &["--sysfs-root", tree.root().to_str().unwrap()],
-    );
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on_tree(TestBus::start(), &tree);
     shows_the_functions(&bus);
 }

@@ -85,13 +85,11 @@ fn reports_what_the_real_kernel_reported() {
     let seen = capture(&tree);
     assert!(!seen.is_empty());
 
-    let bus = TestBus::start();
-    let state = tempfile::tempdir().unwrap();
-    let _d = Daemon::start(
-        &bus,
-        state.path(),
-        &["--sysfs-root", tree.root().to_str().unwrap()],
-    );
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on_tree(TestBus::start(), &tree);
 
     let all = bus.manager("ListAvailable", &[]).unwrap();
     let rows = all[0].as_array().unwrap();

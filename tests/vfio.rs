@@ -547,16 +547,7 @@ fn blockers_are_reported_and_bind_refuses_the_boot_display() {
         state: _state,
         daemon: _d,
     } = Sim::start("workstation.toml");
-    let all = bus.manager("ListAvailable", &[]).unwrap();
-    let row = |addr: &str| -> serde_json::Value {
-        all[0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["pci_address"]["data"] == addr)
-            .unwrap_or_else(|| panic!("{addr} not listed: {all}"))
-            .clone()
-    };
+    let row = |addr: &str| bus.available(addr);
     let codes = |r: &serde_json::Value| -> Vec<String> {
         r["blockers"]["data"]
             .as_array()

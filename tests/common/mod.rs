@@ -442,6 +442,18 @@ impl TestBus {
         Ok(v["data"].clone())
     }
 
+    /// The `ListAvailable` entry of `address` (busctl's JSON).
+    pub fn available(&self, address: &str) -> Value {
+        let all = self.manager("ListAvailable", &[]).expect("ListAvailable");
+        all[0]
+            .as_array()
+            .expect("an array")
+            .iter()
+            .find(|r| r["pci_address"]["data"] == address)
+            .unwrap_or_else(|| panic!("{address} is not listed: {all}"))
+            .clone()
+    }
+
     /// A manager method through busctl.
     pub fn manager(&self, method: &str, sig_and_args: &[&str]) -> Result<Value, String> {
         self.call(PATH, IFACE, method, sig_and_args)
@@ -497,6 +509,19 @@ impl Sim {
         let daemon = Daemon::simulate(&bus, state.path(), fixture);
         Sim { daemon, bus, state }
     }
+
+    /// The real backend on a `--sysfs-root` tree instead of a fixture.
+    pub fn on_tree(bus: TestBus, tree: &SysfsTree) -> Sim {
+        let state = tempfile::tempdir().expect("a state directory");
+        let root = tree.root().to_str().expect("a UTF-8 path");
+        let daemon = Daemon::start(&bus, state.path(), &["--sysfs-root", root]);
+        Sim { daemon, bus, state }
+    }
+}
+
+/// How a child that exited said so, for a failure message.
+fn exit_status(child: &mut Child) -> String {
+    child.wait().map(|s| s.to_string()).unwrap_or_default()
 }
 
 /// A running `hypemand` on a [`TestBus`].
@@ -548,12 +573,7 @@ impl Daemon {
         // A hang guard, not a timing assertion: a daemon that never comes up fails
         // the test instead of hanging CI.
         if !wait_name(bus, NAME, true, Some(d.proc.child.id())) {
-            let status = d
-                .proc
-                .child
-                .wait()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let status = exit_status(&mut d.proc.child);
             panic!("hypemand exited early ({status}):\n{}", d.log());
         }
         d
@@ -661,12 +681,7 @@ impl Polkitd {
         };
         let pid = p.proc.child.id();
         if !wait_name(bus, "org.freedesktop.PolicyKit1", true, Some(pid)) {
-            let st = p
-                .proc
-                .child
-                .wait()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let st = exit_status(&mut p.proc.child);
             panic!("polkitd exited ({st}): {}", p.log());
         }
         p

@@ -88,11 +88,7 @@ impl SimHost {
         path: &str,
         value: &str,
     ) -> Result<Option<FaultKind>, HostError> {
-        let fail = |errno| HostError::Write {
-            path: path.to_string(),
-            value: value.to_string(),
-            errno,
-        };
+        let fail = super::kernel::failing(path, value);
         self.note(format!("{op} {address} {value}").trim_end().to_string());
         match self.fault(op, address) {
             Some(FaultKind::Errno(e)) => Err(fail(e)),

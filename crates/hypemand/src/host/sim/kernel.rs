@@ -10,6 +10,16 @@ use crate::host::usage::{Use, Walked};
 use crate::host::{EventKind, Host, HostDevice, HostError, Op};
 use crate::pci::PciAddress;
 
+/// The failure of writing `value` to `path`, by errno, as the kernel reports it.
+pub(super) fn failing(path: &str, value: &str) -> impl Fn(i32) -> HostError {
+    let (path, value) = (path.to_string(), value.to_string());
+    move |errno| HostError::Write {
+        path: path.clone(),
+        value: value.clone(),
+        errno,
+    }
+}
+
 impl SimHost {
     /// The first loaded driver whose id table matches (what a probe without an
     /// override picks).
@@ -157,11 +167,7 @@ impl Host for SimHost {
     fn unbind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
         let path = format!("bus/pci/drivers/{driver}/unbind");
         let fault = self.before(Op::Unbind, address, &path, &address.to_string())?;
-        let fail = |errno| HostError::Write {
-            path: path.clone(),
-            value: address.to_string(),
-            errno,
-        };
+        let fail = failing(&path, &address.to_string());
         let mut state = self.state();
         if !Self::loaded(&state, driver) {
             return Err(fail(ENOENT));
@@ -211,11 +217,7 @@ impl Host for SimHost {
     fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
         let path = format!("bus/pci/drivers/{driver}/bind");
         self.before(Op::Bind, address, &path, &address.to_string())?;
-        let fail = |errno| HostError::Write {
-            path: path.clone(),
-            value: address.to_string(),
-            errno,
-        };
+        let fail = failing(&path, &address.to_string());
         let mut state = self.state();
         if !Self::loaded(&state, driver) {
             return Err(fail(ENOENT));
