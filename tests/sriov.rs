@@ -17,12 +17,13 @@ const VFS: [&str; 2] = ["0000:3b:02.0", "0000:3b:02.1"];
 /// What both hosts must show: the physical function's counts, each virtual
 /// function's parent, and no parent or counts where there are none.
 fn shows_the_functions(bus: &TestBus) {
-    let pf = bus.available(PF);
+    let all = bus.available();
+    let pf = all.of(PF);
     assert_eq!(pf["sriov_total_vfs"]["data"], 64, "{pf}");
     assert_eq!(pf["sriov_vfs"]["data"], 2, "{pf}");
     assert!(pf.get("parent").is_none(), "{pf}");
     for vf in VFS {
-        let row = bus.available(vf);
+        let row = all.of(vf);
         assert_eq!(row["parent"]["data"], PF, "{row}");
         assert!(row.get("sriov_total_vfs").is_none(), "{row}");
     }

@@ -547,7 +547,8 @@ fn blockers_are_reported_and_bind_refuses_the_boot_display() {
         state: _state,
         daemon: _d,
     } = Sim::start("workstation.toml");
-    let row = |addr: &str| bus.available(addr);
+    let all = bus.available();
+    let row = |addr: &str| all.of(addr).clone();
     let codes = |r: &serde_json::Value| -> Vec<String> {
         r["blockers"]["data"]
             .as_array()

@@ -442,16 +442,10 @@ impl TestBus {
         Ok(v["data"].clone())
     }
 
-    /// The `ListAvailable` entry of `address` (busctl's JSON).
-    pub fn available(&self, address: &str) -> Value {
+    /// `ListAvailable`'s entries (busctl's JSON), read once.
+    pub fn available(&self) -> Available {
         let all = self.manager("ListAvailable", &[]).expect("ListAvailable");
-        all[0]
-            .as_array()
-            .expect("an array")
-            .iter()
-            .find(|r| r["pci_address"]["data"] == address)
-            .unwrap_or_else(|| panic!("{address} is not listed: {all}"))
-            .clone()
+        Available(all[0].as_array().expect("an array").clone())
     }
 
     /// A manager method through busctl.
@@ -485,6 +479,19 @@ impl TestBus {
             .args(args)
             .output()
             .expect("run hypemanctl")
+    }
+}
+
+/// One answer of `ListAvailable`.
+pub struct Available(pub Vec<Value>);
+
+impl Available {
+    /// The entry of `address`.
+    pub fn of(&self, address: &str) -> &Value {
+        self.0
+            .iter()
+            .find(|r| r["pci_address"]["data"] == address)
+            .unwrap_or_else(|| panic!("{address} is not listed: {:?}", self.0))
     }
 }
 

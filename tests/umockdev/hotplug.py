@@ -109,6 +109,11 @@ def scenario(tb, bus, daemon):
     conn.signal_subscribe(None, "org.freedesktop.DBus.Properties", "PropertiesChanged", None, None,
                           Gio.DBusSignalFlags.NONE, on_signal)
     conn.signal_subscribe(None, "org.hypeman.Devices1", None, PATH, None, Gio.DBusSignalFlags.NONE, on_signal)
+    # signal_subscribe sends AddMatch without waiting for it; the bus handles a
+    # connection's messages in order, so once a later call is answered the
+    # matches are in place, and no signal of the first uevent can be missed.
+    conn.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                   "GetId", None, None, Gio.DBusCallFlags.NONE, -1, None)
 
     def wait_for(pred, what):
         end = time.monotonic() + 10

@@ -315,6 +315,31 @@ pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
+    /// *(issue 26)* SR-IOV is read only where `sriov_totalvfs` is a count a
+    /// PCI function can have; the current count never exceeds the total.
+    #[test]
+    fn sriov_is_read_as_the_kernel_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(read_sriov(d), None, "no sriov_totalvfs: no SR-IOV");
+        let write = |name: &str, v: &str| std::fs::write(d.join(name), v).unwrap();
+        write("sriov_totalvfs", "64\n");
+        write("sriov_numvfs", "2\n");
+        write("sriov_vf_device", "154c\n");
+        let want = Sriov {
+            total_vfs: 64,
+            num_vfs: 2,
+            vf_device: Some(0x154c),
+        };
+        assert_eq!(read_sriov(d), Some(want));
+        write("sriov_numvfs", "4096\n");
+        assert_eq!(read_sriov(d).map(|s| s.num_vfs), Some(64));
+        for bad in ["65536\n", "-1\n", "lots\n"] {
+            write("sriov_totalvfs", bad);
+            assert_eq!(read_sriov(d), None, "{bad:?}");
+        }
+    }
+
     /// Lays out a device the way the kernel does: the real directory under
     /// `devices/`, a link in `bus/pci/devices`, relative `driver` and
     /// `iommu_group` links.

@@ -6,8 +6,8 @@ use hypeman_api::Error;
 use crate::host::door::StepError;
 use crate::host::vfio::VfioError;
 use crate::pci::AddressError;
-use crate::store::registry::shorten;
 use crate::store::{ChangeError, Conflict};
+use hypeman_api::validate::shorten;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

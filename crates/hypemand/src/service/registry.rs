@@ -11,10 +11,9 @@ use crate::pci::{DeviceType, PciAddress};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::store::registry::{
-    new_device_id, now_rfc3339, tags_match, validate_filter, validate_tags,
-};
+use crate::store::registry::{new_device_id, now_rfc3339, tags_match};
 use crate::store::{Change, StoredDevice};
+use hypeman_api::validate::{validate_filter, validate_tags};
 
 fn require_key(id_or_name: &str) -> Result<()> {
     if id_or_name.is_empty() {

@@ -453,7 +453,7 @@ fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(Registry, u64, usize), S
                 .and_then(|v| {
                     v.get("id")
                         .and_then(|v| v.as_str())
-                        .map(super::registry::shorten)
+                        .map(hypeman_api::validate::shorten)
                 })
                 .unwrap_or_default();
             tracing::error!(

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::pci::{DeviceType, PciAddress};
-pub use hypeman_api::validate::{
-    shorten, validate_filter, validate_instance_id, validate_name, validate_tags,
-};
+use hypeman_api::validate::{shorten, validate_instance_id, validate_name, validate_tags};
 
 /// One registered device as the store keeps it.
 ///
