@@ -972,3 +972,84 @@ fn forcing_needs_its_own_grant() {
     );
     assert_eq!(bus.host_driver("0000:03:00.0").as_deref(), Some("vfio-pci"));
 }
+
+/// *(issue 26)* SetVirtualFunctions is `org.hypeman.devices.partition`,
+/// asked about the physical function: the shipped rule grants it to group
+/// `hypeman`, anyone else gets polkit's `auth_admin` (a password they did
+/// not allow to be asked for) and nothing changes; a rule can grant it for
+/// one device by its address.
+#[test]
+fn partitioning_is_its_own_action() {
+    let _s = serial();
+    let users = TestUsers::create(&["member", "outsider"], &["member"], "hypeman");
+    let (member, outsider) = (&users.names[0], &users.names[1]);
+    // One device by address: the outsider may partition the X710, nothing else.
+    let one = format!(
+        r#"polkit.addRule(function(action, subject) {{
+    if (action.id == "org.hypeman.devices.partition" && subject.user == "{outsider}" &&
+        action.lookup("pci_address") == "0000:3b:00.0" && action.lookup("device_id") == "8086:1572") return polkit.Result.YES;
+}});
+"#
+    );
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(
+        &bus,
+        &[
+            ("50-org.hypeman.devices.rules", shipped_rule()),
+            ("10-one-device.rules", one),
+        ],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "sriov-nic.toml");
+    let out = call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:3b:00.0", "x710"],
+    );
+    assert_eq!(outcome(&out), "ok", "{out:?}");
+    let pf = object_path(&out);
+    ok_call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:3b:02.0", "vf0"],
+    );
+    let before = snapshot(&bus);
+    // The outsider may not register, and may partition only the X710: the
+    // virtual function (an SR-IOV-less function, refused by the daemon only
+    // once authorized) is asked about with its own address and refused.
+    let out = call(
+        &bus,
+        Some(outsider),
+        false,
+        PATH,
+        &m("SetVirtualFunctions"),
+        &["vf0", "1"],
+    );
+    assert_eq!(outcome(&out), "InteractiveAuthorizationRequired", "{out:?}");
+    assert_eq!(snapshot(&bus), before);
+    ok_call(
+        &bus,
+        Some(outsider),
+        false,
+        &pf,
+        &d("SetVirtualFunctions"),
+        &["3"],
+    );
+    // The member, through the shipped rule.
+    ok_call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("SetVirtualFunctions"),
+        &["x710", "1"],
+    );
+    let get = bus.manager("Get", &["s", "x710"]).unwrap();
+    assert_eq!(get[0]["sriov_vfs"]["data"], 1, "{get}");
+}

@@ -110,3 +110,179 @@ fn the_real_backend_reads_them_from_sysfs() {
     } = Sim::on_tree(TestBus::start(), &tree);
     shows_the_functions(&bus);
 }
+
+/// The error name and message of a failed `gdbus call`.
+fn refused(out: std::process::Output) -> String {
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// *(issue 26)* SetVirtualFunctions over the bus, as an admin drives it:
+/// 2 → 4 goes through 0, the new functions are announced before the answer
+/// counts them, the physical function's `SriovVfs` is signalled, and the new
+/// functions are listed with their parent; Bind of the physical function is
+/// refused while they exist, forced too, naming them; `hypemanctl sriov`
+/// removes them.
+#[test]
+fn set_virtual_functions_follows_the_new_functions() {
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("sriov-nic.toml");
+    let pf = bus.manager("Register", &["ss", PF, "x710"]).unwrap();
+    let path = pf[0].as_str().unwrap().to_string();
+    let mut signals = Signals::watch(&bus, None);
+    let set = bus
+        .manager("SetVirtualFunctions", &["su", "x710", "4"])
+        .unwrap();
+    assert_eq!(set[0]["sriov_vfs"]["data"], 4, "{set}");
+    for vf in ["0000:3b:02.2", "0000:3b:02.3"] {
+        signals.wait_host(true, vf);
+    }
+    signals.wait_set(Some(&path), "SriovVfs", 4i64);
+    let writes: Vec<String> = bus
+        .journal()
+        .into_iter()
+        .filter(|j| j.starts_with("set_num_vfs"))
+        .collect();
+    assert_eq!(
+        writes,
+        ["set_num_vfs 0000:3b:00.0 0", "set_num_vfs 0000:3b:00.0 4"]
+    );
+    let all = bus.available();
+    let vf = all.of("0000:3b:02.3");
+    assert_eq!(vf["parent"]["data"], PF, "{vf}");
+    assert_eq!(vf["current_driver"]["data"], "iavf", "{vf}");
+    let pf_row = all.of(PF);
+    assert_eq!(pf_row["passable"]["data"], false, "{pf_row}");
+
+    // The physical function does not move while its functions exist.
+    let e = refused(bus.gdbus_call(&path, "org.hypeman.Device1.Bind", &[]));
+    assert!(e.contains("org.hypeman.Devices.Error.HostInUse"), "{e}");
+    assert!(
+        e.contains("0000:3b:02.0, 0000:3b:02.1, 0000:3b:02.2, 0000:3b:02.3"),
+        "{e}"
+    );
+    let e = refused(bus.gdbus_call(
+        &path,
+        "org.hypeman.Device1.BindWithOptions",
+        &["{'force': <true>}"],
+    ));
+    assert!(
+        e.contains("HostInUse") && e.contains("virtual functions enabled"),
+        "{e}"
+    );
+
+    // Past the total, a typed refusal; through Device1 the same method.
+    let e = refused(bus.gdbus_call(&path, "org.hypeman.Device1.SetVirtualFunctions", &["65"]));
+    assert!(
+        e.contains("org.hypeman.Devices.Error.InvalidArgument") && e.contains("at most 64"),
+        "{e}"
+    );
+
+    let out = bus.hypemanctl(&["sriov", "x710", "0"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sriov: 0 of 64 virtual functions"),
+        "{out:?}"
+    );
+    for vf in ["0000:3b:02.0", "0000:3b:02.3"] {
+        signals.wait_host(false, vf);
+    }
+    let bound = bus.manager("Bind", &["s", "x710"]).unwrap();
+    assert_eq!(bound[0]["bound_to_vfio"]["data"], true, "{bound}");
+}
+
+/// A virtual function that never appears: the answer is `Timeout`, naming
+/// it, and the previous count is made again. A registered virtual function
+/// on vfio-pci refuses any change (`InUse`) before anything is written.
+#[test]
+fn a_lost_function_is_undone_and_a_held_one_refuses() {
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let f = fixture("sriov-nic.toml");
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--simulate", f.to_str().unwrap(), "--sysfs-timeout", "1"],
+    );
+    bus.manager("Register", &["ss", PF, "x710"]).unwrap();
+    bus.inject("set_num_vfs", PF, "lost");
+    let e = refused(bus.gdbus_call(
+        PATH,
+        "org.hypeman.Devices1.SetVirtualFunctions",
+        &["x710", "3"],
+    ));
+    assert!(e.contains("org.hypeman.Devices.Error.Timeout"), "{e}");
+    assert!(
+        e.contains("0000:3b:02.2") && e.contains("put back to 2"),
+        "{e}"
+    );
+    let get = bus.manager("Get", &["s", "x710"]).unwrap();
+    assert_eq!(get[0]["sriov_vfs"]["data"], 2, "{get}");
+    bus.sim("ClearFaults", &[]);
+
+    bus.manager("Register", &["ss", VFS[0], "vf0"]).unwrap();
+    bus.manager("Bind", &["s", "vf0"]).unwrap();
+    let before = bus.journal().len();
+    let e = refused(bus.gdbus_call(
+        PATH,
+        "org.hypeman.Devices1.SetVirtualFunctions",
+        &["x710", "0"],
+    ));
+    assert!(
+        e.contains("org.hypeman.Devices.Error.InUse")
+            && e.contains("vf0 (0000:3b:02.0) is on vfio-pci"),
+        "{e}"
+    );
+    assert_eq!(bus.journal().len(), before, "nothing was written");
+}
+
+/// The real backend on a tree in the kernel's layout, which sends no
+/// uevents: the count is written through 0, the new functions never appear,
+/// and the tree is left with the count it had.
+#[test]
+fn the_real_backend_writes_the_count_and_puts_it_back() {
+    let tree = SysfsTree::new();
+    let pf = tree.function(&Function {
+        address: PF,
+        parent: "pci0000:3a/0000:3a:00.0",
+        attrs: &[
+            ("vendor", b"0x8086\n"),
+            ("device", b"0x1572\n"),
+            ("class", b"0x020000\n"),
+            ("driver_override", b"(null)\n"),
+            ("sriov_totalvfs", b"64\n"),
+            ("sriov_numvfs", b"0\n"),
+            ("sriov_offset", b"16\n"),
+            ("sriov_stride", b"1\n"),
+            ("sriov_vf_device", b"154c\n"),
+        ],
+        driver: Some("i40e"),
+        group: Some("40"),
+    });
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = tree.root().to_str().unwrap().to_string();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--sysfs-root", &root, "--sysfs-timeout", "1"],
+    );
+    bus.manager("Register", &["ss", PF, "x710"]).unwrap();
+    let e = refused(bus.gdbus_call(
+        PATH,
+        "org.hypeman.Devices1.SetVirtualFunctions",
+        &["x710", "2"],
+    ));
+    // Both functions are named missing: the count read back was 2, so it
+    // was written.
+    assert!(
+        e.contains("Timeout") && e.contains("0000:3b:02.0, 0000:3b:02.1"),
+        "{e}"
+    );
+    assert!(e.contains("put back to 0"), "{e}");
+    let numvfs = std::fs::read_to_string(pf.join("sriov_numvfs")).unwrap();
+    assert_eq!(numvfs, "0\n");
+}

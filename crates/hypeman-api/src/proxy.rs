@@ -61,6 +61,9 @@ pub trait Devices {
     ) -> Result<Record, Error>;
     /// `Detach`: clears the attachment.
     fn detach(&self, id_or_name: &str) -> Result<Record, Error>;
+    /// `SetVirtualFunctions` *(issue 26)*: a physical function's SR-IOV
+    /// virtual functions.
+    fn set_virtual_functions(&self, id_or_name: &str, count: u32) -> Result<Record, Error>;
     /// The daemon's version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

@@ -114,6 +114,16 @@ pub enum CtlCommand {
         /// The device's id or name.
         id_or_name: String,
     },
+    /// Give a registered SR-IOV physical function COUNT virtual functions
+    /// (0 removes them); answers once they have all appeared. Needs the
+    /// org.hypeman.devices.partition authorization. Refused while one of its
+    /// virtual functions is on vfio-pci or attached.
+    Sriov {
+        /// The physical function's id or name.
+        id_or_name: String,
+        /// How many virtual functions, at most its sriov_total_vfs.
+        count: u32,
+    },
     /// Print one line per event as it happens (Ctrl-C to stop).
     Monitor,
     /// The daemon's version and counts.

@@ -220,6 +220,16 @@ impl Client {
         self.call("Detach", &(id_or_name,)).await
     }
 
+    /// `SetVirtualFunctions` *(issue 26)*: a physical function's SR-IOV
+    /// virtual functions.
+    pub async fn set_virtual_functions(
+        &self,
+        id_or_name: &str,
+        count: u32,
+    ) -> Result<Record, ClientError> {
+        self.call("SetVirtualFunctions", &(id_or_name, count)).await
+    }
+
     /// The daemon's version.
     pub async fn version(&self) -> Result<String, ClientError> {
         Ok(self.proxy.get_property::<String>("Version").await?)

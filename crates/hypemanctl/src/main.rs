@@ -106,6 +106,7 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
             print_devices(std::slice::from_ref(&d), json, true);
             if !json {
                 print_tags(&d);
+                print_sriov(&d);
                 print_blockers(&client.blockers(&d.id).await?);
             }
         }
@@ -142,6 +143,13 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         }
         CtlCommand::Detach { id_or_name } => {
             print_devices(&[client.detach(&id_or_name).await?], json, true)
+        }
+        CtlCommand::Sriov { id_or_name, count } => {
+            let pf = client.set_virtual_functions(&id_or_name, count).await?;
+            print_devices(std::slice::from_ref(&pf), json, true);
+            if !json {
+                print_sriov(&pf);
+            }
         }
         CtlCommand::Status => status(&client, json).await?,
         CtlCommand::Monitor => monitor(&client, json).await?,
@@ -217,6 +225,17 @@ fn print_devices(devices: &[Record], json: bool, single: bool) {
 
 fn or_dash(v: Option<i64>) -> String {
     v.map_or_else(|| "-".into(), |g| g.to_string())
+}
+
+/// `sriov: 2 of 64 virtual functions` for a physical function, `parent:
+/// ADDRESS` for a virtual function.
+fn print_sriov(d: &Record) {
+    if let (Some(n), Some(total)) = (d.sriov_vfs, d.sriov_total_vfs) {
+        println!("sriov: {n} of {total} virtual functions");
+    }
+    if let Some(p) = &d.parent {
+        println!("parent: {p}");
+    }
 }
 
 /// `tags: k=v, k=v` (sorted), when the device has any.

@@ -41,12 +41,14 @@ pub enum Method {
     ForceAttach,
     /// Changing a device's tags (issue 15): authorized as registering.
     SetTags,
+    /// *(issue 26)* Partitioning a device: SetVirtualFunctions.
+    Partition,
 }
 
 impl Method {
     /// Every method, for the table's test.
     #[cfg(test)]
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 10] = [
         Method::Register,
         Method::Delete,
         Method::Bind,
@@ -56,6 +58,7 @@ impl Method {
         Method::ForceBind,
         Method::ForceAttach,
         Method::SetTags,
+        Method::Partition,
     ];
 
     /// The table: which polkit actions each method needs, every one of them
@@ -68,6 +71,7 @@ impl Method {
             Method::Attach | Method::Detach => &[Action::Attach],
             Method::ForceBind => &[Action::Bind, Action::Force],
             Method::ForceAttach => &[Action::Attach, Action::Force],
+            Method::Partition => &[Action::Partition],
         }
     }
 
@@ -87,6 +91,7 @@ impl Method {
             Op::Attach { force: true, .. } => Method::ForceAttach,
             Op::Detach => Method::Detach,
             Op::SetTags { .. } => Method::SetTags,
+            Op::SetVirtualFunctions { .. } => Method::Partition,
         }
     }
 }
@@ -104,6 +109,8 @@ pub enum Action {
     Attach,
     /// Overriding soft blockers, asked in addition to Bind or Attach.
     Force,
+    /// *(issue 26)* Partitioning a device (virtual functions, vGPUs).
+    Partition,
 }
 
 impl Action {
@@ -115,6 +122,7 @@ impl Action {
             Action::Bind => "org.hypeman.devices.bind",
             Action::Attach => "org.hypeman.devices.attach",
             Action::Force => "org.hypeman.devices.force",
+            Action::Partition => "org.hypeman.devices.partition",
         }
     }
 }

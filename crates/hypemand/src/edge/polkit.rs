@@ -466,6 +466,7 @@ fn verb(action: Action) -> &'static str {
         Action::Bind => "bind or unbind",
         Action::Attach => "attach or detach",
         Action::Force => "force taking",
+        Action::Partition => "partition",
     }
 }
 

@@ -122,6 +122,11 @@ impl Door {
         }
     }
 
+    /// How long one host call may take.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
     /// Asks and moves holder services through `units` (default: none).
     pub fn with_units(mut self, units: Units) -> Self {
         self.units = Arc::new(units);

@@ -9,12 +9,14 @@
 //!
 //! - [`door`]: the one way in, with deadlines and stuck-call bookkeeping;
 //! - [`vfio`]: take a device to vfio-pci and give it back, with rollback;
+//! - [`sriov`]: change a physical function's virtual functions, with rollback;
 //! - [`sysfs`]: the real kernel; [`sim`]: the simulated one;
 //! - [`usage`]: how the host uses a function (mounts, routes, open nodes);
 //! - [`units`]: the systemd services that hold devices (nvidia-persistenced).
 
 pub mod door;
 pub mod sim;
+pub mod sriov;
 pub mod sysfs;
 pub mod units;
 pub mod usage;
@@ -59,6 +61,41 @@ pub struct Sriov {
     pub num_vfs: u32,
     /// `sriov_vf_device`: its virtual functions' device id.
     pub vf_device: Option<u16>,
+    /// `sriov_offset`: the first virtual function's routing id, relative to
+    /// the physical function's; 0 when the kernel does not say.
+    pub offset: u16,
+    /// `sriov_stride`: the distance between two virtual functions' routing ids.
+    pub stride: u16,
+}
+
+impl Sriov {
+    /// The addresses of `pf`'s first `count` virtual functions, by the
+    /// kernel's own arithmetic (`pci_iov_virtfn_bus` and
+    /// `pci_iov_virtfn_devfn` in `drivers/pci/iov.c`): routing id = the
+    /// physical function's + offset + stride × index, whose high byte is the
+    /// bus and low byte the device and function. Empty when the offset is
+    /// unknown; functions past bus 255 do not exist and are left out.
+    pub fn vfs(&self, pf: PciAddress, count: u32) -> Vec<PciAddress> {
+        if self.offset == 0 {
+            return Vec::new();
+        }
+        let rid = (u32::from(pf.bus) << 8) | (u32::from(pf.device) << 3) | u32::from(pf.function);
+        (0..count.min(self.total_vfs))
+            .map(|i| rid + u32::from(self.offset) + u32::from(self.stride) * i)
+            .take_while(|r| *r <= 0xffff)
+            .map(|r| PciAddress {
+                domain: pf.domain,
+                bus: (r >> 8) as u8,
+                device: ((r >> 3) & 0x1f) as u8,
+                function: (r & 0x7) as u8,
+            })
+            .collect()
+    }
+
+    /// The virtual functions `pf` has now.
+    pub fn current_vfs(&self, pf: PciAddress) -> Vec<PciAddress> {
+        self.vfs(pf, self.num_vfs)
+    }
 }
 
 /// What a uevent (or the simulated kernel) says happened to a device.
@@ -145,7 +182,7 @@ pub fn errno_text(errno: i32) -> String {
 }
 
 /// The errno values a sysfs write can plausibly fail with, by name.
-pub const ERRNOS: [(&str, i32); 10] = [
+pub const ERRNOS: [(&str, i32); 11] = [
     ("EPERM", 1),
     ("ENOENT", 2),
     ("EINTR", 4),
@@ -156,6 +193,7 @@ pub const ERRNOS: [(&str, i32); 10] = [
     ("EBUSY", 16),
     ("ENODEV", 19),
     ("EINVAL", 22),
+    ("ERANGE", 34),
 ];
 
 pub fn errno_name(errno: i32) -> Option<&'static str> {
@@ -179,15 +217,18 @@ pub enum Op {
     Bind,
     /// Write the address to `drivers_probe`.
     Probe,
+    /// *(issue 26)* Write a count to a physical function's `sriov_numvfs`.
+    SetNumVfs,
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
+    pub const ALL: [Op; 6] = [
         Op::SetOverride,
         Op::ClearOverride,
         Op::Unbind,
         Op::Bind,
         Op::Probe,
+        Op::SetNumVfs,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -197,6 +238,7 @@ impl Op {
             Op::Unbind => "unbind",
             Op::Bind => "bind",
             Op::Probe => "probe",
+            Op::SetNumVfs => "set_num_vfs",
         }
     }
 
@@ -219,6 +261,8 @@ pub enum HostOp {
     Bind(String),
     /// `drivers_probe`.
     Probe,
+    /// `sriov_numvfs`.
+    SetNumVfs(u32),
 }
 
 impl HostOp {
@@ -230,6 +274,7 @@ impl HostOp {
             HostOp::Unbind(d) => host.unbind(address, d),
             HostOp::Bind(d) => host.bind(address, d),
             HostOp::Probe => host.probe(address),
+            HostOp::SetNumVfs(n) => host.set_num_vfs(address, *n),
         }
     }
 }
@@ -282,4 +327,8 @@ pub trait Host: Send + Sync + 'static {
 
     /// `drivers_probe`.
     fn probe(&self, address: PciAddress) -> Result<(), HostError>;
+
+    /// *(issue 26)* `sriov_numvfs`: the kernel makes (or removes) the
+    /// virtual functions before the write returns, and sends their uevents.
+    fn set_num_vfs(&self, address: PciAddress, count: u32) -> Result<(), HostError>;
 }

@@ -119,6 +119,8 @@ fn read_sriov(dir: &Path) -> Option<Sriov> {
         vf_device: read_hex(&dir.join("sriov_vf_device"), 0xffff)
             .ok()
             .map(|v| v as u16),
+        offset: count("sriov_offset").unwrap_or(0) as u16,
+        stride: count("sriov_stride").unwrap_or(0) as u16,
     })
 }
 
@@ -296,6 +298,11 @@ impl Host for SysfsHost {
         self.write_attr(&path, &address.to_string())
     }
 
+    fn set_num_vfs(&self, address: PciAddress, count: u32) -> Result<(), HostError> {
+        let path = self.device_dir(address).join("sriov_numvfs");
+        self.write_attr(&path, &format!("{count}\n"))
+    }
+
     fn bind(&self, address: PciAddress, driver: &str) -> Result<(), HostError> {
         let dir = self.driver_dir(driver)?;
         if !dir.is_dir() {
@@ -326,12 +333,37 @@ pub(crate) mod tests {
         write("sriov_totalvfs", "64\n");
         write("sriov_numvfs", "2\n");
         write("sriov_vf_device", "154c\n");
+        write("sriov_offset", "16\n");
+        write("sriov_stride", "1\n");
         let want = Sriov {
             total_vfs: 64,
             num_vfs: 2,
             vf_device: Some(0x154c),
+            offset: 16,
+            stride: 1,
         };
         assert_eq!(read_sriov(d), Some(want));
+        let pf = PciAddress::parse("0000:3b:00.0").unwrap();
+        let shown = |v: Vec<PciAddress>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            shown(want.current_vfs(pf)),
+            ["0000:3b:02.0", "0000:3b:02.1"],
+            "the X710's VFs where the kernel puts them"
+        );
+        // Past the 8th function the device number goes up, past the 32nd
+        // device the bus does; beyond bus 255 there is nothing.
+        let wide = Sriov {
+            offset: 4,
+            stride: 2,
+            ..want
+        };
+        assert_eq!(
+            shown(wide.vfs(PciAddress::parse("0000:41:1f.0").unwrap(), 3)),
+            ["0000:41:1f.4", "0000:41:1f.6", "0000:42:00.0"]
+        );
+        let last = PciAddress::parse("0000:ff:1f.0").unwrap();
+        assert_eq!(shown(wide.vfs(last, 3)), ["0000:ff:1f.4", "0000:ff:1f.6"]);
+        assert!(Sriov { offset: 0, ..want }.current_vfs(pf).is_empty());
         write("sriov_numvfs", "4096\n");
         assert_eq!(read_sriov(d).map(|s| s.num_vfs), Some(64));
         for bad in ["65536\n", "-1\n", "lots\n"] {

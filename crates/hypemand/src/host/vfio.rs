@@ -142,11 +142,23 @@ impl Door {
 
     /// Moves `before` (the device as it is now) to vfio-pci; returns it after.
     pub async fn take(&self, before: &HostDevice) -> Result<HostDevice, VfioError> {
+        self.take_to(before, VFIO_DRIVER, "binding to vfio-pci")
+            .await
+    }
+
+    /// Moves `before` to `driver` the same way (override, unbind, probe,
+    /// verify, and back as it was on failure); `action` names it in errors.
+    pub async fn take_to(
+        &self,
+        before: &HostDevice,
+        driver: &str,
+        action: &'static str,
+    ) -> Result<HostDevice, VfioError> {
         let a = before.address;
         let result = async {
-            self.write(a, HostOp::SetOverride(VFIO_DRIVER.into()))
+            self.write(a, HostOp::SetOverride(driver.into()))
                 .await
-                .map_err(|e| ("write vfio-pci to driver_override".to_string(), e))?;
+                .map_err(|e| (format!("write {driver} to driver_override"), e))?;
             if let Some(d) = &before.driver {
                 self.write(a, HostOp::Unbind(d.clone()))
                     .await
@@ -155,12 +167,12 @@ impl Door {
             self.write(a, HostOp::Probe)
                 .await
                 .map_err(|e| ("drivers_probe".to_string(), e))?;
-            self.verify(a, Some(VFIO_DRIVER))
+            self.verify(a, Some(driver))
                 .await
                 .map_err(|e| ("verify".to_string(), e))
         }
         .await;
-        self.finish("binding to vfio-pci", before, result).await
+        self.finish(action, before, result).await
     }
 
     /// Gives `before` (on vfio-pci now) back to `original`, or to whatever the

@@ -2,7 +2,9 @@
 //! host says of the function, of how it uses it ([`Use`]), and of its IOMMU
 //! group. Every kind is one [`Kind`], which says its code, its [`Strength`]
 //! and the error it refuses with. Hard blockers (`no-iommu`, `bridge`) can
-//! never be overridden; soft ones (`boot-vga`, `mounted`, `network-active`,
+//! never be overridden; partitioned ones (`vfs-enabled`, issue 26) neither,
+//! but they do not refuse Register (that is how the partitions are managed);
+//! soft ones (`boot-vga`, `mounted`, `network-active`,
 //! `open-by`, `group`) mean the host is using it, and only the force
 //! authorization overrides them.
 //! `usage-unknown` is soft too: whether the host uses the function could not
@@ -39,6 +41,9 @@ pub enum Kind {
         /// The member's use is unknown, not known.
         unknown: bool,
     },
+    /// *(issue 26)* A physical function with SR-IOV virtual functions
+    /// enabled: its driver would tear them out from under their users.
+    VfsEnabled,
 }
 
 /// How a blocker stands in the way.
@@ -47,6 +52,10 @@ pub enum Strength {
     /// vfio-pci cannot take the function at all: Register, Bind and Attach
     /// refuse it, forced or not.
     Hard,
+    /// The function is partitioned (virtual functions, vGPUs): Bind and
+    /// Attach refuse it, forced or not, but it can be registered, since that
+    /// is how its partitions are managed.
+    Partitioned,
     /// The host is (or may be) using it: Bind and Attach refuse unless forced.
     Soft,
 }
@@ -63,6 +72,7 @@ impl Kind {
             Kind::OpenBy => "open-by",
             Kind::UsageUnknown => "usage-unknown",
             Kind::Group { .. } => "group",
+            Kind::VfsEnabled => "vfs-enabled",
         }
     }
 
@@ -70,6 +80,7 @@ impl Kind {
     pub const fn strength(self) -> Strength {
         match self {
             Kind::NoIommu | Kind::Bridge => Strength::Hard,
+            Kind::VfsEnabled => Strength::Partitioned,
             Kind::BootVga
             | Kind::Mounted
             | Kind::NetworkActive
@@ -95,6 +106,7 @@ impl Kind {
             | Kind::Mounted
             | Kind::NetworkActive
             | Kind::OpenBy
+            | Kind::VfsEnabled
             | Kind::Group { unknown: false } => Error::HostInUse(message),
         }
     }
@@ -115,6 +127,11 @@ impl Blocker {
     /// Never overridden: vfio-pci cannot take the function at all.
     pub fn hard(&self) -> bool {
         self.kind.strength() == Strength::Hard
+    }
+
+    /// Overridden by the force authorization.
+    pub fn soft(&self) -> bool {
+        self.kind.strength() == Strength::Soft
     }
 
     /// The contract's form of it.
@@ -212,6 +229,19 @@ pub fn own(
             ),
         );
     }
+    if let Some(sriov) = dev.sriov.filter(|s| s.num_vfs > 0) {
+        let vfs = sriov.current_vfs(dev.address);
+        add(
+            Kind::VfsEnabled,
+            format!(
+                "{} has {} SR-IOV virtual functions enabled ({}): moving the physical function would tear them out from under their users; set its virtual functions to 0 first (`hypemanctl sriov {} 0`)",
+                dev.address,
+                sriov.num_vfs,
+                if vfs.is_empty() { "their addresses are not known".to_string() } else { super::sriov::named(&vfs) },
+                dev.address
+            ),
+        );
+    }
     if dev.boot_vga {
         add(
             Kind::BootVga,
@@ -261,7 +291,7 @@ pub fn of(
     {
         for b in own(m, virtual_machine, uses(&m.address), unknown(&m.address))
             .into_iter()
-            .filter(|b| !b.hard())
+            .filter(Blocker::soft)
         {
             out.push(Blocker {
                 kind: Kind::Group {
@@ -319,6 +349,17 @@ pub fn hard_refusal(dev: &HostDevice, virtual_machine: bool) -> Option<hypeman_a
         .into_iter()
         .find(Blocker::hard)?;
     Some(b.kind.refusal(b.message))
+}
+
+/// The refusal of a move (Bind, Attach) that no force overrides: a hard
+/// blocker's, else a partitioned one's (`HostInUse`, naming the partitions).
+pub fn move_refusal(dev: &HostDevice, virtual_machine: bool) -> Option<hypeman_api::Error> {
+    hard_refusal(dev, virtual_machine).or_else(|| {
+        let b = own(dev, virtual_machine, &[], None)
+            .into_iter()
+            .find(|b| b.kind.strength() == Strength::Partitioned)?;
+        Some(b.kind.refusal(b.message))
+    })
 }
 
 /// The codes of some blockers, for a log line: `boot-vga, open-by`.
@@ -381,7 +422,7 @@ impl super::Service {
 mod tests {
     use super::*;
 
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::NoIommu,
         Kind::Bridge,
         Kind::BootVga,
@@ -391,6 +432,7 @@ mod tests {
         Kind::UsageUnknown,
         Kind::Group { unknown: false },
         Kind::Group { unknown: true },
+        Kind::VfsEnabled,
     ];
 
     /// Each kind refuses with its own error: the hard ones with the typed
@@ -413,7 +455,12 @@ mod tests {
         }
         let mut codes: Vec<&str> = ALL.iter().map(|k| k.code()).collect();
         codes.dedup();
-        assert_eq!(codes.len(), 8, "one code per kind: {codes:?}");
+        assert_eq!(codes.len(), 9, "one code per kind: {codes:?}");
+        let partitioned: Vec<Kind> = ALL
+            .into_iter()
+            .filter(|k| k.strength() == Strength::Partitioned)
+            .collect();
+        assert_eq!(partitioned, [Kind::VfsEnabled]);
     }
 
     /// A known use among unknown ones is HostInUse; unknown ones alone, Busy.

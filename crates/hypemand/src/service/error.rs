@@ -30,6 +30,17 @@ impl From<VfioError> for Error {
     }
 }
 
+impl From<crate::host::sriov::SriovError> for Error {
+    fn from(e: crate::host::sriov::SriovError) -> Self {
+        use crate::host::sriov::SriovError;
+        match e {
+            SriovError::Move(v) => v.into(),
+            e if e.is_timeout() => Error::Timeout(e.to_string()),
+            e => Error::Failed(e.to_string()),
+        }
+    }
+}
+
 /// A host read or write that failed, with what was being done.
 pub fn host_error(what: String, e: StepError) -> Error {
     match e {

@@ -85,6 +85,7 @@ impl Service {
             };
             self.refresh(address, live, added.contains(&address)).await;
         }
+        self.hotplug.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     async fn refresh(

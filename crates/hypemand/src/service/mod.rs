@@ -17,6 +17,7 @@
 //! - [`commit`]: the way every change takes to disk, group-committed;
 //! - [`request`]: what an edge may ask for, as values ([`Op`], [`Candidate`]);
 //! - [`seen`]: the host state clients were last told about;
+//! - [`sriov`]: a physical function's virtual functions;
 //! - [`status`]: the summary systemd's status line shows;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
@@ -29,6 +30,7 @@ pub mod placement;
 pub mod registry;
 pub mod request;
 pub mod seen;
+pub mod sriov;
 pub mod status;
 pub mod transitions;
 
@@ -208,6 +210,9 @@ pub struct Service {
     seen: seen::Seen,
     /// Woken on every registry or device change (for systemd's status line).
     change_notify: tokio::sync::Notify,
+    /// Counts the batches of host events the hotplug path has handled: what
+    /// waits for functions to appear ([`sriov`]) wakes on it.
+    hotplug: tokio::sync::watch::Sender<u64>,
     /// Set at shutdown: no new change may start.
     stopping: std::sync::atomic::AtomicBool,
     /// A standing remark for systemd's status line (records dropped at load).
@@ -226,6 +231,7 @@ impl Service {
             stopping: std::sync::atomic::AtomicBool::new(false),
             seen: seen::Seen::default(),
             change_notify: tokio::sync::Notify::new(),
+            hotplug: tokio::sync::watch::Sender::new(0),
             status_note: OnceLock::new(),
         }
     }

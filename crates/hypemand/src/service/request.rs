@@ -37,6 +37,12 @@ pub enum Op {
     },
     /// Clear the attachment.
     Detach,
+    /// *(issue 26)* Give a physical function this many SR-IOV virtual
+    /// functions.
+    SetVirtualFunctions {
+        /// The count (0 removes them).
+        count: u32,
+    },
     /// Set the pairs of `set`, remove the keys of `remove`.
     SetTags {
         /// Pairs to set.
@@ -116,6 +122,7 @@ impl Service {
             Op::Attach { instance_id, .. } => self.attach(target, &instance_id).await,
             Op::Detach => self.detach(target).await,
             Op::SetTags { set, remove } => self.set_tags(target, set, remove).await,
+            Op::SetVirtualFunctions { count } => self.set_virtual_functions(target, count).await,
         }
     }
 

@@ -27,7 +27,7 @@ impl Service {
     /// device read from the host once, then publishes what changed. `op`
     /// decides from that one read: nothing reads the device again before the
     /// first write.
-    async fn with_device<F, Fut>(&self, target: &Target, op: F) -> Result<DeviceView>
+    pub(super) async fn with_device<F, Fut>(&self, target: &Target, op: F) -> Result<DeviceView>
     where
         F: FnOnce(StoredDevice, Option<HostDevice>) -> Fut,
         Fut: Future<Output = Result<(DeviceView, DeviceView)>>,
@@ -141,9 +141,10 @@ impl Service {
         let dev = live.ok_or_else(|| super::seen::absent(&s))?;
         let before = self.view(s.clone(), Some(dev.clone()));
         let on_vfio = placement(&s, Some(&dev)).on_vfio();
-        // Hard blockers (no IOMMU, a bridge): never, forced or not.
+        // Hard blockers (no IOMMU, a bridge) and partitions (virtual
+        // functions enabled): never, forced or not.
         let vm = self.door.virtual_machine().await.unwrap_or(false);
-        if let Some(e) = super::blockers::hard_refusal(&dev, vm) {
+        if let Some(e) = super::blockers::move_refusal(&dev, vm) {
             return Err(e);
         }
         if strict || !on_vfio {
@@ -156,7 +157,7 @@ impl Service {
                     .blockers_now(&dev, &members)
                     .await?
                     .into_iter()
-                    .filter(|b| !b.hard())
+                    .filter(super::blockers::Blocker::soft)
                     .collect();
                 if !soft.is_empty() {
                     let list = super::blockers::describe(&soft);
@@ -281,7 +282,7 @@ impl Service {
     /// service that holds `driver`'s devices stopped, and starts the service
     /// again afterwards, whatever the step did: on success, after a rollback
     /// and after a failure. Without such a service, just runs `step`.
-    async fn with_holder_stopped<T, E>(
+    pub(super) async fn with_holder_stopped<T, E>(
         &self,
         driver: Option<&str>,
         s: &StoredDevice,

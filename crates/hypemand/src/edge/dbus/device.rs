@@ -296,6 +296,17 @@ impl DeviceObject {
     async fn detach(&self, #[zbus(header)] header: Header<'_>) -> Result<Record, Error> {
         self.manager.change(&header, &self.id, Op::Detach).await
     }
+
+    /// *(issue 26)* Gives this physical function `count` SR-IOV virtual
+    /// functions (as the manager's SetVirtualFunctions).
+    async fn set_virtual_functions(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        count: u32,
+    ) -> Result<Record, Error> {
+        let op = Op::SetVirtualFunctions { count };
+        self.manager.change(&header, &self.id, op).await
+    }
 }
 
 #[cfg(test)]

@@ -243,6 +243,19 @@ impl ManagerObject {
         self.0.change(&header, id_or_name, Op::Detach).await
     }
 
+    /// *(issue 26)* Gives a physical function `count` SR-IOV virtual
+    /// functions (0 removes them); answers once every new function has
+    /// appeared. Authorized as `org.hypeman.devices.partition`.
+    async fn set_virtual_functions(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        id_or_name: &str,
+        count: u32,
+    ) -> Result<Record, Error> {
+        let op = Op::SetVirtualFunctions { count };
+        self.0.change(&header, id_or_name, op).await
+    }
+
     /// This build's version.
     #[zbus(property)]
     fn version(&self) -> String {

@@ -37,14 +37,14 @@ impl Simulator {
     ) -> fdo::Result<()> {
         let op = Op::parse(operation).ok_or_else(|| {
             fdo::Error::InvalidArgs(format!(
-                "unknown operation {operation:?}; use one of set_override, clear_override, unbind, bind, probe"
+                "unknown operation {operation:?}; use one of set_override, clear_override, unbind, bind, probe, set_num_vfs"
             ))
         })?;
         let address =
             PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
         let kind = FaultKind::parse(error).ok_or_else(|| {
             fdo::Error::InvalidArgs(format!(
-                "unknown error {error:?}; use an errno name such as EBUSY, or stall, or grab"
+                "unknown error {error:?}; use an errno name such as EBUSY, or stall, grab (unbind) or lost (set_num_vfs)"
             ))
         })?;
         self.sim.inject(Fault { op, address, kind });

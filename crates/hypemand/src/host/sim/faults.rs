@@ -18,6 +18,9 @@ pub enum FaultKind {
     /// For `unbind`: the unbind happens, then the device's native driver grabs it
     /// straight back, as a racing probe would.
     Grab,
+    /// *(issue 26)* For `set_num_vfs`: the write succeeds, but the last
+    /// virtual function never appears.
+    Lost,
 }
 
 impl std::fmt::Display for FaultKind {
@@ -26,16 +29,19 @@ impl std::fmt::Display for FaultKind {
             FaultKind::Errno(e) => f.write_str(crate::host::errno_name(*e).unwrap_or("errno")),
             FaultKind::Stall => f.write_str("stall"),
             FaultKind::Grab => f.write_str("grab"),
+            FaultKind::Lost => f.write_str("lost"),
         }
     }
 }
 
 impl FaultKind {
-    /// `ENODEV`, `EBUSY`, ... (see [`crate::host::ERRNOS`]), `stall` or `grab`.
+    /// `ENODEV`, `EBUSY`, ... (see [`crate::host::ERRNOS`]), `stall`,
+    /// `grab` or `lost`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "stall" => Some(FaultKind::Stall),
             "grab" => Some(FaultKind::Grab),
+            "lost" => Some(FaultKind::Lost),
             _ => errno_by_name(s).map(FaultKind::Errno),
         }
     }
@@ -55,6 +61,7 @@ pub(super) const ENOENT: i32 = 2;
 pub(super) const EINTR: i32 = 4;
 pub(super) const EBUSY: i32 = 16;
 pub(super) const ENODEV: i32 = 19;
+pub(super) const ERANGE: i32 = 34;
 
 impl SimHost {
     /// Adds a fault; it stays until [`SimHost::clear_faults`].

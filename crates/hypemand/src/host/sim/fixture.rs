@@ -123,6 +123,12 @@ pub struct FixtureDriver {
     /// Whether `modprobe` could load it when it is not loaded.
     #[serde(default = "yes")]
     pub loadable: bool,
+    /// *(issue 26)* Whether it configures SR-IOV through `sriov_numvfs` (the
+    /// kernel's `sriov_configure`): true for NIC drivers and `pci-pf-stub`,
+    /// false for `nvidia` (hence NVIDIA's `sriov-manage`); never for
+    /// `vfio-pci`, which needs its `enable_sriov` parameter.
+    #[serde(default = "yes")]
+    pub sriov_configure: bool,
 }
 
 fn yes() -> bool {
@@ -159,6 +165,12 @@ pub struct FixtureDevice {
     /// Its `sriov_vf_device` (hex).
     #[serde(default)]
     pub sriov_vf_device: Option<String>,
+    /// Its `sriov_offset` (default 1): where its virtual functions are.
+    #[serde(default)]
+    pub sriov_offset: Option<u16>,
+    /// Its `sriov_stride` (default 1).
+    #[serde(default)]
+    pub sriov_stride: Option<u16>,
     /// A virtual function's physical function (its `physfn` link).
     #[serde(default)]
     pub physfn: Option<String>,
@@ -200,6 +212,8 @@ pub struct SimDriver {
     pub ids: Vec<IdMatch>,
     pub loaded: bool,
     pub loadable: bool,
+    /// Writing `sriov_numvfs` works while it has the physical function.
+    pub sriov_configure: bool,
 }
 
 /// The simulated kernel's state.
@@ -259,6 +273,7 @@ impl Fixture {
                 ids,
                 loaded: d.loaded,
                 loadable: d.loadable,
+                sriov_configure: d.sriov_configure && d.name != hypeman_api::VFIO_DRIVER,
             };
             if drivers.insert(d.name.clone(), driver).is_some() {
                 return Err(invalid(format!("driver {} is listed twice", d.name)));
@@ -368,10 +383,23 @@ impl Fixture {
                             .as_ref()
                             .map(|v| hex("sriov_vf_device", v, 0xffff).map(|v| v as u16))
                             .transpose()?,
+                        offset: match d.sriov_offset.unwrap_or(1) {
+                            0 => {
+                                return Err(invalid(format!(
+                                    "device {address}: sriov_offset 0 would put the first VF on the physical function"
+                                )))
+                            }
+                            o => o,
+                        },
+                        stride: d.sriov_stride.unwrap_or(1).max(1),
                     }),
-                    None if d.sriov_vfs.is_some() || d.sriov_vf_device.is_some() => {
+                    None if d.sriov_vfs.is_some()
+                        || d.sriov_vf_device.is_some()
+                        || d.sriov_offset.is_some()
+                        || d.sriov_stride.is_some() =>
+                    {
                         return Err(invalid(format!(
-                            "device {address}: sriov_vfs and sriov_vf_device need sriov_total_vfs"
+                            "device {address}: sriov_vfs, sriov_vf_device, sriov_offset and sriov_stride need sriov_total_vfs"
                         )))
                     }
                     None => None,
@@ -406,7 +434,8 @@ impl Fixture {
         }
         // As the kernel keeps them: a virtual function's physical function
         // is a declared function with SR-IOV, and has exactly as many
-        // virtual functions as its sriov_vfs says, within its total.
+        // virtual functions as its sriov_vfs says, within its total, each
+        // where the kernel's arithmetic puts it.
         let mut vfs: BTreeMap<PciAddress, u32> = BTreeMap::new();
         for (address, d) in &devices {
             if let Some(pf) = d.physfn {
@@ -427,6 +456,14 @@ impl Fixture {
                         "device {address}: sriov_vfs is {}, sriov_total_vfs {}, and {have} functions name it as physfn",
                         s.num_vfs, s.total_vfs
                     )));
+                }
+                for vf in s.current_vfs(*address) {
+                    if devices.get(&vf).and_then(|v| v.physfn) != Some(*address) {
+                        return Err(invalid(format!(
+                            "device {address}: its sriov_offset {} and sriov_stride {} put a virtual function at {vf}, which is not declared with physfn = \"{address}\"",
+                            s.offset, s.stride
+                        )));
+                    }
                 }
             }
         }

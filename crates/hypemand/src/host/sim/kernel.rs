@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::faults::{FaultKind, EBUSY, EINTR, ENODEV, ENOENT, STALL_LIMIT};
+use super::faults::{FaultKind, EBUSY, EINTR, ENODEV, ENOENT, ERANGE, STALL_LIMIT};
 use super::{SimHost, SimState};
 use crate::host::usage::{Use, Walked};
 use crate::host::{EventKind, Host, HostDevice, HostError, Op};
@@ -267,6 +267,46 @@ impl Host for SimHost {
             }
             self.save(&state);
         }
+        Ok(())
+    }
+
+    /// `sriov_numvfs_store` in `drivers/pci/pci-sysfs.c`, in its order:
+    /// past the total `ERANGE`; the same count, nothing; no driver, or one
+    /// without `sriov_configure`, `ENOENT`; 0 removes the virtual functions;
+    /// another count while some exist `EBUSY`; else they are made.
+    fn set_num_vfs(&self, address: PciAddress, count: u32) -> Result<(), HostError> {
+        let path = format!("devices/{address}/sriov_numvfs");
+        let value = count.to_string();
+        let fault = self.before(Op::SetNumVfs, address, &path, &value)?;
+        let fail = failing(&path, &value);
+        let mut state = self.state();
+        let pf = state.devices.get(&address).ok_or_else(|| fail(ENODEV))?;
+        let sriov = pf.sriov.ok_or_else(|| fail(ENOENT))?;
+        if count > sriov.total_vfs {
+            return Err(fail(ERANGE));
+        }
+        if count == sriov.num_vfs {
+            return Ok(());
+        }
+        let configures = pf
+            .driver
+            .as_deref()
+            .and_then(|d| state.drivers.get(d))
+            .is_some_and(|d| d.sriov_configure);
+        if !configures {
+            return Err(fail(ENOENT));
+        }
+        let events = if count == 0 {
+            state.disable_vfs(address)
+        } else if sriov.num_vfs != 0 {
+            return Err(fail(EBUSY));
+        } else {
+            state.enable_vfs(address, count, fault == Some(FaultKind::Lost))
+        };
+        tracing::info!(pci_address = %address, vfs = count, "simulator: sriov_numvfs written");
+        self.save(&state);
+        drop(state);
+        self.emit_all(events);
         Ok(())
     }
 }

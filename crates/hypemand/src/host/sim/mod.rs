@@ -16,6 +16,7 @@ pub mod faults;
 pub mod fixture;
 mod kernel;
 mod persist;
+mod sriov;
 
 pub use faults::{Fault, FaultKind};
 pub use fixture::*;
@@ -142,6 +143,12 @@ impl SimHost {
         *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
 
+    fn emit_all(&self, events: sriov::Events) {
+        for (kind, address) in events {
+            self.emit(kind, address);
+        }
+    }
+
     fn emit(&self, kind: EventKind, address: PciAddress) {
         if let Some(sink) = &*self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
             sink(HostEvent::new(kind, address));
@@ -245,6 +252,7 @@ mod tests {
             "no-iommu.toml",
             "workstation.toml",
             "sriov-nic.toml",
+            "l40s-vgpu.toml",
         ] {
             let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             let state = host.state().clone();

@@ -1,6 +1,7 @@
 //! What survives a daemon restart of the simulated host (not a reboot): the
-//! drivers loaded, each device's driver and override, what is unplugged, and
-//! which services run, kept in `--simulate-state`.
+//! drivers loaded, each device's driver and override, what is unplugged,
+//! which services run and how many virtual functions each physical function
+//! has, kept in `--simulate-state`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +21,9 @@ struct Saved {
     /// Service name -> active.
     #[serde(default)]
     services: BTreeMap<String, bool>,
+    /// *(issue 26)* Physical function -> `sriov_numvfs`.
+    #[serde(default)]
+    vfs: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,6 +42,17 @@ pub(super) fn restore(state: &mut SimState, file: &Path) -> Result<(), FixtureEr
         for (name, loaded) in saved.loaded {
             if let Some(d) = state.drivers.get_mut(&name) {
                 d.loaded = loaded;
+            }
+        }
+        // The virtual functions first: their drivers are restored below.
+        for (addr, count) in &saved.vfs {
+            let Ok(a) = PciAddress::parse(addr) else {
+                continue;
+            };
+            let now = state.devices.get(&a).and_then(|d| d.sriov);
+            if now.is_some_and(|s| s.num_vfs != *count && *count <= s.total_vfs) {
+                state.disable_vfs(a);
+                state.enable_vfs(a, *count, false);
             }
         }
         for addr in &saved.unplugged {
@@ -91,6 +106,11 @@ impl SimHost {
                 .services
                 .iter()
                 .map(|(n, (active, _))| (n.clone(), *active))
+                .collect(),
+            vfs: state
+                .devices
+                .iter()
+                .filter_map(|(a, d)| Some((a.to_string(), d.sriov?.num_vfs)))
                 .collect(),
         };
         let tmp = file.with_extension("tmp");
