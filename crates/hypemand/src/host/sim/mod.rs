@@ -313,6 +313,37 @@ mod tests {
         assert!(exact.matches(0x8086, 0x1572) && !exact.matches(0x8086, 0x1573));
     }
 
+    /// *(issue 26)* A daemon restart is not a reboot: the virtual functions
+    /// written are there again, with their drivers.
+    #[test]
+    fn the_count_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("sim.json");
+        let fixture = examples().join("sriov-nic.toml");
+        let pf = PciAddress::parse("0000:3b:00.0").unwrap();
+        let host = SimHost::open(&fixture, Some(&state)).unwrap();
+        host.set_num_vfs(pf, 0).unwrap();
+        let e = host.set_num_vfs(pf, 65).unwrap_err().to_string();
+        assert!(e.contains("ERANGE"), "{e}");
+        host.set_num_vfs(pf, 3).unwrap();
+        let e = host.set_num_vfs(pf, 4).unwrap_err().to_string();
+        assert!(e.contains("EBUSY"), "non-zero to non-zero: {e}");
+        drop(host);
+        let again = SimHost::open(&fixture, Some(&state)).unwrap();
+        assert_eq!(again.device(pf).unwrap().unwrap().sriov.unwrap().num_vfs, 3);
+        let vf = PciAddress::parse("0000:3b:02.2").unwrap();
+        let d = again.device(vf).unwrap().unwrap();
+        assert_eq!((d.driver.as_deref(), d.physfn), (Some("iavf"), Some(pf)));
+        assert_ne!(
+            d.iommu_group,
+            again.device(pf).unwrap().unwrap().iommu_group
+        );
+        assert!(again
+            .device(PciAddress::parse("0000:3b:02.3").unwrap())
+            .unwrap()
+            .is_none());
+    }
+
     /// *(issue 26)* A fixture's virtual functions must agree with their
     /// physical function, as the kernel's always do.
     #[test]
