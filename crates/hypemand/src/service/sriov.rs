@@ -197,10 +197,10 @@ mod tests {
 
     const PF: &str = "0000:3b:00.0";
 
-    /// The X710 host with the daemon's event path: the start-up enumeration,
-    /// then every event the simulated kernel sends, in order.
-    async fn sriov_host(deadline: Duration) -> Fixture {
-        let f = service_on(&example("sriov-nic.toml"), deadline);
+    /// A host with the daemon's event path: the start-up enumeration, then
+    /// every event the simulated kernel sends, in order.
+    async fn with_events(fixture: &str, deadline: Duration) -> Fixture {
+        let f = service_on(&example(fixture), deadline);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         f.sim.set_event_sink(Box::new(move |e| {
             let _ = tx.send(e);
@@ -219,6 +219,11 @@ mod tests {
             }
         });
         f
+    }
+
+    /// The X710 host.
+    async fn sriov_host(deadline: Duration) -> Fixture {
+        with_events("sriov-nic.toml", deadline).await
     }
 
     fn a(s: &str) -> PciAddress {
@@ -368,17 +373,7 @@ mod tests {
     /// and given back to nvidia; its functions are nvidia's too.
     #[tokio::test]
     async fn an_nvidia_gpu_goes_through_pci_pf_stub() {
-        let f = service_on(&example("l40s-vgpu.toml"), Duration::from_secs(10));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        f.sim.set_event_sink(Box::new(move |e| {
-            let _ = tx.send(e);
-        }));
-        let service = f.service.clone();
-        tokio::spawn(async move {
-            while let Some(e) = rx.recv().await {
-                service.on_events(vec![e]).await;
-            }
-        });
+        let f = with_events("l40s-vgpu.toml", Duration::from_secs(10)).await;
         let gpu = "0000:41:00.0";
         let pf = f
             .service
