@@ -69,22 +69,6 @@ fn ok(out: std::process::Output) -> String {
     text
 }
 
-/// One raw HTTP/1.1 exchange; the status line and the body.
-fn raw(sock: &Path, request: &[u8]) -> (String, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.write_all(request).unwrap();
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).unwrap();
-    let text = String::from_utf8_lossy(&got).to_string();
-    let status = text.lines().next().unwrap_or_default().to_string();
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
-}
-
 /// The real polkitd on `bus`, with the shipped rule.
 fn shipped_polkit(bus: &TestBus) -> Polkitd {
     Polkitd::start(

@@ -3,6 +3,9 @@
 //! virtualenv this test creates, on every shipped fixture (`no-iommu.toml`
 //! included, where nothing may be registered and nothing is available).
 //!
+//! *(issue 26)* `hypemanctl resources` (Hypeman's `GPUResourceStatus`) too,
+//! before and after a GPU gets virtual functions.
+//!
 //! The SDK requires an integer `iommu_group` on `Device` and
 //! `AvailableDevice`; before issue 14 one record without a group made a whole
 //! `List` unreadable to SDK clients. The test also shows the validator
@@ -84,6 +87,35 @@ fn collect(fixture_path: &Path, docs: &mut Docs) {
         format!("{name}: list"),
         ctl_json(&bus, &["list"]).expect("list"),
     );
+    // *(issue 26)* The GPU capacity, and again once every registered GPU
+    // that can have virtual functions has some (vGPU mode where it offers
+    // types).
+    docs.add(
+        "GPUResourceStatus",
+        format!("{name}: resources"),
+        ctl_json(&bus, &["resources"]).expect("resources"),
+    );
+    let registered = ctl_json(&bus, &["list"]).expect("list");
+    let sriov_gpus: Vec<&str> = registered
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["type"] == "gpu")
+        .filter_map(|d| d["id"].as_str())
+        .filter(|id| {
+            let get = bus.manager("Get", &["s", id]).unwrap();
+            get[0].get("sriov_total_vfs").is_some()
+        })
+        .collect();
+    for id in &sriov_gpus {
+        ctl_json(&bus, &["sriov", id, "2"]).expect("sriov");
+        docs.add(
+            "GPUResourceStatus",
+            format!("{name}: resources with the virtual functions of {id}"),
+            ctl_json(&bus, &["resources"]).expect("resources"),
+        );
+        ctl_json(&bus, &["sriov", id, "0"]).expect("sriov 0");
+    }
     let mut moved = 0;
     for id in &ids {
         docs.add(

@@ -29,3 +29,4 @@ mod systemd;
 mod tags;
 mod umockdev;
 mod vfio;
+mod vgpu;

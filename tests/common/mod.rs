@@ -842,3 +842,20 @@ fn make_sdk_python() -> PathBuf {
     assert!(dir.join(".ready").exists());
     python
 }
+
+/// One raw HTTP/1.1 exchange; the status line and the body.
+pub fn raw(sock: &Path, request: &[u8]) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(request).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}

@@ -2,7 +2,7 @@
 `hypeman`), as an SDK client parsing our JSON would.
 
 Input: a file of JSON lines, each {"model": M, "what": TEXT, "doc": DOC}, M one
-of Device, DeviceList, AvailableList. Prints one line per document that does
+of Device, DeviceList, AvailableList, GPUResourceStatus (issue 26). Prints one line per document that does
 not validate, and a summary; exits 1 if any failed.
 """
 import json
@@ -11,12 +11,13 @@ from typing import List
 
 from pydantic import TypeAdapter, ValidationError
 
-from hypeman.types import AvailableDevice, Device
+from hypeman.types import AvailableDevice, Device, GPUResourceStatus
 
 MODELS = {
     "Device": TypeAdapter(Device),
     "DeviceList": TypeAdapter(List[Device]),
     "AvailableList": TypeAdapter(List[AvailableDevice]),
+    "GPUResourceStatus": TypeAdapter(GPUResourceStatus),
 }
 
 failed = 0

@@ -12,12 +12,14 @@
 //!   seed's JSON documents;
 //! - [`error`]: every error name, once, for the daemon's replies and the
 //!   client's typed errors alike;
-//! - [`proxy`]: typed zbus proxies of the manager and of a device object.
+//! - [`proxy`]: typed zbus proxies of the manager and of a device object;
+//! - [`gpu`]: vGPU types and GPU capacity *(issue 26)*.
 
 #![warn(missing_docs)]
 
 pub mod bus;
 pub mod error;
+pub mod gpu;
 pub mod names;
 pub mod options;
 pub mod proxy;
@@ -27,6 +29,7 @@ pub mod validate;
 
 pub use bus::BusChoice;
 pub use error::Error;
+pub use gpu::{GpuResources, VgpuType};
 pub use names::*;
 pub use options::Options;
 pub use record::{Available, Blocker, Record};

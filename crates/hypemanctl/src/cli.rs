@@ -124,6 +124,15 @@ pub enum CtlCommand {
         /// How many virtual functions, at most its sriov_total_vfs.
         count: u32,
     },
+    /// The host's GPU capacity: vGPU profiles and how many more fit, or the
+    /// whole GPUs (with --json, Hypeman's GPUResourceStatus document).
+    Resources,
+    /// vGPUs on registered GPUs.
+    Vgpu {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: VgpuCommand,
+    },
     /// Print one line per event as it happens (Ctrl-C to stop).
     Monitor,
     /// The daemon's version and counts.
@@ -134,6 +143,13 @@ pub enum CtlCommand {
         /// Where to write them.
         dir: PathBuf,
     },
+}
+
+/// The `vgpu` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum VgpuCommand {
+    /// The vGPU types each registered GPU offers now, and how many more fit.
+    Types,
 }
 
 /// `KEY=VALUE` (the value may be empty or contain `=`).

@@ -230,6 +230,16 @@ impl Client {
         self.call("SetVirtualFunctions", &(id_or_name, count)).await
     }
 
+    /// `ListVgpuTypes` *(issue 26)*: the vGPU types registered GPUs offer.
+    pub async fn vgpu_types(&self) -> Result<Vec<hypeman_api::VgpuType>, ClientError> {
+        self.call("ListVgpuTypes", &()).await
+    }
+
+    /// `GpuResources` *(issue 26)*: the host's GPU capacity.
+    pub async fn gpu_resources(&self) -> Result<hypeman_api::GpuResources, ClientError> {
+        self.call("GpuResources", &()).await
+    }
+
     /// The daemon's version.
     pub async fn version(&self) -> Result<String, ClientError> {
         Ok(self.proxy.get_property::<String>("Version").await?)

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use futures_util::StreamExt;
 use hypeman_api::Options;
-use hypemanctl::cli::{generate_assets, CtlArgs, CtlCommand};
+use hypemanctl::cli::{generate_assets, CtlArgs, CtlCommand, VgpuCommand};
 use hypemanctl::{Available, Client, ClientError, Record};
 use serde_json::{json, Value};
 use zbus::{MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
@@ -152,6 +152,10 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
             }
         }
         CtlCommand::Status => status(&client, json).await?,
+        CtlCommand::Resources => resources(&client, json).await?,
+        CtlCommand::Vgpu {
+            command: VgpuCommand::Types,
+        } => vgpu_types(&client, json).await?,
         CtlCommand::Monitor => monitor(&client, json).await?,
         CtlCommand::GenerateAssets { .. } => {}
     }
@@ -324,6 +328,59 @@ fn print_available(devices: &[Available], json: bool, all: bool) {
             println!("{} [{}]: {}", b.pci_address, b.code, b.message);
         }
     }
+}
+
+/// `resources`: the GPU capacity, as Hypeman's document or a table.
+async fn resources(client: &Client, json: bool) -> Result<(), ClientError> {
+    let r = client.gpu_resources().await?;
+    if json {
+        pretty(&r.document());
+        return Ok(());
+    }
+    println!(
+        "gpu mode {}: {} of {} slots used",
+        r.mode, r.used_slots, r.total_slots
+    );
+    if let Some(profiles) = &r.profiles {
+        println!("{:<28}  {:>14}  AVAILABLE", "PROFILE", "FRAMEBUFFER MB");
+        for p in profiles {
+            println!("{:<28}  {:>14}  {}", p.name, p.framebuffer_mb, p.available);
+        }
+    }
+    if let Some(devices) = &r.devices {
+        println!("{:<40}  AVAILABLE", "GPU");
+        for d in devices {
+            println!("{:<40}  {}", d.name, if d.available { "yes" } else { "no" });
+        }
+    }
+    Ok(())
+}
+
+/// `vgpu types`: what each registered GPU offers now.
+async fn vgpu_types(client: &Client, json: bool) -> Result<(), ClientError> {
+    let types = client.vgpu_types().await?;
+    if json {
+        let docs: Vec<Value> = types
+            .iter()
+            .map(|t| {
+                json!({"parent": t.parent, "framework": t.framework, "type_id": t.type_id,
+                    "name": t.name, "framebuffer_mb": t.framebuffer_mb, "available": t.available})
+            })
+            .collect();
+        pretty(&docs);
+        return Ok(());
+    }
+    println!(
+        "{:<12}  {:<11}  {:<12}  {:<28}  {:>14}  AVAILABLE",
+        "PARENT", "FRAMEWORK", "TYPE", "NAME", "FRAMEBUFFER MB"
+    );
+    for t in types {
+        println!(
+            "{:<12}  {:<11}  {:<12}  {:<28}  {:>14}  {}",
+            t.parent, t.framework, t.type_id, t.name, t.framebuffer_mb, t.available
+        );
+    }
+    Ok(())
 }
 
 async fn status(client: &Client, json: bool) -> Result<(), ClientError> {

@@ -343,6 +343,16 @@ impl Door {
             .await
     }
 
+    /// *(issue 26)* The vGPU slots of `parent`.
+    pub async fn vgpu_slots(
+        &self,
+        parent: &HostDevice,
+    ) -> Result<Vec<super::vgpu::Slot>, StepError> {
+        let p = parent.clone();
+        self.call(Key::Device(parent.address), move |h, _| h.vgpu_slots(&p))
+            .await
+    }
+
     /// Loads a driver module if needed; true when it is loaded afterwards.
     pub async fn load_driver(&self, driver: &'static str) -> Result<bool, StepError> {
         self.call(Key::Host, move |h, _| Ok(h.load_driver(driver)))

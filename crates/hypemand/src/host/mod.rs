@@ -10,6 +10,7 @@
 //! - [`door`]: the one way in, with deadlines and stuck-call bookkeeping;
 //! - [`vfio`]: take a device to vfio-pci and give it back, with rollback;
 //! - [`sriov`]: change a physical function's virtual functions, with rollback;
+//! - [`vgpu`]: where vGPUs are made and what the drivers offer;
 //! - [`sysfs`]: the real kernel; [`sim`]: the simulated one;
 //! - [`usage`]: how the host uses a function (mounts, routes, open nodes);
 //! - [`units`]: the systemd services that hold devices (nvidia-persistenced).
@@ -21,6 +22,7 @@ pub mod sysfs;
 pub mod units;
 pub mod usage;
 pub mod vfio;
+pub mod vgpu;
 
 use crate::pci::PciAddress;
 
@@ -331,4 +333,8 @@ pub trait Host: Send + Sync + 'static {
     /// *(issue 26)* `sriov_numvfs`: the kernel makes (or removes) the
     /// virtual functions before the write returns, and sends their uevents.
     fn set_num_vfs(&self, address: PciAddress, count: u32) -> Result<(), HostError>;
+
+    /// *(issue 26)* Where vGPUs are made on `parent` (its virtual functions,
+    /// or itself for an mdev parent), and what each offers and carries now.
+    fn vgpu_slots(&self, parent: &HostDevice) -> Result<Vec<vgpu::Slot>, HostError>;
 }

@@ -298,6 +298,10 @@ impl Host for SysfsHost {
         self.write_attr(&path, &address.to_string())
     }
 
+    fn vgpu_slots(&self, parent: &HostDevice) -> Result<Vec<super::vgpu::Slot>, HostError> {
+        super::vgpu::read_slots(&self.root, parent)
+    }
+
     fn set_num_vfs(&self, address: PciAddress, count: u32) -> Result<(), HostError> {
         let path = self.device_dir(address).join("sriov_numvfs");
         self.write_attr(&path, &format!("{count}\n"))

@@ -18,6 +18,7 @@
 //! - [`request`]: what an edge may ask for, as values ([`Op`], [`Candidate`]);
 //! - [`seen`]: the host state clients were last told about;
 //! - [`sriov`]: a physical function's virtual functions;
+//! - [`vgpu`]: the vGPU types registered GPUs offer, and GPU capacity;
 //! - [`status`]: the summary systemd's status line shows;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
@@ -33,6 +34,7 @@ pub mod seen;
 pub mod sriov;
 pub mod status;
 pub mod transitions;
+pub mod vgpu;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -213,6 +215,8 @@ pub struct Service {
     /// Counts the batches of host events the hotplug path has handled: what
     /// waits for functions to appear ([`sriov`]) wakes on it.
     hotplug: tokio::sync::watch::Sender<u64>,
+    /// What each GPU's driver has shown of its framebuffer ([`vgpu`]).
+    vgpu_capacity: Mutex<HashMap<PciAddress, vgpu::Capacity>>,
     /// Set at shutdown: no new change may start.
     stopping: std::sync::atomic::AtomicBool,
     /// A standing remark for systemd's status line (records dropped at load).
@@ -232,6 +236,7 @@ impl Service {
             seen: seen::Seen::default(),
             change_notify: tokio::sync::Notify::new(),
             hotplug: tokio::sync::watch::Sender::new(0),
+            vgpu_capacity: Mutex::default(),
             status_note: OnceLock::new(),
         }
     }
@@ -383,6 +388,32 @@ pub(crate) mod testing {
             let candidate = self.propose(pci_address, name, tags).await?;
             self.register(candidate).await
         }
+    }
+
+    /// A service on `fixture` (of `examples/hosts`) with the daemon's event
+    /// path: the start-up enumeration, then every event the simulated kernel
+    /// sends, in order.
+    pub async fn with_events(fixture: &str, deadline: Duration) -> Fixture {
+        use crate::host::{EventKind, Host, HostEvent};
+        let f = service_on(&example(fixture), deadline);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        f.sim.set_event_sink(Box::new(move |e| {
+            let _ = tx.send(e);
+        }));
+        let all = f.sim.devices().unwrap().into_iter().map(|d| {
+            let mut e = HostEvent::new(EventKind::Add, d.address);
+            e.enumerated = true;
+            e.device = Some(d);
+            e
+        });
+        f.service.on_events(all.collect()).await;
+        let service: Arc<Service> = f.service.clone();
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                service.on_events(vec![e]).await;
+            }
+        });
+        f
     }
 
     /// A file of `examples/hosts`.

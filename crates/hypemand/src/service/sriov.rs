@@ -187,39 +187,14 @@ impl Service {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use super::super::testing::{example, service_on, Fixture};
+    use super::super::testing::{with_events, Fixture};
     use super::*;
     use crate::host::sim::{Fault, FaultKind};
-    use crate::host::{EventKind, Host, HostEvent, Op as HostOp};
+    use crate::host::{Host, Op as HostOp};
 
     const PF: &str = "0000:3b:00.0";
-
-    /// A host with the daemon's event path: the start-up enumeration, then
-    /// every event the simulated kernel sends, in order.
-    async fn with_events(fixture: &str, deadline: Duration) -> Fixture {
-        let f = service_on(&example(fixture), deadline);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        f.sim.set_event_sink(Box::new(move |e| {
-            let _ = tx.send(e);
-        }));
-        let all = f.sim.devices().unwrap().into_iter().map(|d| {
-            let mut e = HostEvent::new(EventKind::Add, d.address);
-            e.enumerated = true;
-            e.device = Some(d);
-            e
-        });
-        f.service.on_events(all.collect()).await;
-        let service: Arc<Service> = f.service.clone();
-        tokio::spawn(async move {
-            while let Some(e) = rx.recv().await {
-                service.on_events(vec![e]).await;
-            }
-        });
-        f
-    }
 
     /// The X710 host.
     async fn sriov_host(deadline: Duration) -> Fixture {

@@ -256,6 +256,19 @@ impl ManagerObject {
         self.0.change(&header, id_or_name, op).await
     }
 
+    /// *(issue 26)* One entry per registered GPU and vGPU type it offers
+    /// now: `parent`, `framework`, `type_id`, `name`, `framebuffer_mb`,
+    /// `available`.
+    async fn list_vgpu_types(&self) -> Result<Vec<hypeman_api::VgpuType>, Error> {
+        self.0.service.list_vgpu_types().await
+    }
+
+    /// *(issue 26)* The host's GPU capacity in Hypeman's `GPUResourceStatus`
+    /// shape (`mode`, `total_slots`, `used_slots`, `profiles` or `devices`).
+    async fn gpu_resources(&self) -> Result<hypeman_api::GpuResources, Error> {
+        self.0.service.gpu_resources().await
+    }
+
     /// This build's version.
     #[zbus(property)]
     fn version(&self) -> String {

@@ -167,6 +167,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/devices", get(list).post(create))
         .route("/devices/available", get(available))
         .route("/devices/{id}", get(retrieve).delete(delete))
+        .route("/resources/gpu", get(gpu_resources))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -248,6 +249,12 @@ async fn available(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError>
         .map(|a| doc(&a.seed()))
         .collect();
     Ok(Json(Value::Array(docs)))
+}
+
+/// *(issue 26)* The `gpu` section of Hypeman's `GET /resources`: its
+/// `GPUResourceStatus` document.
+async fn gpu_resources(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(doc(&api.service.gpu_resources().await?.document())))
 }
 
 async fn retrieve(

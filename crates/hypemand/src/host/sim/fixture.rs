@@ -180,6 +180,36 @@ pub struct FixtureDevice {
     pub interface: Vec<FixtureInterface>,
     #[serde(default)]
     pub open_by: Vec<FixtureOpen>,
+    /// *(issue 26)* The vGPU framework of this GPU: `vendor-vfio` (its
+    /// virtual functions get `nvidia/current_vgpu_type`) or `mdev`.
+    #[serde(default)]
+    pub vgpu_framework: Option<String>,
+    /// The GPU's framebuffer in MiB (what its vGPUs share).
+    #[serde(default)]
+    pub framebuffer_mb: Option<u64>,
+    /// The vGPU types its driver supports (`[[device.vgpu_type]]`).
+    #[serde(default)]
+    pub vgpu_type: Vec<FixtureVgpuType>,
+}
+
+/// One vGPU type of a GPU, as `[[device.vgpu_type]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureVgpuType {
+    /// The driver's id: a number for vendor-VFIO, `nvidia-NNN` for mdev.
+    pub id: String,
+    /// The profile name: `NVIDIA L40S-4Q`.
+    pub name: String,
+    pub framebuffer_mb: u64,
+}
+
+/// *(issue 26)* A GPU's vGPU support in the simulated driver.
+#[derive(Debug, Clone)]
+pub struct SimVgpu {
+    pub framework: crate::host::vgpu::Framework,
+    pub framebuffer_mb: u64,
+    /// (id, name, framebuffer in MiB), in the fixture's order.
+    pub types: Vec<(String, String, u64)>,
 }
 
 /// One id-table entry: a vendor and, optionally, a device.
@@ -232,6 +262,12 @@ pub struct SimState {
     /// change): a group is read in the time of its size, as a kernel reads
     /// one directory, not by walking every function.
     pub groups: BTreeMap<u32, Vec<PciAddress>>,
+    /// *(issue 26)* GPUs with vGPU support, by address.
+    pub vgpu: BTreeMap<PciAddress, SimVgpu>,
+    /// vendor-VFIO: each virtual function's `current_vgpu_type` (absent: 0).
+    pub vgpu_current: BTreeMap<PciAddress, String>,
+    /// mdev: each mediated device by UUID: the function it is on, its type.
+    pub mdevs: BTreeMap<String, (PciAddress, String)>,
 }
 
 impl Fixture {
@@ -281,6 +317,7 @@ impl Fixture {
         }
         let mut devices = BTreeMap::new();
         let mut usage = Usage::new();
+        let mut vgpu = BTreeMap::new();
         for d in self.devices {
             let address = PciAddress::parse(&d.address).map_err(|e| invalid(e.to_string()))?;
             let hex = |field: &str, value: &str, max: u32| {
@@ -413,6 +450,55 @@ impl Fixture {
                     })
                     .transpose()?,
             };
+            if let Some(fw) = &d.vgpu_framework {
+                use crate::host::vgpu::{valid_type_id, Framework};
+                let framework = match fw.as_str() {
+                    "vendor-vfio" => Framework::VendorVfio,
+                    "mdev" => Framework::Mdev,
+                    other => {
+                        return Err(invalid(format!(
+                            "device {address}: vgpu_framework {other:?} is not vendor-vfio or mdev"
+                        )))
+                    }
+                };
+                let total = d.framebuffer_mb.ok_or_else(|| {
+                    invalid(format!(
+                        "device {address}: vgpu_framework needs framebuffer_mb"
+                    ))
+                })?;
+                let mut types = Vec::new();
+                for t in &d.vgpu_type {
+                    let numeric = t.id.parse::<u32>().is_ok_and(|n| n != 0);
+                    let ok = match framework {
+                        Framework::VendorVfio => numeric,
+                        Framework::Mdev => valid_type_id(&t.id),
+                    };
+                    if !ok
+                        || t.name.trim().is_empty()
+                        || t.framebuffer_mb == 0
+                        || t.framebuffer_mb > total
+                    {
+                        return Err(invalid(format!(
+                            "device {address}: vgpu_type {:?} needs a {} id, a name and a framebuffer_mb within the GPU's {total}",
+                            t.id,
+                            if framework == Framework::VendorVfio { "non-zero numeric" } else { "directory-name" }
+                        )));
+                    }
+                    types.push((t.id.clone(), t.name.clone(), t.framebuffer_mb));
+                }
+                vgpu.insert(
+                    address,
+                    SimVgpu {
+                        framework,
+                        framebuffer_mb: total,
+                        types,
+                    },
+                );
+            } else if d.framebuffer_mb.is_some() || !d.vgpu_type.is_empty() {
+                return Err(invalid(format!(
+                    "device {address}: framebuffer_mb and vgpu_type need vgpu_framework"
+                )));
+            }
             if devices.insert(address, device).is_some() {
                 return Err(invalid(format!("device {address} is listed twice")));
             }
@@ -481,6 +567,9 @@ impl Fixture {
             usage,
             services,
             groups,
+            vgpu,
+            vgpu_current: BTreeMap::new(),
+            mdevs: BTreeMap::new(),
         })
     }
 }

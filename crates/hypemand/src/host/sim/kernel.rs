@@ -309,4 +309,8 @@ impl Host for SimHost {
         self.emit_all(events);
         Ok(())
     }
+
+    fn vgpu_slots(&self, parent: &HostDevice) -> Result<Vec<crate::host::vgpu::Slot>, HostError> {
+        Ok(self.state().slots_of(parent))
+    }
 }

@@ -17,6 +17,7 @@ pub mod fixture;
 mod kernel;
 mod persist;
 mod sriov;
+mod vgpu;
 
 pub use faults::{Fault, FaultKind};
 pub use fixture::*;
@@ -253,6 +254,7 @@ mod tests {
             "workstation.toml",
             "sriov-nic.toml",
             "l40s-vgpu.toml",
+            "a100-mdev.toml",
         ] {
             let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             let state = host.state().clone();

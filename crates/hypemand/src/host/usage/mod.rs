@@ -161,6 +161,12 @@ pub enum ReadError {
 
 /// [`read_text`], with a missing file told apart (one open, no stat first).
 fn read_file(path: &Path) -> Result<String, ReadError> {
+    read_limited(path, MAX_FILE)
+}
+
+/// [`read_text`] of at most `limit` bytes (a longer file is cut there), with
+/// a missing file told apart.
+pub fn read_limited(path: &Path, limit: u64) -> Result<String, ReadError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| ReadError::Io {
@@ -176,7 +182,7 @@ fn read_file(path: &Path) -> Result<String, ReadError> {
         return Err(ReadError::NotRegular(path.display().to_string()));
     }
     let mut text = String::new();
-    f.take(MAX_FILE).read_to_string(&mut text).map_err(io)?;
+    f.take(limit).read_to_string(&mut text).map_err(io)?;
     Ok(text)
 }
 

@@ -1,0 +1,249 @@
+//! *(issue 26)* vGPU types and GPU capacity: `ListVgpuTypes`,
+//! `GpuResources` over D-Bus and `GET /resources/gpu` over the REST socket,
+//! the same document both ways and accepted by the official SDK's
+//! `GPUResourceStatus`, on the simulator (vendor-VFIO and mdev) and on the
+//! real backend reading a tree in the kernel's and NVIDIA's layout.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Validates `docs` (model, document) with the SDK; the validator's report.
+fn sdk_validates(docs: &[(&str, Value)]) -> (bool, String) {
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("docs.jsonl");
+    let lines: Vec<String> = docs
+        .iter()
+        .map(|(m, d)| json!({"model": m, "what": m, "doc": d}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let out = Command::new(sdk_python())
+        .arg(root().join("tests/data/validate_sdk.py"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `hypemanctl --json ARGS`'s document.
+fn ctl(bus: &TestBus, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = bus.hypemanctl(&all);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `GET /resources/gpu` on the REST socket.
+fn rest_gpu(sock: &Path) -> Value {
+    let (status, body) = raw(
+        sock,
+        b"GET /resources/gpu HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status.contains("200"), "{status}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A daemon on `fixture` with the REST socket; its socket's directory too.
+fn with_api(bus: &TestBus, state: &Path, fixture_name: &str) -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("devices.sock");
+    let f = fixture(fixture_name);
+    let d = Daemon::start(
+        bus,
+        state,
+        &[
+            "--simulate",
+            f.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    (dir, d)
+}
+
+/// Both frameworks on the simulator: passthrough until the GPU has virtual
+/// functions, then vGPU mode with every type counted; the D-Bus and REST
+/// documents are the same and the SDK accepts both (and refuses a broken
+/// one, so it cannot pass vacuously).
+#[test]
+fn capacity_in_hypemans_shape_on_both_frameworks() {
+    for (fixture_name, gpu, first, framework) in [
+        (
+            "l40s-vgpu.toml",
+            "0000:41:00.0",
+            "NVIDIA L40S-1Q",
+            "vendor-vfio",
+        ),
+        ("a100-mdev.toml", "0000:82:00.0", "GRID A100-10C", "mdev"),
+    ] {
+        let bus = TestBus::start_sim();
+        let state = tempfile::tempdir().unwrap();
+        let (dir, _d) = with_api(&bus, state.path(), fixture_name);
+        let sock = dir.path().join("devices.sock");
+        ctl(&bus, &["register", gpu, "--name", "gpu0"]);
+        let before = rest_gpu(&sock);
+        assert_eq!(before["mode"], "passthrough", "{before}");
+        assert_eq!(before["devices"][0]["available"], true, "{before}");
+
+        ctl(&bus, &["sriov", "gpu0", "4"]);
+        let types = ctl(&bus, &["vgpu", "types"]);
+        let types = types.as_array().unwrap();
+        assert!(
+            types
+                .iter()
+                .all(|t| t["parent"] == gpu && t["framework"] == framework),
+            "{types:?}"
+        );
+        let named = |n: &str| types.iter().find(|t| t["name"] == n).unwrap().clone();
+        assert_eq!(named(first)["available"], 4, "{types:?}");
+        let after = rest_gpu(&sock);
+        assert_eq!(after, ctl(&bus, &["resources"]), "REST and D-Bus agree");
+        assert_eq!(
+            (&after["mode"], &after["total_slots"], &after["used_slots"]),
+            (&json!("vgpu"), &json!(4), &json!(0)),
+            "{after}"
+        );
+        assert!(after.get("devices").is_none(), "{after}");
+        let dbus = bus.manager("GpuResources", &[]).unwrap();
+        assert_eq!(dbus[0]["mode"]["data"], "vgpu", "{dbus}");
+        let (ok, report) = sdk_validates(&[
+            ("GPUResourceStatus", before.clone()),
+            ("GPUResourceStatus", after.clone()),
+        ]);
+        assert!(
+            ok && report.contains("checked 2 documents, 0 invalid"),
+            "{report}"
+        );
+        let mut broken = after.clone();
+        broken["mode"] = json!("shared");
+        let (ok, report) = sdk_validates(&[("GPUResourceStatus", broken)]);
+        assert!(!ok && report.contains("mode"), "{report}");
+    }
+}
+
+/// The real backend reads NVIDIA's files: a vendor-VFIO L40S with one
+/// virtual function carrying a 4Q and one free, and an mdev A100 whose one
+/// function carries an mdev (its type's `devices/` lists it), so nothing
+/// more is available there.
+#[test]
+fn the_real_backend_reads_vgpus_from_sysfs() {
+    let tree = SysfsTree::new();
+    let gpu_attrs =
+        |device: &'static [u8], numvfs: &'static [u8]| -> Vec<(&'static str, &'static [u8])> {
+            vec![
+                ("vendor", b"0x10de\n"),
+                ("device", device),
+                ("class", b"0x030200\n"),
+                ("driver_override", b"(null)\n"),
+                ("sriov_totalvfs", b"32\n"),
+                ("sriov_numvfs", numvfs),
+                ("sriov_offset", b"4\n"),
+                ("sriov_stride", b"1\n"),
+            ]
+        };
+    let vf_attrs: Vec<(&str, &[u8])> = vec![
+        ("vendor", b"0x10de\n"),
+        ("device", b"0x26b9\n"),
+        ("class", b"0x030200\n"),
+        ("driver_override", b"(null)\n"),
+    ];
+    let l40s = tree.function(&Function {
+        address: "0000:41:00.0",
+        parent: "pci0000:40/0000:40:01.0",
+        attrs: &gpu_attrs(b"0x26b9\n", b"2\n"),
+        driver: Some("nvidia"),
+        group: Some("30"),
+    });
+    for (i, (vf, current, creatable)) in [
+        ("0000:41:00.4", "1152\n", "ID : vGPU Name\n"),
+        (
+            "0000:41:00.5",
+            "0\n",
+            "ID : vGPU Name\n1152 : NVIDIA L40S-4Q\n",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tree.function(&Function {
+            address: vf,
+            parent: "pci0000:40/0000:40:01.0",
+            attrs: &vf_attrs,
+            driver: Some("nvidia"),
+            group: Some(&format!("{}", 31 + i)),
+        });
+        std::os::unix::fs::symlink("../0000:41:00.0", dir.join("physfn")).unwrap();
+        std::fs::create_dir(dir.join("nvidia")).unwrap();
+        std::fs::write(dir.join("nvidia/current_vgpu_type"), current).unwrap();
+        std::fs::write(dir.join("nvidia/creatable_vgpu_types"), creatable).unwrap();
+        std::os::unix::fs::symlink(format!("../{vf}"), l40s.join(format!("virtfn{i}"))).unwrap();
+    }
+    tree.function(&Function {
+        address: "0000:82:00.0",
+        parent: "pci0000:80/0000:80:01.0",
+        attrs: &gpu_attrs(b"0x20f1\n", b"1\n"),
+        driver: Some("nvidia"),
+        group: Some("60"),
+    });
+    let vf = tree.function(&Function {
+        address: "0000:82:00.4",
+        parent: "pci0000:80/0000:80:01.0",
+        attrs: &vf_attrs,
+        driver: Some("nvidia"),
+        group: Some("61"),
+    });
+    std::os::unix::fs::symlink("../0000:82:00.0", vf.join("physfn")).unwrap();
+    let uuid = "aa618089-8b16-4d01-a136-25a0f3c73123";
+    let ty = tree
+        .root()
+        .join("class/mdev_bus/0000:82:00.4/mdev_supported_types/nvidia-470");
+    std::fs::create_dir_all(ty.join("devices").join(uuid)).unwrap();
+    std::fs::write(ty.join("name"), "GRID A100-4C\n").unwrap();
+    std::fs::write(
+        ty.join("description"),
+        "num_heads=1, frl_config=60, framebuffer=4096M, max_resolution=4096x2160, max_instance=10\n",
+    )
+    .unwrap();
+    std::fs::write(ty.join("available_instances"), "0\n").unwrap();
+    std::fs::write(ty.join("device_api"), "vfio-pci\n").unwrap();
+    // A hostile type directory name is never read as a type.
+    std::fs::create_dir_all(
+        tree.root()
+            .join("class/mdev_bus/0000:82:00.4/mdev_supported_types/x y"),
+    )
+    .unwrap();
+
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on_tree(TestBus::start(), &tree);
+    ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
+    ctl(&bus, &["register", "0000:82:00.0", "--name", "a100"]);
+    let types = ctl(&bus, &["vgpu", "types"]);
+    assert_eq!(
+        types,
+        json!([
+            {"parent": "0000:41:00.0", "framework": "vendor-vfio", "type_id": "1152",
+             "name": "NVIDIA L40S-4Q", "framebuffer_mb": 4096, "available": 1},
+            {"parent": "0000:82:00.0", "framework": "mdev", "type_id": "nvidia-470",
+             "name": "GRID A100-4C", "framebuffer_mb": 4096, "available": 0},
+        ])
+    );
+    let r = ctl(&bus, &["resources"]);
+    assert_eq!(
+        (&r["mode"], &r["total_slots"], &r["used_slots"]),
+        (&json!("vgpu"), &json!(3), &json!(2)),
+        "{r}"
+    );
+    let (ok, report) = sdk_validates(&[("GPUResourceStatus", r)]);
+    assert!(ok, "{report}");
+}
