@@ -247,3 +247,69 @@ fn the_real_backend_reads_vgpus_from_sysfs() {
     let (ok, report) = sdk_validates(&[("GPUResourceStatus", r)]);
     assert!(ok, "{report}");
 }
+
+/// A vGPU made behind the daemon's back (Simulator1.SetVgpu, as another
+/// tool would): the GPU shows the `vgpus` blocker naming it, keeps its
+/// virtual functions and its registration (`InUse`), and the capacity counts
+/// it; once it is gone, the GPU is deleted.
+#[test]
+fn a_gpu_carrying_vgpus_stays_as_it_is() {
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("l40s-vgpu.toml");
+    let gpu = ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
+    let path = format!("/org/hypeman/Devices/{}", gpu["id"].as_str().unwrap());
+    ctl(&bus, &["sriov", "l40s", "2"]);
+    bus.sim("SetVgpu", &["ss", "0000:41:00.4", "1152"]);
+    let out = bus.busctl(&[
+        "--json=short",
+        "get-property",
+        NAME,
+        &path,
+        "org.hypeman.Device1",
+        "Blockers",
+    ]);
+    let blockers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vgpus = blockers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["code"]["data"] == "vgpus")
+        .unwrap_or_else(|| panic!("{blockers}"))
+        .clone();
+    assert!(
+        vgpus["message"]["data"]
+            .as_str()
+            .unwrap()
+            .contains("0000:41:00.4 (type 1152)"),
+        "{vgpus}"
+    );
+    for (method, args) in [
+        ("org.hypeman.Devices1.Delete", &["l40s"][..]),
+        ("org.hypeman.Devices1.SetVirtualFunctions", &["l40s", "0"]),
+    ] {
+        let out = bus.gdbus_call(PATH, method, args);
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && e.contains("org.hypeman.Devices.Error.InUse"),
+            "{method}: {e}"
+        );
+    }
+    let r = ctl(&bus, &["resources"]);
+    assert_eq!(
+        (&r["total_slots"], &r["used_slots"]),
+        (&json!(2), &json!(1)),
+        "{r}"
+    );
+    assert_eq!(
+        r["profiles"],
+        json!([{"name": "NVIDIA L40S-4Q", "framebuffer_mb": 4096, "available": 1}]),
+        "equal-size mode: only 4 GB types are left, once (one free function)"
+    );
+    bus.sim("SetVgpu", &["ss", "0000:41:00.4", ""]);
+    ctl(&bus, &["sriov", "l40s", "0"]);
+    let out = bus.hypemanctl(&["delete", "l40s"]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -44,6 +44,8 @@ pub enum Kind {
     /// *(issue 26)* A physical function with SR-IOV virtual functions
     /// enabled: its driver would tear them out from under their users.
     VfsEnabled,
+    /// *(issue 26)* A GPU whose functions carry vGPUs.
+    Vgpus,
 }
 
 /// How a blocker stands in the way.
@@ -73,6 +75,7 @@ impl Kind {
             Kind::UsageUnknown => "usage-unknown",
             Kind::Group { .. } => "group",
             Kind::VfsEnabled => "vfs-enabled",
+            Kind::Vgpus => "vgpus",
         }
     }
 
@@ -80,7 +83,7 @@ impl Kind {
     pub const fn strength(self) -> Strength {
         match self {
             Kind::NoIommu | Kind::Bridge => Strength::Hard,
-            Kind::VfsEnabled => Strength::Partitioned,
+            Kind::VfsEnabled | Kind::Vgpus => Strength::Partitioned,
             Kind::BootVga
             | Kind::Mounted
             | Kind::NetworkActive
@@ -107,6 +110,7 @@ impl Kind {
             | Kind::NetworkActive
             | Kind::OpenBy
             | Kind::VfsEnabled
+            | Kind::Vgpus
             | Kind::Group { unknown: false } => Error::HostInUse(message),
         }
     }
@@ -362,6 +366,38 @@ pub fn move_refusal(dev: &HostDevice, virtual_machine: bool) -> Option<hypeman_a
     })
 }
 
+/// *(issue 26)* The `vgpus` blocker of `address` when `slots` (its
+/// functions) carry vGPUs, naming them.
+pub fn vgpus(address: PciAddress, slots: &[crate::host::vgpu::Slot]) -> Option<Blocker> {
+    let used: Vec<String> = slots
+        .iter()
+        .filter(|s| s.used())
+        .map(|s| match (&s.current, s.mdevs.first()) {
+            (Some(t), _) => format!("{} (type {t})", s.address),
+            (None, Some(m)) => format!("{} (mdev {})", s.address, m.uuid),
+            (None, None) => s.address.to_string(),
+        })
+        .collect();
+    if used.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = used.iter().take(8).cloned().collect();
+    let more = if used.len() > 8 {
+        format!(" and {} more", used.len() - 8)
+    } else {
+        String::new()
+    };
+    Some(Blocker {
+        kind: Kind::Vgpus,
+        message: format!(
+            "{address} carries {} vGPUs ({}{more}): it keeps its driver, its virtual functions and its registration while they exist; delete them first",
+            used.len(),
+            shown.join(", ")
+        ),
+        address,
+    })
+}
+
 /// The codes of some blockers, for a log line: `boot-vga, open-by`.
 pub fn codes(blockers: &[Blocker]) -> String {
     let mut c: Vec<&str> = blockers.iter().map(|b| b.kind.code()).collect();
@@ -414,7 +450,9 @@ impl super::Service {
             addresses.push(dev.address);
         }
         let walked = self.host_usage(addresses).await?;
-        Ok(of(dev, members, vm, &walked))
+        let mut out = of(dev, members, vm, &walked);
+        out.extend(self.vgpus_blocker(dev).await?);
+        Ok(out)
     }
 }
 
@@ -422,7 +460,7 @@ impl super::Service {
 mod tests {
     use super::*;
 
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::NoIommu,
         Kind::Bridge,
         Kind::BootVga,
@@ -433,6 +471,7 @@ mod tests {
         Kind::Group { unknown: false },
         Kind::Group { unknown: true },
         Kind::VfsEnabled,
+        Kind::Vgpus,
     ];
 
     /// Each kind refuses with its own error: the hard ones with the typed
@@ -455,12 +494,12 @@ mod tests {
         }
         let mut codes: Vec<&str> = ALL.iter().map(|k| k.code()).collect();
         codes.dedup();
-        assert_eq!(codes.len(), 9, "one code per kind: {codes:?}");
+        assert_eq!(codes.len(), 10, "one code per kind: {codes:?}");
         let partitioned: Vec<Kind> = ALL
             .into_iter()
             .filter(|k| k.strength() == Strength::Partitioned)
             .collect();
-        assert_eq!(partitioned, [Kind::VfsEnabled]);
+        assert_eq!(partitioned, [Kind::VfsEnabled, Kind::Vgpus]);
     }
 
     /// A known use among unknown ones is HostInUse; unknown ones alone, Busy.

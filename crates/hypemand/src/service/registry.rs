@@ -247,6 +247,11 @@ impl Service {
             return Err(in_use(&stored.name, instance));
         }
         let live = self.live(stored.pci_address).await?;
+        if let Some(dev) = &live {
+            if let Some(b) = self.vgpus_blocker(dev).await? {
+                return Err(hypeman_api::Error::InUse(b.message));
+            }
+        }
         let _group = self.hold_group(&stored, live.as_ref(), None).await?;
         let moved = stored.want_vfio || stored.original_driver.is_some();
         if moved && live.is_some() && placement(&stored, live.as_ref()).held() {

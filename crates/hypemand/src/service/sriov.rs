@@ -60,6 +60,9 @@ impl Service {
             if let Some(instance) = &s.attached_to {
                 return Err(in_use(&s.name, instance));
             }
+            if let Some(b) = self.vgpus_blocker(&dev).await? {
+                return Err(Error::InUse(b.message));
+            }
             let old = sriov.current_vfs(dev.address);
             // The registered virtual functions, locked (in address order, after
             // the physical function's: nobody takes them the other way round)

@@ -147,6 +147,9 @@ impl Service {
         if let Some(e) = super::blockers::move_refusal(&dev, vm) {
             return Err(e);
         }
+        if let Some(b) = self.vgpus_blocker(&dev).await? {
+            return Err(b.kind.refusal(b.message));
+        }
         if strict || !on_vfio {
             // The group is read once, for both checks below.
             let members = self.door.read_group(&dev).await?;

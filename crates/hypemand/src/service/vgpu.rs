@@ -170,6 +170,19 @@ impl Service {
         Ok(out)
     }
 
+    /// The `vgpus` blocker of `dev` when its functions carry vGPUs now.
+    pub(crate) async fn vgpus_blocker(
+        &self,
+        dev: &HostDevice,
+    ) -> Result<Option<super::blockers::Blocker>> {
+        let slots = self
+            .door
+            .vgpu_slots(dev)
+            .await
+            .map_err(|e| host_error(format!("cannot read the vGPUs of {}", dev.address), e))?;
+        Ok(super::blockers::vgpus(dev.address, &slots))
+    }
+
     /// `ListVgpuTypes`: one entry per registered parent and type it offers
     /// now, by parent address, each parent's in its driver's order.
     pub async fn list_vgpu_types(&self) -> Result<Vec<ApiType>> {
@@ -253,7 +266,9 @@ mod tests {
 
     use super::super::testing::with_events;
     use super::*;
+    use crate::host::Host;
     use crate::pci::PciAddress;
+    use hypeman_api::Error;
 
     fn a(s: &str) -> PciAddress {
         PciAddress::parse(s).unwrap()
@@ -303,7 +318,7 @@ mod tests {
         assert_eq!(types[2].type_id, "1152");
         assert_eq!(types[2].framebuffer_mb, 4096);
 
-        f.sim.put_vgpu(a("0000:41:00.4"), Some("1152"));
+        f.sim.set_vgpu(a("0000:41:00.4"), "1152").unwrap();
         let types = f.service.list_vgpu_types().await.unwrap();
         assert_eq!(counts(&types), [("NVIDIA L40S-4Q", 3)]);
         let r = f.service.gpu_resources().await.unwrap();
@@ -377,6 +392,50 @@ mod tests {
         // Full but still listed by the driver: once.
         known.total_mb = Some(2048);
         assert_eq!(parent.counted(&known)[0].available, 1);
+    }
+
+    /// A GPU that carries vGPUs keeps its virtual functions and its
+    /// registration, and shows why (`vgpus`, naming them); once they are
+    /// gone, both changes go through.
+    #[tokio::test]
+    async fn a_parent_with_vgpus_keeps_its_functions_and_registration() {
+        let f = with_events("a100-mdev.toml", Duration::from_secs(10)).await;
+        let gpu = f
+            .service
+            .register_at("0000:82:00.0", "a100", Default::default())
+            .await
+            .unwrap();
+        let target = f.service.resolve(&gpu.stored.id).unwrap();
+        f.service.set_virtual_functions(&target, 2).await.unwrap();
+        f.sim.set_vgpu(a("0000:82:00.5"), "nvidia-473").unwrap();
+        let e = f.sim.set_vgpu(a("0000:82:00.4"), "nvidia-470").unwrap_err();
+        assert!(e.contains("cannot be made"), "equal-size mode: {e}");
+        let blockers = f.service.device_blockers(&gpu.stored.id).await.unwrap();
+        let b = blockers.iter().find(|b| b.code == "vgpus").expect("vgpus");
+        assert!(
+            b.message
+                .contains("0000:82:00.5 (mdev 5e5e5e5e-0000-4000-8000-000000000001)"),
+            "{}",
+            b.message
+        );
+        let e = f
+            .service
+            .set_virtual_functions(&target, 0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InUse(m) if m.contains("carries 1 vGPUs")),
+            "{e:?}"
+        );
+        let e = f.service.delete(&target).await.unwrap_err();
+        assert!(matches!(&e, Error::InUse(_)), "{e:?}");
+        assert_eq!(
+            f.sim.device(a("0000:82:00.5")).unwrap().unwrap().physfn,
+            Some(a("0000:82:00.0"))
+        );
+        f.sim.set_vgpu(a("0000:82:00.5"), "").unwrap();
+        f.service.set_virtual_functions(&target, 0).await.unwrap();
+        f.service.delete(&target).await.unwrap();
     }
 
     /// mdev: each function's types with available_instances, the GPU's

@@ -75,6 +75,14 @@ impl Simulator {
             .map_err(|e| fdo::Error::Failed(e.to_string()))
     }
 
+    /// *(issue 26)* An outside tool makes a vGPU of `type_id` on a function
+    /// (`""` removes what it carries).
+    async fn set_vgpu(&self, pci_address: &str, type_id: &str) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        self.sim.set_vgpu(a, type_id).map_err(fdo::Error::Failed)
+    }
+
     /// Every write attempted on the simulated kernel and every service
     /// stopped or started, oldest first (`unbind 0000:01:00.0 0000:01:00.0`,
     /// `stop nvidia-persistenced.service`).

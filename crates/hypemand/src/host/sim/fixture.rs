@@ -268,6 +268,8 @@ pub struct SimState {
     pub vgpu_current: BTreeMap<PciAddress, String>,
     /// mdev: each mediated device by UUID: the function it is on, its type.
     pub mdevs: BTreeMap<String, (PciAddress, String)>,
+    /// The last mdev number the simulator gave out (its UUIDs count up).
+    pub next_mdev: u64,
 }
 
 impl Fixture {
@@ -570,6 +572,7 @@ impl Fixture {
             vgpu,
             vgpu_current: BTreeMap::new(),
             mdevs: BTreeMap::new(),
+            next_mdev: 0,
         })
     }
 }

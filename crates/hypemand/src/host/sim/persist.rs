@@ -24,6 +24,14 @@ struct Saved {
     /// *(issue 26)* Physical function -> `sriov_numvfs`.
     #[serde(default)]
     vfs: BTreeMap<String, u32>,
+    /// *(issue 26)* Virtual function -> `current_vgpu_type`.
+    #[serde(default)]
+    vgpu_current: BTreeMap<String, String>,
+    /// *(issue 26)* mdev UUID -> (function, type).
+    #[serde(default)]
+    mdevs: BTreeMap<String, (String, String)>,
+    #[serde(default)]
+    next_mdev: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,6 +63,17 @@ pub(super) fn restore(state: &mut SimState, file: &Path) -> Result<(), FixtureEr
                 state.enable_vfs(a, *count, false);
             }
         }
+        for (vf, id) in saved.vgpu_current {
+            if let Ok(a) = PciAddress::parse(&vf) {
+                state.vgpu_current.insert(a, id);
+            }
+        }
+        for (uuid, (on, id)) in saved.mdevs {
+            if let Ok(a) = PciAddress::parse(&on) {
+                state.mdevs.insert(uuid, (a, id));
+            }
+        }
+        state.next_mdev = saved.next_mdev;
         for addr in &saved.unplugged {
             let Ok(a) = PciAddress::parse(addr) else {
                 continue;
@@ -112,6 +131,17 @@ impl SimHost {
                 .iter()
                 .filter_map(|(a, d)| Some((a.to_string(), d.sriov?.num_vfs)))
                 .collect(),
+            vgpu_current: state
+                .vgpu_current
+                .iter()
+                .map(|(a, id)| (a.to_string(), id.clone()))
+                .collect(),
+            mdevs: state
+                .mdevs
+                .iter()
+                .map(|(u, (a, id))| (u.clone(), (a.to_string(), id.clone())))
+                .collect(),
+            next_mdev: state.next_mdev,
         };
         let tmp = file.with_extension("tmp");
         let result = serde_json::to_vec(&saved)

@@ -76,6 +76,9 @@ impl SimState {
         sriov.num_vfs = 0;
         let mut events = Vec::new();
         for address in vfs {
+            // What the functions carried goes with them.
+            self.vgpu_current.remove(&address);
+            self.mdevs.retain(|_, (on, _)| *on != address);
             let Some(vf) = self.devices.remove(&address) else {
                 continue;
             };

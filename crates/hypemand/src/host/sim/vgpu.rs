@@ -133,14 +133,46 @@ impl SimState {
 }
 
 impl SimHost {
-    /// Sets a virtual function's `current_vgpu_type` behind the daemon's
-    /// back (`None`: 0), as another tool would.
-    #[cfg(test)]
-    pub fn put_vgpu(&self, vf: PciAddress, type_id: Option<&str>) {
+    /// An outside tool makes a vGPU of `type_id` on `function` (vendor-VFIO:
+    /// writes its `current_vgpu_type`; mdev: creates an mdev), or, with an
+    /// empty `type_id`, removes what it carries; only what the driver lists
+    /// as creatable there now.
+    pub fn set_vgpu(&self, function: PciAddress, type_id: &str) -> Result<(), String> {
         let mut state = self.state();
-        match type_id {
-            Some(id) => state.vgpu_current.insert(vf, id.to_string()),
-            None => state.vgpu_current.remove(&vf),
+        let parent = state
+            .devices
+            .get(&function)
+            .map(|d| d.physfn.unwrap_or(d.address))
+            .and_then(|p| state.devices.get(&p).cloned())
+            .ok_or_else(|| format!("{function} is not on the simulated host"))?;
+        let slots = state.slots_of(&parent);
+        let Some(slot) = slots.iter().find(|s| s.address == function) else {
+            return Err(format!("{function} is not where a vGPU is made (a virtual function of a vGPU-capable GPU, bound to nvidia)"));
         };
+        if type_id.is_empty() {
+            state.vgpu_current.remove(&function);
+            state.mdevs.retain(|_, (on, _)| *on != function);
+        } else {
+            let offered = slot
+                .creatable
+                .iter()
+                .any(|t| t.id == type_id && t.available > 0);
+            if !offered {
+                return Err(format!("type {type_id} cannot be made on {function} now"));
+            }
+            match slot.framework {
+                Framework::VendorVfio => {
+                    state.vgpu_current.insert(function, type_id.to_string());
+                }
+                Framework::Mdev => {
+                    state.next_mdev += 1;
+                    let uuid = format!("5e5e5e5e-0000-4000-8000-{:012x}", state.next_mdev);
+                    state.mdevs.insert(uuid, (function, type_id.to_string()));
+                }
+            }
+        }
+        tracing::info!(pci_address = %function, type_id = %type_id, "simulator: vGPU set");
+        self.save(&state);
+        Ok(())
     }
 }
