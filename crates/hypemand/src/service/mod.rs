@@ -378,6 +378,13 @@ pub(crate) mod testing {
     }
 
     impl Service {
+        /// SetVirtualFunctions that must be refused: its error.
+        pub async fn vfs_refused(&self, target: &Target, count: u32) -> hypeman_api::Error {
+            self.set_virtual_functions(target, count)
+                .await
+                .expect_err("SetVirtualFunctions must be refused")
+        }
+
         /// Register, as an edge asks for it (without authorization).
         pub async fn register_at(
             &self,

@@ -60,6 +60,23 @@ impl Service {
             if let Some(instance) = &s.attached_to {
                 return Err(in_use(&s.name, instance));
             }
+            match dev.driver.as_deref() {
+                // vfio-pci takes a count only with its enable_sriov
+                // parameter, and a VM may hold the function whole.
+                Some(VFIO_DRIVER) => {
+                    return Err(Error::InUse(format!(
+                        "{} ({}) is on vfio-pci: give it back to its driver first (`hypemanctl unbind {}`)",
+                        s.name, s.pci_address, s.name
+                    )))
+                }
+                None => {
+                    return Err(Error::Failed(format!(
+                        "{} ({}) has no driver, and the kernel changes virtual functions only through the physical function's driver: bind its driver first",
+                        s.name, s.pci_address
+                    )))
+                }
+                Some(_) => {}
+            }
             if let Some(b) = self.vgpus_blocker(&dev).await? {
                 return Err(Error::InUse(b.message));
             }
@@ -271,11 +288,7 @@ mod tests {
             .await
             .unwrap();
         let target = f.service.resolve(&pf.stored.id).unwrap();
-        let e = f
-            .service
-            .set_virtual_functions(&target, 65)
-            .await
-            .unwrap_err();
+        let e = f.service.vfs_refused(&target, 65).await;
         assert!(
             matches!(&e, Error::InvalidArgument(m) if m.contains("at most 64")),
             "{e:?}"
@@ -286,22 +299,27 @@ mod tests {
             .await
             .unwrap();
         let no = f.service.resolve(&vf.stored.id).unwrap();
-        let e = f.service.set_virtual_functions(&no, 1).await.unwrap_err();
+        let e = f.service.vfs_refused(&no, 1).await;
         assert!(
             matches!(&e, Error::InvalidArgument(m) if m.contains("no SR-IOV")),
             "{e:?}"
         );
         f.service.bind(&no).await.unwrap();
-        let e = f
-            .service
-            .set_virtual_functions(&target, 0)
-            .await
-            .unwrap_err();
+        let e = f.service.vfs_refused(&target, 0).await;
         assert!(
             matches!(&e, Error::InUse(m) if m.contains("vf1 (0000:3b:02.1) is on vfio-pci")),
             "{e:?}"
         );
-        assert!(count_writes(&f).is_empty());
+        // A physical function on vfio-pci (no VFs, so it could be bound).
+        f.service.unbind(&no).await.unwrap();
+        f.service.set_virtual_functions(&target, 0).await.unwrap();
+        f.service.bind(&target).await.unwrap();
+        let e = f.service.vfs_refused(&target, 2).await;
+        assert!(
+            matches!(&e, Error::InUse(m) if m.contains("is on vfio-pci")),
+            "{e:?}"
+        );
+        assert_eq!(count_writes(&f), ["set_num_vfs 0000:3b:00.0 0"]);
     }
 
     /// A function that never appears: the error names it, and the previous
@@ -320,11 +338,7 @@ mod tests {
             address: a(PF),
             kind: FaultKind::Lost,
         });
-        let e = f
-            .service
-            .set_virtual_functions(&target, 3)
-            .await
-            .unwrap_err();
+        let e = f.service.vfs_refused(&target, 3).await;
         let Error::Timeout(m) = &e else {
             panic!("{e:?}")
         };

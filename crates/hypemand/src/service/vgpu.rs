@@ -418,11 +418,7 @@ mod tests {
             "{}",
             b.message
         );
-        let e = f
-            .service
-            .set_virtual_functions(&target, 0)
-            .await
-            .unwrap_err();
+        let e = f.service.vfs_refused(&target, 0).await;
         assert!(
             matches!(&e, Error::InUse(m) if m.contains("carries 1 vGPUs")),
             "{e:?}"
