@@ -387,3 +387,70 @@ fn a_clean_stop_compacts_and_a_torn_write_is_dropped() {
     wait_until(|| d.log().contains("never finished"));
     assert_eq!(journal_len(state.path()), 0, "the torn write is cut");
 }
+
+/// *(issue 26)* SIGKILL between a vGPU's claim and its write, and after the
+/// write before it is marked ready: at the next start the claim is resolved
+/// before anyone is answered, by what the host shows: nothing written, the
+/// claim goes; written, it is kept, ready. Never left unknown.
+#[test]
+fn sigkill_around_a_vgpu_write_is_resolved_at_start() {
+    let bus = TestBus::start();
+    for (point, kept) in [("vgpu-claimed", false), ("vgpu-written", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let sim = dir.path().join("sim.json");
+        let f = fixture("l40s-vgpu.toml");
+        let args = [
+            "--simulate",
+            f.to_str().unwrap(),
+            "--simulate-state",
+            sim.to_str().unwrap(),
+        ];
+        let d = Daemon::start(&bus, &state, &args);
+        let ok = |a: &[&str]| {
+            let out = bus.hypemanctl(a);
+            assert!(out.status.success(), "{a:?}: {out:?}");
+        };
+        ok(&["register", "0000:41:00.0", "--name", "l40s"]);
+        ok(&["sriov", "l40s", "2"]);
+        d.kill9(&bus);
+
+        let mut cmd = Daemon::command(&bus, &state, &args);
+        cmd.env("HYPEMAN_PAUSE_AT", point);
+        let d = Daemon::from_command(&bus, cmd);
+        let mut call = Proc {
+            child: std::process::Command::new("gdbus")
+                .args(["call", "--address", &bus.address, "--dest", NAME])
+                .args(["--object-path", PATH, "--method"])
+                .arg(format!("{IFACE}.CreateVgpu"))
+                .arg("{'profile': <'NVIDIA L40S-4Q'>}")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        };
+        let pid = d.proc.pid();
+        wait_until(|| process_state(pid) == 'T');
+        let journal = std::fs::read_to_string(state.join("devices.journal")).unwrap_or_default();
+        assert!(
+            journal.contains("\"add_vgpu\"") && journal.contains("\"ready\":false"),
+            "{point}: the claim is in the journal: {journal}"
+        );
+        d.kill9(&bus);
+        assert!(!call.child.wait().unwrap().success(), "{point}: answered");
+
+        let _d = Daemon::start(&bus, &state, &args);
+        let out = bus.hypemanctl(&["--json", "vgpu", "list"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let resources = bus.hypemanctl(&["--json", "resources"]);
+        let r: serde_json::Value = serde_json::from_slice(&resources.stdout).unwrap();
+        if kept {
+            assert_eq!(list[0]["state"], "ready", "{point}: {list}");
+            assert_eq!(list[0]["pci_address"], "0000:41:00.4", "{point}: {list}");
+            assert_eq!(r["used_slots"], 1, "{point}: {r}");
+        } else {
+            assert_eq!(list, serde_json::json!([]), "{point}");
+            assert_eq!(r["used_slots"], 0, "{point}: nothing was written: {r}");
+        }
+    }
+}

@@ -1053,3 +1053,66 @@ fn partitioning_is_its_own_action() {
     let get = bus.manager("Get", &["s", "x710"]).unwrap();
     assert_eq!(get[0]["sriov_vfs"]["data"], 1, "{get}");
 }
+
+/// *(issue 26)* CreateVgpu and DeleteVgpu are `org.hypeman.devices.partition`
+/// too, asked about the GPU placement chose: a member of `hypeman` makes and
+/// deletes one; anyone else is refused before anything is claimed or
+/// written.
+#[test]
+fn vgpus_need_the_partition_action() {
+    let _s = serial();
+    let users = TestUsers::create(&["member", "outsider"], &["member"], "hypeman");
+    let (member, outsider) = (&users.names[0], &users.names[1]);
+    let bus = TestBus::start_polkit();
+    let _pk = Polkitd::start(&bus, &[("50-org.hypeman.devices.rules", shipped_rule())]);
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::simulate(&bus, state.path(), "l40s-vgpu.toml");
+    ok_call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("Register"),
+        &["0000:41:00.0", "l40s"],
+    );
+    ok_call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("SetVirtualFunctions"),
+        &["l40s", "2"],
+    );
+    let request = "{'profile': <'NVIDIA L40S-4Q'>}";
+    let out = call(
+        &bus,
+        Some(outsider),
+        false,
+        PATH,
+        &m("CreateVgpu"),
+        &[request],
+    );
+    assert_eq!(outcome(&out), "InteractiveAuthorizationRequired", "{out:?}");
+    assert_eq!(
+        bus.manager("ListVgpus", &[]).unwrap()[0],
+        serde_json::json!([])
+    );
+    let out = call(
+        &bus,
+        Some(member),
+        false,
+        PATH,
+        &m("CreateVgpu"),
+        &[request],
+    );
+    assert_eq!(outcome(&out), "ok", "{out:?}");
+    let made = bus.manager("ListVgpus", &[]).unwrap();
+    let id = made[0][0]["id"]["data"].as_str().unwrap().to_string();
+    let out = call(&bus, Some(outsider), false, PATH, &m("DeleteVgpu"), &[&id]);
+    assert_eq!(outcome(&out), "InteractiveAuthorizationRequired", "{out:?}");
+    ok_call(&bus, Some(member), false, PATH, &m("DeleteVgpu"), &[&id]);
+    assert_eq!(
+        bus.manager("ListVgpus", &[]).unwrap()[0],
+        serde_json::json!([])
+    );
+}

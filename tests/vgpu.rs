@@ -313,3 +313,200 @@ fn a_gpu_carrying_vgpus_stays_as_it_is() {
     let out = bus.hypemanctl(&["delete", "l40s"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// The error name and message of a `gdbus call` that must fail.
+fn gdbus_refused(out: std::process::Output) -> String {
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// CreateVgpu, ListVgpus and DeleteVgpu over the bus and through
+/// hypemanctl: each made vGPU is announced (`VgpuCreated`), listed and
+/// counted; a bad request is `InvalidArgument`; a vGPU a VMM holds open is
+/// not deleted (`HostInUse`); deleting one is announced (`VgpuDeleted`),
+/// and with none left the GPU can go.
+#[test]
+fn vgpus_are_made_listed_and_deleted_over_the_bus() {
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("l40s-vgpu.toml");
+    ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
+    ctl(&bus, &["sriov", "l40s", "2"]);
+    let mut signals = Signals::watch(&bus, Some(PATH));
+    let out = bus.gdbus_call(
+        PATH,
+        "org.hypeman.Devices1.CreateVgpu",
+        &["{'profile': <'NVIDIA L40S-4Q'>, 'instance_id': <'vm-1'>}"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    signals.wait_for(|s| matches!(s, Signal::Other { member, .. } if member == "VgpuCreated"));
+    let made = ctl(
+        &bus,
+        &[
+            "vgpu",
+            "create",
+            "NVIDIA L40S-4Q",
+            "--instance",
+            "vm-2",
+            "--parent",
+            "l40s",
+        ],
+    );
+    assert_eq!(made["pci_address"], "0000:41:00.5", "{made}");
+    assert_eq!(made["state"], "ready", "{made}");
+    assert!(
+        made["device_nodes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("/dev/vfio/"),
+        "{made}"
+    );
+    let list = ctl(&bus, &["vgpu", "list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let first = list
+        .iter()
+        .find(|v| v["instance_id"] == "vm-1")
+        .unwrap()
+        .clone();
+    assert_eq!(first["type_id"], "1152", "{first}");
+    let r = ctl(&bus, &["resources"]);
+    assert_eq!(r["used_slots"], 2, "{r}");
+
+    for bad in [
+        "{'profile': <'NVIDIA L40S-4Q'>, 'colour': <'red'>}",
+        "{'instance_id': <'vm-3'>}",
+        "{'profile': <'NVIDIA L40S-4Q'>, 'instance_id': <'bad id'>}",
+    ] {
+        let e = gdbus_refused(bus.gdbus_call(PATH, "org.hypeman.Devices1.CreateVgpu", &[bad]));
+        assert!(
+            e.contains("org.hypeman.Devices.Error.InvalidArgument"),
+            "{bad}: {e}"
+        );
+    }
+    let e = gdbus_refused(bus.gdbus_call(
+        PATH,
+        "org.hypeman.Devices1.CreateVgpu",
+        &["{'profile': <'NVIDIA L40S-4Q'>}"],
+    ));
+    assert!(
+        e.contains("InvalidArgument") && e.contains("vgpu types"),
+        "no function left: {e}"
+    );
+
+    let node = first["device_nodes"][0].as_str().unwrap().to_string();
+    let id = first["id"].as_str().unwrap().to_string();
+    bus.sim("HoldNode", &["sus", &node, "4242", "qemu-system-x86"]);
+    let e = gdbus_refused(bus.gdbus_call(PATH, "org.hypeman.Devices1.DeleteVgpu", &[&id]));
+    assert!(
+        e.contains("org.hypeman.Devices.Error.HostInUse") && e.contains("4242"),
+        "{e}"
+    );
+    bus.sim("HoldNode", &["sus", &node, "0", ""]);
+    let out = bus.hypemanctl(&["vgpu", "delete", &id]);
+    assert!(out.status.success(), "{out:?}");
+    signals.wait_for(|s| matches!(s, Signal::Other { member, .. } if member == "VgpuDeleted"));
+    let other = made["id"].as_str().unwrap();
+    assert!(bus.hypemanctl(&["vgpu", "delete", other]).status.success());
+    ctl(&bus, &["sriov", "l40s", "0"]);
+    assert!(bus.hypemanctl(&["delete", "l40s"]).status.success());
+}
+
+/// The real backend's exact writes on a tree in the kernel's and NVIDIA's
+/// layout: a vendor-VFIO create writes the type id (and reads it back), a
+/// delete writes 0; an mdev create whose device never appears is undone
+/// and answered as failed, no record kept.
+#[test]
+fn the_real_backend_writes_vgpus() {
+    let tree = SysfsTree::new();
+    let gpu = |address: &'static str, device: &'static [u8], group: &'static str| {
+        tree.function(&Function {
+            address,
+            parent: "pci0000:40/0000:40:01.0",
+            attrs: &[
+                ("vendor", b"0x10de\n"),
+                ("device", device),
+                ("class", b"0x030200\n"),
+                ("driver_override", b"(null)\n"),
+                ("sriov_totalvfs", b"32\n"),
+                ("sriov_numvfs", b"1\n"),
+                ("sriov_offset", b"4\n"),
+                ("sriov_stride", b"1\n"),
+            ],
+            driver: Some("nvidia"),
+            group: Some(group),
+        })
+    };
+    let vf = |address: &'static str, pf: &str, group: &'static str| {
+        let dir = tree.function(&Function {
+            address,
+            parent: "pci0000:40/0000:40:01.0",
+            attrs: &[
+                ("vendor", b"0x10de\n"),
+                ("device", b"0x26b9\n"),
+                ("class", b"0x030200\n"),
+                ("driver_override", b"(null)\n"),
+            ],
+            driver: Some("nvidia"),
+            group: Some(group),
+        });
+        std::os::unix::fs::symlink(format!("../{pf}"), dir.join("physfn")).unwrap();
+        dir
+    };
+    gpu("0000:41:00.0", b"0x26b9\n", "30");
+    let l40s_vf = vf("0000:41:00.4", "0000:41:00.0", "31");
+    std::fs::create_dir(l40s_vf.join("nvidia")).unwrap();
+    std::fs::write(l40s_vf.join("nvidia/current_vgpu_type"), "0\n").unwrap();
+    std::fs::write(
+        l40s_vf.join("nvidia/creatable_vgpu_types"),
+        "ID : vGPU Name\n1152 : NVIDIA L40S-4Q\n",
+    )
+    .unwrap();
+    gpu("0000:82:00.0", b"0x20f1\n", "60");
+    vf("0000:82:00.4", "0000:82:00.0", "61");
+    let ty = tree
+        .root()
+        .join("class/mdev_bus/0000:82:00.4/mdev_supported_types/nvidia-473");
+    std::fs::create_dir_all(ty.join("devices")).unwrap();
+    std::fs::write(ty.join("name"), "GRID A100-10C\n").unwrap();
+    std::fs::write(
+        ty.join("description"),
+        "framebuffer=10240M, max_instance=4\n",
+    )
+    .unwrap();
+    std::fs::write(ty.join("available_instances"), "1\n").unwrap();
+    std::fs::write(ty.join("create"), "").unwrap();
+
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::on_tree(TestBus::start(), &tree);
+    ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
+    ctl(&bus, &["register", "0000:82:00.0", "--name", "a100"]);
+    let v = ctl(&bus, &["vgpu", "create", "NVIDIA L40S-4Q"]);
+    assert_eq!(v["pci_address"], "0000:41:00.4", "{v}");
+    assert_eq!(v["device_nodes"], json!(["/dev/vfio/31"]), "{v}");
+    let current = l40s_vf.join("nvidia/current_vgpu_type");
+    assert_eq!(std::fs::read_to_string(&current).unwrap(), "1152\n");
+    let out = bus.hypemanctl(&["vgpu", "delete", v["id"].as_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&current).unwrap(), "0\n");
+
+    let out = bus.hypemanctl(&["vgpu", "create", "GRID A100-10C"]);
+    assert!(!out.status.success(), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("did not appear") && e.contains("no mdev was left behind"),
+        "{e}"
+    );
+    let uuid = std::fs::read_to_string(ty.join("create")).unwrap();
+    assert_eq!(
+        uuid.trim().len(),
+        36,
+        "the UUID was written to create: {uuid:?}"
+    );
+    assert_eq!(ctl(&bus, &["vgpu", "list"]), json!([]));
+}

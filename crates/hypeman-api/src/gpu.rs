@@ -77,6 +77,122 @@ pub struct GpuResources {
     pub devices: Option<Vec<GpuDevice>>,
 }
 
+/// *(issue 26)* A vGPU (`CreateVgpu`, `ListVgpus`).
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type, zbus::Variant,
+)]
+#[zvariant(signature = "a{sv}")]
+pub struct Vgpu {
+    /// Its id: 24 lowercase letters and digits, starting with a letter.
+    pub id: String,
+    /// The profile it was made of: `NVIDIA L40S-4Q`.
+    pub profile: String,
+    /// The driver's type id.
+    pub type_id: String,
+    /// [`VENDOR_VFIO`] or [`MDEV`].
+    pub framework: String,
+    /// The GPU it is on.
+    pub parent_pci_address: String,
+    /// The function it is on (vendor-VFIO: the virtual function a VMM is
+    /// given; mdev: the mdev's parent).
+    pub pci_address: String,
+    /// mdev: its UUID.
+    pub mdev_uuid: Option<String>,
+    /// What a VMM opens: `/dev/vfio/devices/vfioN` where the kernel offers
+    /// the VFIO cdev, else `/dev/vfio/<group>`.
+    pub device_nodes: Vec<String>,
+    /// The instance holding it.
+    pub instance_id: Option<String>,
+    /// When it was made, RFC 3339, UTC, whole seconds.
+    pub created_at: String,
+    /// `ready`, or `creating` while it is being made.
+    pub state: String,
+}
+
+/// *(issue 26)* `CreateVgpu`'s request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VgpuRequest {
+    /// The profile name, required: `NVIDIA L40S-4Q`.
+    pub profile: String,
+    /// The instance that will hold it.
+    pub instance_id: Option<String>,
+    /// A registered GPU's id, name or address; placement chooses when absent.
+    pub parent: Option<String>,
+    /// Only GPUs on this NUMA node.
+    pub numa_node: Option<u32>,
+}
+
+impl VgpuRequest {
+    /// The dictionary a D-Bus client sends.
+    pub fn to_dict(&self) -> std::collections::HashMap<&'static str, zbus::Variant<'static>> {
+        use zbus::Variant as Value;
+        let mut d = std::collections::HashMap::new();
+        d.insert("profile", Value::from(self.profile.clone()));
+        if let Some(i) = &self.instance_id {
+            d.insert("instance_id", Value::from(i.clone()));
+        }
+        if let Some(p) = &self.parent {
+            d.insert("parent", Value::from(p.clone()));
+        }
+        if let Some(n) = self.numa_node {
+            d.insert("numa_node", Value::from(n));
+        }
+        d
+    }
+
+    /// Reads what the daemon received: unknown keys and wrong types are
+    /// `InvalidArgument`.
+    pub fn from_dict(
+        d: &std::collections::HashMap<String, zbus::OwnedVariant>,
+    ) -> Result<VgpuRequest, crate::Error> {
+        use crate::Error;
+        let wrong = |key: &str, want: &str, v: &zbus::OwnedVariant| {
+            Error::InvalidArgument(format!(
+                "{key:?} must be {want}, not {}",
+                v.value_signature()
+            ))
+        };
+        let string = |key: &str, v: &zbus::OwnedVariant| {
+            String::try_from(v.clone()).map_err(|_| wrong(key, "a string (s)", v))
+        };
+        let mut out = VgpuRequest::default();
+        let mut has_profile = false;
+        for (key, v) in d {
+            match key.as_str() {
+                "profile" => {
+                    out.profile = string(key, v)?;
+                    has_profile = true;
+                }
+                "instance_id" => out.instance_id = Some(string(key, v)?),
+                "parent" => out.parent = Some(string(key, v)?),
+                "numa_node" => {
+                    let n = u32::try_from(v.clone())
+                        .ok()
+                        .or_else(|| {
+                            i64::try_from(v.clone())
+                                .ok()
+                                .and_then(|n| u32::try_from(n).ok())
+                        })
+                        .ok_or_else(|| wrong(key, "a node number (u or x, not negative)", v))?;
+                    out.numa_node = Some(n);
+                }
+                other => {
+                    let shown: String = other.chars().take(64).collect();
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown key {shown:?}; a vGPU request has profile (s), instance_id (s), parent (s) and numa_node (u)"
+                    )));
+                }
+            }
+        }
+        if !has_profile || out.profile.trim().is_empty() || out.profile.len() > 128 {
+            return Err(Error::InvalidArgument(
+                "a vGPU request needs profile (s): a profile name of 1-128 characters, as ListVgpuTypes shows".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
 /// The JSON document of [`GpuResources`] (Hypeman's `GPUResourceStatus`).
 #[derive(Debug, Serialize)]
 pub struct GpuDocument<'a> {

@@ -29,7 +29,7 @@ pub mod validate;
 
 pub use bus::BusChoice;
 pub use error::Error;
-pub use gpu::{GpuResources, VgpuType};
+pub use gpu::{GpuResources, Vgpu, VgpuRequest, VgpuType};
 pub use names::*;
 pub use options::Options;
 pub use record::{Available, Blocker, Record};

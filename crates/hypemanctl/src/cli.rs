@@ -150,6 +150,29 @@ pub enum CtlCommand {
 pub enum VgpuCommand {
     /// The vGPU types each registered GPU offers now, and how many more fit.
     Types,
+    /// Make a vGPU of PROFILE (a name `vgpu types` shows) on the least
+    /// loaded registered GPU that offers it. Needs the
+    /// org.hypeman.devices.partition authorization.
+    Create {
+        /// The profile: `NVIDIA L40S-4Q`.
+        profile: String,
+        /// The instance (VM) that will hold it.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only on this registered GPU (id, name or PCI address).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Only on a GPU on this NUMA node.
+        #[arg(long)]
+        numa_node: Option<u32>,
+    },
+    /// Delete a vGPU; refused while a process (the VM) holds it.
+    Delete {
+        /// The vGPU's id.
+        id: String,
+    },
+    /// The vGPUs hypemand made.
+    List,
 }
 
 /// `KEY=VALUE` (the value may be empty or contain `=`).

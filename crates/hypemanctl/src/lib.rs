@@ -235,6 +235,27 @@ impl Client {
         self.call("ListVgpuTypes", &()).await
     }
 
+    /// `CreateVgpu` *(issue 26)*.
+    pub async fn create_vgpu(
+        &self,
+        req: &hypeman_api::VgpuRequest,
+    ) -> Result<hypeman_api::Vgpu, ClientError> {
+        self.call("CreateVgpu", &(req.to_dict(),)).await
+    }
+
+    /// `DeleteVgpu` *(issue 26)*.
+    pub async fn delete_vgpu(&self, id: &str) -> Result<(), ClientError> {
+        self.proxy
+            .call_with_flags::<_, _, ()>("DeleteVgpu", self.flags, &(id,))
+            .await?;
+        Ok(())
+    }
+
+    /// `ListVgpus` *(issue 26)*.
+    pub async fn vgpus(&self) -> Result<Vec<hypeman_api::Vgpu>, ClientError> {
+        self.call("ListVgpus", &()).await
+    }
+
     /// `GpuResources` *(issue 26)*: the host's GPU capacity.
     pub async fn gpu_resources(&self) -> Result<hypeman_api::GpuResources, ClientError> {
         self.call("GpuResources", &()).await

@@ -156,6 +156,29 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Vgpu {
             command: VgpuCommand::Types,
         } => vgpu_types(&client, json).await?,
+        CtlCommand::Vgpu {
+            command:
+                VgpuCommand::Create {
+                    profile,
+                    instance,
+                    parent,
+                    numa_node,
+                },
+        } => {
+            let req = hypeman_api::VgpuRequest {
+                profile,
+                instance_id: instance,
+                parent,
+                numa_node,
+            };
+            print_vgpus(&[client.create_vgpu(&req).await?], json, true);
+        }
+        CtlCommand::Vgpu {
+            command: VgpuCommand::Delete { id },
+        } => client.delete_vgpu(&id).await?,
+        CtlCommand::Vgpu {
+            command: VgpuCommand::List,
+        } => print_vgpus(&client.vgpus().await?, json, false),
         CtlCommand::Monitor => monitor(&client, json).await?,
         CtlCommand::GenerateAssets { .. } => {}
     }
@@ -356,6 +379,40 @@ async fn resources(client: &Client, json: bool) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// vGPU records as JSON documents or a table; `single` prints one document,
+/// not a list.
+fn print_vgpus(vgpus: &[hypeman_api::Vgpu], json: bool, single: bool) {
+    let doc = |v: &hypeman_api::Vgpu| {
+        json!({"id": v.id, "profile": v.profile, "type_id": v.type_id, "framework": v.framework,
+            "parent_pci_address": v.parent_pci_address, "pci_address": v.pci_address,
+            "mdev_uuid": v.mdev_uuid, "device_nodes": v.device_nodes,
+            "instance_id": v.instance_id, "created_at": v.created_at, "state": v.state})
+    };
+    if json {
+        match vgpus {
+            [one] if single => pretty(&doc(one)),
+            many => pretty(&many.iter().map(doc).collect::<Vec<_>>()),
+        }
+        return;
+    }
+    println!(
+        "{:<24}  {:<20}  {:<12}  {:<12}  {:<8}  {:<12}  NODES",
+        "ID", "PROFILE", "FUNCTION", "PARENT", "STATE", "INSTANCE"
+    );
+    for v in vgpus {
+        println!(
+            "{:<24}  {:<20}  {:<12}  {:<12}  {:<8}  {:<12}  {}",
+            v.id,
+            v.profile,
+            v.pci_address,
+            v.parent_pci_address,
+            v.state,
+            v.instance_id.as_deref().unwrap_or("-"),
+            v.device_nodes.join(",")
+        );
+    }
+}
+
 /// `vgpu types`: what each registered GPU offers now.
 async fn vgpu_types(client: &Client, json: bool) -> Result<(), ClientError> {
     let types = client.vgpu_types().await?;
@@ -526,6 +583,28 @@ async fn monitor(client: &Client, json: bool) -> Result<(), ClientError> {
                 Some((
                     json!({"event": event, "pci_address": addr}),
                     format!("host device {addr} {verb}"),
+                ))
+            }
+            "VgpuCreated" => {
+                let Ok(v) = msg.body().deserialize::<hypeman_api::Vgpu>() else {
+                    continue;
+                };
+                Some((
+                    json!({"event": "vgpu_created", "id": v.id, "profile": v.profile,
+                        "pci_address": v.pci_address, "parent_pci_address": v.parent_pci_address}),
+                    format!(
+                        "vGPU {} ({}) made on {} of {}",
+                        v.id, v.profile, v.pci_address, v.parent_pci_address
+                    ),
+                ))
+            }
+            "VgpuDeleted" => {
+                let Ok(id) = msg.body().deserialize::<String>() else {
+                    continue;
+                };
+                Some((
+                    json!({"event": "vgpu_deleted", "id": id}),
+                    format!("vGPU {id} deleted"),
                 ))
             }
             _ => None,

@@ -228,6 +228,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.
     service.reconcile().await;
+    // vGPUs claimed before a crash: kept or undone before anyone is answered.
+    service.reconcile_vgpus().await;
     tracing::debug!(elapsed_ms = ms(), "host reconciled");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -15,12 +15,19 @@ pub enum Point {
     SnapshotWritten,
     /// The new snapshot is in place; the journal is not yet cut.
     SnapshotRenamed,
+    /// *(issue 26)* A vGPU is claimed in the journal, nothing written to
+    /// the host yet.
+    VgpuClaimed,
+    /// *(issue 26)* The vGPU is written to the host, not yet marked ready.
+    VgpuWritten,
 }
 
-const POINTS: [(&str, Point); 3] = [
+const POINTS: [(&str, Point); 5] = [
     ("journal-synced", Point::JournalSynced),
     ("snapshot-written", Point::SnapshotWritten),
     ("snapshot-renamed", Point::SnapshotRenamed),
+    ("vgpu-claimed", Point::VgpuClaimed),
+    ("vgpu-written", Point::VgpuWritten),
 ];
 
 impl Point {

@@ -206,19 +206,59 @@ impl Authz {
         op.validate()?;
         let method = Method::of(&op);
         let target = self.service.resolve(id_or_name)?;
-        let d = target.record();
-        let details = Details {
-            pci_address: d.pci_address.to_string(),
-            device_id: format!("{}:{}", d.vendor_id, d.device_id),
-            name: d.name.clone(),
-        };
-        self.check(caller, method, &details).await?;
+        self.check(caller, method, &Self::details(target.record()))
+            .await?;
         let target: Target = if method.forces() {
             target.forced()
         } else {
             target
         };
         self.service.apply(&target, op).await
+    }
+
+    /// *(issue 26)* Places `req` on a registered GPU, authorizes
+    /// partitioning that GPU, and makes the vGPU there.
+    pub async fn create_vgpu(
+        &self,
+        caller: &Caller<'_>,
+        req: hypeman_api::VgpuRequest,
+    ) -> Result<hypeman_api::Vgpu, Error> {
+        let plan = self.service.plan_vgpu(&req).await?;
+        self.check(
+            caller,
+            Method::Partition,
+            &Self::details(plan.parent.record()),
+        )
+        .await?;
+        self.service.create_vgpu(plan, req).await
+    }
+
+    /// *(issue 26)* Authorizes partitioning the vGPU's GPU, then deletes it.
+    pub async fn delete_vgpu(&self, caller: &Caller<'_>, id: &str) -> Result<(), Error> {
+        let record = self.service.vgpu_record(id)?;
+        let parent = self
+            .service
+            .snapshot()
+            .by_address(record.parent_pci_address)
+            .map(|d| (**d).clone());
+        let details = match &parent {
+            Some(p) => Self::details(p),
+            None => Details {
+                pci_address: record.parent_pci_address.to_string(),
+                device_id: String::new(),
+                name: String::new(),
+            },
+        };
+        self.check(caller, Method::Partition, &details).await?;
+        self.service.delete_vgpu(id).await
+    }
+
+    fn details(d: &crate::store::StoredDevice) -> Details {
+        Details {
+            pci_address: d.pci_address.to_string(),
+            device_id: format!("{}:{}", d.vendor_id, d.device_id),
+            name: d.name.clone(),
+        }
     }
 
     /// Reads the host device at `pci_address` once, authorizes registering

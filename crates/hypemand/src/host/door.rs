@@ -343,6 +343,28 @@ impl Door {
             .await
     }
 
+    /// *(issue 26)* Who holds these VFIO nodes open, within the walk's
+    /// deadline; `Err` (why) when that could not be told.
+    pub async fn vfio_holders(&self, nodes: Vec<String>) -> Result<Vec<String>, String> {
+        let until = std::time::Instant::now() + self.usage_deadline;
+        match self
+            .call(Key::Host, move |h, _| Ok(h.vfio_holders(&nodes, until)))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// *(issue 26)* One read about `function` by the host.
+    pub async fn host_call<T: Send + 'static>(
+        &self,
+        function: PciAddress,
+        f: impl FnOnce(&dyn Host) -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, StepError> {
+        self.call(Key::Device(function), move |h, _| f(h)).await
+    }
+
     /// *(issue 26)* The vGPU slots of `parent`.
     pub async fn vgpu_slots(
         &self,

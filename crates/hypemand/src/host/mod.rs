@@ -184,7 +184,7 @@ pub fn errno_text(errno: i32) -> String {
 }
 
 /// The errno values a sysfs write can plausibly fail with, by name.
-pub const ERRNOS: [(&str, i32); 11] = [
+pub const ERRNOS: [(&str, i32); 12] = [
     ("EPERM", 1),
     ("ENOENT", 2),
     ("EINTR", 4),
@@ -193,6 +193,7 @@ pub const ERRNOS: [(&str, i32); 11] = [
     ("EAGAIN", 11),
     ("EACCES", 13),
     ("EBUSY", 16),
+    ("EEXIST", 17),
     ("ENODEV", 19),
     ("EINVAL", 22),
     ("ERANGE", 34),
@@ -221,16 +222,25 @@ pub enum Op {
     Probe,
     /// *(issue 26)* Write a count to a physical function's `sriov_numvfs`.
     SetNumVfs,
+    /// *(issue 26)* Write a type id (or 0) to `nvidia/current_vgpu_type`.
+    SetVgpuType,
+    /// *(issue 26)* Write a UUID to an mdev type's `create`.
+    CreateMdev,
+    /// *(issue 26)* Write 1 to an mdev's `remove`.
+    RemoveMdev,
 }
 
 impl Op {
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 9] = [
         Op::SetOverride,
         Op::ClearOverride,
         Op::Unbind,
         Op::Bind,
         Op::Probe,
         Op::SetNumVfs,
+        Op::SetVgpuType,
+        Op::CreateMdev,
+        Op::RemoveMdev,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -241,6 +251,9 @@ impl Op {
             Op::Bind => "bind",
             Op::Probe => "probe",
             Op::SetNumVfs => "set_num_vfs",
+            Op::SetVgpuType => "set_vgpu_type",
+            Op::CreateMdev => "create_mdev",
+            Op::RemoveMdev => "remove_mdev",
         }
     }
 
@@ -265,6 +278,17 @@ pub enum HostOp {
     Probe,
     /// `sriov_numvfs`.
     SetNumVfs(u32),
+    /// `nvidia/current_vgpu_type` (0 frees it).
+    SetVgpuType(u32),
+    /// `class/mdev_bus/<function>/mdev_supported_types/<type>/create`.
+    CreateMdev {
+        /// The type directory.
+        type_id: String,
+        /// The new mdev's UUID.
+        uuid: String,
+    },
+    /// `bus/mdev/devices/<uuid>/remove`.
+    RemoveMdev(String),
 }
 
 impl HostOp {
@@ -277,6 +301,9 @@ impl HostOp {
             HostOp::Bind(d) => host.bind(address, d),
             HostOp::Probe => host.probe(address),
             HostOp::SetNumVfs(n) => host.set_num_vfs(address, *n),
+            HostOp::SetVgpuType(t) => host.set_vgpu_type(address, *t),
+            HostOp::CreateMdev { type_id, uuid } => host.create_mdev(address, type_id, uuid),
+            HostOp::RemoveMdev(uuid) => host.remove_mdev(address, uuid),
         }
     }
 }
@@ -337,4 +364,40 @@ pub trait Host: Send + Sync + 'static {
     /// *(issue 26)* Where vGPUs are made on `parent` (its virtual functions,
     /// or itself for an mdev parent), and what each offers and carries now.
     fn vgpu_slots(&self, parent: &HostDevice) -> Result<Vec<vgpu::Slot>, HostError>;
+
+    /// *(issue 26)* vendor-VFIO: writes `type_id` (0 frees it) to the
+    /// function's `nvidia/current_vgpu_type`.
+    fn set_vgpu_type(&self, function: PciAddress, type_id: u32) -> Result<(), HostError>;
+
+    /// *(issue 26)* vendor-VFIO: the function's `current_vgpu_type`; `None`
+    /// for 0.
+    fn current_vgpu_type(&self, function: PciAddress) -> Result<Option<u32>, HostError>;
+
+    /// *(issue 26)* mdev: writes `uuid` to the function's type's `create`.
+    fn create_mdev(&self, function: PciAddress, type_id: &str, uuid: &str)
+        -> Result<(), HostError>;
+
+    /// *(issue 26)* mdev: writes 1 to `bus/mdev/devices/<uuid>/remove` (the
+    /// mdev on `function`).
+    fn remove_mdev(&self, function: PciAddress, uuid: &str) -> Result<(), HostError>;
+
+    /// *(issue 26)* mdev: whether `bus/mdev/devices/<uuid>` exists.
+    fn mdev_exists(&self, uuid: &str) -> Result<bool, HostError>;
+
+    /// *(issue 26)* The device nodes a VMM opens for a vGPU on `function`
+    /// (its mdev's, if `mdev`): `/dev/vfio/devices/vfioN` where the kernel
+    /// offers the VFIO cdev, else `/dev/vfio/<group>`.
+    fn vfio_nodes(
+        &self,
+        function: PciAddress,
+        mdev: Option<&str>,
+    ) -> Result<Vec<String>, HostError>;
+
+    /// *(issue 26)* Who holds these VFIO nodes open, walking /proc until
+    /// `deadline`; `Err` (why) when that could not be established.
+    fn vfio_holders(
+        &self,
+        nodes: &[String],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<String>, String>;
 }

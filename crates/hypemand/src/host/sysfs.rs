@@ -302,6 +302,58 @@ impl Host for SysfsHost {
         super::vgpu::read_slots(&self.root, parent)
     }
 
+    fn set_vgpu_type(&self, function: PciAddress, type_id: u32) -> Result<(), HostError> {
+        let path = self.device_dir(function).join("nvidia/current_vgpu_type");
+        self.write_attr(&path, &format!("{type_id}\n"))
+    }
+
+    fn current_vgpu_type(&self, function: PciAddress) -> Result<Option<u32>, HostError> {
+        super::vgpu::read_current(&self.device_dir(function))
+    }
+
+    fn create_mdev(
+        &self,
+        function: PciAddress,
+        type_id: &str,
+        uuid: &str,
+    ) -> Result<(), HostError> {
+        let path = super::vgpu::mdev_create_path(&self.root, function, type_id, uuid)?;
+        self.write_attr(&path, &format!("{uuid}\n"))
+    }
+
+    fn remove_mdev(&self, _function: PciAddress, uuid: &str) -> Result<(), HostError> {
+        let path = super::vgpu::mdev_dir(&self.root, uuid)?.join("remove");
+        self.write_attr(&path, "1\n")
+    }
+
+    fn mdev_exists(&self, uuid: &str) -> Result<bool, HostError> {
+        Ok(std::fs::symlink_metadata(super::vgpu::mdev_dir(&self.root, uuid)?).is_ok())
+    }
+
+    fn vfio_holders(
+        &self,
+        nodes: &[String],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<String>, String> {
+        super::usage::HostRoot {
+            sys: self.root.clone(),
+            proc: self.proc_root.clone(),
+        }
+        .vfio_holders(nodes, deadline)
+    }
+
+    fn vfio_nodes(
+        &self,
+        function: PciAddress,
+        mdev: Option<&str>,
+    ) -> Result<Vec<String>, HostError> {
+        let dir = match mdev {
+            Some(u) => super::vgpu::mdev_dir(&self.root, u)?,
+            None => self.device_dir(function),
+        };
+        Ok(super::vgpu::vfio_nodes(&dir))
+    }
+
     fn set_num_vfs(&self, address: PciAddress, count: u32) -> Result<(), HostError> {
         let path = self.device_dir(address).join("sriov_numvfs");
         self.write_attr(&path, &format!("{count}\n"))

@@ -292,6 +292,255 @@ pub fn read_slots(root: &Path, parent: &HostDevice) -> Result<Vec<Slot>, HostErr
     Ok(slots)
 }
 
+/// Why a vGPU could not be made or removed; says what the function was
+/// left with.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {what} on {function} failed at step {step}: {error}; {outcome}")]
+pub struct VgpuError {
+    pub action: &'static str,
+    pub what: String,
+    pub function: PciAddress,
+    pub step: String,
+    pub error: super::door::StepError,
+    pub outcome: String,
+}
+
+impl VgpuError {
+    pub fn is_timeout(&self) -> bool {
+        self.error.is_timeout()
+    }
+}
+
+/// What a function carries now, as its driver shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carried {
+    /// Nothing (vendor-VFIO `0`; no such mdev).
+    Nothing,
+    /// vendor-VFIO: this type id.
+    Type(u32),
+    /// mdev: it exists.
+    Mdev,
+}
+
+impl super::door::Door {
+    /// What `function` carries now (vendor-VFIO), or whether the mdev `uuid`
+    /// exists.
+    pub async fn carried(
+        &self,
+        function: PciAddress,
+        uuid: Option<&str>,
+    ) -> Result<Carried, super::door::StepError> {
+        match uuid {
+            Some(u) => {
+                let u = u.to_string();
+                let there = self.host_call(function, move |h| h.mdev_exists(&u)).await?;
+                Ok(if there {
+                    Carried::Mdev
+                } else {
+                    Carried::Nothing
+                })
+            }
+            None => Ok(self
+                .host_call(function, move |h| h.current_vgpu_type(function))
+                .await?
+                .map_or(Carried::Nothing, Carried::Type)),
+        }
+    }
+
+    /// The nodes a VMM opens for the vGPU on `function` (its mdev's, if any).
+    pub async fn vfio_nodes(
+        &self,
+        function: PciAddress,
+        uuid: Option<&str>,
+    ) -> Result<Vec<String>, super::door::StepError> {
+        let u = uuid.map(str::to_string);
+        self.host_call(function, move |h| h.vfio_nodes(function, u.as_deref()))
+            .await
+    }
+
+    /// Makes a vGPU of `type_id` on `function`: vendor-VFIO writes the id
+    /// and reads it back, writing `0` on any failure or mismatch; mdev
+    /// (`uuid`) writes the UUID to the type's `create` and looks for the
+    /// mdev (the kernel makes it before the write returns), removing what
+    /// may have been made when it is not there. Never rebinds anything.
+    pub async fn make_vgpu(
+        &self,
+        function: PciAddress,
+        type_id: &str,
+        uuid: Option<&str>,
+    ) -> Result<(), VgpuError> {
+        let fail = |step: &str, error, outcome: String| VgpuError {
+            action: "making",
+            what: format!("a vGPU of type {type_id}"),
+            function,
+            step: step.to_string(),
+            error,
+            outcome,
+        };
+        match uuid {
+            None => {
+                let id: u32 = type_id.parse().map_err(|_| {
+                    fail(
+                        "parse",
+                        super::door::StepError::Verify(format!("{type_id:?} is not a type id")),
+                        "nothing was written".into(),
+                    )
+                })?;
+                let written = self.write(function, super::HostOp::SetVgpuType(id)).await;
+                let checked = match written {
+                    Err(e) => Err(("write the type id to current_vgpu_type", e)),
+                    Ok(()) => match self.carried(function, None).await {
+                        Ok(Carried::Type(t)) if t == id => Ok(()),
+                        Ok(other) => Err((
+                            "read back current_vgpu_type",
+                            super::door::StepError::Verify(format!(
+                                "it reads {}, not {id}",
+                                match other {
+                                    Carried::Type(t) => t.to_string(),
+                                    _ => "0".into(),
+                                }
+                            )),
+                        )),
+                        Err(e) => Err(("read back current_vgpu_type", e)),
+                    },
+                };
+                let Err((step, error)) = checked else {
+                    return Ok(());
+                };
+                let outcome = match self.write(function, super::HostOp::SetVgpuType(0)).await {
+                    Ok(()) => "0 was written back: the function is free".to_string(),
+                    Err(e) => format!(
+                        "writing 0 back failed too ({e}); check it with `hypemanctl vgpu list`"
+                    ),
+                };
+                Err(fail(step, error, outcome))
+            }
+            Some(u) => {
+                let op = super::HostOp::CreateMdev {
+                    type_id: type_id.to_string(),
+                    uuid: u.to_string(),
+                };
+                let written = self.write(function, op).await;
+                let checked = match written {
+                    Err(e) => Err(("write the UUID to create", e)),
+                    Ok(()) => match self.carried(function, Some(u)).await {
+                        Ok(Carried::Mdev) => Ok(()),
+                        Ok(_) => Err((
+                            "look for the mdev",
+                            super::door::StepError::Verify(format!(
+                                "bus/mdev/devices/{u} did not appear"
+                            )),
+                        )),
+                        Err(e) => Err(("look for the mdev", e)),
+                    },
+                };
+                let Err((step, error)) = checked else {
+                    return Ok(());
+                };
+                // Whatever was made goes.
+                let outcome = match self.carried(function, Some(u)).await {
+                    Ok(Carried::Nothing) => "no mdev was left behind".to_string(),
+                    _ => match self.unmake_vgpu(function, Some(u)).await {
+                        Ok(()) => "the mdev was removed".to_string(),
+                        Err(e) => format!("removing the mdev failed too ({e})"),
+                    },
+                };
+                Err(fail(step, error, outcome))
+            }
+        }
+    }
+
+    /// Removes the vGPU on `function`: vendor-VFIO writes `0`, mdev writes
+    /// `1` to the mdev's `remove`.
+    pub async fn unmake_vgpu(
+        &self,
+        function: PciAddress,
+        uuid: Option<&str>,
+    ) -> Result<(), super::door::StepError> {
+        match uuid {
+            None => self.write(function, super::HostOp::SetVgpuType(0)).await,
+            Some(u) => {
+                self.write(function, super::HostOp::RemoveMdev(u.to_string()))
+                    .await
+            }
+        }
+    }
+}
+
+/// A function's `nvidia/current_vgpu_type` under its directory `dir`:
+/// `None` for 0.
+pub fn read_current(dir: &Path) -> Result<Option<u32>, HostError> {
+    let path = dir.join("nvidia/current_vgpu_type");
+    let text = read(&path)?.ok_or_else(|| HostError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    let n: u32 = text.trim().parse().map_err(|_| HostError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(format!("{:?} is not a type id", text.trim())),
+    })?;
+    Ok((n != 0).then_some(n))
+}
+
+fn refused(what: &str) -> HostError {
+    HostError::Io {
+        path: what.to_string(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    }
+}
+
+/// `class/mdev_bus/<function>/mdev_supported_types/<type>/create`, for a
+/// type id and a UUID that pass their checks.
+pub fn mdev_create_path(
+    root: &Path,
+    function: PciAddress,
+    type_id: &str,
+    uuid: &str,
+) -> Result<std::path::PathBuf, HostError> {
+    if !valid_type_id(type_id) || !valid_uuid(uuid) {
+        return Err(refused("an mdev type or UUID"));
+    }
+    Ok(root
+        .join("class/mdev_bus")
+        .join(function.to_string())
+        .join("mdev_supported_types")
+        .join(type_id)
+        .join("create"))
+}
+
+/// `bus/mdev/devices/<uuid>`, for a UUID that passes its check.
+pub fn mdev_dir(root: &Path, uuid: &str) -> Result<std::path::PathBuf, HostError> {
+    if !valid_uuid(uuid) {
+        return Err(refused("an mdev UUID"));
+    }
+    Ok(root.join("bus/mdev/devices").join(uuid))
+}
+
+/// The VFIO nodes of the device whose directory is `dir`: its cdev
+/// (`vfio-dev/vfioN` -> `/dev/vfio/devices/vfioN`) where the kernel offers
+/// one, else its group (`iommu_group` -> `/dev/vfio/<group>`); none if
+/// neither is there.
+pub fn vfio_nodes(dir: &Path) -> Vec<String> {
+    let cdevs = entries(
+        &dir.join("vfio-dev"),
+        |n| {
+            n.strip_prefix("vfio")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        },
+        8,
+    );
+    if !cdevs.is_empty() {
+        return cdevs
+            .into_iter()
+            .map(|c| format!("/dev/vfio/devices/{c}"))
+            .collect();
+    }
+    crate::pci::sysfs::link_name(&dir.join("iommu_group"))
+        .filter(|g| g.parse::<u32>().is_ok())
+        .map(|g| vec![format!("/dev/vfio/{g}")])
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,6 +90,9 @@ pub fn change_error(e: ChangeError) -> Error {
             Error::AlreadyRegistered(format!("{address} is already registered as {name} ({id})"))
         }
         ChangeError::Conflict(Conflict::Name(n)) => name_taken(&n),
+        ChangeError::Conflict(Conflict::Vgpu(on)) => Error::InUse(format!(
+            "{on} already carries a vGPU; pick another function, or let placement choose"
+        )),
         ChangeError::Conflict(Conflict::Id(id)) => {
             Error::Failed(format!("generated id {id} collided; try again"))
         }

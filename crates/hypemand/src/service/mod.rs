@@ -19,6 +19,7 @@
 //! - [`seen`]: the host state clients were last told about;
 //! - [`sriov`]: a physical function's virtual functions;
 //! - [`vgpu`]: the vGPU types registered GPUs offer, and GPU capacity;
+//! - [`vgpus`]: the vGPUs made (Create, Delete, List, start-up);
 //! - [`status`]: the summary systemd's status line shows;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
@@ -35,6 +36,7 @@ pub mod sriov;
 pub mod status;
 pub mod transitions;
 pub mod vgpu;
+pub mod vgpus;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -191,6 +193,10 @@ pub trait Publisher: Send + Sync {
     fn host_added<'a>(&'a self, address: PciAddress) -> BoxFuture<'a>;
     /// A PCI function left the host (registered or not).
     fn host_removed<'a>(&'a self, address: PciAddress) -> BoxFuture<'a>;
+    /// *(issue 26)* A vGPU was made.
+    fn vgpu_created<'a>(&'a self, vgpu: &'a hypeman_api::Vgpu) -> BoxFuture<'a>;
+    /// *(issue 26)* A vGPU was deleted.
+    fn vgpu_deleted<'a>(&'a self, id: &'a str) -> BoxFuture<'a>;
 }
 
 pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -401,8 +407,13 @@ pub(crate) mod testing {
     /// path: the start-up enumeration, then every event the simulated kernel
     /// sends, in order.
     pub async fn with_events(fixture: &str, deadline: Duration) -> Fixture {
+        service_on_events(&example(fixture), deadline).await
+    }
+
+    /// [`with_events`] on a fixture file anywhere.
+    pub async fn service_on_events(fixture: &Path, deadline: Duration) -> Fixture {
         use crate::host::{EventKind, Host, HostEvent};
-        let f = service_on(&example(fixture), deadline);
+        let f = service_on(fixture, deadline);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         f.sim.set_event_sink(Box::new(move |e| {
             let _ = tx.send(e);
@@ -421,6 +432,18 @@ pub(crate) mod testing {
             }
         });
         f
+    }
+
+    impl Fixture {
+        /// The IOMMU group the simulated host gives `address`.
+        pub fn sim_group(&self, address: &str) -> u32 {
+            use crate::host::Host;
+            self.sim
+                .device(PciAddress::parse(address).unwrap())
+                .unwrap()
+                .and_then(|d| d.iommu_group)
+                .unwrap()
+        }
     }
 
     /// A file of `examples/hosts`.

@@ -36,18 +36,18 @@ pub struct Capacity {
 }
 
 /// A registered GPU that offers vGPUs, as read now.
-struct Parent {
-    host: HostDevice,
+pub(super) struct Parent {
+    pub(super) host: HostDevice,
     slots: Vec<Slot>,
 }
 
 /// One type on one parent, counted.
-struct Counted {
-    framework: Framework,
-    id: String,
-    name: String,
+pub(super) struct Counted {
+    pub(super) framework: Framework,
+    pub(super) id: String,
+    pub(super) name: String,
     framebuffer_mb: Option<u64>,
-    available: u64,
+    pub(super) available: u64,
 }
 
 impl Parent {
@@ -81,7 +81,7 @@ impl Parent {
     }
 
     /// The framebuffer its vGPUs take, if every one of them is known.
-    fn used_mb(&self, known: &Capacity) -> Option<u64> {
+    pub(super) fn used_mb(&self, known: &Capacity) -> Option<u64> {
         let mut sum = 0u64;
         for s in &self.slots {
             if let Some(id) = s.current {
@@ -95,7 +95,7 @@ impl Parent {
     }
 
     /// Every type offered on it, counted conservatively.
-    fn counted(&self, known: &Capacity) -> Vec<Counted> {
+    pub(super) fn counted(&self, known: &Capacity) -> Vec<Counted> {
         let free_mb = match (known.total_mb, self.used_mb(known)) {
             (Some(t), Some(u)) => Some(t.saturating_sub(u)),
             _ => None,
@@ -138,7 +138,7 @@ impl Parent {
 impl Service {
     /// The registered GPUs that offer vGPUs, read now (their slots by one
     /// read each), and what is known of their framebuffer, updated.
-    async fn vgpu_parents(&self) -> Result<Vec<(Parent, Capacity)>> {
+    pub(super) async fn vgpu_parents(&self) -> Result<Vec<(Parent, Capacity)>> {
         let vm = self.door.virtual_machine().await.unwrap_or(false);
         let mut out = Vec::new();
         let mut views = self.list().await?;

@@ -26,10 +26,16 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::journal::{self, Journal, JOURNAL_NAME};
-use super::registry::{Change, Conflict, Registry, StoredDevice};
+use super::registry::{Change, Conflict, Registry, StoredDevice, StoredVgpu};
 
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The newest format this daemon reads and writes. *(issue 26)* A file
+/// with vGPU records is version 2 (a daemon of before refuses it, as
+/// newer, instead of dropping them); one without is still written as 1.
+pub const VERSION: u32 = 2;
+
+/// The format of a file without vGPU records.
+const VERSION_WITHOUT_VGPUS: u32 = 1;
 
 pub const FILE_NAME: &str = "devices.json";
 
@@ -98,6 +104,8 @@ struct FileOut<'a> {
     version: u32,
     seq: u64,
     devices: Vec<&'a StoredDevice>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    vgpus: Vec<&'a StoredVgpu>,
 }
 
 /// What loading found, besides the registry itself.
@@ -293,7 +301,8 @@ impl Store {
                     seq = entry.seq;
                     let applied = match &entry.change {
                         Change::Add(d) | Change::Replace(d) => d.validate(),
-                        Change::Remove(_) => Ok(()),
+                        Change::AddVgpu(v) | Change::ReplaceVgpu(v) => v.validate(),
+                        Change::Remove(_) | Change::RemoveVgpu(_) => Ok(()),
                     }
                     .and_then(|()| registry.apply(entry.change).map_err(|e| e.to_string()));
                     match applied {
@@ -377,7 +386,12 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let json = encode(seq, registry.iter().map(|d| &**d)).map_err(|e| err(e.into()))?;
+        let json = encode(
+            seq,
+            registry.iter().map(|d| &**d),
+            registry.vgpus().map(|v| &**v),
+        )
+        .map_err(|e| err(e.into()))?;
         let tmp = self.temp_path();
         let result = journal::create_fresh(&tmp, &json)
             .map(|_| crate::pause::at(crate::pause::Point::SnapshotWritten))
@@ -401,6 +415,9 @@ struct FileIn<'a> {
     seq: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
     devices: Option<&'a serde_json::value::RawValue>,
+    /// *(issue 26)* Version 2 only.
+    #[serde(borrow, default)]
+    vgpus: Option<&'a serde_json::value::RawValue>,
 }
 
 /// `devices.json`'s records (those that break a rule dropped, each logged),
@@ -424,9 +441,13 @@ fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(Registry, u64, usize), S
             found,
         });
     }
-    if version.as_ref().and_then(|v| v.as_u64()) != Some(u64::from(VERSION)) {
+    let known = version
+        .as_ref()
+        .and_then(|v| v.as_u64())
+        .filter(|v| (u64::from(VERSION_WITHOUT_VGPUS)..=u64::from(VERSION)).contains(v));
+    if known.is_none() {
         return Err(unparsable(format!(
-            "no \"version\": {VERSION} at the top level"
+            "no \"version\": {VERSION_WITHOUT_VGPUS} or {VERSION} at the top level"
         )));
     }
     // Files written before the journal have no "seq": they hold change 0.
@@ -462,6 +483,26 @@ fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(Registry, u64, usize), S
                 device_id = %id,
                 %reason,
                 "dropped a record that breaks the registry's rules"
+            );
+        }
+    }
+    let vgpus: Vec<&serde_json::value::RawValue> = match file.vgpus {
+        None => Vec::new(),
+        Some(v) => serde_json::from_str(v.get())
+            .map_err(|_| unparsable("\"vgpus\" is not a list".into()))?,
+    };
+    for (i, record) in vgpus.into_iter().enumerate() {
+        let kept = serde_json::from_str::<StoredVgpu>(record.get())
+            .map_err(|e| e.to_string())
+            .and_then(|v| v.validate().map(|()| v))
+            .and_then(|v| registry.insert_vgpu(v).map_err(broken));
+        if let Err(reason) = kept {
+            dropped += 1;
+            tracing::error!(
+                path = %path.display(),
+                vgpu_record = i,
+                %reason,
+                "dropped a vGPU record that breaks the registry's rules"
             );
         }
     }
@@ -544,10 +585,17 @@ fn keep_aside(dir: &Path, name: &str, path: &Path, bytes: &[u8]) -> Result<PathB
 fn encode<'a>(
     seq: u64,
     records: impl Iterator<Item = &'a StoredDevice>,
+    vgpus: impl Iterator<Item = &'a StoredVgpu>,
 ) -> serde_json::Result<Vec<u8>> {
+    let vgpus: Vec<&StoredVgpu> = vgpus.collect();
+    let version = if vgpus.is_empty() {
+        VERSION_WITHOUT_VGPUS
+    } else {
+        VERSION
+    };
     let mut out = Vec::with_capacity(64 * 1024);
     out.extend_from_slice(
-        format!("{{\"version\":{VERSION},\"seq\":{seq},\"devices\":[").as_bytes(),
+        format!("{{\"version\":{version},\"seq\":{seq},\"devices\":[").as_bytes(),
     );
     for (i, r) in records.enumerate() {
         if i > 0 {
@@ -555,7 +603,12 @@ fn encode<'a>(
         }
         serde_json::to_writer(&mut out, r)?;
     }
-    out.extend_from_slice(b"]}\n");
+    out.push(b']');
+    if !vgpus.is_empty() {
+        out.extend_from_slice(b",\"vgpus\":");
+        serde_json::to_writer(&mut out, &vgpus)?;
+    }
+    out.extend_from_slice(b"}\n");
     Ok(out)
 }
 
@@ -566,6 +619,7 @@ fn broken(c: Conflict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::PciAddress;
     use crate::store::registry::tests::sample;
     use std::os::unix::fs::PermissionsExt;
 
@@ -626,9 +680,10 @@ mod tests {
             r.apply(change).unwrap();
             store.save(&r, seq).unwrap();
             let expected = FileOut {
-                version: VERSION,
+                version: VERSION_WITHOUT_VGPUS,
                 seq,
                 devices: r.iter().map(|d| &**d).collect(),
+                vgpus: Vec::new(),
             };
             let mut bytes = serde_json::to_vec(&expected).unwrap();
             bytes.push(b'\n');
@@ -636,6 +691,93 @@ mod tests {
             let opened = store.open().unwrap();
             assert_eq!((opened.registry, opened.seq), (r.clone(), seq));
         }
+    }
+
+    /// *(issue 26)* A vGPU record, claimed.
+    fn vgpu_sample(vf: &str) -> StoredVgpu {
+        StoredVgpu {
+            id: crate::store::registry::new_device_id(),
+            profile: "NVIDIA L40S-4Q".into(),
+            type_id: "1152".into(),
+            framework: "vendor-vfio".into(),
+            parent_pci_address: PciAddress::parse("0000:41:00.0").unwrap(),
+            pci_address: PciAddress::parse(vf).unwrap(),
+            mdev_uuid: None,
+            instance_id: Some("vm-1".into()),
+            created_at: "2026-12-04T05:00:00Z".into(),
+            ready: false,
+        }
+    }
+
+    /// *(issue 26)* vGPU records go to disk and come back, by snapshot and
+    /// by journal; a file holding any is version 2, which a daemon of before
+    /// refuses as newer instead of dropping them; one without stays 1.
+    #[test]
+    fn vgpu_records_survive_and_mark_the_file_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut r = Registry::from_devices(vec![sample("41:00.0", "l40s")]).unwrap();
+        let claimed = vgpu_sample("0000:41:00.4");
+        let mut ready = claimed.clone();
+        ready.ready = true;
+        let other = vgpu_sample("0000:41:00.5");
+        for c in [
+            Change::AddVgpu(claimed.clone()),
+            Change::ReplaceVgpu(ready.clone()),
+            Change::AddVgpu(other.clone()),
+        ] {
+            r.apply(c).unwrap();
+        }
+        store.save(&r, 3).unwrap();
+        let text = std::fs::read_to_string(store.path()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["version"], 2);
+        let expected = FileOut {
+            version: VERSION,
+            seq: 3,
+            devices: r.iter().map(|d| &**d).collect(),
+            vgpus: r.vgpus().map(|v| &**v).collect(),
+        };
+        assert_eq!(text, serde_json::to_string(&expected).unwrap() + "\n");
+        let opened = store.open().unwrap();
+        assert_eq!(opened.registry, r);
+        assert!(opened.registry.vgpu(&ready.id).unwrap().ready);
+
+        // By the journal: the claim, then its removal.
+        let third = vgpu_sample("0000:41:00.6");
+        std::fs::write(
+            store.journal_path(),
+            journal_of(&[
+                (4, Change::AddVgpu(third.clone())),
+                (5, Change::RemoveVgpu(other.id.clone())),
+            ]),
+        )
+        .unwrap();
+        let opened = store.open().unwrap();
+        assert!(opened.registry.vgpu(&third.id).is_some());
+        assert!(opened.registry.vgpu(&other.id).is_none());
+
+        // Rules: one record per function, an mdev has a UUID, ids are ids.
+        let mut same_vf = vgpu_sample("0000:41:00.4");
+        same_vf.ready = true;
+        assert!(r.apply(Change::AddVgpu(same_vf)).is_err());
+        let mut no_uuid = vgpu_sample("0000:41:00.7");
+        no_uuid.framework = "mdev".into();
+        no_uuid.type_id = "nvidia-470".into();
+        assert!(no_uuid.validate().unwrap_err().contains("UUID"));
+        let mut bad = vgpu_sample("0000:41:00.7");
+        bad.type_id = "../../x".into();
+        assert!(bad.validate().is_err());
+
+        // Once none is left, the file is version 1 again.
+        let mut none = Registry::from_devices(vec![sample("41:00.0", "l40s")]).unwrap();
+        none.apply(Change::AddVgpu(claimed.clone())).unwrap();
+        none.apply(Change::RemoveVgpu(claimed.id.clone())).unwrap();
+        store.save(&none, 9).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(store.path()).unwrap()).unwrap();
+        assert_eq!(v["version"], 1);
+        assert!(v.get("vgpus").is_none());
     }
 
     fn journal_of(changes: &[(u64, Change)]) -> Vec<u8> {
@@ -833,7 +975,7 @@ mod tests {
 
     #[test]
     fn a_newer_version_however_large_is_refused_and_left_in_place() {
-        for version in ["2", "18446744073709551616", "1.5", "1e300"] {
+        for version in ["3", "18446744073709551616", "2.5", "1e300"] {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::new(dir.path());
             let text = format!(r#"{{"version": {version}, "devices": [], "extra": true}}"#);

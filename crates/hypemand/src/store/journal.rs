@@ -9,7 +9,10 @@
 //! as it holds records.
 //!
 //! Each line is one JSON object: `{"seq":N,"add":{record}}`,
-//! `{"seq":N,"replace":{record}}` or `{"seq":N,"remove":"id"}`. `seq` counts
+//! `{"seq":N,"replace":{record}}` or `{"seq":N,"remove":"id"}`, and *(issue
+//! 26)* `add_vgpu`, `replace_vgpu`, `remove_vgpu` the same way for vGPU
+//! records (a daemon of before refuses such a journal: nothing is dropped
+//! silently). `seq` counts
 //! changes since the registry began, one by one; `devices.json` says up to
 //! which `seq` it holds, and replay skips what it already holds. The last
 //! line of each write carries `"end":true`: everything up to such a line was
@@ -25,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::registry::{Change, StoredDevice};
+use super::registry::{Change, StoredDevice, StoredVgpu};
 
 pub const JOURNAL_NAME: &str = "devices.journal";
 
@@ -42,6 +45,13 @@ struct Line {
     replace: Option<StoredDevice>,
     #[serde(default)]
     remove: Option<String>,
+    /// *(issue 26)* vGPU records.
+    #[serde(default)]
+    add_vgpu: Option<StoredVgpu>,
+    #[serde(default)]
+    replace_vgpu: Option<StoredVgpu>,
+    #[serde(default)]
+    remove_vgpu: Option<String>,
 }
 
 /// A journal entry, as replay sees it.
@@ -69,18 +79,20 @@ pub fn encode(out: &mut Vec<u8>, seq: u64, change: &Change, end: bool) -> serde_
     if end {
         out.extend_from_slice(b"\"end\":true,");
     }
-    let (key, device) = match change {
-        Change::Add(d) => ("add", d),
-        Change::Replace(d) => ("replace", d),
-        Change::Remove(id) => {
-            out.extend_from_slice(b"\"remove\":");
-            serde_json::to_writer(&mut *out, id)?;
-            out.extend_from_slice(b"}\n");
-            return Ok(());
-        }
+    let key = match change {
+        Change::Add(_) => "add",
+        Change::Replace(_) => "replace",
+        Change::Remove(_) => "remove",
+        Change::AddVgpu(_) => "add_vgpu",
+        Change::ReplaceVgpu(_) => "replace_vgpu",
+        Change::RemoveVgpu(_) => "remove_vgpu",
     };
     out.extend_from_slice(format!("\"{key}\":").as_bytes());
-    serde_json::to_writer(&mut *out, device)?;
+    match change {
+        Change::Add(d) | Change::Replace(d) => serde_json::to_writer(&mut *out, d)?,
+        Change::AddVgpu(v) | Change::ReplaceVgpu(v) => serde_json::to_writer(&mut *out, v)?,
+        Change::Remove(id) | Change::RemoveVgpu(id) => serde_json::to_writer(&mut *out, id)?,
+    }
     out.extend_from_slice(b"}\n");
     Ok(())
 }
@@ -133,11 +145,36 @@ pub fn parse(bytes: &[u8]) -> Result<Replay, Damaged> {
 
 fn parse_line(text: &[u8]) -> Result<(Entry, bool), String> {
     let line: Line = serde_json::from_slice(text).map_err(|e| e.to_string())?;
-    let change = match (line.add, line.replace, line.remove) {
-        (Some(d), None, None) => Change::Add(d),
-        (None, Some(d), None) => Change::Replace(d),
-        (None, None, Some(id)) => Change::Remove(id),
-        _ => return Err("an entry holds exactly one of add, replace or remove".into()),
+    let count = [
+        line.add.is_some(),
+        line.replace.is_some(),
+        line.remove.is_some(),
+        line.add_vgpu.is_some(),
+        line.replace_vgpu.is_some(),
+        line.remove_vgpu.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    let one =
+        "an entry holds exactly one of add, replace, remove, add_vgpu, replace_vgpu or remove_vgpu";
+    if count != 1 {
+        return Err(one.into());
+    }
+    let change = if let Some(d) = line.add {
+        Change::Add(d)
+    } else if let Some(d) = line.replace {
+        Change::Replace(d)
+    } else if let Some(id) = line.remove {
+        Change::Remove(id)
+    } else if let Some(v) = line.add_vgpu {
+        Change::AddVgpu(v)
+    } else if let Some(v) = line.replace_vgpu {
+        Change::ReplaceVgpu(v)
+    } else if let Some(id) = line.remove_vgpu {
+        Change::RemoveVgpu(id)
+    } else {
+        return Err(one.into());
     };
     Ok((
         Entry {

@@ -7,4 +7,4 @@ pub mod journal;
 pub mod registry;
 
 pub use file::{Loaded, Opened, Store, StoreError};
-pub use registry::{Change, ChangeError, Conflict, Registry, StoredDevice};
+pub use registry::{Change, ChangeError, Conflict, Registry, StoredDevice, StoredVgpu};

@@ -86,6 +86,80 @@ impl StoredDevice {
     }
 }
 
+/// *(issue 26)* A vGPU as the store keeps it: claimed (`ready` false)
+/// before the first write to the host, ready once the host shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVgpu {
+    pub id: String,
+    /// The profile name it was made of: `NVIDIA L40S-4Q`.
+    pub profile: String,
+    /// The driver's type id: `1152`, `nvidia-470`.
+    pub type_id: String,
+    /// `vendor-vfio` or `mdev`.
+    pub framework: String,
+    /// The GPU it is on.
+    pub parent_pci_address: PciAddress,
+    /// The function it is on (a virtual function, or the GPU itself).
+    pub pci_address: PciAddress,
+    /// mdev: its UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// RFC 3339, UTC, whole seconds.
+    pub created_at: String,
+    /// False between the claim and the host showing it.
+    pub ready: bool,
+}
+
+impl StoredVgpu {
+    /// The rules for a vGPU record, applied to what the store loads.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::host::vgpu::{valid_type_id, valid_uuid};
+        if !is_device_id(&self.id) {
+            return Err(format!("vGPU id {:?} is not an id", shorten(&self.id)));
+        }
+        let shown_ok =
+            |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
+        if !shown_ok(&self.profile) {
+            return Err(format!(
+                "vGPU profile {:?} is not a profile name",
+                shorten(&self.profile)
+            ));
+        }
+        let (numeric, mdev) = match self.framework.as_str() {
+            hypeman_api::gpu::VENDOR_VFIO => (true, false),
+            hypeman_api::gpu::MDEV => (false, true),
+            other => {
+                return Err(format!(
+                    "vGPU framework {:?} is not vendor-vfio or mdev",
+                    shorten(other)
+                ))
+            }
+        };
+        let type_ok = if numeric {
+            self.type_id.parse::<u32>().is_ok_and(|n| n != 0)
+        } else {
+            valid_type_id(&self.type_id)
+        };
+        if !type_ok {
+            return Err(format!(
+                "vGPU type {:?} is not a type id",
+                shorten(&self.type_id)
+            ));
+        }
+        match (&self.mdev_uuid, mdev) {
+            (Some(u), true) if valid_uuid(u) => {}
+            (None, false) => {}
+            _ => return Err("an mdev vGPU has a UUID, and only it".into()),
+        }
+        if let Some(i) = &self.instance_id {
+            validate_instance_id(i).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
 /// Whether `tags` carries every pair of `filter` (exact, case-sensitive; an
 /// empty filter matches everything), as Hypeman's tag filter.
 pub fn tags_match(tags: &BTreeMap<String, String>, filter: &BTreeMap<String, String>) -> bool {
@@ -132,6 +206,8 @@ pub struct Registry {
     by_name: HashMap<Arc<str>, Arc<str>>,
     /// How many records are attached to an instance.
     attached: usize,
+    /// *(issue 26)* vGPUs by id.
+    vgpus: BTreeMap<Arc<str>, Arc<StoredVgpu>>,
 }
 
 /// A record in the registry. Shared (`Arc`), so the service's two copies
@@ -147,6 +223,12 @@ pub enum Change {
     Replace(StoredDevice),
     /// The device with this id goes.
     Remove(String),
+    /// *(issue 26)* A new vGPU (claimed, or ready).
+    AddVgpu(StoredVgpu),
+    /// New contents for a vGPU (same id, function and UUID).
+    ReplaceVgpu(StoredVgpu),
+    /// The vGPU with this id goes.
+    RemoveVgpu(String),
 }
 
 /// A registry invariant that a set of records breaks.
@@ -162,6 +244,10 @@ pub enum Conflict {
     Name(String),
     #[error("the id {0} is already taken")]
     Id(String),
+    /// *(issue 26)* A function carries one vGPU record at most (vendor-VFIO), and
+    /// an mdev UUID is one vGPU's.
+    #[error("{0} already carries a vGPU")]
+    Vgpu(String),
 }
 
 /// Why a [`Change`] cannot be applied.
@@ -218,6 +304,45 @@ impl Registry {
         Ok(())
     }
 
+    /// *(issue 26)* Adds a vGPU record, checking its rules.
+    pub fn insert_vgpu(&mut self, v: StoredVgpu) -> Result<(), Conflict> {
+        self.vgpu_conflict(&v)?;
+        self.vgpus.insert(Arc::from(v.id.as_str()), Arc::new(v));
+        Ok(())
+    }
+
+    fn vgpu_conflict(&self, v: &StoredVgpu) -> Result<(), Conflict> {
+        if self.vgpus.contains_key(v.id.as_str()) || self.devices.contains_key(v.id.as_str()) {
+            return Err(Conflict::Id(v.id.clone()));
+        }
+        let taken = self
+            .vgpus
+            .values()
+            .any(|o| match (&o.mdev_uuid, &v.mdev_uuid) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => o.pci_address == v.pci_address,
+                _ => false,
+            });
+        if taken {
+            return Err(Conflict::Vgpu(
+                v.mdev_uuid
+                    .clone()
+                    .unwrap_or_else(|| v.pci_address.to_string()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every vGPU record, by id.
+    pub fn vgpus(&self) -> impl Iterator<Item = &Arc<StoredVgpu>> {
+        self.vgpus.values()
+    }
+
+    /// One vGPU record.
+    pub fn vgpu(&self, id: &str) -> Option<&Arc<StoredVgpu>> {
+        self.vgpus.get(id)
+    }
+
     pub fn remove(&mut self, id: &str) -> Option<StoredDevice> {
         let d = self.devices.remove(id)?;
         self.attached -= usize::from(d.attached_to.is_some());
@@ -272,13 +397,25 @@ impl Registry {
                 true => Ok(()),
                 false => Err(ChangeError::Missing(id.clone())),
             },
+            Change::AddVgpu(v) => Ok(self.vgpu_conflict(v)?),
+            Change::ReplaceVgpu(v) => match self.vgpus.get(v.id.as_str()) {
+                Some(old) if old.pci_address == v.pci_address && old.mdev_uuid == v.mdev_uuid => {
+                    Ok(())
+                }
+                Some(_) => Err(ChangeError::KeyChanged(v.id.clone())),
+                None => Err(ChangeError::Missing(v.id.clone())),
+            },
+            Change::RemoveVgpu(id) => match self.vgpus.contains_key(id.as_str()) {
+                true => Ok(()),
+                false => Err(ChangeError::Missing(id.clone())),
+            },
         }
     }
 
     /// Applies a change that [`Registry::check`] accepted.
     pub fn apply(&mut self, change: Change) -> Result<(), ChangeError> {
         // `insert` checks an addition itself, as it inserts.
-        if !matches!(change, Change::Add(_)) {
+        if !matches!(change, Change::Add(_) | Change::AddVgpu(_)) {
             self.check(&change)?;
         }
         match change {
@@ -292,6 +429,15 @@ impl Registry {
             }
             Change::Remove(id) => {
                 self.remove(&id);
+            }
+            Change::AddVgpu(v) => self.insert_vgpu(v)?,
+            Change::ReplaceVgpu(v) => {
+                if let Some(slot) = self.vgpus.get_mut(v.id.as_str()) {
+                    *slot = Arc::new(v);
+                }
+            }
+            Change::RemoveVgpu(id) => {
+                self.vgpus.remove(id.as_str());
             }
         }
         Ok(())

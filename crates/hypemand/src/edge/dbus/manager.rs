@@ -263,6 +263,30 @@ impl ManagerObject {
         self.0.service.list_vgpu_types().await
     }
 
+    /// *(issue 26)* Makes a vGPU from a request (`profile` (s), and
+    /// optionally `instance_id` (s), `parent` (s) and `numa_node` (u)) on
+    /// the least loaded registered GPU that offers the profile; authorized
+    /// as `org.hypeman.devices.partition` on that GPU. Answers the record.
+    async fn create_vgpu(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<hypeman_api::Vgpu, Error> {
+        let req = hypeman_api::VgpuRequest::from_dict(&request)?;
+        self.0.authz.create_vgpu(&Caller::Bus(&header), req).await
+    }
+
+    /// *(issue 26)* Deletes a vGPU by id; refused while a process holds its
+    /// VFIO nodes. Authorized as `org.hypeman.devices.partition` on its GPU.
+    async fn delete_vgpu(&self, #[zbus(header)] header: Header<'_>, id: &str) -> Result<(), Error> {
+        self.0.authz.delete_vgpu(&Caller::Bus(&header), id).await
+    }
+
+    /// *(issue 26)* Every vGPU hypemand made.
+    async fn list_vgpus(&self) -> Result<Vec<hypeman_api::Vgpu>, Error> {
+        Ok(self.0.service.list_vgpus().await)
+    }
+
     /// *(issue 26)* The host's GPU capacity in Hypeman's `GPUResourceStatus`
     /// shape (`mode`, `total_slots`, `used_slots`, `profiles` or `devices`).
     async fn gpu_resources(&self) -> Result<hypeman_api::GpuResources, Error> {
@@ -288,4 +312,15 @@ impl ManagerObject {
         emitter: &SignalEmitter<'_>,
         pci_address: &str,
     ) -> zbus::Result<()>;
+
+    /// *(issue 26)* A vGPU was made: its record.
+    #[zbus(signal)]
+    pub async fn vgpu_created(
+        emitter: &SignalEmitter<'_>,
+        vgpu: hypeman_api::Vgpu,
+    ) -> zbus::Result<()>;
+
+    /// *(issue 26)* A vGPU was deleted: its id.
+    #[zbus(signal)]
+    pub async fn vgpu_deleted(emitter: &SignalEmitter<'_>, id: &str) -> zbus::Result<()>;
 }

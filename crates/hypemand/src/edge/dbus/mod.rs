@@ -224,6 +224,34 @@ impl Publisher for BusPublisher {
         Box::pin(self.host_signal(address, false))
     }
 
+    fn vgpu_created<'a>(&'a self, vgpu: &'a hypeman_api::Vgpu) -> BoxFuture<'a> {
+        Box::pin(async move {
+            let result = async {
+                let emitter =
+                    zbus::object_server::SignalEmitter::new(&self.conn, hypeman_api::MANAGER_PATH)?;
+                manager::ManagerObject::vgpu_created(&emitter, vgpu.clone()).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(vgpu_id = %vgpu.id, error = %e, "cannot emit VgpuCreated");
+            }
+        })
+    }
+
+    fn vgpu_deleted<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {
+        Box::pin(async move {
+            let result = async {
+                let emitter =
+                    zbus::object_server::SignalEmitter::new(&self.conn, hypeman_api::MANAGER_PATH)?;
+                manager::ManagerObject::vgpu_deleted(&emitter, id).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(vgpu_id = %id, error = %e, "cannot emit VgpuDeleted");
+            }
+        })
+    }
+
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {
         Box::pin(async move {
             crate::memory::trim_soon();

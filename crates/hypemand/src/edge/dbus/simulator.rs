@@ -83,6 +83,11 @@ impl Simulator {
         self.sim.set_vgpu(a, type_id).map_err(fdo::Error::Failed)
     }
 
+    /// *(issue 26)* A VMM opens a VFIO node (`/dev/vfio/41`); pid 0 closes it.
+    async fn hold_node(&self, node: &str, pid: u32, comm: &str) {
+        self.sim.hold_node(node, pid, comm);
+    }
+
     /// Every write attempted on the simulated kernel and every service
     /// stopped or started, oldest first (`unbind 0000:01:00.0 0000:01:00.0`,
     /// `stop nvidia-persistenced.service`).

@@ -19,8 +19,12 @@ pub enum FaultKind {
     /// straight back, as a racing probe would.
     Grab,
     /// *(issue 26)* For `set_num_vfs`: the write succeeds, but the last
-    /// virtual function never appears.
+    /// virtual function never appears; for `create_mdev`: the write
+    /// succeeds, but the mdev never appears.
     Lost,
+    /// *(issue 26)* For `set_vgpu_type`: the write succeeds, but the
+    /// function reads back as free.
+    Mismatch,
 }
 
 impl std::fmt::Display for FaultKind {
@@ -30,6 +34,7 @@ impl std::fmt::Display for FaultKind {
             FaultKind::Stall => f.write_str("stall"),
             FaultKind::Grab => f.write_str("grab"),
             FaultKind::Lost => f.write_str("lost"),
+            FaultKind::Mismatch => f.write_str("mismatch"),
         }
     }
 }
@@ -42,6 +47,7 @@ impl FaultKind {
             "stall" => Some(FaultKind::Stall),
             "grab" => Some(FaultKind::Grab),
             "lost" => Some(FaultKind::Lost),
+            "mismatch" => Some(FaultKind::Mismatch),
             _ => errno_by_name(s).map(FaultKind::Errno),
         }
     }
@@ -62,6 +68,8 @@ pub(super) const EINTR: i32 = 4;
 pub(super) const EBUSY: i32 = 16;
 pub(super) const ENODEV: i32 = 19;
 pub(super) const ERANGE: i32 = 34;
+pub(super) const EEXIST: i32 = 17;
+pub(super) const EINVAL: i32 = 22;
 
 impl SimHost {
     /// Adds a fault; it stays until [`SimHost::clear_faults`].

@@ -270,6 +270,8 @@ pub struct SimState {
     pub mdevs: BTreeMap<String, (PciAddress, String)>,
     /// The last mdev number the simulator gave out (its UUIDs count up).
     pub next_mdev: u64,
+    /// VFIO nodes a process holds open (a VMM), by node: (pid, comm).
+    pub vfio_holders: BTreeMap<String, (u32, String)>,
 }
 
 impl Fixture {
@@ -573,6 +575,7 @@ impl Fixture {
             vgpu_current: BTreeMap::new(),
             mdevs: BTreeMap::new(),
             next_mdev: 0,
+            vfio_holders: BTreeMap::new(),
         })
     }
 }

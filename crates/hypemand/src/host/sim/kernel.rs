@@ -313,4 +313,48 @@ impl Host for SimHost {
     fn vgpu_slots(&self, parent: &HostDevice) -> Result<Vec<crate::host::vgpu::Slot>, HostError> {
         Ok(self.state().slots_of(parent))
     }
+
+    fn set_vgpu_type(&self, function: PciAddress, type_id: u32) -> Result<(), HostError> {
+        self.write_vgpu_type(function, type_id)
+    }
+
+    fn current_vgpu_type(&self, function: PciAddress) -> Result<Option<u32>, HostError> {
+        self.read_vgpu_type(function)
+    }
+
+    fn create_mdev(
+        &self,
+        function: PciAddress,
+        type_id: &str,
+        uuid: &str,
+    ) -> Result<(), HostError> {
+        self.make_mdev(function, type_id, uuid)
+    }
+
+    fn remove_mdev(&self, function: PciAddress, uuid: &str) -> Result<(), HostError> {
+        self.unmake_mdev(function, uuid)
+    }
+
+    fn mdev_exists(&self, uuid: &str) -> Result<bool, HostError> {
+        Ok(self.has_mdev(uuid))
+    }
+
+    fn vfio_nodes(
+        &self,
+        function: PciAddress,
+        mdev: Option<&str>,
+    ) -> Result<Vec<String>, HostError> {
+        Ok(self.nodes(function, mdev))
+    }
+
+    fn vfio_holders(&self, nodes: &[String], _deadline: Instant) -> Result<Vec<String>, String> {
+        let state = self.state();
+        Ok(nodes
+            .iter()
+            .filter_map(|n| {
+                let (pid, comm) = state.vfio_holders.get(n)?;
+                Some(format!("{n} is open by process {pid} ({comm})"))
+            })
+            .collect())
+    }
 }

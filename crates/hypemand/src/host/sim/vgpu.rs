@@ -6,9 +6,11 @@
 //! The daemon never applies this rule itself: it reads what the driver lists
 //! as creatable. Only the simulator has to produce those lists.
 
+use super::faults::{FaultKind, EBUSY, EEXIST, EINVAL, ENOENT};
+use super::kernel::failing;
 use super::{SimHost, SimState};
 use crate::host::vgpu::{Framework, Mdev, Slot, VgpuType};
-use crate::host::HostDevice;
+use crate::host::{HostDevice, HostError, Op};
 use crate::pci::PciAddress;
 
 /// The driver that publishes vGPU sysfs on a GPU's functions.
@@ -68,6 +70,15 @@ impl SimState {
             return 0;
         }
         (v.framebuffer_mb - used.iter().sum::<u64>().min(v.framebuffer_mb)) / fb
+    }
+
+    /// The slot `function` is, as the driver shows it now.
+    fn slot(&self, function: PciAddress) -> Option<Slot> {
+        let parent = self.devices.get(&function)?;
+        let parent = self.devices.get(&parent.physfn.unwrap_or(parent.address))?;
+        self.slots_of(parent)
+            .into_iter()
+            .find(|s| s.address == function)
     }
 
     /// What the driver shows on `parent`'s slots now.
@@ -174,5 +185,136 @@ impl SimHost {
         tracing::info!(pci_address = %function, type_id = %type_id, "simulator: vGPU set");
         self.save(&state);
         Ok(())
+    }
+}
+
+/// The simulated driver's writes (DESIGN.md section 4, "vGPUs"). Where
+/// NVIDIA's driver documents no errno, the simulator's choice is said.
+impl SimHost {
+    pub(super) fn write_vgpu_type(
+        &self,
+        function: PciAddress,
+        type_id: u32,
+    ) -> Result<(), HostError> {
+        let path = format!("devices/{function}/nvidia/current_vgpu_type");
+        let value = type_id.to_string();
+        let fault = self.before(Op::SetVgpuType, function, &path, &value)?;
+        let fail = failing(&path, &value);
+        let mut state = self.state();
+        let slot = state
+            .slot(function)
+            .filter(|s| s.framework == Framework::VendorVfio)
+            .ok_or_else(|| fail(ENOENT))?;
+        if type_id == 0 {
+            state.vgpu_current.remove(&function);
+        } else {
+            if slot.current.is_some() {
+                return Err(fail(EBUSY));
+            }
+            // The simulator's choice: a type not listed now is EINVAL.
+            if !slot.creatable.iter().any(|t| t.id == value) {
+                return Err(fail(EINVAL));
+            }
+            if fault != Some(FaultKind::Mismatch) {
+                state.vgpu_current.insert(function, value);
+            }
+        }
+        self.save(&state);
+        Ok(())
+    }
+
+    pub(super) fn read_vgpu_type(&self, function: PciAddress) -> Result<Option<u32>, HostError> {
+        let state = self.state();
+        if state.slot(function).is_none() {
+            return Err(HostError::Io {
+                path: format!("devices/{function}/nvidia/current_vgpu_type"),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        Ok(state
+            .vgpu_current
+            .get(&function)
+            .and_then(|t| t.parse().ok()))
+    }
+
+    pub(super) fn make_mdev(
+        &self,
+        function: PciAddress,
+        type_id: &str,
+        uuid: &str,
+    ) -> Result<(), HostError> {
+        let path = format!("class/mdev_bus/{function}/mdev_supported_types/{type_id}/create");
+        let fault = self.before(Op::CreateMdev, function, &path, uuid)?;
+        let fail = failing(&path, uuid);
+        let mut state = self.state();
+        let slot = state
+            .slot(function)
+            .filter(|s| s.framework == Framework::Mdev)
+            .ok_or_else(|| fail(ENOENT))?;
+        if state.mdevs.contains_key(uuid) {
+            return Err(fail(EEXIST));
+        }
+        // The simulator's choice: no instance left is EINVAL.
+        if !slot
+            .creatable
+            .iter()
+            .any(|t| t.id == type_id && t.available > 0)
+        {
+            return Err(fail(EINVAL));
+        }
+        if fault != Some(FaultKind::Lost) {
+            state
+                .mdevs
+                .insert(uuid.to_string(), (function, type_id.to_string()));
+        }
+        self.save(&state);
+        Ok(())
+    }
+
+    pub(super) fn unmake_mdev(&self, function: PciAddress, uuid: &str) -> Result<(), HostError> {
+        let path = format!("bus/mdev/devices/{uuid}/remove");
+        self.before(Op::RemoveMdev, function, &path, "1")?;
+        let mut state = self.state();
+        if state.mdevs.remove(uuid).is_none() {
+            return Err(failing(&path, "1")(ENOENT));
+        }
+        self.save(&state);
+        Ok(())
+    }
+
+    pub(super) fn has_mdev(&self, uuid: &str) -> bool {
+        self.state().mdevs.contains_key(uuid)
+    }
+
+    /// A VMM opens `node` (`pid` 0: closes it), as Simulator1.HoldNode.
+    pub fn hold_node(&self, node: &str, pid: u32, comm: &str) {
+        let mut state = self.state();
+        if pid == 0 {
+            state.vfio_holders.remove(node);
+        } else {
+            state
+                .vfio_holders
+                .insert(node.to_string(), (pid, comm.to_string()));
+        }
+    }
+
+    /// A function's group node; an mdev's own group (mdevs get one each),
+    /// numbered from 10000 by its place among the mdevs.
+    pub(super) fn nodes(&self, function: PciAddress, mdev: Option<&str>) -> Vec<String> {
+        let state = self.state();
+        match mdev {
+            Some(u) => state
+                .mdevs
+                .keys()
+                .position(|k| k == u)
+                .map(|i| vec![format!("/dev/vfio/{}", 10000 + i)])
+                .unwrap_or_default(),
+            None => state
+                .devices
+                .get(&function)
+                .and_then(|d| d.iommu_group)
+                .map(|g| vec![format!("/dev/vfio/{g}")])
+                .unwrap_or_default(),
+        }
     }
 }

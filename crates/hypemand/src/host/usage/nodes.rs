@@ -192,6 +192,81 @@ impl HostRoot {
     }
 }
 
+impl HostRoot {
+    /// *(issue 26)* Who holds these VFIO nodes open (`/dev/vfio/N`,
+    /// `/dev/vfio/devices/vfioN`): each believed only by its device number,
+    /// read from the kernel's `class/vfio/N/dev` or `class/vfio-dev/vfioN/dev`
+    /// (never the node's name), then every fd of every process, under
+    /// `deadline`. `Err` when that could not be finished; a node the kernel
+    /// does not list is held by nobody.
+    pub fn vfio_holders(
+        &self,
+        nodes: &[String],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<String>, String> {
+        let started = std::time::Instant::now();
+        let placeholder = PciAddress {
+            domain: 0,
+            bus: 0,
+            device: 0,
+            function: 0,
+        };
+        let mut numbers: HashMap<(Kind, u64), Node> = HashMap::new();
+        for node in nodes {
+            let dir = if let Some(c) = node.strip_prefix("/dev/vfio/devices/") {
+                self.sys.join("class/vfio-dev").join(c)
+            } else if let Some(g) = node.strip_prefix("/dev/vfio/") {
+                self.sys.join("class/vfio").join(g)
+            } else {
+                continue;
+            };
+            let name_ok = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()));
+            if !name_ok {
+                continue;
+            }
+            match Self::read_opt(&dir.join("dev")) {
+                Ok(Some(t)) => {
+                    if let Some((major, minor)) = parse_devnum(&t) {
+                        numbers.insert(
+                            (Kind::Char, devnum(major, minor)),
+                            Node {
+                                address: placeholder,
+                                name: node.clone(),
+                            },
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut walked = Walked::default();
+        self.open_nodes(&numbers, deadline, started, &mut walked);
+        if let Some(why) = walked.unknown.remove(&placeholder) {
+            return Err(why);
+        }
+        Ok(walked
+            .usage
+            .remove(&placeholder)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|u| match u {
+                Use::OpenBy { pid, comm, node } => Some(format!(
+                    "{node} is open by process {pid} ({})",
+                    comm.chars()
+                        .take(64)
+                        .map(|c| if c.is_control() { '?' } else { c })
+                        .collect::<String>()
+                )),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
 /// The kind and device number of what `name` (NUL-terminated) in the fd
 /// directory `dir` refers to, if it is a device special file.
 fn stat_node(dir: &std::fs::File, name: &[u8]) -> Option<(Kind, u64)> {
