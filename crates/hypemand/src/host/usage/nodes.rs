@@ -213,20 +213,18 @@ impl HostRoot {
         };
         let mut numbers: HashMap<(Kind, u64), Node> = HashMap::new();
         for node in nodes {
-            let dir = if let Some(c) = node.strip_prefix("/dev/vfio/devices/") {
-                self.sys.join("class/vfio-dev").join(c)
+            let (class, name) = if let Some(c) = node.strip_prefix("/dev/vfio/devices/") {
+                ("class/vfio-dev", c)
             } else if let Some(g) = node.strip_prefix("/dev/vfio/") {
-                self.sys.join("class/vfio").join(g)
+                ("class/vfio", g)
             } else {
                 continue;
             };
-            let name_ok = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()));
-            if !name_ok {
+            // A name, never a path: no `/`, no `..`.
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 continue;
             }
+            let dir = self.sys.join(class).join(name);
             match Self::read_opt(&dir.join("dev")) {
                 Ok(Some(t)) => {
                     if let Some((major, minor)) = parse_devnum(&t) {
@@ -292,4 +290,41 @@ fn stat_node(dir: &std::fs::File, name: &[u8]) -> Option<(Kind, u64)> {
         _ => return None,
     };
     Some((kind, devnum(st.stx_rdev_major, st.stx_rdev_minor)))
+}
+
+#[cfg(test)]
+mod vfio_tests {
+    use super::*;
+
+    /// *(issue 26)* A VFIO node is held when a process has the kernel's
+    /// device number open, whatever it is called: this test holds /dev/full
+    /// (1:7) while a tree says group 41's node is 1:7. Names that are not
+    /// a VFIO node's, or would leave the class directory, are not read.
+    #[test]
+    fn vfio_holders_are_found_by_device_number() {
+        let sys = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(sys.path().join("class/vfio/41")).unwrap();
+        std::fs::write(sys.path().join("class/vfio/41/dev"), "1:7\n").unwrap();
+        std::fs::create_dir_all(sys.path().join("class/x")).unwrap();
+        std::fs::write(sys.path().join("class/x/dev"), "1:7\n").unwrap();
+        let held_open = std::fs::File::open("/dev/full").unwrap();
+        let root = HostRoot {
+            sys: sys.path().to_path_buf(),
+            proc: PathBuf::from("/proc"),
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let me = format!("/dev/vfio/41 is open by process {} ", std::process::id());
+        let held = root
+            .vfio_holders(
+                &["/dev/vfio/41".into(), "/dev/vfio/devices/vfio0".into()],
+                until,
+            )
+            .unwrap();
+        assert!(held.iter().any(|h| h.starts_with(&me)), "{held:?}");
+        let sneaky = root
+            .vfio_holders(&["/dev/vfio/../x".into(), "/dev/null".into()], until)
+            .unwrap();
+        assert!(sneaky.is_empty(), "{sneaky:?}");
+        drop(held_open);
+    }
 }
