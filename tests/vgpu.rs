@@ -372,6 +372,15 @@ fn vgpus_are_made_listed_and_deleted_over_the_bus() {
         .unwrap()
         .clone();
     assert_eq!(first["type_id"], "1152", "{first}");
+    // Each vGPU is an object of its own.
+    let object = format!("/org/hypeman/Vgpus/{}", first["id"].as_str().unwrap());
+    let property = |name: &str| {
+        let out = bus.busctl(&["get-property", NAME, &object, "org.hypeman.Vgpu1", name]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(property("Profile"), "s \"NVIDIA L40S-4Q\"");
+    assert_eq!(property("PciAddress"), "s \"0000:41:00.4\"");
+    assert_eq!(property("InstanceId"), "s \"vm-1\"");
     let r = ctl(&bus, &["resources"]);
     assert_eq!(r["used_slots"], 2, "{r}");
 
@@ -408,6 +417,11 @@ fn vgpus_are_made_listed_and_deleted_over_the_bus() {
     let out = bus.hypemanctl(&["vgpu", "delete", &id]);
     assert!(out.status.success(), "{out:?}");
     signals.wait_for(|s| matches!(s, Signal::Other { member, .. } if member == "VgpuDeleted"));
+    let gone = bus.busctl(&["introspect", NAME, &object]);
+    assert!(
+        !String::from_utf8_lossy(&gone.stdout).contains("org.hypeman.Vgpu1"),
+        "the object went with the vGPU: {gone:?}"
+    );
     let other = made["id"].as_str().unwrap();
     assert!(bus.hypemanctl(&["vgpu", "delete", other]).status.success());
     ctl(&bus, &["sriov", "l40s", "0"]);

@@ -17,6 +17,7 @@ pub mod exported;
 pub mod manager;
 pub mod objects;
 pub mod simulator;
+pub mod vgpu;
 
 use std::sync::Arc;
 
@@ -100,6 +101,17 @@ pub async fn serve(
         devices = service.snapshot().len(),
         "device objects exported"
     );
+    for v in service.snapshot().vgpus() {
+        if let Some(path) = hypeman_api::vgpu_path(&v.id) {
+            server
+                .at(
+                    path,
+                    vgpu::VgpuObject::exported(manager.clone(), v.id.clone()),
+                )
+                .await
+                .map_err(ServeError::Export)?;
+        }
+    }
     // Our own ObjectManager (see `objects.rs`): it announces nothing here.
     server
         .at(
@@ -226,6 +238,14 @@ impl Publisher for BusPublisher {
 
     fn vgpu_created<'a>(&'a self, vgpu: &'a hypeman_api::Vgpu) -> BoxFuture<'a> {
         Box::pin(async move {
+            if let (Some(manager), Some(path)) =
+                (self.manager.upgrade(), hypeman_api::vgpu_path(&vgpu.id))
+            {
+                let object = vgpu::VgpuObject::exported(manager, vgpu.id.clone());
+                if let Err(e) = self.conn.object_server().at(path, object).await {
+                    tracing::error!(vgpu_id = %vgpu.id, error = %e, "cannot export the vGPU object");
+                }
+            }
             let result = async {
                 let emitter =
                     zbus::object_server::SignalEmitter::new(&self.conn, hypeman_api::MANAGER_PATH)?;
@@ -240,6 +260,16 @@ impl Publisher for BusPublisher {
 
     fn vgpu_deleted<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {
         Box::pin(async move {
+            if let Some(path) = hypeman_api::vgpu_path(id) {
+                if let Err(e) = self
+                    .conn
+                    .object_server()
+                    .remove::<Exported<vgpu::VgpuObject>, _>(path)
+                    .await
+                {
+                    tracing::error!(vgpu_id = %id, error = %e, "cannot remove the vGPU object");
+                }
+            }
             let result = async {
                 let emitter =
                     zbus::object_server::SignalEmitter::new(&self.conn, hypeman_api::MANAGER_PATH)?;
