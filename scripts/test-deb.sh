@@ -38,6 +38,8 @@ for path in \
   ./usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules \
   ./usr/share/man/man1/hypemanctl.1.gz \
   ./usr/share/man/man1/hypemanctl-register.1.gz \
+  ./usr/share/man/man1/hypemanctl-sriov.1.gz \
+  ./usr/share/man/man1/hypemanctl-vgpu-create.1.gz \
   ./usr/share/man/man8/hypemand.8.gz \
   ./usr/share/bash-completion/completions/hypemanctl \
   ./usr/share/zsh/vendor-completions/_hypemanctl \

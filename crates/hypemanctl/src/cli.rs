@@ -201,12 +201,19 @@ pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
     let mut ctl = std::fs::File::create(dir.join("hypemanctl.1"))?;
     clap_mangen::Man::new(cmd.clone()).render(&mut ctl)?;
     // hypemanctl(1) refers to hypemanctl-<command>(1): one page each.
+    // and a command with commands of its own (vgpu) to
+    // hypemanctl-<command>-<subcommand>(1).
+    let version = cmd.get_version().unwrap_or_default().to_string();
+    let mut pages: Vec<(String, clap::Command)> = Vec::new();
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("hypemanctl-{}", sub.get_name());
-        let page = sub
-            .clone()
-            .name(name.clone())
-            .version(cmd.get_version().unwrap_or_default().to_string());
+        for nested in sub.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages.push((format!("{name}-{}", nested.get_name()), nested.clone()));
+        }
+        pages.push((name, sub.clone()));
+    }
+    for (name, page) in pages {
+        let page = page.name(name.clone()).version(version.clone());
         let mut f = std::fs::File::create(dir.join(format!("{name}.1")))?;
         clap_mangen::Man::new(page).render(&mut f)?;
     }
