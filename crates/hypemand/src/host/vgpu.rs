@@ -407,6 +407,16 @@ impl super::door::Door {
                 let Err((step, error)) = checked else {
                     return Ok(());
                 };
+                // 0 is written back unless the function shows another type:
+                // that vGPU is not ours to remove.
+                if let Ok(Carried::Type(t)) = self.carried(function, None).await {
+                    if t != id {
+                        let outcome = format!(
+                            "the function carries type {t}, not ours: it was left as it is"
+                        );
+                        return Err(fail(step, error, outcome));
+                    }
+                }
                 let outcome = match self.write(function, super::HostOp::SetVgpuType(0)).await {
                     Ok(()) => "0 was written back: the function is free".to_string(),
                     Err(e) => format!(

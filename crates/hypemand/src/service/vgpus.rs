@@ -434,6 +434,28 @@ mod tests {
         create(&f, req("NVIDIA L40S-2Q")).await.unwrap();
     }
 
+    /// Another tool's vGPU, made on the function between the daemon's read
+    /// and its write (the write is then refused), is not removed by the
+    /// undo: only 0 over the daemon's own type, or over nothing, is written.
+    #[tokio::test]
+    async fn an_undo_never_removes_another_tools_vgpu() {
+        let f = gpu_with_vfs("l40s-vgpu.toml", "0000:41:00.0", 1).await;
+        f.sim.set_vgpu(a("0000:41:00.4"), "1152").unwrap();
+        // The daemon's own attempt, as if it had read the function free.
+        let e = f
+            .service
+            .door
+            .make_vgpu(a("0000:41:00.4"), "1151", None)
+            .await
+            .unwrap_err();
+        assert!(e.outcome.contains("carries type 1152, not ours"), "{e}");
+        assert_eq!(
+            vgpu_writes(&f),
+            ["set_vgpu_type 0000:41:00.4 1151"],
+            "no 0 written over the other's"
+        );
+    }
+
     /// mdev: a UUID is written to the type's create and the mdev is there;
     /// one that never appears is refused and nothing is left; Delete
     /// removes it; a held vGPU is not deleted.
