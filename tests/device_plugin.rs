@@ -69,6 +69,45 @@ fn kubelet(
     })
 }
 
+/// Serves `lister` as the kubelet's PodResources on `sock` until aborted.
+fn pod_resources<L: PodResourcesLister>(sock: &Path, lister: L) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(sock).unwrap();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(PodResourcesListerServer::new(lister))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await;
+    })
+}
+
+/// The plugin on `bus`, for the kubelet in `dir`, reading pods from
+/// `pods_sock` every 0.1 s. Under umask 0, so the sockets' mode is the
+/// plugin's own doing.
+fn start_plugin(bus: &TestBus, dir: &Path, pods_sock: &Path, config: &Path) -> Proc {
+    let mut cmd = std::process::Command::new(bin("hypeman-device-plugin"));
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    Proc {
+        child: cmd
+            .arg(format!("--bus={}", bus.address))
+            .arg("--kubelet-dir")
+            .arg(dir)
+            .arg("--pod-resources")
+            .arg(pods_sock)
+            .args(["--pod-resources-interval", "0.1"])
+            .arg("--config")
+            .arg(config)
+            .spawn()
+            .unwrap(),
+    }
+}
+
 /// A safety net only (as `wait_until`'s): a hung plugin fails the test
 /// instead of hanging it. No assertion is about time.
 async fn next<T>(f: impl std::future::Future<Output = Option<T>>) -> T {
@@ -148,40 +187,10 @@ async fn the_kubelet_sees_hypemands_devices() {
     .unwrap();
     let pods = Pods::default();
     let pods_sock = work.path().join("pod-resources.sock");
-    let listener = tokio::net::UnixListener::bind(&pods_sock).unwrap();
-    let lister = pods.clone();
-    let _pods_server = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(PodResourcesListerServer::new(lister))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await;
-    });
+    let _pods_server = pod_resources(&pods_sock, pods.clone());
     let (tx, mut registered) = mpsc::unbounded_channel();
     let first_kubelet = kubelet(&dir, tx.clone());
-
-    // Under umask 0, so the sockets' mode is the plugin's own doing.
-    let mut plugin_cmd = std::process::Command::new(bin("hypeman-device-plugin"));
-    // SAFETY: umask is async-signal-safe and touches only the child.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        plugin_cmd.pre_exec(|| {
-            libc::umask(0);
-            Ok(())
-        });
-    }
-    let mut plugin = Proc {
-        child: plugin_cmd
-            .arg(format!("--bus={}", bus.address))
-            .arg("--kubelet-dir")
-            .arg(&dir)
-            .arg("--pod-resources")
-            .arg(&pods_sock)
-            .args(["--pod-resources-interval", "0.1"])
-            .arg("--config")
-            .arg(&config)
-            .spawn()
-            .unwrap(),
-    };
+    let mut plugin = start_plugin(&bus, &dir, &pods_sock, &config);
 
     // Registration: one socket per resource, the fields the kubelet reads.
     let mut regs = Vec::new();
@@ -248,26 +257,12 @@ async fn the_kubelet_sees_hypemands_devices() {
         .await
         .unwrap()
         .into_inner();
-    let spec = |p: &str| dp::DeviceSpec {
-        container_path: p.into(),
-        host_path: p.into(),
-        permissions: "rw".into(),
-    };
     assert_eq!(
         got,
-        dp::AllocateResponse {
-            container_responses: vec![dp::ContainerAllocateResponse {
-                envs: [(
-                    "PCI_RESOURCE_HYPEMAN_IO_NIC".to_string(),
-                    "0000:06:00.0".to_string()
-                )]
-                .into(),
-                mounts: vec![],
-                devices: vec![spec("/dev/vfio/vfio"), spec("/dev/vfio/6")],
-                annotations: Default::default(),
-                cdi_devices: vec![],
-            }],
-        }
+        one_container(
+            ("PCI_RESOURCE_HYPEMAN_IO_NIC", "0000:06:00.0"),
+            &["/dev/vfio/vfio", "/dev/vfio/6"]
+        )
     );
     assert_eq!(bus.host_driver("0000:06:00.0").as_deref(), Some("vfio-pci"));
 
@@ -285,8 +280,11 @@ async fn the_kubelet_sees_hypemands_devices() {
         "0000:01:00.1"
     );
     assert_eq!(
-        got.container_responses[0].devices,
-        vec![spec("/dev/vfio/vfio"), spec("/dev/vfio/1")]
+        got,
+        one_container(
+            ("PCI_RESOURCE_HYPEMAN_IO_GPU", "0000:01:00.1"),
+            &["/dev/vfio/vfio", "/dev/vfio/1"]
+        )
     );
     let binds = |bus: &TestBus| {
         bus.writes()
@@ -379,4 +377,323 @@ async fn the_kubelet_sees_hypemands_devices() {
     let status = plugin.signal_and_wait("TERM");
     assert!(status.success(), "{status:?}");
     assert_eq!(sockets(&dir), Vec::<String>::new());
+}
+
+/// *(issue 26)* A PodResources stand-in that answers one List per permit
+/// and says when each arrives: the test decides how far the plugin's reads
+/// go, and a List arriving means the read before it was acted on.
+#[derive(Clone)]
+struct GatedPods {
+    pods: Pods,
+    permits: Arc<tokio::sync::Semaphore>,
+    arrived: mpsc::UnboundedSender<()>,
+}
+
+#[tonic::async_trait]
+impl PodResourcesLister for GatedPods {
+    async fn list(
+        &self,
+        r: Request<pr::ListPodResourcesRequest>,
+    ) -> Result<Response<pr::ListPodResourcesResponse>, Status> {
+        let _ = self.arrived.send(());
+        self.permits
+            .acquire()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .forget();
+        self.pods.list(r).await
+    }
+}
+
+/// hypemand's vGPUs, as `hypemanctl --json vgpu list` gives them.
+fn vgpu_list(bus: &TestBus) -> Vec<serde_json::Value> {
+    let out = bus.hypemanctl(&["--json", "vgpu", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The answer for one container: one variable and these nodes, rw.
+fn one_container((name, value): (&str, &str), nodes: &[&str]) -> dp::AllocateResponse {
+    dp::AllocateResponse {
+        container_responses: vec![dp::ContainerAllocateResponse {
+            envs: [(name.to_string(), value.to_string())].into(),
+            mounts: vec![],
+            devices: nodes
+                .iter()
+                .map(|p| dp::DeviceSpec {
+                    container_path: p.to_string(),
+                    host_path: p.to_string(),
+                    permissions: "rw".into(),
+                })
+                .collect(),
+            annotations: Default::default(),
+            cdi_devices: vec![],
+        }],
+    }
+}
+
+/// A pod whose one container holds `ids` of `resource`.
+fn pod(resource: &str, ids: &[&str]) -> pr::PodResources {
+    pr::PodResources {
+        name: "vgpu-pod".into(),
+        namespace: "default".into(),
+        containers: vec![pr::ContainerResources {
+            name: "compute".into(),
+            devices: vec![pr::ContainerDevices {
+                resource_name: resource.into(),
+                device_ids: ids.iter().map(|s| s.to_string()).collect(),
+                topology: None,
+            }],
+        }],
+    }
+}
+
+/// A plugin serving `profile` from a GPU of `fixture_name` with two virtual
+/// functions, its PodResources gated: the bus, the daemon, the plugin, the
+/// gate, and a client of the profile's resource.
+struct VgpuNode {
+    bus: TestBus,
+    _state: tempfile::TempDir,
+    _daemon: Daemon,
+    _work: tempfile::TempDir,
+    plugin: Proc,
+    pods: Pods,
+    permits: Arc<tokio::sync::Semaphore>,
+    arrived: mpsc::UnboundedReceiver<()>,
+    registered: Vec<String>,
+    dir: PathBuf,
+    _servers: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl VgpuNode {
+    async fn start(fixture_name: &str, gpu: &str, profile: &str) -> VgpuNode {
+        let Sim { bus, state, daemon } = Sim::start(fixture_name);
+        bus.manager("Register", &["ss", gpu, "gpu0"]).unwrap();
+        let out = bus.hypemanctl(&["sriov", "gpu0", "2"]);
+        assert!(out.status.success(), "{out:?}");
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path().join("device-plugins");
+        std::fs::create_dir(&dir).unwrap();
+        let config = work.path().join("plugin.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[resource]]\nname = \"hypeman.io/gpu\"\nselector = \"10de:*\"\n\n[[vgpu]]\nprofile = \"{profile}\"\n"
+            ),
+        )
+        .unwrap();
+        let pods = Pods::default();
+        let permits = Arc::new(tokio::sync::Semaphore::new(0));
+        let (arrived_tx, arrived) = mpsc::unbounded_channel();
+        let pods_sock = work.path().join("pod-resources.sock");
+        let pods_server = pod_resources(
+            &pods_sock,
+            GatedPods {
+                pods: pods.clone(),
+                permits: permits.clone(),
+                arrived: arrived_tx,
+            },
+        );
+        let (tx, mut reg) = mpsc::unbounded_channel();
+        let kubelet_server = kubelet(&dir, tx);
+        let plugin = start_plugin(&bus, &dir, &pods_sock, &config);
+        let mut registered = Vec::new();
+        for _ in 0..3 {
+            registered.push(next(reg.recv()).await.resource_name);
+        }
+        registered.sort();
+        VgpuNode {
+            bus,
+            _state: state,
+            _daemon: daemon,
+            _work: work,
+            plugin,
+            pods,
+            permits,
+            arrived,
+            registered,
+            dir,
+            _servers: [pods_server, kubelet_server],
+        }
+    }
+
+    async fn client(&self, resource: &str) -> DevicePluginClient<tonic::transport::Channel> {
+        DevicePluginClient::new(
+            channel(&self.dir.join(socket_name(resource)))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Lets the plugin's waiting PodResources read answer `pods`, and waits
+    /// until the plugin has acted on it (its next read arrives).
+    async fn read(&mut self, pods: Vec<pr::PodResources>) {
+        *self.pods.0.lock().unwrap() = pods;
+        self.permits.add_permits(1);
+        next(self.arrived.recv()).await;
+    }
+}
+
+/// *(issue 26)* A vGPU profile is a resource of slots. Allocate makes the
+/// vGPU through hypemand (the slot in its instance id) and answers its nodes
+/// and the variable KubeVirt reads; all or nothing; the vGPU is deleted only
+/// after two PodResources reads without its pod that began after the
+/// Allocate answered, never while a pod lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vgpu_profiles_are_slots_made_at_allocate_and_deleted_with_the_pod() {
+    const R: &str = "hypeman.io/vgpu-nvidia-l40s-4q";
+    let slot = |n: u32| format!("hypeman.io_vgpu-nvidia-l40s-4q-{n}");
+    let mut node = VgpuNode::start("l40s-vgpu.toml", "0000:41:00.0", "NVIDIA L40S-4Q").await;
+    assert_eq!(node.registered, ["hypeman.io/gpu", "hypeman.io/pci", R]);
+    // The plugin's first read waits at the gate from here on.
+    next(node.arrived.recv()).await;
+
+    // The GPU carries the profile's slots and is not offered whole.
+    let mut gpu = node.client("hypeman.io/gpu").await;
+    let mut whole = gpu.list_and_watch(dp::Empty {}).await.unwrap().into_inner();
+    assert_eq!(devices(&msg(&mut whole).await), []);
+    let mut vgpu = node.client(R).await;
+    let mut slots = vgpu
+        .list_and_watch(dp::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    let healthy = |ids: &[String]| {
+        ids.iter()
+            .map(|id| (id.clone(), "Healthy".to_string(), None))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        devices(&msg(&mut slots).await),
+        healthy(&[slot(0), slot(1)])
+    );
+
+    // More slots than there are, and a slot that is not one: refused, and
+    // nothing made.
+    let ask = |ids: Vec<String>| dp::AllocateRequest {
+        container_requests: vec![dp::ContainerAllocateRequest { devices_ids: ids }],
+    };
+    let err = vgpu
+        .allocate(ask(vec![slot(0), slot(1), slot(2)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let err = vgpu.allocate(ask(vec![slot(7)])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    assert_eq!(vgpu_list(&node.bus), Vec::<serde_json::Value>::new());
+
+    // All or nothing: the second vGPU's write fails, the first is deleted.
+    node.bus.inject("set_vgpu_type", "0000:41:00.5", "EBUSY");
+    let err = vgpu
+        .allocate(ask(vec![slot(0), slot(1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains(&slot(1)), "{err}");
+    assert_eq!(vgpu_list(&node.bus), Vec::<serde_json::Value>::new());
+    node.bus.clear_faults();
+
+    // Allocate while a read is under way (it began before the answer).
+    let got = vgpu
+        .allocate(ask(vec![slot(0)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let made = vgpu_list(&node.bus);
+    assert_eq!(made.len(), 1, "{made:?}");
+    let v = &made[0];
+    assert_eq!(v["instance_id"], format!("k8s-vgpu:{}", slot(0)), "{v}");
+    assert_eq!(v["pci_address"], "0000:41:00.4", "{v}");
+    let group = v["device_nodes"][0].as_str().unwrap();
+    assert!(
+        group.starts_with("/dev/vfio/") && group[10..].parse::<u32>().is_ok(),
+        "{v}"
+    );
+    assert_eq!(
+        got,
+        one_container(
+            (
+                "PCI_RESOURCE_HYPEMAN_IO_VGPU-NVIDIA-L40S-4Q",
+                "0000:41:00.4"
+            ),
+            &["/dev/vfio/vfio", group]
+        )
+    );
+    // The kubelet allocating the same slot again (a container restart)
+    // gets the same vGPU, not a second one.
+    let again = vgpu
+        .allocate(ask(vec![slot(0)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, got);
+    assert_eq!(vgpu_list(&node.bus).len(), 1);
+
+    let id = v["id"].as_str().unwrap().to_string();
+    let alive = |node: &VgpuNode| vgpu_list(&node.bus).iter().any(|v| v["id"] == id);
+    // The read that began before the answer does not count, nor does one
+    // read alone.
+    node.read(vec![]).await;
+    assert!(
+        alive(&node),
+        "a read begun before Allocate answered counted"
+    );
+    node.read(vec![]).await;
+    assert!(alive(&node), "one read without the pod deleted it");
+    // The pod lists it: kept, and the count starts again.
+    node.read(vec![pod(R, &[&slot(0)])]).await;
+    node.read(vec![pod(R, &[&slot(0)])]).await;
+    assert!(alive(&node));
+    node.read(vec![]).await;
+    assert!(alive(&node), "the count did not start again");
+    node.read(vec![]).await;
+    assert_eq!(vgpu_list(&node.bus), Vec::<serde_json::Value>::new());
+
+    let status = node.plugin.signal_and_wait("TERM");
+    assert!(status.success(), "{status:?}");
+}
+
+/// *(issue 26)* An mdev profile: the vGPU's UUID in KubeVirt's
+/// `MDEV_PCI_RESOURCE_` variable, its node beside the container node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mdev_profile_answers_its_uuid() {
+    const R: &str = "hypeman.io/vgpu-grid-a100-4c";
+    let mut node = VgpuNode::start("a100-mdev.toml", "0000:82:00.0", "GRID A100-4C").await;
+    assert_eq!(node.registered, ["hypeman.io/gpu", "hypeman.io/pci", R]);
+    next(node.arrived.recv()).await;
+    let mut vgpu = node.client(R).await;
+    let got = vgpu
+        .allocate(dp::AllocateRequest {
+            container_requests: vec![dp::ContainerAllocateRequest {
+                devices_ids: vec!["hypeman.io_vgpu-grid-a100-4c-0".into()],
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let made = vgpu_list(&node.bus);
+    assert_eq!(made.len(), 1, "{made:?}");
+    let uuid = made[0]["mdev_uuid"].as_str().unwrap();
+    let mut nodes = vec!["/dev/vfio/vfio"];
+    nodes.extend(
+        made[0]["device_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap()),
+    );
+    assert_eq!(
+        got,
+        one_container(
+            ("MDEV_PCI_RESOURCE_HYPEMAN_IO_VGPU-GRID-A100-4C", uuid),
+            &nodes
+        )
+    );
+    node.read(vec![]).await;
+    node.read(vec![]).await;
+    node.read(vec![]).await;
+    assert_eq!(vgpu_list(&node.bus), Vec::<serde_json::Value>::new());
+    let status = node.plugin.signal_and_wait("TERM");
+    assert!(status.success(), "{status:?}");
 }

@@ -14,6 +14,17 @@
 //! The first rule that matches wins. A device no rule matches goes to the
 //! default resource, `hypeman.io/<type>` (`hypeman.io/gpu`, `hypeman.io/pci`),
 //! unless `default = false`.
+//!
+//! *(issue 26)* vGPU profiles are resources only when named:
+//!
+//! ```toml
+//! [[vgpu]]
+//! profile = "NVIDIA L40S-4Q"        # as ListVgpuTypes names it
+//! # name = "hypeman.io/l40s-4q"     # default: hypeman.io/vgpu-nvidia-l40s-4q
+//! ```
+//!
+//! A GPU that offers a named profile (or carries a vGPU of one) is then not
+//! offered whole as well.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +50,9 @@ pub struct Config {
     pub default: bool,
     #[serde(default, rename = "resource")]
     pub resources: Vec<Rule>,
+    /// *(issue 26)* The vGPU profiles offered as resources.
+    #[serde(default, rename = "vgpu")]
+    pub vgpus: Vec<VgpuRule>,
 }
 
 fn yes() -> bool {
@@ -50,6 +64,7 @@ impl Default for Config {
         Config {
             default: true,
             resources: Vec::new(),
+            vgpus: Vec::new(),
         }
     }
 }
@@ -63,6 +78,48 @@ pub struct Rule {
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
+
+/// *(issue 26)* A vGPU profile offered as a resource.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VgpuRule {
+    /// The profile's name, as `ListVgpuTypes` shows it: `NVIDIA L40S-4Q`.
+    pub profile: String,
+    /// The resource name; `hypeman.io/vgpu-<profile, lowercased, each run of
+    /// other characters as ->` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl VgpuRule {
+    /// The resource this profile is offered as.
+    pub fn resource(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("hypeman.io/vgpu-{}", slug(&self.profile)))
+    }
+}
+
+/// `NVIDIA L40S-4Q` -> `nvidia-l40s-4q`: ASCII letters (lowercased) and
+/// digits kept, every run of anything else one `-`, none at either end.
+pub fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    while out.ends_with('-') {
+        out.pop();
+    }
+    out
+}
+
+/// The longest vGPU resource name: its slots' instance ids
+/// (`k8s-vgpu:<name, / as _>-<n>`) must stay within hypemand's 128.
+pub const VGPU_RESOURCE_MAX: usize = 100;
 
 /// A resource name as the kubelet takes it: `domain/name`, DNS-ish.
 fn valid_resource(name: &str) -> bool {
@@ -86,7 +143,13 @@ impl Config {
             path: shown.clone(),
             source,
         })?;
-        let c: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        Config::parse(&text, &shown)
+    }
+
+    /// Reads and checks a config's text; `shown` names it in errors.
+    pub fn parse(text: &str, shown: &str) -> Result<Config, ConfigError> {
+        let shown = shown.to_string();
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: shown.clone(),
             message: e.to_string(),
         })?;
@@ -109,7 +172,50 @@ impl Config {
                 }
             }
         }
+        let mut taken: Vec<String> = c.resources.iter().map(|r| r.name.clone()).collect();
+        if c.default {
+            taken.extend(["hypeman.io/gpu".to_string(), "hypeman.io/pci".to_string()]);
+        }
+        let mut profiles = std::collections::BTreeSet::new();
+        for v in &c.vgpus {
+            let invalid = |message: String| ConfigError::Invalid {
+                path: shown.clone(),
+                message,
+            };
+            if v.profile.trim().is_empty() || v.profile.len() > 128 || slug(&v.profile).is_empty() {
+                return Err(invalid(format!(
+                    "vgpu profile {:?} must be a profile name of 1-128 characters with a letter or digit, as `hypemanctl vgpu types` shows",
+                    v.profile.chars().take(128).collect::<String>()
+                )));
+            }
+            if !profiles.insert(v.profile.clone()) {
+                return Err(invalid(format!(
+                    "vgpu profile {:?} is named twice; each profile is one resource",
+                    v.profile
+                )));
+            }
+            let name = v.resource();
+            if !valid_resource(&name) || name.len() > VGPU_RESOURCE_MAX {
+                return Err(invalid(format!(
+                    "vgpu resource name {name:?} is not domain/name in lowercase of at most {VGPU_RESOURCE_MAX} characters (hypeman.io/l40s-4q)"
+                )));
+            }
+            if taken.contains(&name) {
+                return Err(invalid(format!(
+                    "resource name {name:?} is used twice; a vGPU profile needs a resource of its own"
+                )));
+            }
+            taken.push(name);
+        }
         Ok(c)
+    }
+
+    /// *(issue 26)* The vGPU profile offered as `resource`, if it is one.
+    pub fn vgpu_profile(&self, resource: &str) -> Option<&str> {
+        self.vgpus
+            .iter()
+            .find(|v| v.resource() == resource)
+            .map(|v| v.profile.as_str())
     }
 
     /// The resource a device belongs to, if any.
@@ -186,10 +292,48 @@ tags = { team = "ml" }
             ..c
         };
         assert_eq!(strict.resource_for("8086", "1572", "pci", &none), None);
+        assert_eq!(slug("NVIDIA L40S-4Q"), "nvidia-l40s-4q");
+        assert_eq!(slug("  GRID A100--4C! "), "grid-a100-4c");
+        assert_eq!(slug("é"), "");
         assert!(
             valid_resource("hypeman.io/gpu")
                 && !valid_resource("gpu")
                 && !valid_resource("Hypeman.io/x")
         );
+    }
+
+    /// *(issue 26)* vGPU rules: the default name, and each refusal.
+    #[test]
+    fn vgpu_rules() {
+        let c = Config::parse(
+            "[[vgpu]]\nprofile = \"NVIDIA L40S-4Q\"\n[[vgpu]]\nprofile = \"GRID A100-4C\"\nname = \"hypeman.io/a100-4c\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.vgpu_profile("hypeman.io/vgpu-nvidia-l40s-4q"),
+            Some("NVIDIA L40S-4Q")
+        );
+        assert_eq!(c.vgpu_profile("hypeman.io/a100-4c"), Some("GRID A100-4C"));
+        assert_eq!(c.vgpu_profile("hypeman.io/gpu"), None);
+        for (bad, says) in [
+            ("[[vgpu]]\nprofile = \"\"\n", "1-128"),
+            ("[[vgpu]]\nprofile = \"--\"\n", "1-128"),
+            (
+                "[[vgpu]]\nprofile = \"A-1\"\n[[vgpu]]\nprofile = \"A-1\"\n",
+                "twice",
+            ),
+            (
+                "[[vgpu]]\nprofile = \"A-1\"\nname = \"hypeman.io/gpu\"\n",
+                "used twice",
+            ),
+            ("[[vgpu]]\nprofile = \"A-1\"\nname = \"Bad\"\n", "lowercase"),
+            ("[[vgpu]]\nprofile = \"A-1\"\ncolour = 1\n", "unknown field"),
+        ] {
+            let e = Config::parse(bad, "t").unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let long = format!("[[vgpu]]\nprofile = \"{}\"\n", "a".repeat(100));
+        assert!(Config::parse(&long, "t").is_err());
     }
 }

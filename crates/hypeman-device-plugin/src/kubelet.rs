@@ -164,12 +164,18 @@ pub fn pods_holding(pods: &[pr::PodResources], resources: &[String]) -> BTreeMap
 
 /// Brings hypemand's `k8s:` attachments in line with the pods: a device a
 /// pod holds is attached to it; a device attached to a pod that is gone is
-/// detached (it stays on vfio-pci for the next pod).
+/// detached (it stays on vfio-pci for the next pod). *(issue 26)* A vGPU
+/// made for a slot no pod holds is deleted (`delete_unheld`).
 pub async fn sync_pods(
     node: &Node,
     socket: &Path,
     resources: &[String],
 ) -> Result<(), KubeletError> {
+    let read = node
+        .teardown
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .read_begins();
     let ch = channel(socket).await?;
     let pods = PodResourcesListerClient::new(ch)
         .list(pr::ListPodResourcesRequest {})
@@ -178,7 +184,9 @@ pub async fn sync_pods(
         .pod_resources;
     let want = pods_holding(&pods, resources);
     node.refresh().await;
-    for d in node.current().iter() {
+    let view = node.current();
+    delete_unheld(node, read, &view.slots, &want).await;
+    for d in view.devices.iter() {
         let wanted = want.get(&d.pci_address);
         let result = match (&d.attached_to, wanted) {
             (Some(now), Some(w)) if now == w => continue,
@@ -210,6 +218,39 @@ pub async fn sync_pods(
         }
     }
     Ok(())
+}
+
+/// *(issue 26)* Deletes the vGPUs no pod has held in two reads in a row
+/// that began after their Allocate answered (see [`crate::vgpu`]). A vGPU
+/// hypemand will not delete yet (its VMM still has it open) is tried again
+/// at the next read.
+async fn delete_unheld(
+    node: &Node,
+    read: u64,
+    slots: &[crate::vgpu::Slot],
+    want: &BTreeMap<String, String>,
+) {
+    let held = slots
+        .iter()
+        .filter(|s| want.contains_key(&s.id))
+        .map(|s| s.id.clone())
+        .collect();
+    let gone = node
+        .teardown
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .after_read(read, slots, &held);
+    for v in gone {
+        let slot = v.instance_id.as_deref().unwrap_or_default();
+        match node.client.delete_vgpu(&v.id).await {
+            Ok(()) => {
+                tracing::info!(vgpu_id = %v.id, instance_id = %slot, "vGPU deleted: no pod holds it")
+            }
+            Err(e) => {
+                tracing::warn!(vgpu_id = %v.id, instance_id = %slot, error = %e, "cannot delete a vGPU no pod holds; will try again")
+            }
+        }
+    }
 }
 
 /// Runs [`sync_pods`] every `every` until dropped (the PodResources API has

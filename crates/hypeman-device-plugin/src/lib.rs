@@ -10,6 +10,8 @@
 //! - [`node`]: what hypemand says of the registered devices, kept current
 //!   from its signals (never polled);
 //! - [`plugin`]: the DevicePlugin service of one resource;
+//! - [`vgpu`]: *(issue 26)* vGPU profiles as resources: slots, a vGPU made
+//!   at Allocate, deleted when its pod is gone;
 //! - [`kubelet`]: registering, the kubelet's restarts, and keeping
 //!   attachments in step with pods through PodResources.
 
@@ -28,6 +30,7 @@ pub mod config;
 pub mod kubelet;
 pub mod node;
 pub mod plugin;
+pub mod vgpu;
 
 /// The API version the plugin speaks.
 pub const API_VERSION: &str = "v1beta1";
@@ -36,8 +39,20 @@ pub const API_VERSION: &str = "v1beta1";
 pub const VFIO_CONTAINER: &str = "/dev/vfio/vfio";
 
 /// The environment variable KubeVirt reads the PCI addresses of a resource
-/// from: `PCI_RESOURCE_` and the resource name, uppercased, `.` and `/` as `_`.
+/// from: `PCI_RESOURCE_` and the resource name, uppercased, `.` and `/` as `_`
+/// (KubeVirt's `util.ResourceNameToEnvVar`; `-` stays).
 pub fn pci_resource_env(resource: &str) -> String {
+    resource_env("PCI_RESOURCE", resource)
+}
+
+/// *(issue 26)* The variable KubeVirt reads a resource's mdev UUIDs from:
+/// `MDEV_PCI_RESOURCE_` and the name as [`pci_resource_env`] writes it
+/// (virt-launcher's `MDEV_RESOURCE_PREFIX`).
+pub fn mdev_resource_env(resource: &str) -> String {
+    resource_env("MDEV_PCI_RESOURCE", resource)
+}
+
+fn resource_env(prefix: &str, resource: &str) -> String {
     let name: String = resource
         .chars()
         .map(|c| match c {
@@ -45,7 +60,7 @@ pub fn pci_resource_env(resource: &str) -> String {
             c => c.to_ascii_uppercase(),
         })
         .collect();
-    format!("PCI_RESOURCE_{name}")
+    format!("{prefix}_{name}")
 }
 
 /// A plugin socket's file name for a resource (`hypeman.io/gpu` ->
@@ -73,6 +88,10 @@ mod tests {
         assert_eq!(
             pci_resource_env("hypeman.io/nvidia-l4"),
             "PCI_RESOURCE_HYPEMAN_IO_NVIDIA-L4"
+        );
+        assert_eq!(
+            mdev_resource_env("hypeman.io/vgpu-grid-a100-4c"),
+            "MDEV_PCI_RESOURCE_HYPEMAN_IO_VGPU-GRID-A100-4C"
         );
         assert_eq!(socket_name("hypeman.io/gpu"), "hypeman-hypeman.io_gpu.sock");
     }

@@ -75,6 +75,7 @@ fn resources(config: &Config) -> Vec<String> {
             r.push(format!("hypeman.io/{kind}"));
         }
     }
+    r.extend(config.vgpus.iter().map(|v| v.resource()));
     r.sort();
     r.dedup();
     r

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use zbus::{MatchRule, MessageStream};
 
 use crate::config::Config;
+use crate::vgpu::{self, Slot};
 
 /// How often hypemand is read while it does not answer.
 const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -34,15 +35,32 @@ pub struct NodeDevice {
     pub bound_to_vfio: bool,
 }
 
-/// Every registered device that belongs to a resource, by PCI address.
-pub type Snapshot = Arc<Vec<NodeDevice>>;
+/// What the plugin offers: every registered device that belongs to a
+/// resource, by PCI address, and *(issue 26)* the slots of the vGPU resources.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub devices: Vec<NodeDevice>,
+    pub slots: Vec<Slot>,
+}
+
+/// The view as last read.
+pub type Snapshot = Arc<View>;
 
 /// Reads the registry and the host's view once.
-pub async fn read(client: &Client, config: &Config) -> Result<Vec<NodeDevice>, ClientError> {
+pub async fn read(client: &Client, config: &Config) -> Result<View, ClientError> {
     let records = client.list().await?;
     let available = client.available().await?;
+    // vGPUs are read only when profiles are offered: a hypemand without
+    // them is still served.
+    let (types, vgpus) = if config.vgpus.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        (client.vgpu_types().await?, client.vgpus().await?)
+    };
+    let parents = vgpu::parents(config, &types, &vgpus);
     let mut out: Vec<NodeDevice> = records
         .into_iter()
+        .filter(|r| !parents.contains(&r.pci_address))
         .filter_map(|r| {
             let resource = config.resource_for(&r.vendor_id, &r.device_id, &r.kind, &r.tags)?;
             let passable = available
@@ -66,7 +84,10 @@ pub async fn read(client: &Client, config: &Config) -> Result<Vec<NodeDevice>, C
         })
         .collect();
     out.sort_by(|a, b| a.pci_address.cmp(&b.pci_address));
-    Ok(out)
+    Ok(View {
+        devices: out,
+        slots: vgpu::slots(config, &types, &vgpus),
+    })
 }
 
 /// The node as last read, and the client to hypemand.
@@ -74,12 +95,22 @@ pub struct Node {
     pub client: Client,
     pub config: Config,
     tx: watch::Sender<Snapshot>,
+    /// *(issue 26)* When each vGPU slot was allocated, in PodResources reads.
+    pub teardown: std::sync::Mutex<vgpu::Teardown>,
+    /// *(issue 26)* One vGPU Allocate at a time: a slot is made once.
+    pub allocating: tokio::sync::Mutex<()>,
 }
 
 impl Node {
     pub fn new(client: Client, config: Config) -> Arc<Node> {
-        let (tx, _) = watch::channel(Arc::new(Vec::new()));
-        Arc::new(Node { client, config, tx })
+        let (tx, _) = watch::channel(Arc::new(View::default()));
+        Arc::new(Node {
+            client,
+            config,
+            tx,
+            teardown: Default::default(),
+            allocating: Default::default(),
+        })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
@@ -102,14 +133,10 @@ impl Node {
             Err(e) => {
                 answered = false;
                 tracing::warn!(error = %e, "cannot read the devices from hypemand; marking them Unhealthy");
-                self.current()
-                    .iter()
-                    .cloned()
-                    .map(|mut d| {
-                        d.healthy = false;
-                        d
-                    })
-                    .collect()
+                let mut last = (*self.current()).clone();
+                last.devices.iter_mut().for_each(|d| d.healthy = false);
+                last.slots.iter_mut().for_each(|s| s.healthy = false);
+                last
             }
         };
         self.tx.send_if_modified(|cur| {

@@ -1,6 +1,7 @@
 //! The DevicePlugin service of one resource: the device list (streamed as it
 //! changes), the preferred allocation (one NUMA node, IOMMU groups kept
-//! together), and Allocate (bind through hypemand, all or nothing).
+//! together), and Allocate (bind through hypemand, all or nothing; for a
+//! vGPU resource, make the vGPUs, all or nothing: see [`crate::vgpu`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -11,29 +12,59 @@ use tonic::{Request, Response, Status};
 
 use crate::api::deviceplugin as dp;
 use crate::api::deviceplugin::device_plugin_server::DevicePlugin;
-use crate::node::{Node, NodeDevice};
+use crate::node::{Node, NodeDevice, View};
+use crate::vgpu::Slot;
 
 pub struct Plugin {
     pub resource: String,
     pub node: Arc<Node>,
 }
 
+fn health(healthy: bool) -> String {
+    if healthy { "Healthy" } else { "Unhealthy" }.into()
+}
+
 impl Plugin {
-    fn mine(&self, snapshot: &[NodeDevice]) -> Vec<NodeDevice> {
-        snapshot
+    fn mine(&self, view: &View) -> Vec<NodeDevice> {
+        view.devices
             .iter()
             .filter(|d| d.resource == self.resource)
             .cloned()
             .collect()
     }
 
-    /// The list the kubelet gets.
-    pub fn devices(&self, snapshot: &[NodeDevice]) -> Vec<dp::Device> {
-        self.mine(snapshot)
+    fn my_slots(&self, view: &View) -> Vec<Slot> {
+        view.slots
+            .iter()
+            .filter(|s| s.resource == self.resource)
+            .cloned()
+            .collect()
+    }
+
+    /// *(issue 26)* The profile, when this resource is a vGPU profile's.
+    fn profile(&self) -> Option<&str> {
+        self.node.config.vgpu_profile(&self.resource)
+    }
+
+    /// The list the kubelet gets: devices by PCI address, or vGPU slots
+    /// (no topology: the parent is hypemand's choice at Allocate).
+    pub fn devices(&self, view: &View) -> Vec<dp::Device> {
+        if self.profile().is_some() {
+            return self
+                .my_slots(view)
+                .into_iter()
+                .map(|s| dp::Device {
+                    id: s.id,
+                    health: health(s.healthy),
+                    topology: None,
+                })
+                .collect();
+        }
+        self.mine(view)
             .into_iter()
             .map(|d| dp::Device {
                 id: d.pci_address.clone(),
-                health: if d.healthy { "Healthy" } else { "Unhealthy" }.into(),
+                health: health(d.healthy),
                 topology: d.numa_node.map(|n| dp::TopologyInfo {
                     nodes: vec![dp::NumaNode { id: n }],
                 }),
@@ -153,17 +184,30 @@ impl DevicePlugin for Plugin {
         request: Request<dp::PreferredAllocationRequest>,
     ) -> Result<Response<dp::PreferredAllocationResponse>, Status> {
         let mine = self.mine(&self.node.current());
+        let vgpus = self.profile().is_some();
         let container_responses = request
             .into_inner()
             .container_requests
             .into_iter()
-            .map(|c| dp::ContainerPreferredAllocationResponse {
-                device_i_ds: prefer(
-                    &mine,
-                    &c.available_device_i_ds,
-                    &c.must_include_device_i_ds,
-                    usize::try_from(c.allocation_size).unwrap_or(0),
-                ),
+            .map(|c| {
+                let size = usize::try_from(c.allocation_size).unwrap_or(0);
+                let device_i_ds = if vgpus {
+                    // Slots are alike: the kubelet's own order.
+                    let mut ids = c.must_include_device_i_ds;
+                    ids.extend(c.available_device_i_ds);
+                    let mut seen = BTreeSet::new();
+                    ids.retain(|id| seen.insert(id.clone()));
+                    ids.truncate(size);
+                    ids
+                } else {
+                    prefer(
+                        &mine,
+                        &c.available_device_i_ds,
+                        &c.must_include_device_i_ds,
+                        size,
+                    )
+                };
+                dp::ContainerPreferredAllocationResponse { device_i_ds }
             })
             .collect();
         Ok(Response::new(dp::PreferredAllocationResponse {
@@ -176,6 +220,9 @@ impl DevicePlugin for Plugin {
         request: Request<dp::AllocateRequest>,
     ) -> Result<Response<dp::AllocateResponse>, Status> {
         let mut requests = request.into_inner().container_requests;
+        if let Some(profile) = self.profile() {
+            return self.allocate_vgpus(profile, &mut requests).await;
+        }
         // Read now: the kubelet's view may be a moment old.
         self.node.refresh().await;
         let snapshot = self.node.current();
@@ -184,7 +231,7 @@ impl DevicePlugin for Plugin {
         let mut responses = Vec::new();
         for c in &requests {
             match self
-                .allocate_one(&snapshot, &c.devices_ids, &mut bound_here)
+                .allocate_one(&snapshot.devices, &c.devices_ids, &mut bound_here)
                 .await
             {
                 Ok(r) => responses.push(r),
@@ -294,7 +341,97 @@ impl Plugin {
     }
 }
 
-fn spec(path: &str) -> dp::DeviceSpec {
+impl Plugin {
+    /// *(issue 26)* Allocate on a vGPU resource: each slot asked gets its
+    /// vGPU (made now with the slot in its instance id, or the one already
+    /// made for it); on any failure the vGPUs made in this call are deleted.
+    async fn allocate_vgpus(
+        &self,
+        profile: &str,
+        requests: &mut [dp::ContainerAllocateRequest],
+    ) -> Result<Response<dp::AllocateResponse>, Status> {
+        let _one = self.node.allocating.lock().await;
+        self.node.refresh().await;
+        let slots = self.my_slots(&self.node.current());
+        check_ids(requests, slots.len(), &self.resource).map_err(|e| *e)?;
+        let asked: Vec<String> = requests
+            .iter()
+            .flat_map(|c| c.devices_ids.iter().cloned())
+            .collect();
+        {
+            let mut t = self.node.teardown.lock().unwrap_or_else(|e| e.into_inner());
+            asked.iter().for_each(|s| t.allocating(s));
+        }
+        let mut made_here: Vec<String> = Vec::new();
+        let result = self
+            .make_vgpus(profile, &slots, requests, &mut made_here)
+            .await;
+        {
+            let mut t = self.node.teardown.lock().unwrap_or_else(|e| e.into_inner());
+            asked.iter().for_each(|s| t.answered(s, result.is_ok()));
+        }
+        match result {
+            Ok(container_responses) => {
+                tracing::info!(resource = %self.resource, made = made_here.len(), slots = asked.len(), "vGPUs allocated");
+                Ok(Response::new(dp::AllocateResponse {
+                    container_responses,
+                }))
+            }
+            Err(status) => {
+                for id in made_here.iter().rev() {
+                    if let Err(e) = self.node.client.delete_vgpu(id).await {
+                        tracing::error!(vgpu_id = %id, error = %e, "cannot delete a vGPU after a failed Allocate");
+                    }
+                }
+                tracing::warn!(resource = %self.resource, error = %status.message(), "Allocate refused");
+                Err(status)
+            }
+        }
+    }
+
+    async fn make_vgpus(
+        &self,
+        profile: &str,
+        slots: &[Slot],
+        requests: &[dp::ContainerAllocateRequest],
+        made_here: &mut Vec<String>,
+    ) -> Result<Vec<dp::ContainerAllocateResponse>, Status> {
+        let mut out = Vec::new();
+        for c in requests {
+            let mut vgpus = Vec::new();
+            for id in &c.devices_ids {
+                let slot = slots.iter().find(|s| &s.id == id).ok_or_else(|| {
+                    Status::not_found(format!("{id} is not a {} slot here", self.resource))
+                })?;
+                if let Some(v) = &slot.vgpu {
+                    if !slot.healthy {
+                        return Err(Status::failed_precondition(format!(
+                            "{id}'s vGPU {} is {}, not ready (see `hypemanctl vgpu list`)",
+                            v.id, v.state
+                        )));
+                    }
+                    vgpus.push(v.clone());
+                    continue;
+                }
+                let req = hypeman_api::VgpuRequest {
+                    profile: profile.to_string(),
+                    instance_id: Some(crate::vgpu::instance_for(id)),
+                    ..Default::default()
+                };
+                let v = self.node.client.create_vgpu(&req).await.map_err(|e| {
+                    Status::failed_precondition(format!("making a {profile} vGPU for {id}: {e}"))
+                })?;
+                made_here.push(v.id.clone());
+                vgpus.push(v);
+            }
+            out.push(crate::vgpu::response(&self.resource, &vgpus));
+        }
+        Ok(out)
+    }
+}
+
+/// A device node given read-write at the same path.
+pub fn spec(path: &str) -> dp::DeviceSpec {
     dp::DeviceSpec {
         container_path: path.into(),
         host_path: path.into(),
