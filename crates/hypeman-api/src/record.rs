@@ -55,6 +55,12 @@ pub struct Record {
     /// *(issue 26)* A virtual function's physical function, by address;
     /// absent for every other function.
     pub parent: Option<String>,
+    /// *(issue 27)* The process whose end releases the attachment (its pid
+    /// in the daemon's pid namespace); absent without a process lease.
+    pub holder_pid: Option<i64>,
+    /// *(issue 27)* What the holder's end does: `detach` or `give-back`;
+    /// absent without a lease.
+    pub on_release: Option<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`

@@ -108,6 +108,18 @@ pub enum CtlCommand {
         /// As for bind: take it even though the host is using it.
         #[arg(long)]
         force: bool,
+        /// Lease the attachment to this process: hypemand releases the
+        /// device when it ends (hypemanctl opens its pidfd).
+        #[arg(long, value_name = "PID", conflicts_with = "command")]
+        holder_pid: Option<u32>,
+        /// What the holder's end does: detach (the default) or give-back
+        /// (detach, then give the device back to its host driver).
+        #[arg(long, value_name = "WHAT", value_parser = ["detach", "give-back"])]
+        on_release: Option<String>,
+        /// Run this command holding the device: attach under a lease on it,
+        /// run it, and exit with its status once the device is released.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
     },
     /// Clear a device's attachment (it stays on vfio-pci).
     Detach {

@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod hold;
 
 use zbus::proxy::MethodFlags;
 use zbus::{Connection, OwnedObjectPath};
@@ -169,21 +170,22 @@ impl Client {
         id_or_name: &str,
         options: hypeman_api::Options,
     ) -> Result<Record, ClientError> {
-        if options == hypeman_api::Options::default() {
+        if options.is_empty() {
             return self.bind(id_or_name).await;
         }
         self.call("BindWithOptions", &(id_or_name, options.to_dict()))
             .await
     }
 
-    /// Attach with options (`force`: override the soft blockers).
+    /// Attach with options (`force`: override the soft blockers;
+    /// `holder_pidfd` and `on_release`: a lease, issue 27).
     pub async fn attach_with(
         &self,
         id_or_name: &str,
         instance_id: &str,
         options: hypeman_api::Options,
     ) -> Result<Record, ClientError> {
-        if options == hypeman_api::Options::default() {
+        if options.is_empty() {
             return self.attach(id_or_name, instance_id).await;
         }
         self.call(

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("hypemanctl: {e}");
             ExitCode::FAILURE
@@ -52,7 +52,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: CtlArgs) -> Result<(), ClientError> {
+/// Runs a command; answers the exit status (the command's, for `attach --`).
+async fn run(args: CtlArgs) -> Result<u8, ClientError> {
     let interactive = args
         .allow_interactive
         .unwrap_or_else(|| std::io::stdin().is_terminal());
@@ -103,8 +104,16 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         }
         CtlCommand::Get { id_or_name } => {
             let d = client.get(&id_or_name).await?;
-            print_devices(std::slice::from_ref(&d), json, true);
-            if !json {
+            if json {
+                // The seed's document, and the lease when there is one.
+                let mut doc = serde_json::to_value(d.seed()).unwrap_or_default();
+                if let (Some(o), Some(l)) = (doc.as_object_mut(), lease_json(&d)) {
+                    o.insert("lease".into(), l);
+                }
+                pretty(&doc);
+            } else {
+                print_devices(std::slice::from_ref(&d), json, true);
+                print_lease(&d);
                 print_tags(&d);
                 print_sriov(&d);
                 print_blockers(&client.blockers(&d.id).await?);
@@ -120,7 +129,15 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         }
         CtlCommand::Available { all } => print_available(&client.available().await?, json, all),
         CtlCommand::Bind { id_or_name, force } => print_devices(
-            &[client.bind_with(&id_or_name, Options { force }).await?],
+            &[client
+                .bind_with(
+                    &id_or_name,
+                    Options {
+                        force,
+                        ..Default::default()
+                    },
+                )
+                .await?],
             json,
             true,
         ),
@@ -132,8 +149,42 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
             instance,
             group,
             force,
+            holder_pid,
+            on_release,
+            command,
         } => {
-            let options = Options { force };
+            let mut options = Options {
+                force,
+                on_release: on_release
+                    .as_deref()
+                    .map(hypeman_api::options::OnRelease::parse)
+                    .transpose()?,
+                ..Default::default()
+            };
+            if !command.is_empty() {
+                if group {
+                    return Err(ClientError::InvalidArgument(
+                        "--group and a command: lease one device to a command at a time".into(),
+                    ));
+                }
+                let code = hypemanctl::hold::attach_while(
+                    &client,
+                    &id_or_name,
+                    &instance,
+                    options,
+                    &command,
+                )
+                .await?;
+                return Ok(code);
+            }
+            if let Some(pid) = holder_pid {
+                let fd = hypemanctl::hold::pidfd_open(pid).map_err(|e| {
+                    ClientError::InvalidArgument(format!(
+                        "cannot open a pidfd of process {pid}: {e}"
+                    ))
+                })?;
+                options.holder_pidfd = Some(std::sync::Arc::new(fd));
+            }
             let attached = if group {
                 attach_group(&client, &id_or_name, &instance, options).await?
             } else {
@@ -182,7 +233,7 @@ async fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Monitor => monitor(&client, json).await?,
         CtlCommand::GenerateAssets { .. } => {}
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Attaches the named device, then every other registered member of its
@@ -193,7 +244,9 @@ async fn attach_group(
     instance: &str,
     options: Options,
 ) -> Result<Vec<Record>, ClientError> {
-    let first = client.attach_with(id_or_name, instance, options).await?;
+    let first = client
+        .attach_with(id_or_name, instance, options.clone())
+        .await?;
     let mut attached = vec![first.clone()];
     let Some(group) = first.iommu_group else {
         return Ok(attached);
@@ -203,7 +256,7 @@ async fn attach_group(
             continue;
         };
         if member.iommu_group == Some(group) && id != first.id {
-            attached.push(client.attach_with(id, instance, options).await?);
+            attached.push(client.attach_with(id, instance, options.clone()).await?);
         }
     }
     Ok(attached)
@@ -247,6 +300,21 @@ fn print_devices(devices: &[Record], json: bool, single: bool) {
             d.vendor_name,
             d.device_name
         );
+    }
+}
+
+/// *(issue 27)* The lease of an attachment, as JSON: `pid`, `on_release`.
+fn lease_json(d: &Record) -> Option<Value> {
+    let on_release = d.on_release.as_deref()?;
+    Some(json!({ "pid": d.holder_pid, "on_release": on_release }))
+}
+
+/// `lease: pid 4242 (on release: detach)`, or that there is none.
+fn print_lease(d: &Record) {
+    match (&d.attached_to, d.holder_pid, &d.on_release) {
+        (Some(_), Some(pid), Some(r)) => println!("lease: pid {pid} (on release: {r})"),
+        (Some(_), _, _) => println!("lease: none (attached until detached)"),
+        _ => {}
     }
 }
 
@@ -446,18 +514,23 @@ async fn status(client: &Client, json: bool) -> Result<(), ClientError> {
     let host = client.available().await?;
     let on_vfio = devices.iter().filter(|d| d.bound_to_vfio).count();
     let attached = devices.iter().filter(|d| d.attached_to.is_some()).count();
+    let unleased = devices
+        .iter()
+        .filter(|d| d.attached_to.is_some() && d.on_release.is_none())
+        .count();
     if json {
         pretty(&json!({
             "version": version,
             "registered": devices.len(),
             "bound_to_vfio": on_vfio,
             "attached": attached,
+            "attached_without_lease": unleased,
             "host_devices": host.len(),
         }));
     } else {
         println!("hypemand {version}");
         println!(
-            "{} registered, {on_vfio} on vfio-pci, {attached} attached; {} PCI devices on the host",
+            "{} registered, {on_vfio} on vfio-pci, {attached} attached ({unleased} without a lease); {} PCI devices on the host",
             devices.len(),
             host.len()
         );

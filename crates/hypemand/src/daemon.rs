@@ -191,7 +191,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .with_usage_deadline(opts.usage_timeout)
         .with_units(units);
     let commits = Commits::start(store, opened, opts.journal_limit).map_err(DaemonError::Writer)?;
-    let service = Arc::new(Service::new(door.clone(), ids, commits));
+    let service = Service::new(door.clone(), ids, commits);
     if let Some(note) = load_note {
         service.set_status_note(note);
     }
@@ -230,6 +230,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     service.reconcile().await;
     // vGPUs claimed before a crash: kept or undone before anyone is answered.
     service.reconcile_vgpus().await;
+    // Leases whose holder ended while hypemand was not watching: released.
+    service.reconcile_leases().await;
     tracing::debug!(elapsed_ms = ms(), "host reconciled");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

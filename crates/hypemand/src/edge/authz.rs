@@ -320,6 +320,7 @@ mod tests {
         let attach = Method::of(&Op::Attach {
             instance_id: "vm".into(),
             force: false,
+            lease: None,
         });
         assert!(!attach.actions().contains(&Action::Force));
     }

@@ -14,6 +14,7 @@
 //! - [`transitions`]: Bind, Unbind, Attach, Detach and reconciling, with rollback;
 //! - [`group`]: the IOMMU group as the unit of assignment;
 //! - [`hotplug`]: what the host's events mean for the registered devices;
+//! - [`leases`]: attachments released when their holder ends;
 //! - [`commit`]: the way every change takes to disk, group-committed;
 //! - [`request`]: what an edge may ask for, as values ([`Op`], [`Candidate`]);
 //! - [`seen`]: the host state clients were last told about;
@@ -28,6 +29,7 @@ pub mod commit;
 pub mod error;
 pub mod group;
 pub mod hotplug;
+pub mod leases;
 pub mod placement;
 pub mod registry;
 pub mod request;
@@ -41,7 +43,7 @@ pub mod vgpus;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use hypeman_api::{Available, Record, VFIO_DRIVER};
 
@@ -112,6 +114,8 @@ impl DeviceView {
             sriov_total_vfs: sriov.map(|s| i64::from(s.total_vfs)),
             sriov_vfs: sriov.map(|s| i64::from(s.num_vfs)),
             parent: physfn.map(|p| p.to_string()),
+            holder_pid: s.lease.as_ref().and_then(|l| l.pid()).map(i64::from),
+            on_release: s.lease.map(|l| l.on_release.as_str().to_string()),
         }
     }
 }
@@ -227,11 +231,15 @@ pub struct Service {
     stopping: std::sync::atomic::AtomicBool,
     /// A standing remark for systemd's status line (records dropped at load).
     status_note: OnceLock<String>,
+    /// *(issue 27)* The watched leases.
+    leases: leases::Leases,
+    /// The service itself, for the tasks that watch leases.
+    me: Weak<Service>,
 }
 
 impl Service {
-    pub fn new(door: Door, ids: PciIds, commits: commit::Commits) -> Self {
-        Service {
+    pub fn new(door: Door, ids: PciIds, commits: commit::Commits) -> Arc<Self> {
+        Arc::new_cyclic(|me| Service {
             door,
             ids,
             commits,
@@ -244,7 +252,9 @@ impl Service {
             hotplug: tokio::sync::watch::Sender::new(0),
             vgpu_capacity: Mutex::default(),
             status_note: OnceLock::new(),
-        }
+            leases: leases::Leases::default(),
+            me: me.clone(),
+        })
     }
 
     /// Adds a standing remark to the status line.
@@ -375,7 +385,7 @@ pub(crate) mod testing {
             None,
         )
         .unwrap();
-        let service = Arc::new(Service::new(door, PciIds::default(), commits));
+        let service = Service::new(door, PciIds::default(), commits);
         Fixture {
             sim,
             service,

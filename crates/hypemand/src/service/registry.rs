@@ -78,6 +78,7 @@ impl Service {
             original_driver: None,
             want_vfio: false,
             tags,
+            lease: None,
         };
 
         // Under the address's lock, so a Delete of this device cannot be

@@ -34,6 +34,8 @@ pub enum Op {
         instance_id: String,
         /// Override the soft blockers (needs the force action).
         force: bool,
+        /// *(issue 27)* The holder whose end releases the attachment.
+        lease: Option<super::leases::LeaseRequest>,
     },
     /// Clear the attachment.
     Detach,
@@ -119,7 +121,9 @@ impl Service {
             }
             Op::Bind { .. } => self.bind(target).await,
             Op::Unbind => self.unbind(target).await,
-            Op::Attach { instance_id, .. } => self.attach(target, &instance_id).await,
+            Op::Attach {
+                instance_id, lease, ..
+            } => self.attach_leased(target, &instance_id, lease).await,
             Op::Detach => self.detach(target).await,
             Op::SetTags { set, remove } => self.set_tags(target, set, remove).await,
             Op::SetVirtualFunctions { count } => self.set_virtual_functions(target, count).await,

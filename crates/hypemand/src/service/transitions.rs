@@ -9,6 +9,7 @@
 use std::future::Future;
 
 use super::error::{in_use, Result};
+use super::leases::{same_attachment, LeaseRequest};
 use super::placement::{placement, Needed};
 use super::{DeviceView, Service, Target};
 use crate::host::HostDevice;
@@ -79,29 +80,60 @@ impl Service {
     }
 
     /// `Attach`: binds if needed, then marks the device as held by `instance`.
+    #[cfg(test)]
     pub async fn attach(&self, target: &Target, instance: &str) -> Result<DeviceView> {
+        self.attach_leased(target, instance, None).await
+    }
+
+    /// `Attach` *(issue 27)* with a lease: the attachment is released when
+    /// the lease's holder ends ([`super::leases`]).
+    pub async fn attach_leased(
+        &self,
+        target: &Target,
+        instance: &str,
+        lease: Option<LeaseRequest>,
+    ) -> Result<DeviceView> {
         validate_instance_id(instance)?;
         let instance = instance.to_string();
         let forced = target.is_forced();
         self.with_device(target, |s, live| async move {
             match &s.attached_to {
                 Some(other) if *other != instance => return Err(in_use(&s.name, other)),
-                Some(_) => {
+                Some(_) if same_attachment(s.lease.as_ref(), lease.as_ref()) => {
                     let v = self.view(s, live);
                     return Ok((v.clone(), v));
+                }
+                Some(_) => {
+                    let held = s
+                        .lease
+                        .as_ref()
+                        .map_or("without a lease".to_string(), |l| {
+                            format!("under the lease of {}", l.describe())
+                        });
+                    return Err(hypeman_api::Error::InUse(format!(
+                        "{} is already attached to {instance} {held}; detach it first to attach it under another lease",
+                        s.name
+                    )));
                 }
                 None => {}
             }
             let _group = self.hold_group(&s, live.as_ref(), Some(&instance)).await?;
             let (before, bound) = self.bind_locked(s, live, true, forced).await?;
             let stored = self
-                .modify(&bound.stored.id, |d| d.attached_to = Some(instance.clone()))
+                .modify(&bound.stored.id, |d| {
+                    d.attached_to = Some(instance.clone());
+                    d.lease = lease.as_ref().map(|l| l.lease.clone());
+                })
                 .await?;
+            if let Some(l) = &lease {
+                self.start_lease(&stored.id, l);
+            }
             tracing::info!(
                 pci_address = %stored.pci_address,
                 device_id = %stored.id,
                 device_name = %stored.name,
                 instance = %instance,
+                holder = %lease.as_ref().map(|l| l.lease.describe()).unwrap_or_default(),
                 "device attached"
             );
             Ok((before, self.view(stored, bound.live)))
@@ -116,7 +148,13 @@ impl Service {
             if s.attached_to.is_none() {
                 return Ok((before.clone(), before));
             }
-            let stored = self.modify(&s.id, |d| d.attached_to = None).await?;
+            let stored = self
+                .modify(&s.id, |d| {
+                    d.attached_to = None;
+                    d.lease = None;
+                })
+                .await?;
+            self.end_lease(&stored.id);
             tracing::info!(
                 pci_address = %stored.pci_address,
                 device_id = %stored.id,

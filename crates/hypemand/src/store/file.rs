@@ -28,14 +28,17 @@ use serde::Serialize;
 use super::journal::{self, Journal, JOURNAL_NAME};
 use super::registry::{Change, Conflict, Registry, StoredDevice, StoredVgpu};
 
-/// The format version this build writes and reads.
 /// The newest format this daemon reads and writes. *(issue 26)* A file
 /// with vGPU records is version 2 (a daemon of before refuses it, as
 /// newer, instead of dropping them); one without is still written as 1.
-pub const VERSION: u32 = 2;
+/// *(issue 27)* A file with a lease is version 3, for the same reason.
+pub const VERSION: u32 = 3;
 
-/// The format of a file without vGPU records.
+/// The format of a file without vGPU records or leases.
 const VERSION_WITHOUT_VGPUS: u32 = 1;
+
+/// The format of a file with vGPU records and no lease.
+const VERSION_WITH_VGPUS: u32 = 2;
 
 pub const FILE_NAME: &str = "devices.json";
 
@@ -447,7 +450,7 @@ fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(Registry, u64, usize), S
         .filter(|v| (u64::from(VERSION_WITHOUT_VGPUS)..=u64::from(VERSION)).contains(v));
     if known.is_none() {
         return Err(unparsable(format!(
-            "no \"version\": {VERSION_WITHOUT_VGPUS} or {VERSION} at the top level"
+            "no \"version\": {VERSION_WITHOUT_VGPUS} to {VERSION} at the top level"
         )));
     }
     // Files written before the journal have no "seq": they hold change 0.
@@ -588,21 +591,27 @@ fn encode<'a>(
     vgpus: impl Iterator<Item = &'a StoredVgpu>,
 ) -> serde_json::Result<Vec<u8>> {
     let vgpus: Vec<&StoredVgpu> = vgpus.collect();
-    let version = if vgpus.is_empty() {
-        VERSION_WITHOUT_VGPUS
-    } else {
+    let mut leased = false;
+    let mut body = Vec::with_capacity(64 * 1024);
+    for (i, r) in records.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        leased |= r.lease.is_some();
+        serde_json::to_writer(&mut body, r)?;
+    }
+    let version = if leased {
         VERSION
+    } else if !vgpus.is_empty() {
+        VERSION_WITH_VGPUS
+    } else {
+        VERSION_WITHOUT_VGPUS
     };
-    let mut out = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::with_capacity(body.len() + 64);
     out.extend_from_slice(
         format!("{{\"version\":{version},\"seq\":{seq},\"devices\":[").as_bytes(),
     );
-    for (i, r) in records.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, r)?;
-    }
+    out.append(&mut body);
     out.push(b']');
     if !vgpus.is_empty() {
         out.extend_from_slice(b",\"vgpus\":");
@@ -733,7 +742,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["version"], 2);
         let expected = FileOut {
-            version: VERSION,
+            version: VERSION_WITH_VGPUS,
             seq: 3,
             devices: r.iter().map(|d| &**d).collect(),
             vgpus: r.vgpus().map(|v| &**v).collect(),
@@ -975,7 +984,7 @@ mod tests {
 
     #[test]
     fn a_newer_version_however_large_is_refused_and_left_in_place() {
-        for version in ["3", "18446744073709551616", "2.5", "1e300"] {
+        for version in ["4", "18446744073709551616", "2.5", "1e300"] {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::new(dir.path());
             let text = format!(r#"{{"version": {version}, "devices": [], "extra": true}}"#);

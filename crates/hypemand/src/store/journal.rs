@@ -12,7 +12,8 @@
 //! `{"seq":N,"replace":{record}}` or `{"seq":N,"remove":"id"}`, and *(issue
 //! 26)* `add_vgpu`, `replace_vgpu`, `remove_vgpu` the same way for vGPU
 //! records (a daemon of before refuses such a journal: nothing is dropped
-//! silently). `seq` counts
+//! silently), and *(issue 27)* `"format":3` on a line whose record carries
+//! a lease, for the same reason. `seq` counts
 //! changes since the registry began, one by one; `devices.json` says up to
 //! which `seq` it holds, and replay skips what it already holds. The last
 //! line of each write carries `"end":true`: everything up to such a line was
@@ -52,6 +53,11 @@ struct Line {
     replace_vgpu: Option<StoredVgpu>,
     #[serde(default)]
     remove_vgpu: Option<String>,
+    /// *(issue 27)* `3` on a line whose record carries a lease: a daemon of
+    /// before (which refuses unknown keys here) refuses the journal instead
+    /// of replaying the record without its lease.
+    #[serde(default)]
+    format: Option<u32>,
 }
 
 /// A journal entry, as replay sees it.
@@ -78,6 +84,11 @@ pub fn encode(out: &mut Vec<u8>, seq: u64, change: &Change, end: bool) -> serde_
     out.extend_from_slice(format!("{{\"seq\":{seq},").as_bytes());
     if end {
         out.extend_from_slice(b"\"end\":true,");
+    }
+    if let Change::Add(d) | Change::Replace(d) = change {
+        if d.lease.is_some() {
+            out.extend_from_slice(b"\"format\":3,");
+        }
     }
     let key = match change {
         Change::Add(_) => "add",
@@ -145,6 +156,14 @@ pub fn parse(bytes: &[u8]) -> Result<Replay, Damaged> {
 
 fn parse_line(text: &[u8]) -> Result<(Entry, bool), String> {
     let line: Line = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    if let Some(f) = line.format {
+        if f > super::file::VERSION {
+            return Err(format!(
+                "format {f} is newer than this hypemand understands ({})",
+                super::file::VERSION
+            ));
+        }
+    }
     let count = [
         line.add.is_some(),
         line.replace.is_some(),

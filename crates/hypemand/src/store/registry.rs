@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::pci::{DeviceType, PciAddress};
+pub use hypeman_api::options::OnRelease;
 use hypeman_api::validate::{shorten, validate_instance_id, validate_name, validate_tags};
 
 /// One registered device as the store keeps it.
@@ -37,6 +38,76 @@ pub struct StoredDevice {
     /// Absent in files of earlier versions.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// *(issue 27)* What releases the attachment when its holder ends;
+    /// only with `attached_to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+}
+
+/// *(issue 27)* A lease: the holder whose end releases an attachment, and
+/// what the release does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub holder: Holder,
+    #[serde(default)]
+    pub on_release: OnRelease,
+}
+
+/// *(issue 27)* Who holds a leased device, as it can be recognised again
+/// after a restart: a pid alone could be another process by then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Holder {
+    /// A process: the boot it ran in (`/proc/sys/kernel/random/boot_id`),
+    /// its pid, and its start time (`/proc/PID/stat` field 22, clock ticks
+    /// since boot). The same three mean the same process.
+    Process {
+        boot_id: String,
+        pid: u32,
+        start_time: u64,
+    },
+}
+
+impl Lease {
+    /// The holder's pid, when it is a process.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.holder {
+            Holder::Process { pid, .. } => Some(*pid),
+        }
+    }
+
+    /// The holder, for logs: `pid 4242`.
+    pub fn describe(&self) -> String {
+        match &self.holder {
+            Holder::Process { pid, .. } => format!("pid {pid}"),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match &self.holder {
+            Holder::Process { boot_id, pid, .. } => {
+                let uuid = boot_id.len() == 36
+                    && boot_id.bytes().enumerate().all(|(i, c)| {
+                        if matches!(i, 8 | 13 | 18 | 23) {
+                            c == b'-'
+                        } else {
+                            c.is_ascii_hexdigit() && !c.is_ascii_uppercase()
+                        }
+                    });
+                if !uuid {
+                    return Err(format!(
+                        "lease boot_id {:?} is not a boot id (a lowercase UUID)",
+                        shorten(boot_id)
+                    ));
+                }
+                if *pid == 0 || i32::try_from(*pid).is_err() {
+                    return Err(format!("lease pid {pid} is not a process id"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl StoredDevice {
@@ -70,6 +141,12 @@ impl StoredDevice {
             }
         }
         validate_tags(&self.tags).map_err(|e| e.to_string())?;
+        if let Some(lease) = &self.lease {
+            if self.attached_to.is_none() {
+                return Err("a lease without an attachment".into());
+            }
+            lease.validate()?;
+        }
         if let Some(d) = &self.original_driver {
             let ok = !d.is_empty()
                 && d.len() <= 64
@@ -474,6 +551,7 @@ pub(crate) mod tests {
             original_driver: None,
             want_vfio: false,
             tags: BTreeMap::new(),
+            lease: None,
         }
     }
 

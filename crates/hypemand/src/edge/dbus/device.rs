@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 20] = [
+static ROWS: [Row; 22] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -80,6 +80,13 @@ static ROWS: [Row; 20] = [
     row("Driver", "s", Emits::True, "The bound driver, \"\" when none.", |r| {
         r.driver.clone().unwrap_or_default().into()
     }),
+    row(
+        "HolderPid",
+        "x",
+        Emits::True,
+        "The process whose end releases the attachment (issue 27), -1 without a lease.",
+        |r| r.holder_pid.unwrap_or(-1).into(),
+    ),
     row("Id", "s", Emits::Const, "", |r| r.id.clone().into()),
     row("IommuGroup", "x", Emits::True, "The IOMMU group, -1 when the device has none (or is unplugged).", |r| {
         r.iommu_group.unwrap_or(-1).into()
@@ -88,6 +95,13 @@ static ROWS: [Row; 20] = [
     row("NumaNode", "x", Emits::True, "The NUMA node, -1 when the platform has none (or it is unplugged).", |r| {
         r.numa_node.unwrap_or(-1).into()
     }),
+    row(
+        "OnRelease",
+        "s",
+        Emits::True,
+        "What the holder's end does: detach or give-back, \"\" without a lease.",
+        |r| r.on_release.clone().unwrap_or_default().into(),
+    ),
     row(
         "Parent",
         "s",

@@ -17,6 +17,7 @@ use zbus::{interface, OwnedObjectPath};
 
 use super::device_path;
 use crate::edge::authz::{Authz, Caller};
+use crate::service::leases::LeaseRequest;
 use crate::service::{Op, Service};
 
 /// Replies of this many entries are followed by a heap trim: megabytes of
@@ -37,9 +38,15 @@ fn trimmed<T>(reply: Vec<T>) -> Vec<T> {
     reply
 }
 
-/// `force` from an options dictionary.
+/// `force` from an options dictionary (Bind: a holder is Attach's only).
 fn force(options: &HashMap<String, OwnedValue>) -> Result<bool, Error> {
-    Ok(Options::from_dict(options)?.force)
+    let o = Options::from_dict(options)?;
+    if o.holder_pidfd.is_some() {
+        return Err(Error::InvalidArgument(
+            "holder_pidfd is an option of Attach: a Bind holds nothing".into(),
+        ));
+    }
+    Ok(o.force)
 }
 
 impl Manager {
@@ -89,9 +96,20 @@ impl Manager {
         instance_id: &str,
         options: Option<&HashMap<String, OwnedValue>>,
     ) -> Result<Op, Error> {
+        let o = options
+            .map(Options::from_dict)
+            .transpose()?
+            .unwrap_or_default();
+        // The holder is proven before anyone is asked to authorize.
+        let lease = o
+            .holder_pidfd
+            .as_deref()
+            .map(|fd| LeaseRequest::on_pidfd(fd, o.on_release.unwrap_or_default()))
+            .transpose()?;
         Ok(Op::Attach {
             instance_id: instance_id.to_string(),
-            force: options.map(force).transpose()?.unwrap_or(false),
+            force: o.force,
+            lease,
         })
     }
 }

@@ -1,0 +1,414 @@
+//! *(issue 27)* Leases: an attachment released when its holder ends.
+//!
+//! A holder is a process, named by a pidfd the caller passes
+//! (`holder_pidfd`). Only the kernel is believed: the fd is a pidfd if
+//! `pidfd_send_signal(fd, 0)` accepts it, its process is the one
+//! `/proc/self/fdinfo` names, and that process is recognised after a restart
+//! by the boot id, the pid and its start time (`/proc/PID/stat` field 22),
+//! read while the pidfd shows it alive (so the pid was not reused between).
+//!
+//! A pidfd becomes readable when its process exits and cannot be fooled by
+//! a reused pid: one task per leased device waits for that, then releases
+//! the device through the service's own path (under the device's lock,
+//! journaled, signalled), only if the record still has that lease. A Detach
+//! in between ends the watch.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::{Service, Target};
+use crate::store::registry::{Holder, Lease, OnRelease};
+use hypeman_api::Error;
+
+/// The most of a `/proc` file read: fdinfo and stat are a few hundred bytes.
+const PROC_READ_LIMIT: u64 = 16 * 1024;
+
+/// A pidfd, registered with the reactor once.
+type WatchedFd = Arc<AsyncFd<OwnedFd>>;
+
+/// A lease a caller asked for, its holder proven: what is stored, and the
+/// pidfd that is watched. Two requests are the same if they store the same.
+#[derive(Clone)]
+pub struct LeaseRequest {
+    pub lease: Lease,
+    fd: WatchedFd,
+}
+
+impl PartialEq for LeaseRequest {
+    fn eq(&self, other: &Self) -> bool {
+        self.lease == other.lease
+    }
+}
+
+impl Eq for LeaseRequest {}
+
+impl std::fmt::Debug for LeaseRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.lease.fmt(f)
+    }
+}
+
+fn invalid(m: String) -> Error {
+    Error::InvalidArgument(m)
+}
+
+/// `pidfd_send_signal(fd, 0)`: `Ok` while the process lives; `ESRCH` once
+/// it has exited; `EBADF`/`EINVAL` when `fd` is not a pidfd.
+fn pidfd_alive(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: the syscall reads only its arguments; `fd` is open.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `pidfd_open(pid)`.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: the syscall reads only its arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(r).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just gave us this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A small `/proc` file, at most [`PROC_READ_LIMIT`] bytes.
+fn read_proc(path: &str) -> std::io::Result<String> {
+    let mut s = String::new();
+    std::fs::File::open(path)?
+        .take(PROC_READ_LIMIT)
+        .read_to_string(&mut s)?;
+    Ok(s)
+}
+
+/// This boot's id, read once.
+pub fn boot_id() -> std::io::Result<String> {
+    static ID: OnceLock<String> = OnceLock::new();
+    if let Some(id) = ID.get() {
+        return Ok(id.clone());
+    }
+    let id = read_proc("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string();
+    Ok(ID.get_or_init(|| id).clone())
+}
+
+/// The pid `/proc/self/fdinfo/FD` gives a pidfd (`Pid:`): `None` when the
+/// line is absent; -1 once the process is gone, 0 outside our namespace.
+fn fdinfo_pid(fd: RawFd) -> std::io::Result<Option<i64>> {
+    let text = read_proc(&format!("/proc/self/fdinfo/{fd}"))?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok()))
+}
+
+/// A process's start time, `/proc/PID/stat` field 22 (clock ticks since
+/// boot). The name (field 2) may hold anything but is in parentheses and
+/// the fields after the last `)` are numbers, so they are counted from it.
+pub fn start_time(pid: u32) -> std::io::Result<u64> {
+    let stat = read_proc(&format!("/proc/{pid}/stat"))?;
+    parse_start_time(&stat)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed stat"))
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first after the name: field 22 is the 20th.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Registers a pidfd with the reactor (refused for an fd epoll cannot watch).
+fn watched(fd: OwnedFd) -> std::io::Result<WatchedFd> {
+    // Registering outside a runtime would panic: say so instead.
+    tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    // SAFETY: the `OwnedFd` is open and owned by the `AsyncFd` until it is
+    // dropped; nothing else closes or replaces it.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    Ok(Arc::new(fd))
+}
+
+impl LeaseRequest {
+    /// The lease on the process `pidfd` refers to. Refused, with a message a
+    /// person can act on, when it is not a pidfd or its process is gone.
+    pub fn on_pidfd(pidfd: &OwnedFd, on_release: OnRelease) -> std::result::Result<Self, Error> {
+        let fd = pidfd
+            .try_clone()
+            .map_err(|e| Error::Failed(format!("cannot keep the holder's pidfd: {e}")))?;
+        let raw = fd.as_raw_fd();
+        let not_pidfd = || {
+            invalid(
+                "holder_pidfd is not a pidfd: pass the fd pidfd_open(2) gives for the holder's pid"
+                    .into(),
+            )
+        };
+        let gone = || {
+            invalid(
+                "the holder (holder_pidfd) has already exited: nothing would hold the device"
+                    .into(),
+            )
+        };
+        match pidfd_alive(raw) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(gone()),
+            Err(_) => return Err(not_pidfd()),
+        }
+        let pid = match fdinfo_pid(raw) {
+            Ok(Some(p)) if p > 0 => u32::try_from(p).map_err(|_| not_pidfd())?,
+            Ok(Some(-1)) => return Err(gone()),
+            Ok(Some(_)) => {
+                return Err(invalid(
+                    "the holder (holder_pidfd) is in another pid namespace than hypemand's: pass a pidfd of a process hypemand can see".into(),
+                ))
+            }
+            Ok(None) => return Err(not_pidfd()),
+            Err(e) => return Err(Error::Failed(format!("cannot read the holder's pidfd: {e}"))),
+        };
+        let start_time = start_time(pid).map_err(|_| gone())?;
+        // Read while the pidfd shows its process alive: the pid was its.
+        pidfd_alive(raw).map_err(|_| gone())?;
+        let boot_id =
+            boot_id().map_err(|e| Error::Failed(format!("cannot read the boot id: {e}")))?;
+        let fd = watched(fd)
+            .map_err(|e| Error::Failed(format!("cannot watch the holder's pidfd: {e}")))?;
+        Ok(LeaseRequest {
+            lease: Lease {
+                holder: Holder::Process {
+                    boot_id,
+                    pid,
+                    start_time,
+                },
+                on_release,
+            },
+            fd,
+        })
+    }
+
+    /// The same process found again after a restart, or why not.
+    fn recognise(lease: &Lease) -> std::result::Result<WatchedFd, String> {
+        let Holder::Process {
+            boot_id: b,
+            pid,
+            start_time: t,
+        } = &lease.holder;
+        let now = boot_id().map_err(|e| format!("cannot read the boot id: {e}"))?;
+        if *b != now {
+            return Err("the host rebooted since the lease was taken".into());
+        }
+        let fd = pidfd_open(*pid).map_err(|_| format!("process {pid} has exited"))?;
+        let found = start_time(*pid).map_err(|_| format!("process {pid} has exited"))?;
+        if found != *t {
+            return Err(format!(
+                "pid {pid} is another process now (start time {found}, the holder's was {t})"
+            ));
+        }
+        pidfd_alive(fd.as_raw_fd()).map_err(|_| format!("process {pid} has exited"))?;
+        watched(fd).map_err(|e| format!("cannot watch process {pid}: {e}"))
+    }
+}
+
+/// The watches, one per leased device, by device id.
+#[derive(Default)]
+pub struct Leases {
+    watches: Mutex<HashMap<String, (Lease, tokio::task::AbortHandle)>>,
+}
+
+impl Leases {
+    fn set(&self, id: &str, lease: Lease, task: tokio::task::AbortHandle) {
+        let old = self
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), (lease, task));
+        if let Some((_, t)) = old {
+            t.abort();
+        }
+    }
+
+    /// Ends the watch of `id` (of any lease, or only of `lease`).
+    fn end(&self, id: &str, lease: Option<&Lease>) {
+        let mut w = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if w.get(id).is_some_and(|(l, _)| lease.is_none_or(|x| x == l)) {
+            if let Some((_, t)) = w.remove(id) {
+                // Not the running task itself: it ends by returning.
+                if lease.is_none() {
+                    t.abort();
+                }
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Watches `fd` for the end of the holder of `id`'s `lease`.
+    pub(super) fn watch_lease(&self, id: &str, lease: Lease, fd: WatchedFd) {
+        let me = self.me.clone();
+        let (device, held) = (id.to_string(), lease.clone());
+        let task = tokio::spawn(async move {
+            // Readable once the process has exited; an error means the fd
+            // can no longer be watched, which only its end explains.
+            let _ = fd.readable().await;
+            if let Some(service) = me.upgrade() {
+                service
+                    .release_lease(&device, &held, "the holder exited")
+                    .await;
+            }
+        });
+        self.leases.set(id, lease, task.abort_handle());
+    }
+
+    /// Watches a lease just stored by Attach.
+    pub(super) fn start_lease(&self, id: &str, request: &LeaseRequest) {
+        self.watch_lease(id, request.lease.clone(), request.fd.clone());
+    }
+
+    /// A Detach (or Delete) ends the watch of whatever lease `id` had.
+    pub(super) fn end_lease(&self, id: &str) {
+        self.leases.end(id, None);
+    }
+
+    /// Releases `id` if it still has `lease`: the attachment is cleared
+    /// and, for `give-back`, the device goes back to its host driver, under
+    /// the device's lock as Detach and Unbind do.
+    pub async fn release_lease(&self, id: &str, lease: &Lease, reason: &str) {
+        self.leases.end(id, Some(lease));
+        let Some(stored) = self.snapshot().by_id(id).cloned() else {
+            return;
+        };
+        let target = Target(stored, false);
+        let result = self
+            .with_device(&target, |s, live| async move {
+                let before = self.view(s.clone(), live.clone());
+                if s.lease.as_ref() != Some(lease) {
+                    // Detached, or leased again, meanwhile.
+                    return Ok((before.clone(), before));
+                }
+                let stored = self
+                    .modify(&s.id, |d| {
+                        d.attached_to = None;
+                        d.lease = None;
+                    })
+                    .await?;
+                tracing::info!(
+                    pci_address = %stored.pci_address,
+                    device_id = %stored.id,
+                    device_name = %stored.name,
+                    instance = %s.attached_to.as_deref().unwrap_or_default(),
+                    holder = %lease.describe(),
+                    on_release = %lease.on_release.as_str(),
+                    %reason,
+                    "lease released: device detached"
+                );
+                if lease.on_release == OnRelease::Detach {
+                    return Ok((before, self.view(stored, live)));
+                }
+                let _group = self.hold_group(&stored, live.as_ref(), None).await?;
+                let (_, after) = self.unbind_locked(stored, live).await?;
+                tracing::info!(
+                    pci_address = %after.stored.pci_address,
+                    device_id = %after.stored.id,
+                    driver = %after.driver().unwrap_or("(none)"),
+                    "lease released: device given back to the host"
+                );
+                Ok((before, after))
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(
+                device_id = %id,
+                holder = %lease.describe(),
+                error = %e,
+                "releasing a lease did not finish"
+            );
+        }
+    }
+
+    /// At start-up, before READY: each stored lease whose holder is the same
+    /// process (same boot, pid and start time) is watched again; every
+    /// other is released.
+    pub async fn reconcile_leases(&self) {
+        let leased: Vec<(String, Lease)> = self
+            .snapshot()
+            .iter()
+            .filter_map(|d| Some((d.id.clone(), d.lease.clone()?)))
+            .collect();
+        for (id, lease) in leased {
+            match LeaseRequest::recognise(&lease) {
+                Ok(fd) => {
+                    tracing::info!(device_id = %id, holder = %lease.describe(), "lease kept: the holder still runs");
+                    self.watch_lease(&id, lease, fd);
+                }
+                Err(why) => self.release_lease(&id, &lease, &why).await,
+            }
+        }
+    }
+}
+
+/// The check Attach makes of a lease on a device already attached to the
+/// same instance: the same lease (or none asked) answers as it is.
+pub(super) fn same_attachment(stored: Option<&Lease>, asked: Option<&LeaseRequest>) -> bool {
+    match (stored, asked) {
+        (_, None) => true,
+        (Some(l), Some(r)) => *l == r.lease,
+        (None, Some(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_field_22_whatever_the_name() {
+        let fields = |name: &str| {
+            format!("4242 ({name}) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10")
+        };
+        assert_eq!(parse_start_time(&fields("qemu")), Some(987654));
+        assert_eq!(parse_start_time(&fields("a) b ) 1 2 3")), Some(987654));
+        assert_eq!(parse_start_time("4242 (x) S 1 2"), None);
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn our_own_process_is_recognised_and_a_file_is_not_a_pidfd() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let me = pidfd_open(std::process::id()).unwrap();
+            let r = LeaseRequest::on_pidfd(&me, OnRelease::Detach).unwrap();
+            assert_eq!(r.lease.pid(), Some(std::process::id()));
+            assert!(LeaseRequest::recognise(&r.lease).is_ok());
+            // The same pid with another start time is another process.
+            let mut reused = r.lease.clone();
+            let Holder::Process { start_time, .. } = &mut reused.holder;
+            *start_time += 1;
+            let why = LeaseRequest::recognise(&reused).unwrap_err();
+            assert!(why.contains("another process"), "{why}");
+            let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+            let e = LeaseRequest::on_pidfd(&file, OnRelease::Detach).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(m) if m.contains("not a pidfd")));
+        });
+    }
+}
