@@ -189,7 +189,7 @@ mod tests {
         let mut d = HashMap::new();
         d.insert(
             ON_RELEASE.to_string(),
-            OwnedValue::from(Value::from("keep")),
+            Value::from("keep").try_to_owned().unwrap(),
         );
         assert!(matches!(
             Options::from_dict(&d),
@@ -197,7 +197,7 @@ mod tests {
         ));
         d.insert(
             ON_RELEASE.to_string(),
-            OwnedValue::from(Value::from("detach")),
+            Value::from("detach").try_to_owned().unwrap(),
         );
         assert!(matches!(
             Options::from_dict(&d),

@@ -55,7 +55,8 @@ struct Staged {
 enum Msg {
     Change {
         seq: u64,
-        change: Change,
+        // Boxed: a device with a lease makes this variant large.
+        change: Box<Change>,
         done: oneshot::Sender<std::result::Result<(), String>>,
     },
     Compacted {
@@ -158,7 +159,11 @@ impl Commits {
                 .map_err(change_error)?;
             let seq = staged.next;
             let (done, rx) = oneshot::channel();
-            let sent = self.tx.send(Msg::Change { seq, change, done });
+            let sent = self.tx.send(Msg::Change {
+                seq,
+                change: Box::new(change),
+                done,
+            });
             if sent.is_err() {
                 return Err(store_failed("the store's writer has stopped"));
             }
@@ -242,7 +247,11 @@ impl Writer {
 
     fn take(&mut self, msg: Msg, batch: &mut Vec<Pending>) {
         match msg {
-            Msg::Change { seq, change, done } => batch.push(Pending { seq, change, done }),
+            Msg::Change { seq, change, done } => batch.push(Pending {
+                seq,
+                change: *change,
+                done,
+            }),
             Msg::Compacted {
                 seq,
                 offset,

@@ -134,12 +134,15 @@ static ROWS: [Row; 22] = [
 ];
 
 /// The order `PropertiesChanged` signals go in, one per changed property
-/// (clients see the driver move before they see `BoundToVfio`). `Name` is
+/// (clients see the driver move before they see `BoundToVfio`, and the
+/// lease before the `AttachedTo` it holds). `Name` is
 /// announced as it always was, though no operation renames a device.
-const SIGNAL_ORDER: [&str; 9] = [
+const SIGNAL_ORDER: [&str; 11] = [
     "Tags",
     "Driver",
     "BoundToVfio",
+    "HolderPid",
+    "OnRelease",
     "AttachedTo",
     "Present",
     "IommuGroup",
