@@ -175,6 +175,66 @@ ctl unbind l4-gpu | grep -q nvidia
 ctl delete l4-gpu >/dev/null
 check "Register, Bind, Attach, Detach, Unbind and Delete over the system bus (simulated host)"
 
+echo "== 3b. leases on systemd units (issue 27), with the system's systemd"
+# Each release is waited for on the device's own signal: a monitor started
+# before the unit ends, read line by line until AttachedTo is cleared (or
+# the driver moves), and stopped by its pid.
+monitor_pid=
+start_monitor() {
+  exec 3< <(in_ct hypemanctl monitor 2>&1)
+  monitor_pid=$!
+  local line
+  while read -r -t 120 line <&3; do
+    case "$line" in *monitoring*) return 0 ;; esac
+  done
+  fail "hypemanctl monitor did not start"
+}
+wait_line() { # NEEDLE WHAT: the monitor's next line ending in NEEDLE
+  local line
+  while read -r -t 120 line <&3; do
+    case "$line" in *"$1") kill "$monitor_pid"; exec 3<&-; check "$2"; return 0 ;; esac
+  done
+  kill "$monitor_pid" 2>/dev/null || true
+  fail "$2: no \"$1\" from the monitor"
+}
+ctl register 0000:a2:00.0 --name l4-gpu >/dev/null
+in_ct systemd-run --quiet --unit=hm-vm1 sleep infinity
+ctl attach --holder-unit hm-vm1.service l4-gpu vm-1 >/dev/null
+inv=$(in_ct systemctl show -p InvocationID --value hm-vm1.service)
+expect_in "$(ctl get l4-gpu)" "lease: unit hm-vm1.service, invocation $inv (on release: detach)" \
+  "a unit lease shows the unit and the invocation systemd gave it"
+ctl detach l4-gpu >/dev/null
+out=$(ctl attach --holder-unit hm-nothing.service l4-gpu vm-2 2>&1 || true)
+expect_in "$out" "systemd does not know unit hm-nothing.service" "a unit systemd does not know is refused"
+expect_in "$(ctl --json get l4-gpu)" '"attached_to": null' "and nothing changed"
+ctl attach --holder-unit hm-vm1.service l4-gpu vm-1 >/dev/null
+in_ct systemctl restart hypemand
+expect_in "$(ctl get l4-gpu)" "lease: unit hm-vm1.service, invocation $inv" \
+  "a restart of hypemand keeps the lease of a unit still running the same invocation"
+start_monitor
+in_ct systemctl stop hm-vm1.service
+wait_line "AttachedTo=" "the unit stopped: the device was released (AttachedTo cleared)"
+expect_in "$(ctl --json get l4-gpu)" '"attached_to": null' "the record is released"
+expect_in "$(in_ct journalctl -u hypemand --no-pager -o cat -n 50)" "unit hm-vm1.service is inactive" \
+  "the journal says which unit ended and how"
+in_ct systemd-run --quiet --unit=hm-vm2 sleep infinity
+ctl attach --holder-unit hm-vm2.service --on-release give-back l4-gpu vm-2 >/dev/null
+start_monitor
+in_ct systemctl kill --signal=KILL hm-vm2.service
+wait_line "Driver=nvidia" "a unit killed (failed), on-release give-back: the device went back to nvidia"
+in_ct systemd-run --quiet --unit=hm-vm3 --property=Restart=no sleep infinity
+ctl attach --holder-unit hm-vm3.service l4-gpu vm-3 >/dev/null
+in_ct systemctl stop hypemand
+in_ct systemctl restart hm-vm3.service
+in_ct systemctl start hypemand
+expect_in "$(ctl --json get l4-gpu)" '"attached_to": null' \
+  "a unit restarted while hypemand was stopped (another invocation): released at start-up"
+expect_in "$(in_ct journalctl -u hypemand --no-pager -o cat -n 50)" "unit hm-vm3.service is another run now" \
+  "the journal says the unit is another run"
+in_ct systemctl stop hm-vm3.service
+ctl unbind l4-gpu >/dev/null
+ctl delete l4-gpu >/dev/null
+
 echo "== 4. polkit, with the system's polkitd"
 in_ct groupadd -f hypeman
 in_ct useradd -M -G hypeman hmmember

@@ -15,6 +15,7 @@ mod host_safety;
 mod hostile;
 mod hotplug;
 mod hypemanctl;
+mod lease;
 mod polkit;
 mod registry;
 mod rest;

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod signals;
+mod systemd;
 mod tree;
 pub use signals::{wait_name, Signal, Signals};
+pub use systemd::FakeSystemd;
 pub use tree::{Function, SysfsTree};
 
 pub const NAME: &str = "org.hypeman.Devices";
@@ -249,6 +251,15 @@ impl TestBus {
         Self::start_with_includes(&[
             root().join("dbus/org.hypeman.Devices.conf"),
             root().join("tests/data/simulator.conf"),
+        ])
+    }
+
+    /// *(issue 27)* A bus on which a stand-in systemd ([`FakeSystemd`]) may
+    /// own `org.freedesktop.systemd1`.
+    pub fn start_systemd() -> TestBus {
+        Self::start_with_includes(&[
+            root().join("dbus/org.hypeman.Devices.conf"),
+            root().join("tests/data/systemd1.conf"),
         ])
     }
 

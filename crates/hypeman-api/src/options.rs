@@ -7,6 +7,8 @@
 //!   that holds the device (usually the VMM), and `on_release` (s),
 //!   `detach` (the default) or `give-back`: what happens when the holder
 //!   ends. Without a holder, an attachment stays until it is detached.
+//! - *(issue 27)* Attach only: `holder_unit` (s), a systemd unit (the VM's
+//!   scope or service) whose end releases the device, instead of a process.
 //!
 //! Unknown keys and wrong types are refused, not ignored: a caller that
 //! believes it asked for something must not be told yes for something else.
@@ -23,11 +25,38 @@ use crate::error::Error;
 pub const FORCE: &str = "force";
 /// *(issue 27)* The key of the holder's pidfd.
 pub const HOLDER_PIDFD: &str = "holder_pidfd";
+/// *(issue 27)* The key of the holder's systemd unit.
+pub const HOLDER_UNIT: &str = "holder_unit";
 /// *(issue 27)* The key of what the holder's end does.
 pub const ON_RELEASE: &str = "on_release";
 
 /// Every key, as an error lists them.
-const KEYS: &str = "force (b), holder_pidfd (h), on_release (s: detach or give-back)";
+const KEYS: &str =
+    "force (b), holder_pidfd (h), holder_unit (s), on_release (s: detach or give-back)";
+
+/// The unit types a holder may be: a VM runs as a service or in a scope
+/// (systemd-run --scope, machined), and a slice groups several.
+const UNIT_SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
+
+/// *(issue 27)* Checks a holder unit's name as systemd's
+/// `unit_name_is_valid` does for the types a holder may be: at most 255
+/// bytes of `A-Z a-z 0-9 : - _ . \\ @`, a non-empty prefix, and one of
+/// [`UNIT_SUFFIXES`]. Anything else is refused before systemd is asked.
+pub fn validate_unit_name(name: &str) -> Result<(), Error> {
+    let shown: String = name.chars().take(64).collect();
+    let ok_chars = name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b":-_.\\@".contains(&c));
+    let suffix = UNIT_SUFFIXES
+        .iter()
+        .find(|s| name.len() > s.len() && name.ends_with(*s));
+    if name.len() > 255 || !ok_chars || suffix.is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{HOLDER_UNIT} {shown:?} is not a unit name: it is up to 255 of A-Z a-z 0-9 : - _ . \\ @ and ends in .service, .scope or .slice (vm-1.service, machine-vm1.scope)"
+        )));
+    }
+    Ok(())
+}
 
 /// *(issue 27)* What happens to a leased device when its holder ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -71,6 +100,8 @@ pub struct Options {
     pub force: bool,
     /// *(issue 27)* A pidfd of the holder (Attach only).
     pub holder_pidfd: Option<Arc<OwnedFd>>,
+    /// *(issue 27)* A systemd unit holding the device (Attach only).
+    pub holder_unit: Option<String>,
     /// *(issue 27)* What the holder's end does; `None`: not said (detach).
     pub on_release: Option<OnRelease>,
 }
@@ -78,7 +109,10 @@ pub struct Options {
 impl Options {
     /// Whether nothing was asked (the plain method does the same).
     pub fn is_empty(&self) -> bool {
-        !self.force && self.holder_pidfd.is_none() && self.on_release.is_none()
+        !self.force
+            && self.holder_pidfd.is_none()
+            && self.holder_unit.is_none()
+            && self.on_release.is_none()
     }
 
     /// The dictionary a client sends (borrowing the pidfd it holds).
@@ -89,6 +123,9 @@ impl Options {
         }
         if let Some(fd) = &self.holder_pidfd {
             d.insert(HOLDER_PIDFD, Value::Fd(zbus::Fd::from(fd.as_fd())));
+        }
+        if let Some(u) = &self.holder_unit {
+            d.insert(HOLDER_UNIT, Value::from(u.as_str()));
         }
         if let Some(r) = self.on_release {
             d.insert(ON_RELEASE, Value::from(r.as_str()));
@@ -120,6 +157,11 @@ impl Options {
                     })?;
                     out.holder_pidfd = Some(Arc::new(owned));
                 }
+                HOLDER_UNIT => {
+                    let s = <&str>::try_from(&**value).map_err(|_| wrong("a string (s)"))?;
+                    validate_unit_name(s)?;
+                    out.holder_unit = Some(s.to_string());
+                }
                 ON_RELEASE => {
                     let s = <&str>::try_from(&**value).map_err(|_| wrong("a string (s)"))?;
                     out.on_release = Some(OnRelease::parse(s)?);
@@ -132,9 +174,14 @@ impl Options {
                 }
             }
         }
-        if out.on_release.is_some() && out.holder_pidfd.is_none() {
+        if out.holder_pidfd.is_some() && out.holder_unit.is_some() {
             return Err(Error::InvalidArgument(format!(
-                "{ON_RELEASE} needs a holder ({HOLDER_PIDFD}): without one, an attachment stays until it is detached"
+                "{HOLDER_PIDFD} and {HOLDER_UNIT} both name a holder: a lease has one, give either"
+            )));
+        }
+        if out.on_release.is_some() && out.holder_pidfd.is_none() && out.holder_unit.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{ON_RELEASE} needs a holder ({HOLDER_PIDFD} or {HOLDER_UNIT}): without one, an attachment stays until it is detached"
             )));
         }
         Ok(out)
@@ -202,6 +249,43 @@ mod tests {
         assert!(matches!(
             Options::from_dict(&d),
             Err(Error::InvalidArgument(m)) if m.contains("needs a holder")
+        ));
+        // A unit: a valid name, one holder at most.
+        let unit = Options {
+            holder_unit: Some("machine-vm1.scope".into()),
+            on_release: Some(OnRelease::Detach),
+            ..Default::default()
+        };
+        let got = Options::from_dict(&owned(unit.to_dict())).unwrap();
+        assert_eq!(got.holder_unit.as_deref(), Some("machine-vm1.scope"));
+        for bad in [
+            "",
+            ".service",
+            "vm",
+            "vm-1.timer",
+            "../x.service",
+            "a b.service",
+        ] {
+            let mut d = HashMap::new();
+            d.insert(
+                HOLDER_UNIT.to_string(),
+                Value::from(bad).try_to_owned().unwrap(),
+            );
+            assert!(
+                matches!(Options::from_dict(&d), Err(Error::InvalidArgument(m)) if m.contains("not a unit name")),
+                "{bad:?}"
+            );
+        }
+        assert!(validate_unit_name(&format!("{}.service", "a".repeat(247))).is_ok());
+        assert!(validate_unit_name(&format!("{}.service", "a".repeat(248))).is_err());
+        assert!(validate_unit_name("vm@1\\x2d.service").is_ok());
+        let both = Options {
+            holder_unit: Some("vm-1.service".into()),
+            ..sent
+        };
+        assert!(matches!(
+            Options::from_dict(&owned(both.to_dict())),
+            Err(Error::InvalidArgument(m)) if m.contains("either")
         ));
         let mut d = HashMap::new();
         d.insert(HOLDER_PIDFD.to_string(), OwnedValue::from(7u32));

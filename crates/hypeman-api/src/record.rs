@@ -58,6 +58,13 @@ pub struct Record {
     /// *(issue 27)* The process whose end releases the attachment (its pid
     /// in the daemon's pid namespace); absent without a process lease.
     pub holder_pid: Option<i64>,
+    /// *(issue 27)* The systemd unit whose end releases the attachment (a
+    /// unit lease), or the unit a process holder ran in when it was leased;
+    /// absent otherwise.
+    pub holder_unit: Option<String>,
+    /// *(issue 27)* A unit lease's `InvocationID` (32 hex digits): the run
+    /// of the unit that holds the device; absent for any other lease.
+    pub holder_invocation: Option<String>,
     /// *(issue 27)* What the holder's end does: `detach` or `give-back`;
     /// absent without a lease.
     pub on_release: Option<String>,

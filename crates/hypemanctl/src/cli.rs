@@ -110,8 +110,13 @@ pub enum CtlCommand {
         force: bool,
         /// Lease the attachment to this process: hypemand releases the
         /// device when it ends (hypemanctl opens its pidfd).
-        #[arg(long, value_name = "PID", conflicts_with = "command")]
+        #[arg(long, value_name = "PID", conflicts_with_all = ["command", "holder_unit"])]
         holder_pid: Option<u32>,
+        /// Lease the attachment to this systemd unit (the VM's service or
+        /// scope): hypemand releases the device when the unit stops, fails,
+        /// or runs again as another invocation.
+        #[arg(long, value_name = "UNIT", conflicts_with = "command")]
+        holder_unit: Option<String>,
         /// What the holder's end does: detach (the default) or give-back
         /// (detach, then give the device back to its host driver).
         #[arg(long, value_name = "WHAT", value_parser = ["detach", "give-back"])]

@@ -150,11 +150,13 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
             group,
             force,
             holder_pid,
+            holder_unit,
             on_release,
             command,
         } => {
             let mut options = Options {
                 force,
+                holder_unit,
                 on_release: on_release
                     .as_deref()
                     .map(hypeman_api::options::OnRelease::parse)
@@ -303,18 +305,41 @@ fn print_devices(devices: &[Record], json: bool, single: bool) {
     }
 }
 
-/// *(issue 27)* The lease of an attachment, as JSON: `pid`, `on_release`.
+/// *(issue 27)* The lease of an attachment, as JSON: `pid` (a process
+/// lease) or `invocation` (a unit lease), `unit` when known, `on_release`.
 fn lease_json(d: &Record) -> Option<Value> {
     let on_release = d.on_release.as_deref()?;
-    Some(json!({ "pid": d.holder_pid, "on_release": on_release }))
+    let mut l = serde_json::Map::new();
+    if let Some(pid) = d.holder_pid {
+        l.insert("pid".into(), pid.into());
+    }
+    if let Some(unit) = &d.holder_unit {
+        l.insert("unit".into(), unit.as_str().into());
+    }
+    if let Some(inv) = &d.holder_invocation {
+        l.insert("invocation".into(), inv.as_str().into());
+    }
+    l.insert("on_release".into(), on_release.into());
+    Some(Value::Object(l))
 }
 
-/// `lease: pid 4242 (on release: detach)`, or that there is none.
+/// `lease: pid 4242 in vm-1.service (on release: detach)`, `lease: unit
+/// vm-1.service, invocation 0123… (on release: detach)`, or that there is
+/// none.
 fn print_lease(d: &Record) {
-    match (&d.attached_to, d.holder_pid, &d.on_release) {
-        (Some(_), Some(pid), Some(r)) => println!("lease: pid {pid} (on release: {r})"),
-        (Some(_), _, _) => println!("lease: none (attached until detached)"),
-        _ => {}
+    let (Some(_), Some(r)) = (&d.attached_to, &d.on_release) else {
+        if d.attached_to.is_some() {
+            println!("lease: none (attached until detached)");
+        }
+        return;
+    };
+    match (d.holder_pid, &d.holder_unit, &d.holder_invocation) {
+        (Some(pid), Some(unit), _) => println!("lease: pid {pid} in {unit} (on release: {r})"),
+        (Some(pid), None, _) => println!("lease: pid {pid} (on release: {r})"),
+        (None, Some(unit), Some(inv)) => {
+            println!("lease: unit {unit}, invocation {inv} (on release: {r})")
+        }
+        _ => println!("lease: (on release: {r})"),
     }
 }
 

@@ -231,6 +231,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // vGPUs claimed before a crash: kept or undone before anyone is answered.
     service.reconcile_vgpus().await;
     // Leases whose holder ended while hypemand was not watching: released.
+    // Unit holders are asked about on the daemon's own bus, connected here
+    // (nothing is exported and no name is taken until serve).
+    let conn = bus::connect(&opts.bus).await?;
+    service.set_holders_bus(conn.clone());
     service.reconcile_leases().await;
     tracing::debug!(elapsed_ms = ms(), "host reconciled");
 
@@ -251,7 +255,6 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     tracing::debug!(elapsed_ms = ms(), "serving on the bus");
     // One connection, one bouncer and one gate for the daemon's life, shared
     // by every edge: the REST edge holds no bus connection of its own.
-    let conn = bus::connect(&opts.bus).await?;
     let bouncer = Bouncer::new(&conn)
         .await
         .map_err(|e| DaemonError::Bus(ServeError::Connect(e)))?;

@@ -19,6 +19,7 @@ use hypeman_api::Error;
 use zbus::message::Header;
 
 use crate::service::{Candidate, DeviceView, Op, Service, Target};
+use crate::store::registry::OnRelease;
 
 /// Every method that changes anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +44,17 @@ pub enum Method {
     SetTags,
     /// *(issue 26)* Partitioning a device: SetVirtualFunctions.
     Partition,
+    /// *(issue 27)* Attach under a lease whose end gives the device back to
+    /// its host driver: that end is an Unbind, so Bind's action is asked too.
+    AttachGivingBack,
+    /// The same, forced.
+    ForceAttachGivingBack,
 }
 
 impl Method {
     /// Every method, for the table's test.
     #[cfg(test)]
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 12] = [
         Method::Register,
         Method::Delete,
         Method::Bind,
@@ -59,6 +65,8 @@ impl Method {
         Method::ForceAttach,
         Method::SetTags,
         Method::Partition,
+        Method::AttachGivingBack,
+        Method::ForceAttachGivingBack,
     ];
 
     /// The table: which polkit actions each method needs, every one of them
@@ -72,12 +80,17 @@ impl Method {
             Method::ForceBind => &[Action::Bind, Action::Force],
             Method::ForceAttach => &[Action::Attach, Action::Force],
             Method::Partition => &[Action::Partition],
+            Method::AttachGivingBack => &[Action::Attach, Action::Bind],
+            Method::ForceAttachGivingBack => &[Action::Attach, Action::Bind, Action::Force],
         }
     }
 
     /// Whether the method overrides soft blockers once authorized.
     pub const fn forces(self) -> bool {
-        matches!(self, Method::ForceBind | Method::ForceAttach)
+        matches!(
+            self,
+            Method::ForceBind | Method::ForceAttach | Method::ForceAttachGivingBack
+        )
     }
 
     /// The method a change of the service is authorized as.
@@ -87,8 +100,17 @@ impl Method {
             Op::Bind { force: false } => Method::Bind,
             Op::Bind { force: true } => Method::ForceBind,
             Op::Unbind => Method::Unbind,
-            Op::Attach { force: false, .. } => Method::Attach,
-            Op::Attach { force: true, .. } => Method::ForceAttach,
+            Op::Attach { force, lease, .. } => {
+                let gives_back = lease
+                    .as_ref()
+                    .is_some_and(|l| l.lease.on_release == OnRelease::GiveBack);
+                match (force, gives_back) {
+                    (false, false) => Method::Attach,
+                    (true, false) => Method::ForceAttach,
+                    (false, true) => Method::AttachGivingBack,
+                    (true, true) => Method::ForceAttachGivingBack,
+                }
+            }
             Op::Detach => Method::Detach,
             Op::SetTags { .. } => Method::SetTags,
             Op::SetVirtualFunctions { .. } => Method::Partition,

@@ -7,11 +7,16 @@
 //! by the boot id, the pid and its start time (`/proc/PID/stat` field 22),
 //! read while the pidfd shows it alive (so the pid was not reused between).
 //!
+//! A holder may instead be a systemd unit (`holder_unit`): systemd is asked
+//! on the daemon's own bus, the unit must be running, and its
+//! `InvocationID` names the run that holds the device ([`crate::host::units`]).
+//!
 //! A pidfd becomes readable when its process exits and cannot be fooled by
-//! a reused pid: one task per leased device waits for that, then releases
-//! the device through the service's own path (under the device's lock,
-//! journaled, signalled), only if the record still has that lease. A Detach
-//! in between ends the watch.
+//! a reused pid; a unit's end is its `ActiveState` becoming `inactive` or
+//! `failed`, another invocation, or systemd forgetting it. One task per
+//! leased device waits for that, then releases the device through the
+//! service's own path (under the device's lock, journaled, signalled), only
+//! if the record still has that lease. A Detach in between ends the watch.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -22,6 +27,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::{Service, Target};
+use crate::host::units::{self, UnitError};
 use crate::store::registry::{Holder, Lease, OnRelease};
 use hypeman_api::Error;
 
@@ -31,12 +37,21 @@ const PROC_READ_LIMIT: u64 = 16 * 1024;
 /// A pidfd, registered with the reactor once.
 type WatchedFd = Arc<AsyncFd<OwnedFd>>;
 
-/// A lease a caller asked for, its holder proven: what is stored, and the
-/// pidfd that is watched. Two requests are the same if they store the same.
+/// What is watched for a holder's end.
+#[derive(Clone)]
+enum Watch {
+    /// A pidfd: readable once its process has exited.
+    Pidfd(WatchedFd),
+    /// A unit's run, on the bus its systemd answers on.
+    Unit(zbus::Connection),
+}
+
+/// A lease a caller asked for, its holder proven: what is stored, and what
+/// is watched. Two requests are the same if they store the same.
 #[derive(Clone)]
 pub struct LeaseRequest {
     pub lease: Lease,
-    fd: WatchedFd,
+    watch: Watch,
 }
 
 impl PartialEq for LeaseRequest {
@@ -59,7 +74,19 @@ fn invalid(m: String) -> Error {
 
 /// `pidfd_send_signal(fd, 0)`: `Ok` while the process lives; `ESRCH` once
 /// it has exited; `EBADF`/`EINVAL` when `fd` is not a pidfd.
+///
+/// `EPERM` is an answer too: the kernel checks the fd is a pidfd and finds
+/// its process before it checks the permission to signal it, and the shipped
+/// unit has no `CAP_KILL`, so a holder run by another user (a VMM under its
+/// own account) answers `EPERM` while it lives.
 fn pidfd_alive(fd: RawFd) -> std::io::Result<()> {
+    match pidfd_signal0(fd) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        r => r,
+    }
+}
+
+fn pidfd_signal0(fd: RawFd) -> std::io::Result<()> {
     // SAFETY: the syscall reads only its arguments; `fd` is open.
     let r = unsafe {
         libc::syscall(
@@ -89,6 +116,19 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     let fd = RawFd::try_from(r).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just gave us this fd; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether a pidfd's process has exited (its pidfd is readable), reaped or
+/// not: a zombie still answers `pidfd_send_signal`.
+fn exited(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0
 }
 
 /// A small `/proc` file, at most [`PROC_READ_LIMIT`] bytes.
@@ -185,8 +225,13 @@ impl LeaseRequest {
             Err(e) => return Err(Error::Failed(format!("cannot read the holder's pidfd: {e}"))),
         };
         let start_time = start_time(pid).map_err(|_| gone())?;
-        // Read while the pidfd shows its process alive: the pid was its.
+        // Read while the pidfd shows its process alive: the pid was its. A
+        // process that has exited but is not yet reaped still takes signals;
+        // its pidfd is readable, and that is its end.
         pidfd_alive(raw).map_err(|_| gone())?;
+        if exited(raw) {
+            return Err(gone());
+        }
         let boot_id =
             boot_id().map_err(|e| Error::Failed(format!("cannot read the boot id: {e}")))?;
         let fd = watched(fd)
@@ -197,34 +242,137 @@ impl LeaseRequest {
                     boot_id,
                     pid,
                     start_time,
+                    unit: process_unit(pid),
                 },
                 on_release,
             },
-            fd,
+            watch: Watch::Pidfd(fd),
         })
     }
 
+    /// The lease on the running unit `name`, asked of systemd on `bus`.
+    /// Refused when systemd does not know the unit or it is not running.
+    pub async fn on_unit(
+        bus: Option<&zbus::Connection>,
+        name: &str,
+        on_release: OnRelease,
+    ) -> std::result::Result<Self, Error> {
+        hypeman_api::options::validate_unit_name(name)?;
+        let bus = bus.ok_or_else(|| {
+            Error::Failed("hypemand is not connected to the bus yet: try again".into())
+        })?;
+        match units::unit_run(bus, name).await {
+            Ok(None) => Err(invalid(format!(
+                "systemd does not know unit {name}: check the name (systemctl status {name}), or start the VM's unit before attaching"
+            ))),
+            Ok(Some((_, run))) if !run.running() => Err(invalid(format!(
+                "unit {name} is {} and not running: nothing would hold the device",
+                run.state
+            ))),
+            Ok(Some((_, run))) => Ok(LeaseRequest {
+                lease: Lease {
+                    holder: Holder::Unit {
+                        name: name.to_string(),
+                        invocation_id: run.invocation,
+                    },
+                    on_release,
+                },
+                watch: Watch::Unit(bus.clone()),
+            }),
+            Err(e) => Err(Error::Failed(format!(
+                "cannot ask systemd about unit {name}: {e}"
+            ))),
+        }
+    }
+
     /// The same process found again after a restart, or why not.
-    fn recognise(lease: &Lease) -> std::result::Result<WatchedFd, String> {
-        let Holder::Process {
-            boot_id: b,
-            pid,
-            start_time: t,
-        } = &lease.holder;
+    fn recognise_process(
+        boot_id_then: &str,
+        pid: u32,
+        t: u64,
+    ) -> std::result::Result<WatchedFd, String> {
         let now = boot_id().map_err(|e| format!("cannot read the boot id: {e}"))?;
-        if *b != now {
+        if boot_id_then != now {
             return Err("the host rebooted since the lease was taken".into());
         }
-        let fd = pidfd_open(*pid).map_err(|_| format!("process {pid} has exited"))?;
-        let found = start_time(*pid).map_err(|_| format!("process {pid} has exited"))?;
-        if found != *t {
+        let fd = pidfd_open(pid).map_err(|_| format!("process {pid} has exited"))?;
+        let found = start_time(pid).map_err(|_| format!("process {pid} has exited"))?;
+        if found != t {
             return Err(format!(
                 "pid {pid} is another process now (start time {found}, the holder's was {t})"
             ));
         }
         pidfd_alive(fd.as_raw_fd()).map_err(|_| format!("process {pid} has exited"))?;
+        if exited(fd.as_raw_fd()) {
+            return Err(format!("process {pid} has exited"));
+        }
         watched(fd).map_err(|e| format!("cannot watch process {pid}: {e}"))
     }
+}
+
+/// What start-up finds of a stored lease's holder.
+enum Found {
+    /// The same holder: watched again.
+    Same(Watch),
+    /// Another, or none: released, for this reason.
+    Gone(String),
+    /// It cannot be told now (systemd does not answer): kept, and said.
+    Unknown(String),
+}
+
+/// The same holder found again after a restart, or why not.
+async fn recognise(lease: &Lease, bus: Option<&zbus::Connection>) -> Found {
+    match &lease.holder {
+        Holder::Process {
+            boot_id: b,
+            pid,
+            start_time: t,
+            ..
+        } => match LeaseRequest::recognise_process(b, *pid, *t) {
+            Ok(fd) => Found::Same(Watch::Pidfd(fd)),
+            Err(why) => Found::Gone(why),
+        },
+        Holder::Unit {
+            name,
+            invocation_id,
+        } => {
+            let Some(bus) = bus else {
+                return Found::Unknown("hypemand has no bus to ask systemd on".into());
+            };
+            match units::unit_run(bus, name).await {
+                Ok(None) => Found::Gone(format!("systemd no longer knows unit {name}")),
+                Ok(Some((_, run))) if run.invocation != *invocation_id => {
+                    Found::Gone(format!(
+                        "unit {name} is another run now (invocation {:?}, the holder's was {invocation_id})",
+                        run.invocation
+                    ))
+                }
+                Ok(Some((_, run))) if !run.running() => {
+                    Found::Gone(format!("unit {name} is {}", run.state))
+                }
+                Ok(Some(_)) => Found::Same(Watch::Unit(bus.clone())),
+                Err(e) => Found::Unknown(format!("cannot ask systemd about unit {name}: {e}")),
+            }
+        }
+    }
+}
+
+/// The systemd unit `/proc/PID/cgroup` puts a process in (the first
+/// `.service` or `.scope` below the slices of its cgroup v2 path), shown
+/// beside its pid. Only shown: a process may move, and the lease is on
+/// the process.
+fn process_unit(pid: u32) -> Option<String> {
+    let text = read_proc(&format!("/proc/{pid}/cgroup")).ok()?;
+    unit_of_cgroup(&text)
+}
+
+fn unit_of_cgroup(text: &str) -> Option<String> {
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    path.split('/')
+        .filter(|c| !c.ends_with(".slice"))
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .filter(|c| hypeman_api::options::validate_unit_name(c).is_ok())
+        .map(String::from)
 }
 
 /// The watches, one per leased device, by device id.
@@ -260,18 +408,35 @@ impl Leases {
 }
 
 impl Service {
-    /// Watches `fd` for the end of the holder of `id`'s `lease`.
-    pub(super) fn watch_lease(&self, id: &str, lease: Lease, fd: WatchedFd) {
+    /// Watches for the end of the holder of `id`'s `lease`.
+    fn watch_lease(&self, id: &str, lease: Lease, watch: Watch) {
         let me = self.me.clone();
         let (device, held) = (id.to_string(), lease.clone());
         let task = tokio::spawn(async move {
-            // Readable once the process has exited; an error means the fd
-            // can no longer be watched, which only its end explains.
-            let _ = fd.readable().await;
+            let reason = match (watch, &held.holder) {
+                // Readable once the process has exited; an error means the
+                // fd can no longer be watched, which only its end explains.
+                (Watch::Pidfd(fd), _) => {
+                    let _ = fd.readable().await;
+                    "the holder exited".to_string()
+                }
+                (
+                    Watch::Unit(bus),
+                    Holder::Unit {
+                        name,
+                        invocation_id,
+                    },
+                ) => match units::unit_end(&bus, name, invocation_id).await {
+                    Ok(reason) => reason,
+                    Err(e) => {
+                        unwatched(&device, &held, &e);
+                        return;
+                    }
+                },
+                (Watch::Unit(_), Holder::Process { .. }) => return,
+            };
             if let Some(service) = me.upgrade() {
-                service
-                    .release_lease(&device, &held, "the holder exited")
-                    .await;
+                service.release_lease(&device, &held, &reason).await;
             }
         });
         self.leases.set(id, lease, task.abort_handle());
@@ -279,7 +444,18 @@ impl Service {
 
     /// Watches a lease just stored by Attach.
     pub(super) fn start_lease(&self, id: &str, request: &LeaseRequest) {
-        self.watch_lease(id, request.lease.clone(), request.fd.clone());
+        self.watch_lease(id, request.lease.clone(), request.watch.clone());
+    }
+
+    /// *(issue 27)* The bus systemd is asked on about unit holders: the
+    /// daemon's own, once connected.
+    pub fn set_holders_bus(&self, bus: zbus::Connection) {
+        let _ = self.holders_bus.set(bus);
+    }
+
+    /// The bus unit holders are asked about on, once there is one.
+    pub fn holders_bus(&self) -> Option<&zbus::Connection> {
+        self.holders_bus.get()
     }
 
     /// A Detach (or Delete) ends the watch of whatever lease `id` had.
@@ -344,8 +520,10 @@ impl Service {
     }
 
     /// At start-up, before READY: each stored lease whose holder is the same
-    /// process (same boot, pid and start time) is watched again; every
-    /// other is released.
+    /// (a process of the same boot, pid and start time; a unit running the
+    /// same invocation) is watched again; every other is released. A unit
+    /// lease systemd cannot be asked about is kept, unwatched, and logged:
+    /// releasing a device whose holder may still run is the worse mistake.
     pub async fn reconcile_leases(&self) {
         let leased: Vec<(String, Lease)> = self
             .snapshot()
@@ -353,15 +531,31 @@ impl Service {
             .filter_map(|d| Some((d.id.clone(), d.lease.clone()?)))
             .collect();
         for (id, lease) in leased {
-            match LeaseRequest::recognise(&lease) {
-                Ok(fd) => {
+            match recognise(&lease, self.holders_bus()).await {
+                Found::Same(watch) => {
                     tracing::info!(device_id = %id, holder = %lease.describe(), "lease kept: the holder still runs");
-                    self.watch_lease(&id, lease, fd);
+                    self.watch_lease(&id, lease, watch);
                 }
-                Err(why) => self.release_lease(&id, &lease, &why).await,
+                Found::Gone(why) => self.release_lease(&id, &lease, &why).await,
+                Found::Unknown(why) => tracing::warn!(
+                    device_id = %id,
+                    holder = %lease.describe(),
+                    reason = %why,
+                    "lease kept unwatched: its holder cannot be asked about; detach the device when the holder is gone"
+                ),
             }
         }
     }
+}
+
+/// A unit's watch ended without telling its end (systemd unreachable).
+fn unwatched(id: &str, lease: &Lease, e: &UnitError) {
+    tracing::warn!(
+        device_id = %id,
+        holder = %lease.describe(),
+        error = %e,
+        "cannot watch the holder unit any more: the lease stays until the device is detached"
+    );
 }
 
 /// The check Attach makes of a lease on a device already attached to the
@@ -377,6 +571,24 @@ pub(super) fn same_attachment(stored: Option<&Lease>, asked: Option<&LeaseReques
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unit_of_a_cgroup_path() {
+        let unit = |t: &str| unit_of_cgroup(t);
+        assert_eq!(
+            unit("0::/system.slice/vm-1.service\n").as_deref(),
+            Some("vm-1.service")
+        );
+        assert_eq!(
+            unit("0::/machine.slice/machine-qemu\\x2d1.scope/libvirt/vcpu0").as_deref(),
+            Some("machine-qemu\\x2d1.scope")
+        );
+        assert_eq!(unit("0::/user.slice/user-1000.slice"), None);
+        assert_eq!(unit("0::/"), None);
+        // cgroup v1 lines only: no unified path.
+        assert_eq!(unit("1:name=systemd:/system.slice/x.service"), None);
+        assert_eq!(unit("0::/system.slice/a b.service"), None);
+    }
 
     #[test]
     fn start_time_is_field_22_whatever_the_name() {
@@ -399,13 +611,28 @@ mod tests {
             let me = pidfd_open(std::process::id()).unwrap();
             let r = LeaseRequest::on_pidfd(&me, OnRelease::Detach).unwrap();
             assert_eq!(r.lease.pid(), Some(std::process::id()));
-            assert!(LeaseRequest::recognise(&r.lease).is_ok());
+            assert!(matches!(
+                recognise(&r.lease, None).await,
+                Found::Same(Watch::Pidfd(_))
+            ));
             // The same pid with another start time is another process.
             let mut reused = r.lease.clone();
-            let Holder::Process { start_time, .. } = &mut reused.holder;
-            *start_time += 1;
-            let why = LeaseRequest::recognise(&reused).unwrap_err();
+            if let Holder::Process { start_time, .. } = &mut reused.holder {
+                *start_time += 1;
+            }
+            let Found::Gone(why) = recognise(&reused, None).await else {
+                panic!("a reused pid was recognised");
+            };
             assert!(why.contains("another process"), "{why}");
+            // A unit lease with no bus to ask on is kept, not released.
+            let unit = Lease {
+                holder: Holder::Unit {
+                    name: "vm-1.service".into(),
+                    invocation_id: "0".repeat(32),
+                },
+                on_release: OnRelease::Detach,
+            };
+            assert!(matches!(recognise(&unit, None).await, Found::Unknown(_)));
             let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
             let e = LeaseRequest::on_pidfd(&file, OnRelease::Detach).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(m) if m.contains("not a pidfd")));

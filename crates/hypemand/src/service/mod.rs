@@ -115,6 +115,12 @@ impl DeviceView {
             sriov_vfs: sriov.map(|s| i64::from(s.num_vfs)),
             parent: physfn.map(|p| p.to_string()),
             holder_pid: s.lease.as_ref().and_then(|l| l.pid()).map(i64::from),
+            holder_unit: s.lease.as_ref().and_then(|l| l.unit()).map(String::from),
+            holder_invocation: s
+                .lease
+                .as_ref()
+                .and_then(|l| l.invocation())
+                .map(String::from),
             on_release: s.lease.map(|l| l.on_release.as_str().to_string()),
         }
     }
@@ -233,6 +239,8 @@ pub struct Service {
     status_note: OnceLock<String>,
     /// *(issue 27)* The watched leases.
     leases: leases::Leases,
+    /// *(issue 27)* The bus systemd is asked on about unit holders.
+    holders_bus: OnceLock<zbus::Connection>,
     /// The service itself, for the tasks that watch leases.
     me: Weak<Service>,
 }
@@ -253,6 +261,7 @@ impl Service {
             vgpu_capacity: Mutex::default(),
             status_note: OnceLock::new(),
             leases: leases::Leases::default(),
+            holders_bus: OnceLock::new(),
             me: me.clone(),
         })
     }

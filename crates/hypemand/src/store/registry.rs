@@ -55,18 +55,26 @@ pub struct Lease {
 }
 
 /// *(issue 27)* Who holds a leased device, as it can be recognised again
-/// after a restart: a pid alone could be another process by then.
+/// after a restart: a pid alone could be another process by then, and a
+/// unit's name another run of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Holder {
     /// A process: the boot it ran in (`/proc/sys/kernel/random/boot_id`),
     /// its pid, and its start time (`/proc/PID/stat` field 22, clock ticks
-    /// since boot). The same three mean the same process.
+    /// since boot). The same three mean the same process. `unit` is the
+    /// systemd unit it ran in when leased (shown, never relied on).
     Process {
         boot_id: String,
         pid: u32,
         start_time: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unit: Option<String>,
     },
+    /// A systemd unit: its name and the `InvocationID` of the run that
+    /// holds the device (32 lowercase hex digits). A restarted unit has
+    /// another invocation: it is another holder.
+    Unit { name: String, invocation_id: String },
 }
 
 impl Lease {
@@ -74,19 +82,39 @@ impl Lease {
     pub fn pid(&self) -> Option<u32> {
         match &self.holder {
             Holder::Process { pid, .. } => Some(*pid),
+            Holder::Unit { .. } => None,
         }
     }
 
-    /// The holder, for logs: `pid 4242`.
+    /// The holder's unit: a unit lease's, or the one a process ran in.
+    pub fn unit(&self) -> Option<&str> {
+        match &self.holder {
+            Holder::Process { unit, .. } => unit.as_deref(),
+            Holder::Unit { name, .. } => Some(name),
+        }
+    }
+
+    /// A unit lease's invocation.
+    pub fn invocation(&self) -> Option<&str> {
+        match &self.holder {
+            Holder::Process { .. } => None,
+            Holder::Unit { invocation_id, .. } => Some(invocation_id),
+        }
+    }
+
+    /// The holder, for logs: `pid 4242` or `unit vm-1.service`.
     pub fn describe(&self) -> String {
         match &self.holder {
             Holder::Process { pid, .. } => format!("pid {pid}"),
+            Holder::Unit { name, .. } => format!("unit {name}"),
         }
     }
 
     fn validate(&self) -> Result<(), String> {
         match &self.holder {
-            Holder::Process { boot_id, pid, .. } => {
+            Holder::Process {
+                boot_id, pid, unit, ..
+            } => {
                 let uuid = boot_id.len() == 36
                     && boot_id.bytes().enumerate().all(|(i, c)| {
                         if matches!(i, 8 | 13 | 18 | 23) {
@@ -104,10 +132,33 @@ impl Lease {
                 if *pid == 0 || i32::try_from(*pid).is_err() {
                     return Err(format!("lease pid {pid} is not a process id"));
                 }
+                if let Some(u) = unit {
+                    hypeman_api::options::validate_unit_name(u).map_err(|e| e.to_string())?;
+                }
+            }
+            Holder::Unit {
+                name,
+                invocation_id,
+            } => {
+                hypeman_api::options::validate_unit_name(name).map_err(|e| e.to_string())?;
+                if !is_invocation_id(invocation_id) {
+                    return Err(format!(
+                        "lease invocation_id {:?} is not an invocation id (32 lowercase hex digits)",
+                        shorten(invocation_id)
+                    ));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Whether `s` is an invocation id as systemd shows it: 32 lowercase hex
+/// digits (a 128-bit id).
+pub fn is_invocation_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
 impl StoredDevice {

@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 22] = [
+static ROWS: [Row; 24] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -81,11 +81,25 @@ static ROWS: [Row; 22] = [
         r.driver.clone().unwrap_or_default().into()
     }),
     row(
+        "HolderInvocation",
+        "s",
+        Emits::True,
+        "A unit lease's InvocationID (issue 27), \"\" for any other.",
+        |r| r.holder_invocation.clone().unwrap_or_default().into(),
+    ),
+    row(
         "HolderPid",
         "x",
         Emits::True,
         "The process whose end releases the attachment (issue 27), -1 without a lease.",
         |r| r.holder_pid.unwrap_or(-1).into(),
+    ),
+    row(
+        "HolderUnit",
+        "s",
+        Emits::True,
+        "The systemd unit holding the device (issue 27): a unit lease's, or a process holder's own; \"\" when none.",
+        |r| r.holder_unit.clone().unwrap_or_default().into(),
     ),
     row("Id", "s", Emits::Const, "", |r| r.id.clone().into()),
     row("IommuGroup", "x", Emits::True, "The IOMMU group, -1 when the device has none (or is unplugged).", |r| {
@@ -134,16 +148,19 @@ static ROWS: [Row; 22] = [
 ];
 
 /// The order `PropertiesChanged` signals go in, one per changed property
-/// (clients see the driver move before they see `BoundToVfio`, and the
-/// lease before the `AttachedTo` it holds). `Name` is
+/// (clients see the lease before the `AttachedTo` it holds, a device
+/// detached before its driver moves, as a lease's `give-back` does, and the
+/// driver move before `BoundToVfio`). `Name` is
 /// announced as it always was, though no operation renames a device.
-const SIGNAL_ORDER: [&str; 11] = [
+const SIGNAL_ORDER: [&str; 13] = [
     "Tags",
-    "Driver",
-    "BoundToVfio",
     "HolderPid",
+    "HolderUnit",
+    "HolderInvocation",
     "OnRelease",
     "AttachedTo",
+    "Driver",
+    "BoundToVfio",
     "Present",
     "IommuGroup",
     "NumaNode",
@@ -283,7 +300,7 @@ impl DeviceObject {
         #[zbus(header)] header: Header<'_>,
         instance_id: &str,
     ) -> Result<Record, Error> {
-        let op = Manager::attach(instance_id, None)?;
+        let op = self.manager.attach(instance_id, None).await?;
         self.manager.change(&header, &self.id, op).await
     }
 
@@ -305,7 +322,7 @@ impl DeviceObject {
         instance_id: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        let op = Manager::attach(instance_id, Some(&options))?;
+        let op = self.manager.attach(instance_id, Some(&options)).await?;
         self.manager.change(&header, &self.id, op).await
     }
 

@@ -41,9 +41,9 @@ fn trimmed<T>(reply: Vec<T>) -> Vec<T> {
 /// `force` from an options dictionary (Bind: a holder is Attach's only).
 fn force(options: &HashMap<String, OwnedValue>) -> Result<bool, Error> {
     let o = Options::from_dict(options)?;
-    if o.holder_pidfd.is_some() {
+    if o.holder_pidfd.is_some() || o.holder_unit.is_some() {
         return Err(Error::InvalidArgument(
-            "holder_pidfd is an option of Attach: a Bind holds nothing".into(),
+            "holder_pidfd and holder_unit are options of Attach: a Bind holds nothing".into(),
         ));
     }
     Ok(o.force)
@@ -92,7 +92,8 @@ impl Manager {
     }
 
     /// Attach, Attach with options.
-    pub(super) fn attach(
+    pub(super) async fn attach(
+        &self,
         instance_id: &str,
         options: Option<&HashMap<String, OwnedValue>>,
     ) -> Result<Op, Error> {
@@ -101,11 +102,14 @@ impl Manager {
             .transpose()?
             .unwrap_or_default();
         // The holder is proven before anyone is asked to authorize.
-        let lease = o
-            .holder_pidfd
-            .as_deref()
-            .map(|fd| LeaseRequest::on_pidfd(fd, o.on_release.unwrap_or_default()))
-            .transpose()?;
+        let on_release = o.on_release.unwrap_or_default();
+        let lease = match (&o.holder_pidfd, &o.holder_unit) {
+            (Some(fd), _) => Some(LeaseRequest::on_pidfd(fd, on_release)?),
+            (None, Some(unit)) => {
+                Some(LeaseRequest::on_unit(self.service.holders_bus(), unit, on_release).await?)
+            }
+            (None, None) => None,
+        };
         Ok(Op::Attach {
             instance_id: instance_id.to_string(),
             force: o.force,
@@ -224,7 +228,7 @@ impl ManagerObject {
         id_or_name: &str,
         instance_id: &str,
     ) -> Result<Record, Error> {
-        let op = Manager::attach(instance_id, None)?;
+        let op = self.0.attach(instance_id, None).await?;
         self.0.change(&header, id_or_name, op).await
     }
 
@@ -248,7 +252,7 @@ impl ManagerObject {
         instance_id: &str,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Record, Error> {
-        let op = Manager::attach(instance_id, Some(&options))?;
+        let op = self.0.attach(instance_id, Some(&options)).await?;
         self.0.change(&header, id_or_name, op).await
     }
 
