@@ -41,7 +41,8 @@ const UNIT_SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
 /// *(issue 27)* Checks a holder unit's name as systemd's
 /// `unit_name_is_valid` does for the types a holder may be: at most 255
 /// bytes of `A-Z a-z 0-9 : - _ . \\ @`, a non-empty prefix, and one of
-/// [`UNIT_SUFFIXES`]. Anything else is refused before systemd is asked.
+/// `.service`, `.scope` or `.slice`. Anything else is refused before systemd
+/// is asked.
 pub fn validate_unit_name(name: &str) -> Result<(), Error> {
     let shown: String = name.chars().take(64).collect();
     let ok_chars = name
