@@ -215,8 +215,6 @@ start_monitor
 in_ct systemctl stop hm-vm1.service
 wait_line "AttachedTo=" "the unit stopped: the device was released (AttachedTo cleared)"
 expect_in "$(ctl --json get l4-gpu)" '"attached_to": null' "the record is released"
-expect_in "$(in_ct journalctl -u hypemand --no-pager -o cat -n 50)" "unit hm-vm1.service is inactive" \
-  "the journal says which unit ended and how"
 in_ct systemd-run --quiet --unit=hm-vm2 sleep infinity
 ctl attach --holder-unit hm-vm2.service --on-release give-back l4-gpu vm-2 >/dev/null
 start_monitor
@@ -229,8 +227,6 @@ in_ct systemctl restart hm-vm3.service
 in_ct systemctl start hypemand
 expect_in "$(ctl --json get l4-gpu)" '"attached_to": null' \
   "a unit restarted while hypemand was stopped (another invocation): released at start-up"
-expect_in "$(in_ct journalctl -u hypemand --no-pager -o cat -n 50)" "unit hm-vm3.service is another run now" \
-  "the journal says the unit is another run"
 in_ct systemctl stop hm-vm3.service
 ctl unbind l4-gpu >/dev/null
 ctl delete l4-gpu >/dev/null
