@@ -264,18 +264,26 @@ pub async fn unit_run(
     name: &str,
 ) -> Result<Option<(OwnedObjectPath, UnitRun)>, UnitError> {
     bounded(async {
-        let manager = ManagerProxy::new(conn).await?;
-        let path = match manager.get_unit(name).await {
-            Ok(p) => p,
-            Err(zbus::Error::MethodError(e, _, _)) if e.as_str() == NO_SUCH_UNIT => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e.into()),
+        let Some(path) = unit_path(conn, name).await? else {
+            return Ok(None);
         };
         let run = run_at(conn, &path).await?;
         Ok(Some((path, run)))
     })
     .await
+}
+
+/// `GetUnit`: the unit's object path, `None` when systemd has not loaded it.
+async fn unit_path(
+    conn: &zbus::Connection,
+    name: &str,
+) -> Result<Option<OwnedObjectPath>, UnitError> {
+    let manager = ManagerProxy::new(conn).await?;
+    match manager.get_unit(name).await {
+        Ok(p) => Ok(Some(p)),
+        Err(zbus::Error::MethodError(e, _, _)) if e.as_str() == NO_SUCH_UNIT => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Whether a read failed because the unit's object went between `GetUnit`
@@ -311,11 +319,9 @@ pub async fn unit_end(
 ) -> Result<String, UnitError> {
     use zbus::message::Type;
     use zbus::MatchRule;
-    let path = match unit_run(conn, name).await {
-        Ok(Some((path, _))) => path,
-        Ok(None) => return Ok(format!("systemd no longer knows unit {name}")),
-        Err(e) if forgotten(&e) => return Ok(format!("systemd no longer knows unit {name}")),
-        Err(e) => return Err(e),
+    // The path alone, for the match rule: the state is read after it.
+    let Some(path) = bounded(unit_path(conn, name)).await? else {
+        return Ok(format!("systemd no longer knows unit {name}"));
     };
     // Listen first, read second: an end in between is not missed.
     let changed = MatchRule::builder()
