@@ -34,6 +34,8 @@ fn bench_smoke_run_reports_every_figure() {
         "rss_idle_kib",
         "bind_unbind_per_s",
         "hotplug_to_signal_p99_ms",
+        "lease_release_p50_ms",
+        "lease_release_p99_ms",
         "concurrent_get_per_s",
         "errors",
     ] {

@@ -4,7 +4,8 @@
 //! store parses, every acknowledged call is there, at most the one call in
 //! flight is uncertain, and no device is left without a driver. Then at each
 //! exact moment of a write (stopped there with `HYPEMAN_PAUSE_AT`): between
-//! the journal's sync and the reply, and inside a compaction.
+//! the journal's sync and the reply, and inside a compaction; *(issue 26)*
+//! around a vGPU's writes; *(issue 27)* around a lease's release.
 
 use crate::common;
 
@@ -452,5 +453,99 @@ fn sigkill_around_a_vgpu_write_is_resolved_at_start() {
             assert_eq!(list, serde_json::json!([]), "{point}");
             assert_eq!(r["used_slots"], 0, "{point}: nothing was written: {r}");
         }
+    }
+}
+
+/// The device's record as `hypemanctl --json get` shows it.
+fn got(bus: &TestBus, name: &str) -> serde_json::Value {
+    let out = bus.hypemanctl(&["--json", "get", name]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The last line of the journal, parsed (`Null` when there is none).
+fn last_journal_line(state: &std::path::Path) -> serde_json::Value {
+    let journal = std::fs::read_to_string(state.join("devices.journal")).unwrap_or_default();
+    journal.lines().last().map_or(serde_json::Value::Null, |l| {
+        serde_json::from_str(l).unwrap()
+    })
+}
+
+/// *(issue 27)* A daemon killed while a lease's holder dies releases the
+/// device at its next start, wherever the kill lands: while the daemon was
+/// down as the holder died; after the holder ended and before its release
+/// was written (`holder-ended`); after the release was synced and before it
+/// was signalled (`journal-synced`). The device stays on vfio-pci (detach).
+#[test]
+fn sigkill_around_a_lease_release_releases_at_start() {
+    let bus = TestBus::start();
+    for point in [None, Some("holder-ended"), Some("journal-synced")] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let sim = dir.path().join("sim.json");
+        let f = fixture("l4.toml");
+        let args = [
+            "--simulate",
+            f.to_str().unwrap(),
+            "--simulate-state",
+            sim.to_str().unwrap(),
+        ];
+        let d = Daemon::start(&bus, &state, &args);
+        let ok = |a: &[&str]| {
+            let out = bus.hypemanctl(a);
+            assert!(out.status.success(), "{a:?}: {out:?}");
+        };
+        ok(&["register", "0000:a2:00.0", "--name", "l4"]);
+        ok(&["bind", "l4"]);
+        let mut vmm = Proc {
+            child: std::process::Command::new("sleep")
+                .arg("infinity")
+                .spawn()
+                .unwrap(),
+        };
+        let pid = vmm.pid().to_string();
+        ok(&["attach", "--holder-pid", &pid, "l4", "vm-1"]);
+        assert_eq!(got(&bus, "l4")["lease"]["pid"], vmm.pid(), "{point:?}");
+        d.kill9(&bus);
+
+        let log = match point {
+            None => {
+                vmm.signal_and_wait("KILL");
+                None
+            }
+            Some(p) => {
+                // The next daemon finds the holder alive and watches it; it
+                // stops itself at `p` once the holder is killed.
+                let mut cmd = Daemon::command(&bus, &state, &args);
+                cmd.env("HYPEMAN_PAUSE_AT", p);
+                let d = Daemon::from_command(&bus, cmd);
+                assert_eq!(got(&bus, "l4")["attached_to"], "vm-1", "{p}: kept");
+                vmm.signal_and_wait("KILL");
+                let stopped = d.proc.pid();
+                wait_until(|| process_state(stopped) == 'T');
+                let last = last_journal_line(&state);
+                let released = last["replace"].is_object()
+                    && last["replace"].get("attached_to").is_none()
+                    && last["replace"].get("lease").is_none();
+                assert_eq!(released, p == "journal-synced", "{p}: {last}");
+                let log = d.log();
+                d.kill9(&bus);
+                Some(log)
+            }
+        };
+
+        let d = Daemon::start(&bus, &state, &args);
+        let r = got(&bus, "l4");
+        assert!(r["attached_to"].is_null(), "{point:?}: {r}");
+        assert!(r.get("lease").is_none(), "{point:?}: {r}");
+        assert_eq!(r["bound_to_vfio"], true, "{point:?}: {r}");
+        if point != Some("journal-synced") {
+            assert!(
+                d.log().contains("has exited"),
+                "{point:?}: released at start: {}",
+                d.log()
+            );
+        }
+        drop((d, log));
     }
 }

@@ -320,6 +320,25 @@ fn the_command_form_holds_the_device_for_the_commands_life() {
     let out = bus.hypemanctl(&["attach", NAME_, "vm-1", "--", "no-such-command-here"]);
     assert!(!out.status.success());
     assert!(get(bus)["attached_to"].is_null());
+    // A command is the holder: another holder beside it is refused, and
+    // the command never runs.
+    let out = bus.hypemanctl(&[
+        "attach",
+        "--holder-unit",
+        "vm-1.service",
+        NAME_,
+        "vm-1",
+        "--",
+        "sh",
+        "-c",
+        &touch,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the command is the holder"),
+        "{out:?}"
+    );
+    assert!(!ran.exists() && get(bus)["attached_to"].is_null());
 }
 
 async fn client(bus: &TestBus) -> Client {
@@ -724,17 +743,110 @@ fn a_restart_keeps_a_running_unit_and_releases_another_run() {
     restarted_released(bus, state, "no longer knows unit vm-1.service");
 }
 
-/// The crash case: hypemand is killed (SIGKILL, no clean stop) and the
-/// holder dies while it is down; the next start releases the device
-/// before it answers anyone, from what the journal kept.
+/// `hypemanctl --json ARGS…`, parsed.
+fn ctl_json(bus: &TestBus, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(&bus.hypemanctl(&all))).unwrap()
+}
+
+/// `vgpu create "NVIDIA L40S-4Q" --instance INSTANCE --holder-pid PID
+/// [extra]`: the vGPU's record.
+fn leased_vgpu(bus: &TestBus, pid: u32, instance: &str, extra: &[&str]) -> serde_json::Value {
+    let pid = pid.to_string();
+    let mut args = vec!["vgpu", "create", "NVIDIA L40S-4Q", "--instance", instance];
+    args.extend_from_slice(&["--holder-pid", &pid]);
+    args.extend_from_slice(extra);
+    ctl_json(bus, &args)
+}
+
+/// The vGPUs `hypemanctl vgpu list` shows, by id.
+fn vgpus(bus: &TestBus) -> std::collections::HashMap<String, serde_json::Value> {
+    let list = ctl_json(bus, &["vgpu", "list"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v.clone()))
+        .collect()
+}
+
+/// *(issue 27)* A vGPU made with a lease (`CreateVgpu`'s `holder_pidfd`):
+/// `detach` clears its instance when the holder is killed (the vGPU stays,
+/// signalled lease first, then `InstanceId`), `give-back` deletes it
+/// (`VgpuDeleted`), and a holder that died while hypemand was stopped is
+/// released at the next start. Bad lease options are refused, and nothing
+/// is made.
 #[test]
-fn a_holder_that_dies_while_hypemand_is_killed_is_released_at_start() {
-    let sim = Sim::on(TestBus::start(), "l4.toml");
-    registered(&sim.bus);
+fn a_vgpu_lease_clears_its_instance_or_deletes_the_vgpu() {
+    const FIXTURE: &str = "l40s-vgpu.toml";
+    let sim = Sim::on(TestBus::start(), FIXTURE);
+    let bus = &sim.bus;
+    ok(&bus.hypemanctl(&["register", "0000:41:00.0", "--name", "l40s"]));
+    ok(&bus.hypemanctl(&["sriov", "l40s", "2"]));
+    let mut signals = Signals::watch(bus, None);
+
+    // detach: the instance is cleared, the vGPU stays made.
     let mut vmm = sleeper();
-    ok(&attach(&sim.bus, vmm.pid(), "vm-1", &[]));
-    let Sim { daemon, bus, state } = sim;
-    daemon.kill9(&bus);
+    let made = leased_vgpu(bus, vmm.pid(), "vm-1", &[]);
+    let pid = i64::from(vmm.pid());
+    assert_eq!(made["lease"]["pid"], pid, "{made}");
+    assert_eq!(made["lease"]["on_release"], "detach", "{made}");
+    let kept = made["id"].as_str().unwrap().to_string();
+    let object = format!("/org/hypeman/Vgpus/{kept}");
+    let property = |name: &str| {
+        let out = bus.busctl(&["get-property", NAME, &object, "org.hypeman.Vgpu1", name]);
+        ok(&out).trim().to_string()
+    };
+    assert_eq!(property("HolderPid"), format!("x {pid}"));
+    assert_eq!(property("OnRelease"), "s \"detach\"");
     vmm.signal_and_wait("KILL");
-    restarted_released(bus, state, "has exited");
+    let cleared = signals.wait_set(Some(&object), "InstanceId", String::new());
+    let holder = at(&signals, &object, "HolderPid", -1i64).expect("HolderPid back to -1");
+    assert!(holder < cleared, "{:?}", signals.seen);
+    let v = &vgpus(bus)[&kept];
+    assert!(v["instance_id"].is_null() && v["lease"].is_null(), "{v}");
+    assert_eq!(v["state"], "ready", "{v}");
+    assert!(sim.daemon.log().contains("vGPU's instance cleared"));
+
+    // give-back: the vGPU is deleted, its function free again.
+    let mut vmm = sleeper();
+    let made = leased_vgpu(bus, vmm.pid(), "vm-2", &["--on-release", "give-back"]);
+    let gone = made["id"].as_str().unwrap().to_string();
+    assert_eq!(made["lease"]["on_release"], "give-back", "{made}");
+    vmm.signal_and_wait("KILL");
+    signals.wait_for(|s| matches!(s, Signal::Other { member, .. } if member == "VgpuDeleted"));
+    let now = vgpus(bus);
+    assert!(
+        !now.contains_key(&gone) && now.contains_key(&kept),
+        "{now:?}"
+    );
+    assert_eq!(ctl_json(bus, &["resources"])["used_slots"], 1);
+
+    // Bad lease options: refused, nothing made.
+    for bad in [
+        "{'profile': <'NVIDIA L40S-4Q'>, 'on_release': <'detach'>}",
+        "{'profile': <'NVIDIA L40S-4Q'>, 'holder_unit': <'not a unit'>}",
+        "{'profile': <'NVIDIA L40S-4Q'>, 'holder_unit': <'vm-404.service'>, 'on_release': <'keep'>}",
+        "{'profile': <'NVIDIA L40S-4Q'>, 'force': <true>}",
+    ] {
+        let out = bus.gdbus_call(PATH, "org.hypeman.Devices1.CreateVgpu", &[bad]);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && e.contains("org.hypeman.Devices.Error.InvalidArgument"),
+            "{bad}: {out:?}"
+        );
+    }
+    assert_eq!(vgpus(bus).len(), 1);
+
+    // A holder that dies while hypemand is stopped: released at start-up.
+    let mut vmm = sleeper();
+    let made = leased_vgpu(bus, vmm.pid(), "vm-3", &[]);
+    let third = made["id"].as_str().unwrap().to_string();
+    drop(signals);
+    let (bus, state) = stop(sim);
+    vmm.signal_and_wait("KILL");
+    let daemon = Daemon::simulate(&bus, state.path(), FIXTURE);
+    let v = &vgpus(&bus)[&third];
+    assert!(v["instance_id"].is_null() && v["lease"].is_null(), "{v}");
+    assert!(daemon.log().contains("has exited"), "{}", daemon.log());
 }

@@ -107,10 +107,22 @@ pub struct Vgpu {
     pub created_at: String,
     /// `ready`, or `creating` while it is being made.
     pub state: String,
+    /// *(issue 27)* The process whose end releases the vGPU (its pid in the
+    /// daemon's pid namespace); absent without a process lease.
+    pub holder_pid: Option<i64>,
+    /// *(issue 27)* The systemd unit whose end releases the vGPU (a unit
+    /// lease), or the unit a process holder ran in; absent otherwise.
+    pub holder_unit: Option<String>,
+    /// *(issue 27)* A unit lease's `InvocationID`; absent otherwise.
+    pub holder_invocation: Option<String>,
+    /// *(issue 27)* What the holder's end does: `detach` (the instance is
+    /// cleared, the vGPU stays) or `give-back` (the vGPU is deleted);
+    /// absent without a lease.
+    pub on_release: Option<String>,
 }
 
 /// *(issue 26)* `CreateVgpu`'s request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct VgpuRequest {
     /// The profile name, required: `NVIDIA L40S-4Q`.
     pub profile: String,
@@ -120,13 +132,17 @@ pub struct VgpuRequest {
     pub parent: Option<String>,
     /// Only GPUs on this NUMA node.
     pub numa_node: Option<u32>,
+    /// *(issue 27)* The lease: `holder_pidfd`, `holder_unit` and
+    /// `on_release`, as `AttachWithOptions` takes them (`force` is not a
+    /// vGPU option and stays false).
+    pub lease: crate::options::Options,
 }
 
 impl VgpuRequest {
-    /// The dictionary a D-Bus client sends.
-    pub fn to_dict(&self) -> std::collections::HashMap<&'static str, zbus::Variant<'static>> {
+    /// The dictionary a D-Bus client sends (borrowing the holder's pidfd).
+    pub fn to_dict(&self) -> std::collections::HashMap<&'static str, zbus::Variant<'_>> {
         use zbus::Variant as Value;
-        let mut d = std::collections::HashMap::new();
+        let mut d = self.lease.to_dict();
         d.insert("profile", Value::from(self.profile.clone()));
         if let Some(i) = &self.instance_id {
             d.insert("instance_id", Value::from(i.clone()));
@@ -155,10 +171,21 @@ impl VgpuRequest {
         let string = |key: &str, v: &zbus::OwnedVariant| {
             String::try_from(v.clone()).map_err(|_| wrong(key, "a string (s)", v))
         };
+        use crate::options::{HOLDER_PIDFD, HOLDER_UNIT, ON_RELEASE};
         let mut out = VgpuRequest::default();
         let mut has_profile = false;
+        // The lease's keys are read as AttachWithOptions reads them.
+        let mut lease = std::collections::HashMap::new();
         for (key, v) in d {
             match key.as_str() {
+                HOLDER_PIDFD | HOLDER_UNIT | ON_RELEASE => {
+                    lease.insert(
+                        key.clone(),
+                        v.try_clone().map_err(|e| {
+                            Error::Failed(format!("cannot keep option {key:?}: {e}"))
+                        })?,
+                    );
+                }
                 "profile" => {
                     out.profile = string(key, v)?;
                     has_profile = true;
@@ -179,11 +206,12 @@ impl VgpuRequest {
                 other => {
                     let shown: String = other.chars().take(64).collect();
                     return Err(Error::InvalidArgument(format!(
-                        "unknown key {shown:?}; a vGPU request has profile (s), instance_id (s), parent (s) and numa_node (u)"
+                        "unknown key {shown:?}; a vGPU request has profile (s), instance_id (s), parent (s), numa_node (u), holder_pidfd (h), holder_unit (s) and on_release (s: detach or give-back)"
                     )));
                 }
             }
         }
+        out.lease = crate::options::Options::from_dict(&lease)?;
         if !has_profile || out.profile.trim().is_empty() || out.profile.len() > 128 {
             return Err(Error::InvalidArgument(
                 "a vGPU request needs profile (s): a profile name of 1-128 characters, as ListVgpuTypes shows".into(),
@@ -283,5 +311,44 @@ mod tests {
             serde_json::json!({"mode": "vgpu", "total_slots": 4, "used_slots": 1,
                 "profiles": [{"name": "L40S-4Q", "framebuffer_mb": 4096, "available": 3}]})
         );
+    }
+
+    /// *(issue 27)* A request's lease keys are read as AttachWithOptions
+    /// reads them and come back whole; `force` is not a vGPU key.
+    #[test]
+    fn a_request_carries_its_lease() {
+        use crate::options::{OnRelease, Options};
+        let sent = VgpuRequest {
+            profile: "NVIDIA L40S-4Q".into(),
+            instance_id: Some("vm-1".into()),
+            lease: Options {
+                holder_unit: Some("vm-1.service".into()),
+                on_release: Some(OnRelease::GiveBack),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let owned = |d: std::collections::HashMap<&'static str, zbus::Variant<'_>>| {
+            d.into_iter()
+                .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let got = VgpuRequest::from_dict(&owned(sent.to_dict())).unwrap();
+        assert_eq!(got.lease.holder_unit.as_deref(), Some("vm-1.service"));
+        assert_eq!(got.lease.on_release, Some(OnRelease::GiveBack));
+        assert_eq!(got.instance_id.as_deref(), Some("vm-1"));
+
+        let mut d = owned(sent.to_dict());
+        d.remove("holder_unit");
+        assert!(matches!(
+            VgpuRequest::from_dict(&d),
+            Err(crate::Error::InvalidArgument(m)) if m.contains("needs a holder")
+        ));
+        let mut d = owned(sent.to_dict());
+        d.insert("force".into(), zbus::OwnedVariant::from(true));
+        assert!(matches!(
+            VgpuRequest::from_dict(&d),
+            Err(crate::Error::InvalidArgument(m)) if m.contains("unknown key")
+        ));
     }
 }

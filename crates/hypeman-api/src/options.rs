@@ -10,11 +10,14 @@
 //! - *(issue 27)* Attach only: `holder_unit` (s), a systemd unit (the VM's
 //!   scope or service) whose end releases the device, instead of a process.
 //!
+//! `CreateVgpu`'s request reads the three lease keys through
+//! [`Options::from_dict`] too, so a vGPU's lease has the same rules.
+//!
 //! Unknown keys and wrong types are refused, not ignored: a caller that
 //! believes it asked for something must not be told yes for something else.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use zbus::{OwnedVariant as OwnedValue, Variant as Value};
@@ -57,6 +60,22 @@ pub fn validate_unit_name(name: &str) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// *(issue 27)* `pidfd_open(2)` of `pid`: what a client passes as
+/// `holder_pidfd`. Opened now, it names the process `pid` is now, and no
+/// later reuse of the number.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: the syscall reads only its arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(r).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just gave us this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// *(issue 27)* What happens to a leased device when its holder ends.

@@ -336,44 +336,35 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
 
     // hotplug_to_signal: Unplug/Plug to PropertiesChanged(Present) seen here.
     let gpu_path = format!("{m}/{}", device_id(&conn, "dev-16").await?);
-    let rule = MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .interface("org.freedesktop.DBus.Properties")
-        .member("PropertiesChanged")
-        .path(gpu_path.as_str())
-        .build()
-        .map_err(err("match rule"))?;
-    let mut stream = MessageStream::for_match_rule(rule, &conn, None)
-        .await
-        .map_err(err("subscribe"))?;
+    let mut stream = changes_of(&conn, &gpu_path).await?;
     let mut hotplug = Vec::new();
     let addr16 = pci_address(16);
     for _ in 0..if cfg.quick { 5 } else { 50 } {
         for (method, want) in [("Unplug", false), ("Plug", true)] {
             let t = Instant::now();
             call(&conn, SIM_IFACE, method, SIM_PATH, json!(addr16)).await?;
-            loop {
-                let msg = tokio::time::timeout(Duration::from_secs(10), stream.next())
-                    .await
-                    .map_err(|_| format!("no PropertiesChanged after {method}"))?
-                    .ok_or("signal stream ended")?
-                    .map_err(err("signal"))?;
-                type Changed = (String, HashMap<String, OwnedVariant>, Vec<String>);
-                let Ok((_, changed, _)) = msg.body().deserialize::<Changed>() else {
-                    continue;
-                };
-                if changed
-                    .get("Present")
-                    .and_then(|v| bool::try_from(v.clone()).ok())
-                    == Some(want)
-                {
-                    break;
-                }
-            }
+            wait_changed(&mut stream, "Present", &zbus::Variant::from(want)).await?;
             hotplug.push(t.elapsed());
         }
     }
     let hotplug = sorted_us(&hotplug);
+    drop(stream);
+
+    // lease_release: a holder's SIGKILL to the PropertiesChanged clearing
+    // AttachedTo (issue 27), on a GPU leased to a process of the bench's.
+    call(&conn, IFACE, "Bind", m, json!("dev-0")).await?;
+    let leases = lease_release(
+        &conn,
+        &format!("{m}/{}", device_id(&conn, "dev-0").await?),
+        {
+            if cfg.quick {
+                5
+            } else {
+                50
+            }
+        },
+    )
+    .await?;
 
     // 64 connections x 500 Get (50 with --quick), all at once.
     let per = if cfg.quick { 50 } else { 500 };
@@ -441,6 +432,14 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         json!(round(percentile(&hotplug, 0.99) / 1e3)),
     );
     out.insert(
+        "lease_release_p50_ms".into(),
+        json!(round(percentile(&leases, 0.5) / 1e3)),
+    );
+    out.insert(
+        "lease_release_p99_ms".into(),
+        json!(round(percentile(&leases, 0.99) / 1e3)),
+    );
+    out.insert(
         "concurrent_get_per_s".into(),
         json!(round(concurrent_get_per_s)),
     );
@@ -448,6 +447,84 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     drop(daemon);
     drop(bus);
     Ok(out)
+}
+
+/// The `PropertiesChanged` of the object at `path`, subscribed.
+async fn changes_of(conn: &Connection, path: &str) -> BenchResult<MessageStream> {
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .path(path)
+        .build()
+        .map_err(err("match rule"))?;
+    MessageStream::for_match_rule(rule, conn, None)
+        .await
+        .map_err(err("subscribe"))
+}
+
+/// Reads `stream` (one object's `PropertiesChanged`) until `property` is
+/// set to `want`.
+async fn wait_changed(
+    stream: &mut MessageStream,
+    property: &str,
+    want: &zbus::Variant<'_>,
+) -> BenchResult<()> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .map_err(|_| format!("no PropertiesChanged of {property} within 10 s"))?
+            .ok_or("signal stream ended")?
+            .map_err(err("signal"))?;
+        type Changed = (String, HashMap<String, OwnedVariant>, Vec<String>);
+        let Ok((_, changed, _)) = msg.body().deserialize::<Changed>() else {
+            continue;
+        };
+        if changed.get(property).is_some_and(|v| **v == *want) {
+            return Ok(());
+        }
+    }
+}
+
+/// *(issue 27)* `rounds` times: attaches the device at `path` under a lease
+/// on a fresh `sleep` (its pidfd passed), SIGKILLs the holder and times
+/// the kill to the `PropertiesChanged` clearing `AttachedTo`. In µs, sorted.
+async fn lease_release(conn: &Connection, path: &str, rounds: usize) -> BenchResult<Vec<f64>> {
+    let mut stream = changes_of(conn, path).await?;
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let mut holder = Guard(
+            Command::new("sleep")
+                .arg("infinity")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(err("start a holder (sleep)"))?,
+        );
+        let pid = holder.0.id();
+        let options = hypeman_api::Options {
+            holder_pidfd: Some(std::sync::Arc::new(
+                hypeman_api::options::pidfd_open(pid).map_err(err("pidfd_open"))?,
+            )),
+            ..Default::default()
+        };
+        conn.call_method(
+            Some(hypeman_api::BUS_NAME),
+            hypeman_api::MANAGER_PATH,
+            Some(IFACE),
+            "AttachWithOptions",
+            &("dev-0", "vm-bench", options.to_dict()),
+        )
+        .await
+        .map_err(err("AttachWithOptions"))?;
+        wait_changed(&mut stream, "AttachedTo", &zbus::Variant::from("vm-bench")).await?;
+        let t = Instant::now();
+        holder.0.kill().map_err(err("SIGKILL the holder"))?;
+        wait_changed(&mut stream, "AttachedTo", &zbus::Variant::from("")).await?;
+        times.push(t.elapsed());
+        holder.0.wait().map_err(err("reap the holder"))?;
+    }
+    Ok(sorted_us(&times))
 }
 
 /// `n` connections of their own to the bus at `address`.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use hypeman_api::BusChoice;
 
@@ -108,19 +108,9 @@ pub enum CtlCommand {
         /// As for bind: take it even though the host is using it.
         #[arg(long)]
         force: bool,
-        /// Lease the attachment to this process: hypemand releases the
-        /// device when it ends (hypemanctl opens its pidfd).
-        #[arg(long, value_name = "PID", conflicts_with_all = ["command", "holder_unit"])]
-        holder_pid: Option<u32>,
-        /// Lease the attachment to this systemd unit (the VM's service or
-        /// scope): hypemand releases the device when the unit stops, fails,
-        /// or runs again as another invocation.
-        #[arg(long, value_name = "UNIT", conflicts_with = "command")]
-        holder_unit: Option<String>,
-        /// What the holder's end does: detach (the default) or give-back
-        /// (detach, then give the device back to its host driver).
-        #[arg(long, value_name = "WHAT", value_parser = ["detach", "give-back"])]
-        on_release: Option<String>,
+        /// The lease: what releases the device.
+        #[command(flatten)]
+        lease: LeaseArgs,
         /// Run this command holding the device: attach under a lease on it,
         /// run it, and exit with its status once the device is released.
         #[arg(last = true, value_name = "COMMAND")]
@@ -182,6 +172,10 @@ pub enum VgpuCommand {
         /// Only on a GPU on this NUMA node.
         #[arg(long)]
         numa_node: Option<u32>,
+        /// The lease: what releases the vGPU (detach clears its instance,
+        /// give-back deletes it).
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Delete a vGPU; refused while a process (the VM) holds it.
     Delete {
@@ -190,6 +184,24 @@ pub enum VgpuCommand {
     },
     /// The vGPUs hypemand made.
     List,
+}
+
+/// *(issue 27)* A lease's options, for `attach` and `vgpu create`.
+#[derive(Args, Debug, Default)]
+pub struct LeaseArgs {
+    /// Lease it to this process: hypemand releases it when the process
+    /// ends (hypemanctl opens its pidfd).
+    #[arg(long, value_name = "PID", conflicts_with = "holder_unit")]
+    pub holder_pid: Option<u32>,
+    /// Lease it to this systemd unit (the VM's service or scope): hypemand
+    /// releases it when the unit stops, fails, or runs again as another
+    /// invocation.
+    #[arg(long, value_name = "UNIT")]
+    pub holder_unit: Option<String>,
+    /// What the holder's end does: detach (the default) or give-back
+    /// (a device goes back to its host driver too; a vGPU is deleted).
+    #[arg(long, value_name = "WHAT", value_parser = ["detach", "give-back"])]
+    pub on_release: Option<String>,
 }
 
 /// `KEY=VALUE` (the value may be empty or contain `=`).

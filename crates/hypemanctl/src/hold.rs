@@ -26,19 +26,7 @@ const NOT_RUN: i32 = 125;
 /// The child's status when the command cannot be executed.
 const CANNOT_EXEC: i32 = 127;
 
-/// `pidfd_open(pid)`.
-pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: the syscall reads only its arguments.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(r).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just gave us this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+pub use hypeman_api::options::pidfd_open;
 
 /// The program a command names: a path as given, else the first
 /// executable file of that name in `PATH`.

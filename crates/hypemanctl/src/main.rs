@@ -149,26 +149,24 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
             instance,
             group,
             force,
-            holder_pid,
-            holder_unit,
-            on_release,
+            lease,
             command,
         } => {
-            let mut options = Options {
-                force,
-                holder_unit,
-                on_release: on_release
-                    .as_deref()
-                    .map(hypeman_api::options::OnRelease::parse)
-                    .transpose()?,
-                ..Default::default()
-            };
             if !command.is_empty() {
                 if group {
                     return Err(ClientError::InvalidArgument(
                         "--group and a command: lease one device to a command at a time".into(),
                     ));
                 }
+                if lease.holder_pid.is_some() || lease.holder_unit.is_some() {
+                    return Err(ClientError::InvalidArgument(
+                        "--holder-pid or --holder-unit and a command: the command is the holder; give one".into(),
+                    ));
+                }
+                let options = Options {
+                    force,
+                    ..lease_options(lease)?
+                };
                 let code = hypemanctl::hold::attach_while(
                     &client,
                     &id_or_name,
@@ -179,14 +177,10 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
                 .await?;
                 return Ok(code);
             }
-            if let Some(pid) = holder_pid {
-                let fd = hypemanctl::hold::pidfd_open(pid).map_err(|e| {
-                    ClientError::InvalidArgument(format!(
-                        "cannot open a pidfd of process {pid}: {e}"
-                    ))
-                })?;
-                options.holder_pidfd = Some(std::sync::Arc::new(fd));
-            }
+            let options = Options {
+                force,
+                ..lease_options(lease)?
+            };
             let attached = if group {
                 attach_group(&client, &id_or_name, &instance, options).await?
             } else {
@@ -216,6 +210,7 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
                     instance,
                     parent,
                     numa_node,
+                    lease,
                 },
         } => {
             let req = hypeman_api::VgpuRequest {
@@ -223,6 +218,7 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
                 instance_id: instance,
                 parent,
                 numa_node,
+                lease: lease_options(lease)?,
             };
             print_vgpus(&[client.create_vgpu(&req).await?], json, true);
         }
@@ -308,19 +304,57 @@ fn print_devices(devices: &[Record], json: bool, single: bool) {
 /// *(issue 27)* The lease of an attachment, as JSON: `pid` (a process
 /// lease) or `invocation` (a unit lease), `unit` when known, `on_release`.
 fn lease_json(d: &Record) -> Option<Value> {
-    let on_release = d.on_release.as_deref()?;
+    lease_doc(
+        d.holder_pid,
+        d.holder_unit.as_deref(),
+        d.holder_invocation.as_deref(),
+        d.on_release.as_deref(),
+    )
+}
+
+/// A lease's JSON from a record's (or a vGPU's) four fields.
+fn lease_doc(
+    pid: Option<i64>,
+    unit: Option<&str>,
+    invocation: Option<&str>,
+    on_release: Option<&str>,
+) -> Option<Value> {
+    let on_release = on_release?;
     let mut l = serde_json::Map::new();
-    if let Some(pid) = d.holder_pid {
+    if let Some(pid) = pid {
         l.insert("pid".into(), pid.into());
     }
-    if let Some(unit) = &d.holder_unit {
-        l.insert("unit".into(), unit.as_str().into());
+    if let Some(unit) = unit {
+        l.insert("unit".into(), unit.into());
     }
-    if let Some(inv) = &d.holder_invocation {
-        l.insert("invocation".into(), inv.as_str().into());
+    if let Some(inv) = invocation {
+        l.insert("invocation".into(), inv.into());
     }
     l.insert("on_release".into(), on_release.into());
     Some(Value::Object(l))
+}
+
+/// *(issue 27)* The options a `LeaseArgs` asks for; `--holder-pid`'s pidfd
+/// is opened here, so the daemon is given the process this pid is now.
+fn lease_options(lease: hypemanctl::cli::LeaseArgs) -> Result<Options, ClientError> {
+    let holder_pidfd = match lease.holder_pid {
+        Some(pid) => Some(std::sync::Arc::new(
+            hypemanctl::hold::pidfd_open(pid).map_err(|e| {
+                ClientError::InvalidArgument(format!("cannot open a pidfd of process {pid}: {e}"))
+            })?,
+        )),
+        None => None,
+    };
+    Ok(Options {
+        holder_pidfd,
+        holder_unit: lease.holder_unit,
+        on_release: lease
+            .on_release
+            .as_deref()
+            .map(hypeman_api::options::OnRelease::parse)
+            .transpose()?,
+        ..Default::default()
+    })
 }
 
 /// `lease: pid 4242 in vm-1.service (on release: detach)`, `lease: unit
@@ -479,7 +513,9 @@ fn print_vgpus(vgpus: &[hypeman_api::Vgpu], json: bool, single: bool) {
         json!({"id": v.id, "profile": v.profile, "type_id": v.type_id, "framework": v.framework,
             "parent_pci_address": v.parent_pci_address, "pci_address": v.pci_address,
             "mdev_uuid": v.mdev_uuid, "device_nodes": v.device_nodes,
-            "instance_id": v.instance_id, "created_at": v.created_at, "state": v.state})
+            "instance_id": v.instance_id, "created_at": v.created_at, "state": v.state,
+            "lease": lease_doc(v.holder_pid, v.holder_unit.as_deref(),
+                v.holder_invocation.as_deref(), v.on_release.as_deref())})
     };
     if json {
         match vgpus {
@@ -489,18 +525,24 @@ fn print_vgpus(vgpus: &[hypeman_api::Vgpu], json: bool, single: bool) {
         return;
     }
     println!(
-        "{:<24}  {:<20}  {:<12}  {:<12}  {:<8}  {:<12}  NODES",
-        "ID", "PROFILE", "FUNCTION", "PARENT", "STATE", "INSTANCE"
+        "{:<24}  {:<20}  {:<12}  {:<12}  {:<8}  {:<12}  {:<20}  NODES",
+        "ID", "PROFILE", "FUNCTION", "PARENT", "STATE", "INSTANCE", "HOLDER"
     );
     for v in vgpus {
+        let holder = match (v.holder_pid, &v.holder_unit, &v.on_release) {
+            (Some(pid), _, Some(r)) => format!("pid {pid} ({r})"),
+            (None, Some(unit), Some(r)) => format!("{unit} ({r})"),
+            _ => "-".into(),
+        };
         println!(
-            "{:<24}  {:<20}  {:<12}  {:<12}  {:<8}  {:<12}  {}",
+            "{:<24}  {:<20}  {:<12}  {:<12}  {:<8}  {:<12}  {:<20}  {}",
             v.id,
             v.profile,
             v.pci_address,
             v.parent_pci_address,
             v.state,
             v.instance_id.as_deref().unwrap_or("-"),
+            holder,
             v.device_nodes.join(",")
         );
     }

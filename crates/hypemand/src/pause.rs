@@ -20,14 +20,18 @@ pub enum Point {
     VgpuClaimed,
     /// *(issue 26)* The vGPU is written to the host, not yet marked ready.
     VgpuWritten,
+    /// *(issue 27)* A lease's holder has ended; its release is not yet
+    /// written.
+    HolderEnded,
 }
 
-const POINTS: [(&str, Point); 5] = [
+const POINTS: [(&str, Point); 6] = [
     ("journal-synced", Point::JournalSynced),
     ("snapshot-written", Point::SnapshotWritten),
     ("snapshot-renamed", Point::SnapshotRenamed),
     ("vgpu-claimed", Point::VgpuClaimed),
     ("vgpu-written", Point::VgpuWritten),
+    ("holder-ended", Point::HolderEnded),
 ];
 
 impl Point {

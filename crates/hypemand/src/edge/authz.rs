@@ -244,6 +244,7 @@ impl Authz {
         &self,
         caller: &Caller<'_>,
         req: hypeman_api::VgpuRequest,
+        lease: Option<crate::service::leases::LeaseRequest>,
     ) -> Result<hypeman_api::Vgpu, Error> {
         let plan = self.service.plan_vgpu(&req).await?;
         self.check(
@@ -252,7 +253,7 @@ impl Authz {
             &Self::details(plan.parent.record()),
         )
         .await?;
-        self.service.create_vgpu(plan, req).await
+        self.service.create_vgpu(plan, req, lease).await
     }
 
     /// *(issue 26)* Authorizes partitioning the vGPU's GPU, then deletes it.

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::io::unix::AsyncFd;
@@ -29,6 +29,7 @@ use tokio::io::Interest;
 use super::{Service, Target};
 use crate::host::units::{self, UnitError};
 use crate::store::registry::{Holder, Lease, OnRelease};
+use hypeman_api::options::pidfd_open;
 use hypeman_api::Error;
 
 /// The most of a `/proc` file read: fdinfo and stat are a few hundred bytes.
@@ -102,20 +103,6 @@ fn pidfd_signal0(fd: RawFd) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-/// `pidfd_open(pid)`.
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: the syscall reads only its arguments.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(r).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just gave us this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Whether a pidfd's process has exited (its pidfd is readable), reaped or
@@ -375,29 +362,47 @@ fn unit_of_cgroup(text: &str) -> Option<String> {
         .map(String::from)
 }
 
-/// The watches, one per leased device, by device id.
+/// What a lease holds: a device's attachment, or a vGPU.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Leased {
+    Device(String),
+    Vgpu(String),
+}
+
+impl std::fmt::Display for Leased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Leased::Device(id) => write!(f, "device {id}"),
+            Leased::Vgpu(id) => write!(f, "vGPU {id}"),
+        }
+    }
+}
+
+/// The watches, one per leased device or vGPU.
 #[derive(Default)]
 pub struct Leases {
-    watches: Mutex<HashMap<String, (Lease, tokio::task::AbortHandle)>>,
+    watches: Mutex<HashMap<Leased, (Lease, tokio::task::AbortHandle)>>,
 }
 
 impl Leases {
-    fn set(&self, id: &str, lease: Lease, task: tokio::task::AbortHandle) {
+    fn set(&self, what: Leased, lease: Lease, task: tokio::task::AbortHandle) {
         let old = self
             .watches
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), (lease, task));
+            .insert(what, (lease, task));
         if let Some((_, t)) = old {
             t.abort();
         }
     }
 
-    /// Ends the watch of `id` (of any lease, or only of `lease`).
-    fn end(&self, id: &str, lease: Option<&Lease>) {
+    /// Ends the watch of `what` (of any lease, or only of `lease`).
+    fn end(&self, what: &Leased, lease: Option<&Lease>) {
         let mut w = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if w.get(id).is_some_and(|(l, _)| lease.is_none_or(|x| x == l)) {
-            if let Some((_, t)) = w.remove(id) {
+        if w.get(what)
+            .is_some_and(|(l, _)| lease.is_none_or(|x| x == l))
+        {
+            if let Some((_, t)) = w.remove(what) {
                 // Not the running task itself: it ends by returning.
                 if lease.is_none() {
                     t.abort();
@@ -408,10 +413,10 @@ impl Leases {
 }
 
 impl Service {
-    /// Watches for the end of the holder of `id`'s `lease`.
-    fn watch_lease(&self, id: &str, lease: Lease, watch: Watch) {
+    /// Watches for the end of the holder of `what`'s `lease`.
+    fn watch_lease(&self, what: Leased, lease: Lease, watch: Watch) {
         let me = self.me.clone();
-        let (device, held) = (id.to_string(), lease.clone());
+        let (leased, held) = (what.clone(), lease.clone());
         let task = tokio::spawn(async move {
             let reason = match (watch, &held.holder) {
                 // Readable once the process has exited; an error means the
@@ -429,22 +434,26 @@ impl Service {
                 ) => match units::unit_end(&bus, name, invocation_id).await {
                     Ok(reason) => reason,
                     Err(e) => {
-                        unwatched(&device, &held, &e);
+                        unwatched(&leased, &held, &e);
                         return;
                     }
                 },
                 (Watch::Unit(_), Holder::Process { .. }) => return,
             };
+            crate::pause::at(crate::pause::Point::HolderEnded);
             if let Some(service) = me.upgrade() {
-                service.release_lease(&device, &held, &reason).await;
+                match &leased {
+                    Leased::Device(id) => service.release_lease(id, &held, &reason).await,
+                    Leased::Vgpu(id) => service.release_vgpu_lease(id, &held, &reason).await,
+                }
             }
         });
-        self.leases.set(id, lease, task.abort_handle());
+        self.leases.set(what, lease, task.abort_handle());
     }
 
-    /// Watches a lease just stored by Attach.
-    pub(super) fn start_lease(&self, id: &str, request: &LeaseRequest) {
-        self.watch_lease(id, request.lease.clone(), request.watch.clone());
+    /// Watches a lease just stored by Attach (or CreateVgpu).
+    pub(super) fn start_lease(&self, what: Leased, request: &LeaseRequest) {
+        self.watch_lease(what, request.lease.clone(), request.watch.clone());
     }
 
     /// *(issue 27)* The bus systemd is asked on about unit holders: the
@@ -458,16 +467,22 @@ impl Service {
         self.holders_bus.get()
     }
 
-    /// A Detach (or Delete) ends the watch of whatever lease `id` had.
-    pub(super) fn end_lease(&self, id: &str) {
-        self.leases.end(id, None);
+    /// A Detach (or Delete, or DeleteVgpu) ends the watch of whatever
+    /// lease `what` had.
+    pub(super) fn end_lease(&self, what: &Leased) {
+        self.leases.end(what, None);
+    }
+
+    /// A release ends the watch of `lease` (from within it: not aborted).
+    pub(super) fn end_lease_of(&self, what: &Leased, lease: &Lease) {
+        self.leases.end(what, Some(lease));
     }
 
     /// Releases `id` if it still has `lease`: the attachment is cleared
     /// and, for `give-back`, the device goes back to its host driver, under
     /// the device's lock as Detach and Unbind do.
     pub async fn release_lease(&self, id: &str, lease: &Lease, reason: &str) {
-        self.leases.end(id, Some(lease));
+        self.end_lease_of(&Leased::Device(id.to_string()), lease);
         let Some(stored) = self.snapshot().by_id(id).cloned() else {
             return;
         };
@@ -519,29 +534,37 @@ impl Service {
         }
     }
 
-    /// At start-up, before READY: each stored lease whose holder is the same
+    /// At start-up, before READY (and after the vGPU claims are resolved):
+    /// each stored lease, a device's or a vGPU's, whose holder is the same
     /// (a process of the same boot, pid and start time; a unit running the
     /// same invocation) is watched again; every other is released. A unit
     /// lease systemd cannot be asked about is kept, unwatched, and logged:
     /// releasing a device whose holder may still run is the worse mistake.
     pub async fn reconcile_leases(&self) {
-        let leased: Vec<(String, Lease)> = self
-            .snapshot()
+        let snapshot = self.snapshot();
+        let devices = snapshot
             .iter()
-            .filter_map(|d| Some((d.id.clone(), d.lease.clone()?)))
-            .collect();
-        for (id, lease) in leased {
+            .filter_map(|d| Some((Leased::Device(d.id.clone()), d.lease.clone()?)));
+        let vgpus = snapshot
+            .vgpus()
+            .filter_map(|v| Some((Leased::Vgpu(v.id.clone()), v.lease.clone()?)));
+        let leased: Vec<(Leased, Lease)> = devices.chain(vgpus).collect();
+        drop(snapshot);
+        for (what, lease) in leased {
             match recognise(&lease, self.holders_bus()).await {
                 Found::Same(watch) => {
-                    tracing::info!(device_id = %id, holder = %lease.describe(), "lease kept: the holder still runs");
-                    self.watch_lease(&id, lease, watch);
+                    tracing::info!(leased = %what, holder = %lease.describe(), "lease kept: the holder still runs");
+                    self.watch_lease(what, lease, watch);
                 }
-                Found::Gone(why) => self.release_lease(&id, &lease, &why).await,
+                Found::Gone(why) => match &what {
+                    Leased::Device(id) => self.release_lease(id, &lease, &why).await,
+                    Leased::Vgpu(id) => self.release_vgpu_lease(id, &lease, &why).await,
+                },
                 Found::Unknown(why) => tracing::warn!(
-                    device_id = %id,
+                    leased = %what,
                     holder = %lease.describe(),
                     reason = %why,
-                    "lease kept unwatched: its holder cannot be asked about; detach the device when the holder is gone"
+                    "lease kept unwatched: its holder cannot be asked about; detach the device (or delete the vGPU) when the holder is gone"
                 ),
             }
         }
@@ -549,9 +572,9 @@ impl Service {
 }
 
 /// A unit's watch ended without telling its end (systemd unreachable).
-fn unwatched(id: &str, lease: &Lease, e: &UnitError) {
+fn unwatched(what: &Leased, lease: &Lease, e: &UnitError) {
     tracing::warn!(
-        device_id = %id,
+        leased = %what,
         holder = %lease.describe(),
         error = %e,
         "cannot watch the holder unit any more: the lease stays until the device is detached"

@@ -94,6 +94,7 @@ impl DeviceView {
             None => (None, None, None, None),
         };
         let s = self.stored;
+        let lease = LeaseShown::of(s.lease.as_ref());
         Record {
             id: s.id,
             name: s.name,
@@ -114,14 +115,33 @@ impl DeviceView {
             sriov_total_vfs: sriov.map(|s| i64::from(s.total_vfs)),
             sriov_vfs: sriov.map(|s| i64::from(s.num_vfs)),
             parent: physfn.map(|p| p.to_string()),
-            holder_pid: s.lease.as_ref().and_then(|l| l.pid()).map(i64::from),
-            holder_unit: s.lease.as_ref().and_then(|l| l.unit()).map(String::from),
-            holder_invocation: s
-                .lease
-                .as_ref()
-                .and_then(|l| l.invocation())
-                .map(String::from),
-            on_release: s.lease.map(|l| l.on_release.as_str().to_string()),
+            holder_pid: lease.pid,
+            holder_unit: lease.unit,
+            holder_invocation: lease.invocation,
+            on_release: lease.on_release,
+        }
+    }
+}
+
+/// *(issue 27)* A lease as records show it (a device's or a vGPU's).
+#[derive(Debug, Default)]
+pub struct LeaseShown {
+    pub pid: Option<i64>,
+    pub unit: Option<String>,
+    pub invocation: Option<String>,
+    pub on_release: Option<String>,
+}
+
+impl LeaseShown {
+    pub fn of(lease: Option<&crate::store::registry::Lease>) -> LeaseShown {
+        let Some(l) = lease else {
+            return LeaseShown::default();
+        };
+        LeaseShown {
+            pid: l.pid().map(i64::from),
+            unit: l.unit().map(String::from),
+            invocation: l.invocation().map(String::from),
+            on_release: Some(l.on_release.as_str().to_string()),
         }
     }
 }
@@ -207,6 +227,12 @@ pub trait Publisher: Send + Sync {
     fn vgpu_created<'a>(&'a self, vgpu: &'a hypeman_api::Vgpu) -> BoxFuture<'a>;
     /// *(issue 26)* A vGPU was deleted.
     fn vgpu_deleted<'a>(&'a self, id: &'a str) -> BoxFuture<'a>;
+    /// *(issue 27)* A vGPU's instance or lease changed (a lease released).
+    fn vgpu_changed<'a>(
+        &'a self,
+        before: &'a hypeman_api::Vgpu,
+        after: &'a hypeman_api::Vgpu,
+    ) -> BoxFuture<'a>;
 }
 
 pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use super::error::{in_use, Result};
-use super::leases::{same_attachment, LeaseRequest};
+use super::leases::{same_attachment, LeaseRequest, Leased};
 use super::placement::{placement, Needed};
 use super::{DeviceView, Service, Target};
 use crate::host::HostDevice;
@@ -126,7 +126,7 @@ impl Service {
                 })
                 .await?;
             if let Some(l) = &lease {
-                self.start_lease(&stored.id, l);
+                self.start_lease(Leased::Device(stored.id.clone()), l);
             }
             tracing::info!(
                 pci_address = %stored.pci_address,
@@ -154,7 +154,7 @@ impl Service {
                     d.lease = None;
                 })
                 .await?;
-            self.end_lease(&stored.id);
+            self.end_lease(&Leased::Device(stored.id.clone()));
             tracing::info!(
                 pci_address = %stored.pci_address,
                 device_id = %stored.id,

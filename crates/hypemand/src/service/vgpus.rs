@@ -12,17 +12,21 @@
 //!   what the host shows is kept (marked ready), anything else is undone and
 //!   the claim dropped; never left unknown;
 //! - everything on one GPU happens under its lock, one at a time;
-//! - a vGPU is deleted only while no process holds its VFIO nodes.
+//! - a vGPU is deleted only while no process holds its VFIO nodes;
+//! - *(issue 27)* a vGPU made with a lease is released when its holder
+//!   ends: `detach` clears its instance (the vGPU stays made), `give-back`
+//!   deletes it, under the GPU's lock as DeleteVgpu does.
 
 use hypeman_api::gpu::{Vgpu, VgpuRequest};
 use hypeman_api::validate::validate_instance_id;
 use hypeman_api::Error;
 
 use super::error::{host_error, Result};
-use super::{Service, Target};
+use super::leases::{LeaseRequest, Leased};
+use super::{LeaseShown, Service, Target};
 use crate::host::vgpu::{Carried, Framework};
 use crate::pci::PciAddress;
-use crate::store::registry::{new_device_id, now_rfc3339};
+use crate::store::registry::{new_device_id, now_rfc3339, Lease, OnRelease};
 use crate::store::{Change, StoredVgpu};
 
 /// Where a request goes: the parent chosen, before authorization is asked
@@ -97,8 +101,14 @@ impl Service {
     }
 
     /// `CreateVgpu` on the parent `plan` chose (and authorization was asked
-    /// about): claim, write, verify, ready.
-    pub async fn create_vgpu(&self, plan: VgpuPlan, req: VgpuRequest) -> Result<Vgpu> {
+    /// about): claim, write, verify, ready; and *(issue 27)* with a lease
+    /// (its holder proven by the edge), watched from then on.
+    pub async fn create_vgpu(
+        &self,
+        plan: VgpuPlan,
+        req: VgpuRequest,
+        lease: Option<LeaseRequest>,
+    ) -> Result<Vgpu> {
         self.refuse_if_stopping()?;
         let lock = self.device_lock(plan.parent.record().pci_address);
         let _held = lock.lock().await;
@@ -145,6 +155,7 @@ impl Service {
             instance_id: req.instance_id.clone(),
             created_at: now_rfc3339(),
             ready: false,
+            lease: lease.as_ref().map(|l| l.lease.clone()),
         };
         // Claimed before the first write: a crash from here on is resolved
         // at the next start.
@@ -166,12 +177,16 @@ impl Service {
         }
         record.ready = true;
         self.commit(Change::ReplaceVgpu(record.clone())).await?;
+        if let Some(l) = &lease {
+            self.start_lease(Leased::Vgpu(record.id.clone()), l);
+        }
         tracing::info!(
             vgpu_id = %record.id,
             profile = %record.profile,
             pci_address = %record.pci_address,
             parent = %parent.name,
             instance = %record.instance_id.as_deref().unwrap_or(""),
+            holder = %record.lease.as_ref().map(Lease::describe).unwrap_or_default(),
             "vGPU made"
         );
         let v = self.vgpu_view(&record).await;
@@ -202,6 +217,12 @@ impl Service {
         let lock = self.device_lock(first.parent_pci_address);
         let _held = lock.lock().await;
         let record = self.vgpu_record(id)?;
+        self.delete_vgpu_locked(&record).await
+    }
+
+    /// Deletes `record`'s vGPU, its GPU's lock held.
+    async fn delete_vgpu_locked(&self, record: &StoredVgpu) -> Result<()> {
+        let id = record.id.as_str();
         let nodes = self
             .door
             .vfio_nodes(record.pci_address, record.mdev_uuid.as_deref())
@@ -240,11 +261,59 @@ impl Service {
             tracing::warn!(vgpu_id = %id, pci_address = %record.pci_address, "the vGPU was already gone from the host; dropping its record");
         }
         self.commit(Change::RemoveVgpu(record.id.clone())).await?;
+        self.end_lease(&Leased::Vgpu(record.id.clone()));
         tracing::info!(vgpu_id = %id, pci_address = %record.pci_address, "vGPU deleted");
         if let Some(p) = self.publisher() {
             p.vgpu_deleted(id).await;
         }
         Ok(())
+    }
+
+    /// *(issue 27)* Releases vGPU `id` if it still has `lease`, under its
+    /// GPU's lock: `give-back` deletes it as DeleteVgpu does; `detach` (or a
+    /// give-back the host refuses, say because a process still holds its
+    /// nodes) clears its instance and lease, and the vGPU stays made.
+    pub async fn release_vgpu_lease(&self, id: &str, lease: &Lease, reason: &str) {
+        self.end_lease_of(&Leased::Vgpu(id.to_string()), lease);
+        let Ok(first) = self.vgpu_record(id) else {
+            return;
+        };
+        let lock = self.device_lock(first.parent_pci_address);
+        let _held = lock.lock().await;
+        let Ok(record) = self.vgpu_record(id) else {
+            return;
+        };
+        if record.lease.as_ref() != Some(lease) {
+            return;
+        }
+        let instance = record.instance_id.clone().unwrap_or_default();
+        if lease.on_release == OnRelease::GiveBack {
+            match self.delete_vgpu_locked(&record).await {
+                Ok(()) => {
+                    tracing::info!(vgpu_id = %id, %instance, holder = %lease.describe(), %reason, "lease released: vGPU deleted");
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    vgpu_id = %id,
+                    holder = %lease.describe(),
+                    error = %e,
+                    "lease released, but the vGPU cannot be deleted: its instance is cleared instead; delete it with hypemanctl vgpu delete"
+                ),
+            }
+        }
+        let before = self.vgpu_view(&record).await;
+        let mut after = record.clone();
+        after.instance_id = None;
+        after.lease = None;
+        if let Err(e) = self.commit(Change::ReplaceVgpu(after.clone())).await {
+            tracing::warn!(vgpu_id = %id, holder = %lease.describe(), error = %e, "releasing a vGPU lease did not finish");
+            return;
+        }
+        tracing::info!(vgpu_id = %id, %instance, holder = %lease.describe(), %reason, "lease released: vGPU's instance cleared");
+        let after = self.vgpu_view(&after).await;
+        if let Some(p) = self.publisher() {
+            p.vgpu_changed(&before, &after).await;
+        }
     }
 
     /// `ListVgpus`: every vGPU record, by id.
@@ -264,6 +333,7 @@ impl Service {
             .vfio_nodes(r.pci_address, r.mdev_uuid.as_deref())
             .await
             .unwrap_or_default();
+        let lease = LeaseShown::of(r.lease.as_ref());
         Vgpu {
             id: r.id.clone(),
             profile: r.profile.clone(),
@@ -276,6 +346,10 @@ impl Service {
             instance_id: r.instance_id.clone(),
             created_at: r.created_at.clone(),
             state: if r.ready { "ready" } else { "creating" }.into(),
+            holder_pid: lease.pid,
+            holder_unit: lease.unit,
+            holder_invocation: lease.invocation,
+            on_release: lease.on_release,
         }
     }
 
@@ -351,7 +425,7 @@ mod tests {
 
     async fn create(f: &Fixture, r: VgpuRequest) -> Result<Vgpu> {
         let plan = f.service.plan_vgpu(&r).await?;
-        f.service.create_vgpu(plan, r).await
+        f.service.create_vgpu(plan, r, None).await
     }
 
     fn vgpu_writes(f: &Fixture) -> Vec<String> {
@@ -561,6 +635,7 @@ mod tests {
             instance_id: None,
             created_at: now_rfc3339(),
             ready: false,
+            lease: None,
         };
         let written = claim("0000:41:00.4");
         let unwritten = claim("0000:41:00.5");

@@ -591,7 +591,7 @@ fn encode<'a>(
     vgpus: impl Iterator<Item = &'a StoredVgpu>,
 ) -> serde_json::Result<Vec<u8>> {
     let vgpus: Vec<&StoredVgpu> = vgpus.collect();
-    let mut leased = false;
+    let mut leased = vgpus.iter().any(|v| v.lease.is_some());
     let mut body = Vec::with_capacity(64 * 1024);
     for (i, r) in records.enumerate() {
         if i > 0 {
@@ -715,7 +715,53 @@ mod tests {
             instance_id: Some("vm-1".into()),
             created_at: "2026-12-04T05:00:00Z".into(),
             ready: false,
+            lease: None,
         }
+    }
+
+    /// *(issue 27)* A vGPU's lease marks the file version 3 and its journal
+    /// line format 3, as a device's does: a daemon of before refuses both
+    /// instead of keeping the vGPU without its lease. Both come back whole.
+    #[test]
+    fn a_leased_vgpu_marks_the_file_and_the_journal_line_format_3() {
+        use crate::store::registry::{Holder, Lease, OnRelease};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut r = Registry::from_devices(vec![sample("41:00.0", "l40s")]).unwrap();
+        let mut leased = vgpu_sample("0000:41:00.4");
+        leased.ready = true;
+        leased.lease = Some(Lease {
+            holder: Holder::Unit {
+                name: "vm-1.service".into(),
+                invocation_id: "a".repeat(32),
+            },
+            on_release: OnRelease::GiveBack,
+        });
+        r.apply(Change::AddVgpu(leased.clone())).unwrap();
+        store.save(&r, 1).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(store.path()).unwrap()).unwrap();
+        assert_eq!(v["version"], 3);
+        assert_eq!(store.open().unwrap().registry, r);
+
+        let line = journal_of(&[(2, Change::ReplaceVgpu(leased.clone()))]);
+        let line: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(line["format"], 3);
+        let mut plain = leased.clone();
+        plain.lease = None;
+        let line = journal_of(&[(2, Change::ReplaceVgpu(plain))]);
+        let line: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert!(line.get("format").is_none());
+        // A bad lease is refused at load.
+        let mut bad = leased;
+        bad.lease = Some(Lease {
+            holder: Holder::Unit {
+                name: "vm-1.service".into(),
+                invocation_id: "not hex".into(),
+            },
+            on_release: OnRelease::Detach,
+        });
+        assert!(bad.validate().is_err());
     }
 
     /// *(issue 26)* vGPU records go to disk and come back, by snapshot and

@@ -12,8 +12,8 @@
 //! `{"seq":N,"replace":{record}}` or `{"seq":N,"remove":"id"}`, and *(issue
 //! 26)* `add_vgpu`, `replace_vgpu`, `remove_vgpu` the same way for vGPU
 //! records (a daemon of before refuses such a journal: nothing is dropped
-//! silently), and *(issue 27)* `"format":3` on a line whose record carries
-//! a lease, for the same reason. `seq` counts
+//! silently), and *(issue 27)* `"format":3` on a line whose record (a
+//! device's or a vGPU's) carries a lease, for the same reason. `seq` counts
 //! changes since the registry began, one by one; `devices.json` says up to
 //! which `seq` it holds, and replay skips what it already holds. The last
 //! line of each write carries `"end":true`: everything up to such a line was
@@ -85,10 +85,13 @@ pub fn encode(out: &mut Vec<u8>, seq: u64, change: &Change, end: bool) -> serde_
     if end {
         out.extend_from_slice(b"\"end\":true,");
     }
-    if let Change::Add(d) | Change::Replace(d) = change {
-        if d.lease.is_some() {
-            out.extend_from_slice(b"\"format\":3,");
-        }
+    let leased = match change {
+        Change::Add(d) | Change::Replace(d) => d.lease.is_some(),
+        Change::AddVgpu(v) | Change::ReplaceVgpu(v) => v.lease.is_some(),
+        Change::Remove(_) | Change::RemoveVgpu(_) => false,
+    };
+    if leased {
+        out.extend_from_slice(b"\"format\":3,");
     }
     let key = match change {
         Change::Add(_) => "add",

@@ -238,6 +238,10 @@ pub struct StoredVgpu {
     pub created_at: String,
     /// False between the claim and the host showing it.
     pub ready: bool,
+    /// *(issue 27)* What releases the vGPU when its holder ends: `detach`
+    /// clears `instance_id`, `give-back` deletes the vGPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
 }
 
 impl StoredVgpu {
@@ -283,6 +287,9 @@ impl StoredVgpu {
         }
         if let Some(i) = &self.instance_id {
             validate_instance_id(i).map_err(|e| e.to_string())?;
+        }
+        if let Some(lease) = &self.lease {
+            lease.validate()?;
         }
         Ok(())
     }

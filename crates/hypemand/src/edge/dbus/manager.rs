@@ -102,18 +102,23 @@ impl Manager {
             .transpose()?
             .unwrap_or_default();
         // The holder is proven before anyone is asked to authorize.
+        let lease = self.lease(&o).await?;
+        Ok(Op::Attach {
+            instance_id: instance_id.to_string(),
+            force: o.force,
+            lease,
+        })
+    }
+
+    /// The lease `o` asks for, its holder proven (Attach, CreateVgpu).
+    async fn lease(&self, o: &Options) -> Result<Option<LeaseRequest>, Error> {
         let on_release = o.on_release.unwrap_or_default();
-        let lease = match (&o.holder_pidfd, &o.holder_unit) {
+        Ok(match (&o.holder_pidfd, &o.holder_unit) {
             (Some(fd), _) => Some(LeaseRequest::on_pidfd(fd, on_release)?),
             (None, Some(unit)) => {
                 Some(LeaseRequest::on_unit(self.service.holders_bus(), unit, on_release).await?)
             }
             (None, None) => None,
-        };
-        Ok(Op::Attach {
-            instance_id: instance_id.to_string(),
-            force: o.force,
-            lease,
         })
     }
 }
@@ -289,13 +294,21 @@ impl ManagerObject {
     /// optionally `instance_id` (s), `parent` (s) and `numa_node` (u)) on
     /// the least loaded registered GPU that offers the profile; authorized
     /// as `org.hypeman.devices.partition` on that GPU. Answers the record.
+    /// *(issue 27)* `holder_pidfd` (h) or `holder_unit` (s), and
+    /// `on_release` (s), lease it as `AttachWithOptions` leases a device:
+    /// `detach` clears its instance when the holder ends, `give-back`
+    /// deletes it.
     async fn create_vgpu(
         &self,
         #[zbus(header)] header: Header<'_>,
         request: HashMap<String, OwnedValue>,
     ) -> Result<hypeman_api::Vgpu, Error> {
         let req = hypeman_api::VgpuRequest::from_dict(&request)?;
-        self.0.authz.create_vgpu(&Caller::Bus(&header), req).await
+        let lease = self.0.lease(&req.lease).await?;
+        self.0
+            .authz
+            .create_vgpu(&Caller::Bus(&header), req, lease)
+            .await
     }
 
     /// *(issue 26)* Deletes a vGPU by id; refused while a process holds its

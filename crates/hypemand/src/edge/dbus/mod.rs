@@ -171,6 +171,28 @@ struct BusPublisher {
     manager: std::sync::Weak<Manager>,
 }
 
+/// `PropertiesChanged` on `path`'s `iface`, one signal per property in
+/// the order given, as zbus's own property signals go.
+async fn properties_changed(
+    conn: &zbus::Connection,
+    path: OwnedObjectPath,
+    iface: &'static str,
+    changed: Vec<(&'static str, zbus::Variant<'static>)>,
+) -> zbus::Result<()> {
+    let emitter = zbus::object_server::SignalEmitter::new(conn, path)?;
+    let iface = zbus::names::InterfaceName::from_static_str(iface)?;
+    for (name, value) in changed {
+        zbus::fdo::Properties::properties_changed(
+            &emitter,
+            iface.clone(),
+            std::collections::HashMap::from([(name, value)]),
+            std::borrow::Cow::Borrowed(&[]),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 impl Publisher for BusPublisher {
     fn added<'a>(&'a self, device: &'a DeviceView) -> BoxFuture<'a> {
         Box::pin(async move {
@@ -206,22 +228,8 @@ impl Publisher for BusPublisher {
                 return;
             }
             let Ok(path) = device_path(id) else { return };
-            // One signal per property, as zbus's own property signals go.
-            let result = async {
-                let emitter = zbus::object_server::SignalEmitter::new(&self.conn, path)?;
-                let iface = zbus::names::InterfaceName::from_static_str(hypeman_api::DEVICE_IFACE)?;
-                for (name, value) in changed {
-                    zbus::fdo::Properties::properties_changed(
-                        &emitter,
-                        iface.clone(),
-                        std::collections::HashMap::from([(name, value)]),
-                        std::borrow::Cow::Borrowed(&[]),
-                    )
-                    .await?;
-                }
-                Ok::<(), zbus::Error>(())
-            }
-            .await;
+            let result =
+                properties_changed(&self.conn, path, hypeman_api::DEVICE_IFACE, changed).await;
             if let Err(e) = result {
                 tracing::warn!(device_id = %id, error = %e, "cannot emit PropertiesChanged");
             }
@@ -278,6 +286,27 @@ impl Publisher for BusPublisher {
             .await;
             if let Err(e) = result {
                 tracing::warn!(vgpu_id = %id, error = %e, "cannot emit VgpuDeleted");
+            }
+        })
+    }
+
+    fn vgpu_changed<'a>(
+        &'a self,
+        before: &'a hypeman_api::Vgpu,
+        after: &'a hypeman_api::Vgpu,
+    ) -> BoxFuture<'a> {
+        Box::pin(async move {
+            let changed = vgpu::changed_properties(before, after);
+            let Some(path) = hypeman_api::vgpu_path(&after.id) else {
+                return;
+            };
+            if changed.is_empty() {
+                return;
+            }
+            let result =
+                properties_changed(&self.conn, path, hypeman_api::VGPU_IFACE, changed).await;
+            if let Err(e) = result {
+                tracing::warn!(vgpu_id = %after.id, error = %e, "cannot emit PropertiesChanged");
             }
         })
     }

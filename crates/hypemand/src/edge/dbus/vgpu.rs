@@ -1,10 +1,15 @@
 //! *(issue 26)* `org.hypeman.Vgpu1` on `/org/hypeman/Vgpus/<id>`: each vGPU
 //! hypemand made, an object of its own. Exported once it is ready (at
-//! `VgpuCreated`), removed at `VgpuDeleted`; its properties never change.
+//! `VgpuCreated`), removed at `VgpuDeleted`. Only a lease's release changes
+//! its properties *(issue 27)*: the lease's, then `InstanceId`, signalled in
+//! that order.
 
 use std::sync::Arc;
 
+use zbus::Variant as Value;
 use zbus::{fdo, interface};
+
+use crate::service::LeaseShown;
 
 use super::manager::Manager;
 
@@ -25,9 +30,43 @@ impl VgpuObject {
             .vgpu_record(&self.id)
             .map_err(|e| fdo::Error::UnknownObject(e.to_string()))
     }
+
+    fn lease(&self) -> fdo::Result<LeaseShown> {
+        Ok(LeaseShown::of(self.record()?.lease.as_ref()))
+    }
 }
 
 impl super::exported::AllProperties for VgpuObject {}
+
+/// *(issue 27)* The properties that differ between `before` and `after`, in
+/// the order they are signalled: the lease's, then the instance.
+pub fn changed_properties(
+    before: &hypeman_api::Vgpu,
+    after: &hypeman_api::Vgpu,
+) -> Vec<(&'static str, Value<'static>)> {
+    type Get = fn(&hypeman_api::Vgpu) -> Value<'static>;
+    let rows: [(&'static str, Get); 5] = [
+        ("HolderInvocation", |v| {
+            v.holder_invocation.clone().unwrap_or_default().into()
+        }),
+        ("HolderPid", |v| v.holder_pid.unwrap_or(-1).into()),
+        ("HolderUnit", |v| {
+            v.holder_unit.clone().unwrap_or_default().into()
+        }),
+        ("OnRelease", |v| {
+            v.on_release.clone().unwrap_or_default().into()
+        }),
+        ("InstanceId", |v| {
+            v.instance_id.clone().unwrap_or_default().into()
+        }),
+    ];
+    rows.iter()
+        .filter_map(|(name, get)| {
+            let (b, a) = (get(before), get(after));
+            (a != b).then_some((*name, a))
+        })
+        .collect()
+}
 
 #[interface(name = "org.hypeman.Vgpu1")]
 impl VgpuObject {
@@ -73,10 +112,38 @@ impl VgpuObject {
         Ok(self.record()?.mdev_uuid.unwrap_or_default())
     }
 
-    /// The instance holding it; "" when none was given.
-    #[zbus(property(emits_changed_signal = "const"))]
+    /// The instance holding it; "" when none was given, or once a
+    /// `detach` lease was released.
+    #[zbus(property)]
     fn instance_id(&self) -> fdo::Result<String> {
         Ok(self.record()?.instance_id.unwrap_or_default())
+    }
+
+    /// *(issue 27)* The process whose end releases the vGPU, -1 without a
+    /// process lease.
+    #[zbus(property)]
+    fn holder_pid(&self) -> fdo::Result<i64> {
+        Ok(self.lease()?.pid.unwrap_or(-1))
+    }
+
+    /// *(issue 27)* The systemd unit holding the vGPU: a unit lease's, or a
+    /// process holder's own; "" when none.
+    #[zbus(property)]
+    fn holder_unit(&self) -> fdo::Result<String> {
+        Ok(self.lease()?.unit.unwrap_or_default())
+    }
+
+    /// *(issue 27)* A unit lease's InvocationID, "" for any other.
+    #[zbus(property)]
+    fn holder_invocation(&self) -> fdo::Result<String> {
+        Ok(self.lease()?.invocation.unwrap_or_default())
+    }
+
+    /// *(issue 27)* What the holder's end does: `detach` (the instance is
+    /// cleared) or `give-back` (the vGPU is deleted); "" without a lease.
+    #[zbus(property)]
+    fn on_release(&self) -> fdo::Result<String> {
+        Ok(self.lease()?.on_release.unwrap_or_default())
     }
 
     /// When it was made.
