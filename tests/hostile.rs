@@ -356,10 +356,15 @@ async fn ten_thousand_requests_in_flight_stay_within_the_memory_bound() {
 
     let rss_after = rss_kib(s.d.proc.pid());
     eprintln!("daemon RSS: {rss_before} KiB before the flood, {rss_after} KiB after");
-    // The bound we state: 10,000 queued requests may cost at most 32 MiB, and
-    // nothing is kept per answered call.
+    // The bound we state: 10,000 queued requests may cost at most 64 MiB.
+    // zbus spawns a task per call before the daemon sees it (a flood of
+    // Peer.Ping alone grew 8-22 MiB here), and the daemon's Get adds about
+    // as much; on 2 CPUs the growth measured 14-47 MiB, depending on how
+    // many calls were in flight at once, so the earlier 32 MiB failed about
+    // one run in three. A bound at the socket would stop zbus reading the
+    // replies to the daemon's own calls (polkit's) on the same connection.
     assert!(
-        rss_after < rss_before + 32 * 1024,
+        rss_after < rss_before + 64 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
     s.still_well().await;
