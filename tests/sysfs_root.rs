@@ -17,6 +17,8 @@ struct Seen {
     device: String,
     driver: Option<String>,
     group: Option<i64>,
+    /// *(issue 28)* What the daemon must make of the kernel's reset files.
+    reset_method: Option<String>,
 }
 
 fn link_target_name(p: &Path) -> Option<String> {
@@ -43,6 +45,7 @@ fn capture(tree: &SysfsTree) -> Vec<Seen> {
             "subsystem_device",
             "driver_override",
             "uevent",
+            "reset_method",
         ]
         .into_iter()
         .filter_map(|a| std::fs::read(src.join(a)).ok().map(|b| (a, b)))
@@ -50,6 +53,13 @@ fn capture(tree: &SysfsTree) -> Vec<Seen> {
         let attrs: Vec<(&str, &[u8])> = attrs.iter().map(|(a, b)| (*a, b.as_slice())).collect();
         let driver = link_target_name(&src.join("driver"));
         let group = link_target_name(&src.join("iommu_group"));
+        // `reset` is write-only: its presence is what the kernel says.
+        let resettable = src.join("reset").exists();
+        let reset_method = match std::fs::read_to_string(src.join("reset_method")) {
+            Ok(t) => Some(t.split_whitespace().collect::<Vec<_>>().join(" ")),
+            Err(_) if resettable => None,
+            Err(_) => Some(String::new()),
+        };
         tree.function(&Function {
             address: &addr,
             parent: "pci",
@@ -57,6 +67,16 @@ fn capture(tree: &SysfsTree) -> Vec<Seen> {
             driver: driver.as_deref(),
             group: group.as_deref(),
         });
+        if resettable {
+            std::fs::write(
+                tree.root()
+                    .join("bus/pci/devices")
+                    .join(&addr)
+                    .join("reset"),
+                "",
+            )
+            .unwrap();
+        }
         let hex = |a: &str| {
             std::fs::read_to_string(src.join(a))
                 .unwrap()
@@ -70,6 +90,7 @@ fn capture(tree: &SysfsTree) -> Vec<Seen> {
             address: addr,
             driver,
             group: group.and_then(|g| g.parse().ok()),
+            reset_method,
         });
     }
     seen
@@ -106,6 +127,16 @@ fn reports_what_the_real_kernel_reported() {
             Some(g) => assert_eq!(row["iommu_group"]["data"], g),
             None => assert!(row.get("iommu_group").is_none()),
         }
+        // *(issue 28)* The reset method as the kernel says it, and a
+        // function it cannot reset warned of (never blocked for it).
+        let warned = row["warnings"]["data"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["code"]["data"] == "no-reset"));
+        match &want.reset_method {
+            Some(r) => assert_eq!(row["reset_method"]["data"], r.as_str(), "{row}"),
+            None => assert!(row.get("reset_method").is_none(), "{row}"),
+        }
+        assert_eq!(warned, want.reset_method.as_deref() == Some(""), "{row}");
     }
 
     // Only a function with an IOMMU group that is not a bridge can be
@@ -143,4 +174,131 @@ fn reports_what_the_real_kernel_reported() {
         Some(d) => assert_eq!(got[0]["driver"]["data"], d.as_str()),
         None => assert!(got[0].get("driver").is_none()),
     }
+}
+
+/// *(issue 28)* On a tree in the kernel's layout: a function with
+/// `reset_method` shows its methods (`Device1.ResetMethod`, records,
+/// `hypemanctl get`); one with neither `reset_method` nor `reset` cannot be
+/// reset and is warned of (`no-reset`); one with only `reset` (a kernel
+/// before 5.15) is not said. `pcie_acs_override=` on the host root's
+/// `/proc/cmdline` is a warning on every entry, on `hypemanctl status` and
+/// on the status line. Neither blocks.
+#[test]
+fn reset_methods_and_the_acs_override_warn_and_never_block() {
+    let tree = SysfsTree::new();
+    let gpu: &[(&str, &[u8])] = &[
+        ("vendor", b"0x10de\n"),
+        ("device", b"0x27b8\n"),
+        ("class", b"0x030200\n"),
+    ];
+    for (address, group, reset) in [
+        ("0000:a2:00.0", "82", Some("flr bus\n")),
+        ("0000:a3:00.0", "83", None),
+        ("0000:a4:00.0", "84", Some("")),
+    ] {
+        let dev = tree.function(&Function {
+            address,
+            parent: "pci0000:a0",
+            attrs: gpu,
+            driver: None,
+            group: Some(group),
+        });
+        match reset {
+            Some("") => std::fs::write(dev.join("reset"), "").unwrap(),
+            Some(methods) => {
+                std::fs::write(dev.join("reset"), "").unwrap();
+                std::fs::write(dev.join("reset_method"), methods).unwrap();
+            }
+            None => {}
+        }
+    }
+    let host = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(host.path().join("proc")).unwrap();
+    std::fs::write(
+        host.path().join("proc/cmdline"),
+        "BOOT_IMAGE=/vmlinuz ro pcie_acs_override=downstream,multifunction quiet\n",
+    )
+    .unwrap();
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = tree.root().to_str().unwrap();
+    let host_root = host.path().to_str().unwrap();
+    let d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--sysfs-root", root, "--host-root", host_root],
+    );
+
+    let all = bus.manager("ListAvailable", &[]).unwrap();
+    let rows = all[0].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{all}");
+    let codes = |row: &serde_json::Value| -> Vec<String> {
+        row["warnings"]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["code"]["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(rows[0]["reset_method"]["data"], "flr bus");
+    assert_eq!(codes(&rows[0]), ["acs-override"]);
+    assert_eq!(rows[1]["reset_method"]["data"], "");
+    assert_eq!(codes(&rows[1]), ["no-reset", "acs-override"]);
+    assert!(rows[2].get("reset_method").is_none(), "{}", rows[2]);
+    assert_eq!(codes(&rows[2]), ["acs-override"]);
+    for row in rows {
+        let blockers = row["blockers"]["data"].as_array().unwrap();
+        assert!(
+            blockers.iter().all(|b| {
+                let c = b["code"]["data"].as_str().unwrap();
+                c != "no-reset" && c != "acs-override"
+            }),
+            "{row}"
+        );
+    }
+
+    // Registered: Device1 and `hypemanctl get` say it too.
+    for (address, name) in [
+        ("0000:a2:00.0", "flr"),
+        ("0000:a3:00.0", "none"),
+        ("0000:a4:00.0", "old"),
+    ] {
+        bus.manager("Register", &["ss", address, name]).unwrap();
+    }
+    let property = |name: &str| {
+        let id = bus.manager("Get", &["s", name]).unwrap()[0]["id"]["data"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let out = bus.busctl(&[
+            "get-property",
+            NAME,
+            &format!("{PATH}/{id}"),
+            "org.hypeman.Device1",
+            "ResetMethod",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(property("flr"), "s \"flr bus\"");
+    assert_eq!(property("none"), "s \"\"");
+    assert_eq!(property("old"), "s \"unknown\"");
+    let get = bus.hypemanctl(&["get", "none"]);
+    assert!(
+        String::from_utf8_lossy(&get.stdout).contains("reset method: none"),
+        "{get:?}"
+    );
+    let get = bus.hypemanctl(&["--json", "get", "flr"]);
+    let doc: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(doc["reset_method"], "flr bus", "{doc}");
+
+    let status = bus.hypemanctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("pcie_acs_override"),
+        "{status:?}"
+    );
+    let status = bus.hypemanctl(&["--json", "status"]);
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(doc["acs_override"], true, "{doc}");
+    assert!(d.log().contains("pcie_acs_override"), "{}", d.log());
 }

@@ -68,6 +68,10 @@ pub struct Record {
     /// *(issue 27)* What the holder's end does: `detach` or `give-back`;
     /// absent without a lease.
     pub on_release: Option<String>,
+    /// *(issue 28)* How the kernel can reset the function between tenants,
+    /// its `reset_method` (`flr bus`); `""`: it cannot; absent: the kernel
+    /// does not say (before 5.15), or the device is unplugged.
+    pub reset_method: Option<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`
@@ -122,6 +126,13 @@ pub struct Available {
     pub passable: bool,
     /// Why it must stay with the host, one entry per reason.
     pub blockers: Vec<Blocker>,
+    /// *(issue 28)* As in [`Record`].
+    pub reset_method: Option<String>,
+    /// *(issue 28)* What a client should know that does not block:
+    /// `no-reset` (the kernel cannot reset it between tenants) and
+    /// `acs-override` (the IOMMU groups are not isolation boundaries on this
+    /// boot), in the blockers' shape.
+    pub warnings: Vec<Blocker>,
 }
 
 /// The seed's `Device` document: exactly its keys, in its order, with

@@ -110,9 +110,13 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
                 if let (Some(o), Some(l)) = (doc.as_object_mut(), lease_json(&d)) {
                     o.insert("lease".into(), l);
                 }
+                if let (Some(o), Some(r)) = (doc.as_object_mut(), &d.reset_method) {
+                    o.insert("reset_method".into(), r.as_str().into());
+                }
                 pretty(&doc);
             } else {
                 print_devices(std::slice::from_ref(&d), json, true);
+                print_reset(d.reset_method.as_deref());
                 print_lease(&d);
                 print_tags(&d);
                 print_sriov(&d);
@@ -424,11 +428,14 @@ fn print_available(devices: &[Available], json: bool, all: bool) {
             .map(|d| {
                 let mut doc = serde_json::to_value(d.seed()).unwrap_or_default();
                 doc["passable"] = json!(d.passable);
-                doc["blockers"] = d
-                    .blockers
-                    .iter()
-                    .map(|b| json!({"code": b.code, "message": b.message, "pci_address": b.pci_address}))
-                    .collect();
+                let shape = |b: &hypeman_api::Blocker| {
+                    json!({"code": b.code, "message": b.message, "pci_address": b.pci_address})
+                };
+                doc["blockers"] = d.blockers.iter().map(shape).collect();
+                doc["warnings"] = d.warnings.iter().map(shape).collect();
+                if let Some(r) = &d.reset_method {
+                    doc["reset_method"] = json!(r);
+                }
                 doc
             })
             .collect();
@@ -470,13 +477,53 @@ fn print_available(devices: &[Available], json: bool, all: bool) {
             d.device_name
         );
     }
-    // Why each blocked function must stay with the host.
+    // Why each blocked function must stay with the host, then what does
+    // not block but should be known (the ACS override once, not per line).
     let blocked: Vec<_> = devices.iter().flat_map(|d| &d.blockers).collect();
     if !blocked.is_empty() {
         println!();
         for b in blocked {
             println!("{} [{}]: {}", b.pci_address, b.code, b.message);
         }
+    }
+    let warned: Vec<_> = devices
+        .iter()
+        .flat_map(|d| &d.warnings)
+        .filter(|w| w.code != ACS_OVERRIDE)
+        .collect();
+    if !warned.is_empty() {
+        println!();
+        for w in warned {
+            println!("warning: {} [{}]: {}", w.pci_address, w.code, w.message);
+        }
+    }
+    if acs_override(devices) {
+        println!("\nwarning: {ACS_OVERRIDE_LINE}");
+    }
+}
+
+/// *(issue 28)* The code of a boot whose IOMMU groups are overridden, as
+/// every ListAvailable entry says it.
+const ACS_OVERRIDE: &str = "acs-override";
+
+/// The ACS override, said once.
+const ACS_OVERRIDE_LINE: &str = "the kernel runs with pcie_acs_override=: IOMMU groups are not isolation boundaries, and a VM given one function may reach others";
+
+/// Whether the daemon warns of the ACS override (every entry carries it).
+fn acs_override(devices: &[Available]) -> bool {
+    devices
+        .iter()
+        .any(|d| d.warnings.iter().any(|w| w.code == ACS_OVERRIDE))
+}
+
+/// `reset method: flr bus`, or that the kernel cannot reset the device.
+fn print_reset(reset_method: Option<&str>) {
+    match reset_method {
+        Some("") => {
+            println!("reset method: none (the kernel cannot reset this device between tenants)")
+        }
+        Some(r) => println!("reset method: {r}"),
+        None => {}
     }
 }
 
@@ -593,6 +640,7 @@ async fn status(client: &Client, json: bool) -> Result<(), ClientError> {
             "attached": attached,
             "attached_without_lease": unleased,
             "host_devices": host.len(),
+            "acs_override": acs_override(&host),
         }));
     } else {
         println!("hypemand {version}");
@@ -601,6 +649,9 @@ async fn status(client: &Client, json: bool) -> Result<(), ClientError> {
             devices.len(),
             host.len()
         );
+        if acs_override(&host) {
+            println!("warning: {ACS_OVERRIDE_LINE}");
+        }
     }
     Ok(())
 }

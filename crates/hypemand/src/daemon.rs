@@ -192,8 +192,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .with_units(units);
     let commits = Commits::start(store, opened, opts.journal_limit).map_err(DaemonError::Writer)?;
     let service = Service::new(door.clone(), ids, commits);
-    if let Some(note) = load_note {
-        service.set_status_note(note);
+    // *(issue 28)* A boot whose IOMMU groups are overridden is said on the
+    // status line for as long as the daemon runs.
+    let acs_override = door.acs_override().await.unwrap_or(false);
+    if acs_override {
+        tracing::warn!(
+            "the kernel runs with pcie_acs_override=: IOMMU groups are not isolation boundaries"
+        );
+    }
+    let notes: Vec<String> = load_note
+        .into_iter()
+        .chain(acs_override.then(|| crate::service::warnings::ACS_OVERRIDE_NOTE.to_string()))
+        .collect();
+    if !notes.is_empty() {
+        service.set_status_note(notes.join("; "));
     }
 
     // Events first, enumeration second: nothing can happen in between unseen.

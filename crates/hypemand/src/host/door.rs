@@ -106,6 +106,7 @@ pub struct Door {
     walks: Arc<Walks>,
     stuck: Stuck,
     virtual_machine: Arc<tokio::sync::OnceCell<bool>>,
+    acs_override: Arc<tokio::sync::OnceCell<bool>>,
     units: Arc<Units>,
 }
 
@@ -118,6 +119,7 @@ impl Door {
             walks: Arc::default(),
             stuck: Arc::default(),
             virtual_machine: Arc::default(),
+            acs_override: Arc::default(),
             units: Arc::new(Units::None),
         }
     }
@@ -247,6 +249,19 @@ impl Door {
     pub async fn virtual_machine(&self) -> Result<bool, StepError> {
         self.virtual_machine
             .get_or_try_init(|| self.call(Key::Host, |h, _| Ok(h.virtual_machine())))
+            .await
+            .copied()
+    }
+
+    /// *(issue 28)* Whether the kernel runs with `pcie_acs_override=`: read
+    /// once, then remembered (the command line is the boot's).
+    pub async fn acs_override(&self) -> Result<bool, StepError> {
+        self.acs_override
+            .get_or_try_init(|| {
+                self.call(Key::Host, |h, _| {
+                    Ok(super::acs_override(&h.kernel_cmdline()))
+                })
+            })
             .await
             .copied()
     }

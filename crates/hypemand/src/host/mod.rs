@@ -52,6 +52,36 @@ pub struct HostDevice {
     /// *(issue 26)* A virtual function's physical function (the `physfn`
     /// link); `None` for every other function.
     pub physfn: Option<PciAddress>,
+    /// *(issue 28)* How the kernel can reset the function between tenants,
+    /// in its order of preference (`reset_method`, kernel 5.15+): `flr bus`.
+    /// `Some("")`: it cannot (the kernel hides the attribute, and `reset`,
+    /// when a function has no method). `None`: the kernel does not say (no
+    /// `reset_method` but a `reset`: a kernel before 5.15).
+    pub reset_method: Option<String>,
+}
+
+/// *(issue 28)* Whether a kernel command line has `pcie_acs_override=`
+/// (the out-of-tree ACS override patch): then the IOMMU groups the kernel
+/// reports are not isolation boundaries.
+pub fn acs_override(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("pcie_acs_override="))
+}
+
+/// *(issue 28)* A `reset_method` file's text as shown: the method names
+/// (lowercase letters, digits, `_`; at most 16 of at most 32 bytes each),
+/// one space apart. Anything else in the file is dropped.
+pub fn reset_methods(text: &str) -> String {
+    text.split_whitespace()
+        .filter(|w| {
+            w.len() <= 32
+                && w.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .take(16)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What sysfs says of a physical function's SR-IOV capability.
@@ -333,6 +363,10 @@ pub trait Host: Send + Sync + 'static {
     /// settings.
     fn virtual_machine(&self) -> bool;
 
+    /// *(issue 28)* The kernel command line (`/proc/cmdline`), at most
+    /// 4 KiB of it; empty when it cannot be read.
+    fn kernel_cmdline(&self) -> String;
+
     /// How the host uses each of its functions (mounts, swap, routed
     /// interfaces, open device nodes), walking /proc until `deadline`;
     /// functions it does not use are absent.
@@ -400,4 +434,25 @@ pub trait Host: Send + Sync + 'static {
         nodes: &[String],
         deadline: std::time::Instant,
     ) -> Result<Vec<String>, String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_acs_override_and_reset_methods_are_read_as_the_kernel_writes_them() {
+        assert!(acs_override(
+            "BOOT_IMAGE=/vmlinuz ro pcie_acs_override=downstream,multifunction quiet\n"
+        ));
+        assert!(!acs_override("ro quiet intel_iommu=on"));
+        assert!(!acs_override("xpcie_acs_override=downstream"));
+        assert_eq!(reset_methods("flr bus\n"), "flr bus");
+        assert_eq!(reset_methods("\n"), "");
+        assert_eq!(
+            reset_methods("device_specific  af_flr\tpm"),
+            "device_specific af_flr pm"
+        );
+        assert_eq!(reset_methods("flr ../../x \u{1b}[31m bus"), "flr bus");
+    }
 }

@@ -100,7 +100,25 @@ impl SysfsHost {
             // The kernel's link to the physical function's device directory,
             // whose name is its address.
             physfn: link_name(&dir.join("physfn")).and_then(|n| PciAddress::parse(&n).ok()),
+            reset_method: read_reset_method(dir),
         })
+    }
+}
+
+/// *(issue 28)* The kernel's `reset_method` (5.15+). The kernel shows the
+/// attribute, and `reset`, only for a function it can reset (their
+/// `is_visible` is `pci_reset_supported`); an admin may empty it. So: the
+/// file's methods when it is there; none when neither file is; not said
+/// when only `reset` is (a kernel before 5.15).
+fn read_reset_method(dir: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    match std::fs::File::open(dir.join("reset_method"))
+        .and_then(|f| f.take(512).read_to_string(&mut text))
+    {
+        Ok(_) => Some(crate::host::reset_methods(&text)),
+        Err(_) if dir.join("reset").exists() => None,
+        Err(_) => Some(String::new()),
     }
 }
 
@@ -149,6 +167,14 @@ impl Host for SysfsHost {
             self.root.display(),
             self.proc_root.display()
         )
+    }
+
+    fn kernel_cmdline(&self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        let _ = std::fs::File::open(self.proc_root.join("cmdline"))
+            .and_then(|f| f.take(4096).read_to_string(&mut text));
+        text
     }
 
     fn virtual_machine(&self) -> bool {

@@ -39,6 +39,7 @@ pub mod status;
 pub mod transitions;
 pub mod vgpu;
 pub mod vgpus;
+pub mod warnings;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -89,9 +90,9 @@ impl DeviceView {
     pub fn into_record(self) -> Record {
         let (iommu_group, bound_to_vfio, present) =
             (self.iommu_group(), self.bound_to_vfio(), self.present());
-        let (driver, numa_node, sriov, physfn) = match self.live {
-            Some(l) => (l.driver, l.numa_node, l.sriov, l.physfn),
-            None => (None, None, None, None),
+        let (driver, numa_node, sriov, physfn, reset_method) = match self.live {
+            Some(l) => (l.driver, l.numa_node, l.sriov, l.physfn, l.reset_method),
+            None => (None, None, None, None, None),
         };
         let s = self.stored;
         let lease = LeaseShown::of(s.lease.as_ref());
@@ -119,6 +120,7 @@ impl DeviceView {
             holder_unit: lease.unit,
             holder_invocation: lease.invocation,
             on_release: lease.on_release,
+            reset_method,
         }
     }
 }
@@ -155,6 +157,8 @@ pub struct AvailableView {
     pub device_name: String,
     pub registered_as: Option<String>,
     pub blockers: Vec<blockers::Blocker>,
+    /// *(issue 28)* What does not block but should be known.
+    pub warnings: Vec<hypeman_api::Blocker>,
 }
 
 impl AvailableView {
@@ -180,6 +184,8 @@ impl AvailableView {
                 .iter()
                 .map(blockers::Blocker::record)
                 .collect(),
+            reset_method: self.host.reset_method.clone(),
+            warnings: self.warnings.clone(),
         }
     }
 }

@@ -103,6 +103,7 @@ mod tests {
             sriov: None,
             physfn: None,
             boot_vga: false,
+            reset_method: None,
         }
     }
 

@@ -203,6 +203,7 @@ impl Service {
             .await
             .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
         let vm = self.door.virtual_machine().await.unwrap_or(false);
+        let acs_override = self.door.acs_override().await.unwrap_or(false);
         // Groups from the one enumeration: no read per function.
         let mut groups: std::collections::HashMap<u32, Vec<HostDevice>> = Default::default();
         for d in &devices {
@@ -228,6 +229,7 @@ impl Service {
                     kind: DeviceType::from_class(host.vendor, host.class),
                     registered_as: snapshot.by_address(host.address).map(|d| d.id.clone()),
                     blockers: super::blockers::of(&host, members, vm, &walked),
+                    warnings: super::warnings::of(&host, acs_override),
                     vendor_name,
                     device_name,
                     host,

@@ -372,6 +372,7 @@ mod tests {
                 boot_vga: false,
                 sriov: None,
                 physfn: None,
+                reset_method: None,
             },
             slots: vec![
                 slot("0000:41:00.4", Some(1151)),

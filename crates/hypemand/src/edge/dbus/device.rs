@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 24] = [
+static ROWS: [Row; 25] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -125,6 +125,13 @@ static ROWS: [Row; 24] = [
     ),
     row("PciAddress", "s", Emits::Const, "", |r| r.pci_address.clone().into()),
     row("Present", "b", Emits::True, "", |r| r.present.into()),
+    row(
+        "ResetMethod",
+        "s",
+        Emits::False,
+        "How the kernel can reset the function between tenants (reset_method, issue 28): \"flr bus\"; \"\" when it cannot; \"unknown\" when the kernel does not say (before 5.15) or the device is unplugged.",
+        |r| r.reset_method.clone().unwrap_or_else(|| "unknown".into()).into(),
+    ),
     row(
         "SriovTotalVfs",
         "x",

@@ -53,6 +53,9 @@ pub struct Fixture {
     /// The host is a virtual machine (for the no-IOMMU message).
     #[serde(default)]
     pub virtual_machine: bool,
+    /// *(issue 28)* The kernel command line (`/proc/cmdline`).
+    #[serde(default)]
+    pub kernel_cmdline: String,
     /// The drivers the kernel has (`[[driver]]`).
     #[serde(default, rename = "driver")]
     pub drivers: Vec<FixtureDriver>,
@@ -156,6 +159,10 @@ pub struct FixtureDevice {
     /// The firmware's console is on this device (sysfs `boot_vga`).
     #[serde(default)]
     pub boot_vga: bool,
+    /// *(issue 28)* Its `reset_method` (`"flr bus"`; `""`: the kernel
+    /// cannot reset it); absent: the kernel does not say.
+    #[serde(default)]
+    pub reset_method: Option<String>,
     /// *(issue 26)* A physical function's `sriov_totalvfs`.
     #[serde(default)]
     pub sriov_total_vfs: Option<u32>,
@@ -250,6 +257,7 @@ pub struct SimDriver {
 #[derive(Debug, Clone)]
 pub struct SimState {
     pub virtual_machine: bool,
+    pub kernel_cmdline: String,
     pub drivers: BTreeMap<String, SimDriver>,
     pub devices: BTreeMap<PciAddress, HostDevice>,
     /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
@@ -415,6 +423,7 @@ impl Fixture {
                 driver_override: None,
                 numa_node: d.numa_node.and_then(|n| u32::try_from(n).ok()),
                 boot_vga: d.boot_vga,
+                reset_method: d.reset_method.as_deref().map(crate::host::reset_methods),
                 sriov: match d.sriov_total_vfs {
                     Some(total_vfs) => Some(crate::host::Sriov {
                         total_vfs,
@@ -565,6 +574,7 @@ impl Fixture {
         }
         Ok(SimState {
             virtual_machine: self.virtual_machine,
+            kernel_cmdline: self.kernel_cmdline.clone(),
             drivers,
             devices,
             unplugged: BTreeMap::new(),

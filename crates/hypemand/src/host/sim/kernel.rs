@@ -71,6 +71,10 @@ impl Host for SimHost {
         self.state().virtual_machine
     }
 
+    fn kernel_cmdline(&self) -> String {
+        self.state().kernel_cmdline.clone()
+    }
+
     fn devices(&self) -> Result<Vec<HostDevice>, HostError> {
         Ok(self.state().devices.values().cloned().collect())
     }

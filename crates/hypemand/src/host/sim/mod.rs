@@ -286,6 +286,34 @@ mod tests {
             .all(|d| d.iommu_group.is_none()));
     }
 
+    /// *(issue 28)* A fixture's `reset_method` and `kernel_cmdline` are
+    /// what the simulated kernel shows; a virtual function can always be
+    /// reset by FLR, as SR-IOV requires.
+    #[test]
+    fn a_fixture_says_how_a_function_resets_and_what_the_kernel_was_booted_with() {
+        let text = "kernel_cmdline = \"ro pcie_acs_override=downstream\"\n\
+            [[driver]]\nname = \"vfio-pci\"\n\
+            [[device]]\naddress = \"0000:a2:00.0\"\nvendor = \"10de\"\ndevice = \"27b8\"\n\
+            class = \"030200\"\niommu_group = 82\nreset_method = \"flr  bus \\u001b\"\n\
+            [[device]]\naddress = \"0000:a3:00.0\"\nvendor = \"10de\"\ndevice = \"27b8\"\n\
+            class = \"030200\"\niommu_group = 83\nreset_method = \"\"\n\
+            [[device]]\naddress = \"0000:a4:00.0\"\nvendor = \"10de\"\ndevice = \"27b8\"\n\
+            class = \"030200\"\niommu_group = 84\n";
+        let state = Fixture::parse(Path::new("t.toml"), text)
+            .unwrap()
+            .into_state(Path::new("t.toml"))
+            .unwrap();
+        let reset = |a: &str| {
+            state.devices[&PciAddress::parse(a).unwrap()]
+                .reset_method
+                .clone()
+        };
+        assert_eq!(reset("0000:a2:00.0").as_deref(), Some("flr bus"));
+        assert_eq!(reset("0000:a3:00.0").as_deref(), Some(""));
+        assert_eq!(reset("0000:a4:00.0"), None);
+        assert!(crate::host::acs_override(&state.kernel_cmdline));
+    }
+
     #[test]
     fn bad_fixtures_are_refused_with_the_reason() {
         let p = Path::new("t.toml");

@@ -53,6 +53,8 @@ impl SimState {
                 boot_vga: false,
                 sriov: None,
                 physfn: Some(pf),
+                // SR-IOV requires FLR of every virtual function.
+                reset_method: Some("flr".into()),
                 ..parent.clone()
             };
             self.devices.insert(address, vf.clone());
