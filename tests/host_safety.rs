@@ -170,7 +170,12 @@ fn register_refuses_bridges_and_forcing_cannot_help() {
     let state = tempfile::tempdir().unwrap();
     stored_earlier(
         state.path(),
-        &[("tz4a98xxat96iws9zmbrgj3a", "old-port", "0000:00:01.0")],
+        &[(
+            "tz4a98xxat96iws9zmbrgj3a",
+            "old-port",
+            "0000:00:01.0",
+            "8086:a70d",
+        )],
     );
     let _d = Daemon::simulate(&bus, state.path(), "workstation.toml");
     let (name, text) = call_error(&bus, "Register", &["0000:00:01.0", "port"]);
@@ -503,4 +508,135 @@ fn open_by_believes_only_the_kernel_and_sees_every_fd() {
     let (name, text) = call_error(&bus, "BindWithOptions", &["gpu2", "{'force': <true>}"]);
     assert_eq!(name, "org.hypeman.Devices.Error.VfioUnavailable", "{text}");
     assert!(d.log().contains("overridden=usage-unknown"), "{}", d.log());
+}
+
+/// *(issue 28)* A swapped card: the daemon is stopped, another card (other
+/// vendor and device) is put at a registered GPU's address, and the daemon
+/// started again. The GPU was bound before, so start-up would re-bind it:
+/// nothing is written, the record and ListAvailable say `hardware-changed`
+/// with both cards, and Bind and Attach answer `HardwareChanged`. Another
+/// subsystem alone is another card too; a moved IOMMU group alone is not.
+/// Delete and Register again accept the new card.
+#[test]
+fn a_swapped_card_is_never_bound_until_it_is_registered_again() {
+    const ADDR: &str = "0000:01:00.0";
+    let card = |ids: (&str, &str, &str), sub: &str, group: u32| {
+        format!(
+            "{}subsystem_vendor = \"{}\"\nsubsystem_device = \"{sub}\"\n",
+            device(ADDR, ids, "nvidia", group),
+            ids.0
+        )
+    };
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let d = on_host(&bus, state.path(), &card(GPU, "16ca", 20));
+    bus.manager("Register", &["ss", ADDR, "gpu"]).unwrap();
+    bus.manager("Bind", &["s", "gpu"]).unwrap();
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    assert_eq!(got[0]["subsystem_device_id"]["data"], "16ca", "{got}");
+    assert_eq!(got[0]["registered_iommu_group"]["data"], 20, "{got}");
+    let mut d = d;
+    assert!(d.proc.signal_and_wait("TERM").success());
+
+    // Another vendor and device at the address.
+    let amd = ("1002", "73bf", "030000");
+    let d = on_host(&bus, state.path(), &card(amd, "0e3a", 20));
+    assert!(bus.writes().is_empty(), "written: {:?}", bus.writes());
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    let why = got[0]["hardware_changed"]["data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("10de:2684 (subsystem 10de:16ca)")
+            && why.contains("1002:73bf (subsystem 1002:0e3a)"),
+        "{why}"
+    );
+    assert_eq!(got[0]["bound_to_vfio"]["data"], false);
+    let blockers = blockers_of(&bus, ADDR);
+    assert!(
+        blockers
+            .iter()
+            .any(|(c, m)| c == "hardware-changed" && *m == why),
+        "{blockers:?}"
+    );
+    let text = bus.hypemanctl(&["get", "gpu"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("hardware changed: "),
+        "{text:?}"
+    );
+    for (method, args) in [
+        ("Bind", vec!["gpu"]),
+        ("Attach", vec!["gpu", "vm-1"]),
+        ("BindWithOptions", vec!["gpu", "{'force': <true>}"]),
+    ] {
+        let (name, message) = call_error(&bus, method, &args);
+        assert_eq!(
+            name, "org.hypeman.Devices.Error.HardwareChanged",
+            "{method}"
+        );
+        assert!(message.contains("register it again"), "{method}: {message}");
+    }
+    assert!(bus.writes().is_empty(), "written: {:?}", bus.writes());
+    assert!(d.log().contains("hardware changed"), "{}", d.log());
+
+    // Delete and Register again: the new card is accepted.
+    bus.manager("Delete", &["s", "gpu"]).unwrap();
+    bus.manager("Register", &["ss", ADDR, "gpu"]).unwrap();
+    bus.manager("Bind", &["s", "gpu"]).unwrap();
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    assert!(got[0].get("hardware_changed").is_none(), "{got}");
+    let mut d = d;
+    assert!(d.proc.signal_and_wait("TERM").success());
+
+    // The same chip from another board maker (subsystem): another card.
+    let d = on_host(&bus, state.path(), &card(amd, "0e3b", 20));
+    let (name, _) = call_error(&bus, "Attach", &["gpu", "vm-1"]);
+    assert_eq!(name, "org.hypeman.Devices.Error.HardwareChanged");
+    let mut d = d;
+    assert!(d.proc.signal_and_wait("TERM").success());
+
+    // The same card in another IOMMU group (a firmware update): re-bound at
+    // start-up as before, the move logged, and both numbers shown.
+    let d = on_host(&bus, state.path(), &card(amd, "0e3a", 21));
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    assert!(got[0].get("hardware_changed").is_none(), "{got}");
+    assert_eq!(got[0]["bound_to_vfio"]["data"], true, "{got}");
+    assert_eq!(got[0]["iommu_group"]["data"], 21);
+    assert_eq!(got[0]["registered_iommu_group"]["data"], 20);
+    assert!(
+        d.log().contains("IOMMU group number changed"),
+        "{}",
+        d.log()
+    );
+}
+
+/// *(issue 28)* A record stored before identities existed takes the
+/// identity of the card at its address at the first start that sees it.
+#[test]
+fn a_record_of_before_learns_its_identity_at_start() {
+    const ADDR: &str = "0000:01:00.0";
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let host = format!(
+        "{}subsystem_vendor = \"10de\"\nsubsystem_device = \"16ca\"\n",
+        device(ADDR, GPU, "nvidia", 20)
+    );
+    let mut d = on_host(&bus, state.path(), &host);
+    bus.manager("Register", &["ss", ADDR, "gpu"]).unwrap();
+    assert!(d.proc.signal_and_wait("TERM").success());
+    let file = state.path().join("devices.json");
+    let mut doc: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert!(doc["devices"][0]["identity"].is_object(), "{doc}");
+    doc["devices"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("identity");
+    std::fs::write(&file, doc.to_string()).unwrap();
+
+    let d = on_host(&bus, state.path(), &host);
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    assert_eq!(got[0]["subsystem_vendor_id"]["data"], "10de", "{got}");
+    assert_eq!(got[0]["subsystem_device_id"]["data"], "16ca", "{got}");
+    assert!(d.log().contains("took the identity"), "{}", d.log());
 }

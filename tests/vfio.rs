@@ -174,7 +174,7 @@ fn delete_gives_a_bound_device_back() {
 fn no_iommu_refuses_and_changes_nothing() {
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
-    stored_earlier(state.path(), &[(OLD_ID, "l4-gpu", GPU)]);
+    stored_earlier(state.path(), &[(OLD_ID, "l4-gpu", GPU, "10de:27b8")]);
     let _d = Daemon::simulate(&bus, state.path(), "no-iommu.toml");
     assert_eq!(
         error_name(&bus, "Register", &[GPU, "again"]),

@@ -63,14 +63,17 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Writes `devices.json` into `state_dir` as an earlier version stored it
-/// (before a daemon starts): one L4 GPU record per `(id, name, address)`.
-pub fn stored_earlier(state_dir: &Path, records: &[(&str, &str, &str)]) {
+/// (before a daemon starts, without an identity): one record per `(id,
+/// name, address, "vvvv:dddd")`, of the card at that address (another would
+/// be refused as `HardwareChanged`, issue 28).
+pub fn stored_earlier(state_dir: &Path, records: &[(&str, &str, &str, &str)]) {
     let devices: Vec<Value> = records
         .iter()
-        .map(|(id, name, addr)| {
+        .map(|(id, name, addr, ids)| {
+            let (vendor, device) = ids.split_once(':').expect("vvvv:dddd");
             serde_json::json!({
                 "id": id, "name": name, "pci_address": addr,
-                "vendor_id": "10de", "device_id": "27b8", "type": "gpu",
+                "vendor_id": vendor, "device_id": device, "type": "gpu",
                 "created_at": "2025-01-15T10:00:00Z", "want_vfio": false
             })
         })

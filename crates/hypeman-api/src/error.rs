@@ -99,6 +99,10 @@ error_table! {
     /// Too much is in flight (authorization checks, most often): nothing was
     /// changed; try again in a moment.
     Busy => "org.hypeman.Devices.Error.Busy",
+    /// *(issue 28)* Another card than the one registered sits at the
+    /// address (another vendor, device or subsystem): it is never bound or
+    /// attached; delete the record and register again to accept it.
+    HardwareChanged => "org.hypeman.Devices.Error.HardwareChanged",
     /// polkit (or, without polkitd, the uid rule) said no. The bus's standard
     /// name, so every D-Bus client knows what it means.
     AccessDenied => "org.freedesktop.DBus.Error.AccessDenied",
@@ -169,6 +173,7 @@ mod tests {
             Error::AccessDenied("m".into()),
             Error::InteractiveAuthorizationRequired("m".into()),
             Error::Timeout("m".into()),
+            Error::HardwareChanged("m".into()),
         ];
         for e in all {
             assert_eq!(Error::from_name(e.error_name(), "m".into()), e);

@@ -72,6 +72,18 @@ pub struct Record {
     /// its `reset_method` (`flr bus`); `""`: it cannot; absent: the kernel
     /// does not say (before 5.15), or the device is unplugged.
     pub reset_method: Option<String>,
+    /// *(issue 28)* The subsystem vendor id registered (4 hex digits);
+    /// absent for a record of before until the device is seen.
+    pub subsystem_vendor_id: Option<String>,
+    /// *(issue 28)* The subsystem device id registered, likewise.
+    pub subsystem_device_id: Option<String>,
+    /// *(issue 28)* The IOMMU group number at registration (`iommu_group`
+    /// is the group now); absent when not known.
+    pub registered_iommu_group: Option<i64>,
+    /// *(issue 28)* Another card sits at the address than the one
+    /// registered: what was registered and what is there now. Absent when
+    /// it is the same (or unplugged).
+    pub hardware_changed: Option<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`

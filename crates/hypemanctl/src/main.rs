@@ -113,9 +113,15 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
                 if let (Some(o), Some(r)) = (doc.as_object_mut(), &d.reset_method) {
                     o.insert("reset_method".into(), r.as_str().into());
                 }
+                if let (Some(o), Some(h)) = (doc.as_object_mut(), &d.hardware_changed) {
+                    o.insert("hardware_changed".into(), h.as_str().into());
+                }
                 pretty(&doc);
             } else {
                 print_devices(std::slice::from_ref(&d), json, true);
+                if let Some(h) = &d.hardware_changed {
+                    println!("hardware changed: {h}");
+                }
                 print_reset(d.reset_method.as_deref());
                 print_lease(&d);
                 print_tags(&d);

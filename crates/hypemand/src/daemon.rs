@@ -239,6 +239,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     tracing::debug!(elapsed_ms = ms(), "host enumerated");
     // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.
+    // *(issue 28)* Before anything is re-bound: identities learned, a card
+    // that is not the registered one said.
+    service.check_identities().await;
     service.reconcile().await;
     // vGPUs claimed before a crash: kept or undone before anyone is answered.
     service.reconcile_vgpus().await;

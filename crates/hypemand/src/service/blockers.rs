@@ -46,6 +46,8 @@ pub enum Kind {
     VfsEnabled,
     /// *(issue 26)* A GPU whose functions carry vGPUs.
     Vgpus,
+    /// *(issue 28)* Another card than the one registered sits at the address.
+    HardwareChanged,
 }
 
 /// How a blocker stands in the way.
@@ -76,13 +78,14 @@ impl Kind {
             Kind::Group { .. } => "group",
             Kind::VfsEnabled => "vfs-enabled",
             Kind::Vgpus => "vgpus",
+            Kind::HardwareChanged => "hardware-changed",
         }
     }
 
     /// How strongly it blocks.
     pub const fn strength(self) -> Strength {
         match self {
-            Kind::NoIommu | Kind::Bridge => Strength::Hard,
+            Kind::NoIommu | Kind::Bridge | Kind::HardwareChanged => Strength::Hard,
             Kind::VfsEnabled | Kind::Vgpus => Strength::Partitioned,
             Kind::BootVga
             | Kind::Mounted
@@ -104,6 +107,7 @@ impl Kind {
         match self {
             Kind::NoIommu => Error::NoIommu(message),
             Kind::Bridge => Error::NotPassable(message),
+            Kind::HardwareChanged => Error::HardwareChanged(message),
             Kind::UsageUnknown | Kind::Group { unknown: true } => Error::Busy(message),
             Kind::BootVga
             | Kind::Mounted
@@ -456,11 +460,21 @@ impl super::Service {
     }
 }
 
+/// *(issue 28)* The `hardware-changed` blocker of a registered device
+/// whose address now holds another card.
+pub fn hardware_changed(stored: &crate::store::StoredDevice, host: &HostDevice) -> Option<Blocker> {
+    super::identity::changed(stored, host).map(|message| Blocker {
+        kind: Kind::HardwareChanged,
+        message,
+        address: host.address,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 12] = [
         Kind::NoIommu,
         Kind::Bridge,
         Kind::BootVga,
@@ -472,6 +486,7 @@ mod tests {
         Kind::Group { unknown: true },
         Kind::VfsEnabled,
         Kind::Vgpus,
+        Kind::HardwareChanged,
     ];
 
     /// Each kind refuses with its own error: the hard ones with the typed
@@ -485,16 +500,17 @@ mod tests {
             let expected = match kind.code() {
                 "no-iommu" => Error::NoIommu("m".into()),
                 "bridge" => Error::NotPassable("m".into()),
+                "hardware-changed" => Error::HardwareChanged("m".into()),
                 _ if kind.unknown() => Error::Busy("m".into()),
                 _ => Error::HostInUse("m".into()),
             };
             assert_eq!(e, expected, "{kind:?}");
-            let hard = matches!(kind.code(), "no-iommu" | "bridge");
+            let hard = matches!(kind.code(), "no-iommu" | "bridge" | "hardware-changed");
             assert_eq!(kind.strength() == Strength::Hard, hard, "{kind:?}");
         }
         let mut codes: Vec<&str> = ALL.iter().map(|k| k.code()).collect();
         codes.dedup();
-        assert_eq!(codes.len(), 10, "one code per kind: {codes:?}");
+        assert_eq!(codes.len(), 11, "one code per kind: {codes:?}");
         let partitioned: Vec<Kind> = ALL
             .into_iter()
             .filter(|k| k.strength() == Strength::Partitioned)

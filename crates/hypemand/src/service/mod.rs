@@ -29,6 +29,7 @@ pub mod commit;
 pub mod error;
 pub mod group;
 pub mod hotplug;
+pub mod identity;
 pub mod leases;
 pub mod placement;
 pub mod registry;
@@ -90,12 +91,17 @@ impl DeviceView {
     pub fn into_record(self) -> Record {
         let (iommu_group, bound_to_vfio, present) =
             (self.iommu_group(), self.bound_to_vfio(), self.present());
+        let hardware_changed = self
+            .live
+            .as_ref()
+            .and_then(|l| identity::changed(&self.stored, l));
         let (driver, numa_node, sriov, physfn, reset_method) = match self.live {
             Some(l) => (l.driver, l.numa_node, l.sriov, l.physfn, l.reset_method),
             None => (None, None, None, None, None),
         };
         let s = self.stored;
         let lease = LeaseShown::of(s.lease.as_ref());
+        let registered = s.identity.as_ref();
         Record {
             id: s.id,
             name: s.name,
@@ -121,6 +127,10 @@ impl DeviceView {
             holder_invocation: lease.invocation,
             on_release: lease.on_release,
             reset_method,
+            subsystem_vendor_id: registered.map(|i| i.subsystem_vendor.clone()),
+            subsystem_device_id: registered.map(|i| i.subsystem_device.clone()),
+            registered_iommu_group: registered.and_then(|i| i.iommu_group).map(i64::from),
+            hardware_changed,
         }
     }
 }

@@ -79,6 +79,7 @@ impl Service {
             want_vfio: false,
             tags,
             lease: None,
+            identity: Some(super::identity::of(&host)),
         };
 
         // Under the address's lock, so a Delete of this device cannot be
@@ -187,9 +188,9 @@ impl Service {
             return Ok(Vec::new());
         };
         let members = self.door.read_group(&dev).await?;
-        Ok(self
-            .blockers_now(&dev, &members)
-            .await?
+        let mut blockers = self.blockers_now(&dev, &members).await?;
+        blockers.extend(super::blockers::hardware_changed(&stored, &dev));
+        Ok(blockers
             .iter()
             .map(super::blockers::Blocker::record)
             .collect())
@@ -225,10 +226,15 @@ impl Service {
                     .and_then(|g| groups.get(&g))
                     .map(Vec::as_slice)
                     .unwrap_or_default();
+                let registered = snapshot.by_address(host.address);
+                let mut blockers = super::blockers::of(&host, members, vm, &walked);
+                if let Some(s) = registered {
+                    blockers.extend(super::blockers::hardware_changed(s, &host));
+                }
                 AvailableView {
                     kind: DeviceType::from_class(host.vendor, host.class),
-                    registered_as: snapshot.by_address(host.address).map(|d| d.id.clone()),
-                    blockers: super::blockers::of(&host, members, vm, &walked),
+                    registered_as: registered.map(|d| d.id.clone()),
+                    blockers,
                     warnings: super::warnings::of(&host, acs_override),
                     vendor_name,
                     device_name,

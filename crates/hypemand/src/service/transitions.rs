@@ -177,6 +177,11 @@ impl Service {
         force: bool,
     ) -> Result<(DeviceView, DeviceView)> {
         let dev = live.ok_or_else(|| super::seen::absent(&s))?;
+        // *(issue 28)* Another card than the one registered: never moved,
+        // forced or not, and nothing written.
+        if let Some(e) = super::identity::refusal(&s, &dev) {
+            return Err(e);
+        }
         let before = self.view(s.clone(), Some(dev.clone()));
         let on_vfio = placement(&s, Some(&dev)).on_vfio();
         // Hard blockers (no IOMMU, a bridge) and partitions (virtual

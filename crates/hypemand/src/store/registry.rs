@@ -42,6 +42,50 @@ pub struct StoredDevice {
     /// only with `attached_to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
+    /// *(issue 28)* What sat at the address when it was registered, besides
+    /// `vendor_id` and `device_id`; absent in records of before, until the
+    /// first start that sees the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+}
+
+/// *(issue 28)* The hardware a record was registered for: compared with
+/// what sits at its address at start-up and at every re-claim, so a card
+/// swapped into the slot is never bound or passed to a VM in its place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// 4 lowercase hex digits (`0000` when the function has none).
+    pub subsystem_vendor: String,
+    pub subsystem_device: String,
+    /// The 24-bit class code, 6 lowercase hex digits.
+    pub class: String,
+    /// The IOMMU group number then (it may change with firmware or the
+    /// kernel: a change alone is shown, never refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+}
+
+impl Identity {
+    fn validate(&self) -> Result<(), String> {
+        for (what, v, n) in [
+            ("subsystem_vendor", &self.subsystem_vendor, 4),
+            ("subsystem_device", &self.subsystem_device, 4),
+            ("class", &self.class, 6),
+        ] {
+            if v.len() != n
+                || !v
+                    .bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            {
+                return Err(format!(
+                    "identity {what} {:?} is not {n} lowercase hex digits",
+                    shorten(v)
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// *(issue 27)* A lease: the holder whose end releases an attachment, and
@@ -192,6 +236,9 @@ impl StoredDevice {
             }
         }
         validate_tags(&self.tags).map_err(|e| e.to_string())?;
+        if let Some(identity) = &self.identity {
+            identity.validate()?;
+        }
         if let Some(lease) = &self.lease {
             if self.attached_to.is_none() {
                 return Err("a lease without an attachment".into());
@@ -610,6 +657,7 @@ pub(crate) mod tests {
             want_vfio: false,
             tags: BTreeMap::new(),
             lease: None,
+            identity: None,
         }
     }
 

@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 25] = [
+static ROWS: [Row; 26] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -80,6 +80,13 @@ static ROWS: [Row; 25] = [
     row("Driver", "s", Emits::True, "The bound driver, \"\" when none.", |r| {
         r.driver.clone().unwrap_or_default().into()
     }),
+    row(
+        "HardwareChanged",
+        "s",
+        Emits::False,
+        "Another card sits at the address than the one registered (issue 28): what was registered and what is there; \"\" when it is the same.",
+        |r| r.hardware_changed.clone().unwrap_or_default().into(),
+    ),
     row(
         "HolderInvocation",
         "s",

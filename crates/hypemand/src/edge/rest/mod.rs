@@ -147,6 +147,7 @@ impl From<Error> for ApiError {
             Error::NoIommu(_) => (S::CONFLICT, "no_iommu"),
             Error::NotPassable(_) => (S::CONFLICT, "not_passable"),
             Error::HostInUse(_) => (S::CONFLICT, "host_in_use"),
+            Error::HardwareChanged(_) => (S::CONFLICT, "hardware_changed"),
             Error::AccessDenied(_) | Error::InteractiveAuthorizationRequired(_) => {
                 (S::FORBIDDEN, "forbidden")
             }
@@ -283,6 +284,17 @@ pub use socket::{activated, listen, SocketError};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// *(issue 28)* Another card at a registered address is Hypeman's 409,
+    /// `hardware_changed`, with the daemon's message.
+    #[test]
+    fn a_changed_card_is_a_conflict() {
+        let e = ApiError::from(Error::HardwareChanged("another card".into()));
+        assert_eq!(
+            (e.status, e.code, e.message.as_str()),
+            (StatusCode::CONFLICT, "hardware_changed", "another card")
+        );
+    }
 
     #[test]
     fn tag_filters() {
