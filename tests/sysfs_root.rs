@@ -302,3 +302,104 @@ fn reset_methods_and_the_acs_override_warn_and_never_block() {
     assert_eq!(doc["acs_override"], true, "{doc}");
     assert!(d.log().contains("pcie_acs_override"), "{}", d.log());
 }
+
+/// *(issue 28)* The vfio driver of each function, from the running kernel's
+/// `modules.alias` under `--host-root` (`lib/modules/<osrelease>/`, the
+/// release read from the host root's `/proc/sys/kernel/osrelease`), in the
+/// lines depmod writes: a Grace Hopper GPU (10de:2342) gets
+/// `nvgrace_gpu_vfio_pci`, a ConnectX-7 virtual function (15b3:101e)
+/// `mlx5_vfio_pci`, and an L4 the catch-all's `vfio-pci`. A function bound
+/// to a variant counts as on vfio (`vfio-dev/` too proves it).
+#[test]
+fn the_vfio_driver_is_the_best_alias_of_the_kernels_modules() {
+    let tree = SysfsTree::new();
+    for (address, group, ids, driver) in [
+        ("0009:01:00.0", "9", ("0x10de", "0x2342", "0x030200"), None),
+        (
+            "0009:02:00.1",
+            "10",
+            ("0x15b3", "0x101e", "0x020000"),
+            Some("mlx5_vfio_pci"),
+        ),
+        ("0000:a2:00.0", "82", ("0x10de", "0x27b8", "0x030200"), None),
+    ] {
+        let attrs: &[(&str, &[u8])] = &[
+            ("vendor", ids.0.as_bytes()),
+            ("device", ids.1.as_bytes()),
+            ("class", ids.2.as_bytes()),
+            ("subsystem_vendor", ids.0.as_bytes()),
+            ("subsystem_device", b"0x0001"),
+        ];
+        let dev = tree.function(&Function {
+            address,
+            parent: "pci0009:00",
+            attrs,
+            driver,
+            group: Some(group),
+        });
+        if driver.is_some() {
+            std::fs::create_dir_all(dev.join("vfio-dev/vfio3")).unwrap();
+        }
+    }
+    let host = tempfile::tempdir().unwrap();
+    let release = "6.12.48+deb13-arm64";
+    std::fs::create_dir_all(host.path().join("proc/sys/kernel")).unwrap();
+    std::fs::write(
+        host.path().join("proc/sys/kernel/osrelease"),
+        format!("{release}\n"),
+    )
+    .unwrap();
+    let modules = host.path().join("lib/modules").join(release);
+    std::fs::create_dir_all(&modules).unwrap();
+    std::fs::write(
+        modules.join("modules.alias"),
+        "# Aliases extracted from modules themselves.\n\
+         alias pci:v000010DEd*sv*sd*bc03sc*i* nouveau\n\
+         alias vfio_pci:v000015B3d0000101Esv*sd*bc*sc*i* mlx5_vfio_pci\n\
+         alias vfio_pci:v000010DEd00002342sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n\
+         alias vfio_pci:v000010DEd00002345sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n\
+         alias vfio_pci:v000010DEd00002348sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n\
+         alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n",
+    )
+    .unwrap();
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = tree.root().to_str().unwrap();
+    let d = Daemon::start(
+        &bus,
+        state.path(),
+        &[
+            "--sysfs-root",
+            root,
+            "--host-root",
+            host.path().to_str().unwrap(),
+        ],
+    );
+    let all = bus.manager("ListAvailable", &[]).unwrap();
+    let rows = all[0].as_array().unwrap();
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["pci_address"]["data"].as_str().unwrap().to_string(),
+                r["vfio_driver"]["data"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("0000:a2:00.0".to_string(), "vfio-pci".to_string()),
+            (
+                "0009:01:00.0".to_string(),
+                "nvgrace_gpu_vfio_pci".to_string()
+            ),
+            ("0009:02:00.1".to_string(), "mlx5_vfio_pci".to_string()),
+        ]
+    );
+    bus.manager("Register", &["ss", "0009:02:00.1", "cx7-vf"])
+        .unwrap();
+    let vf = bus.manager("Get", &["s", "cx7-vf"]).unwrap();
+    assert_eq!(vf[0]["bound_to_vfio"]["data"], true, "{vf}");
+    assert!(d.log().contains("variants=2"), "{}", d.log());
+}

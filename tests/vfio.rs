@@ -654,3 +654,84 @@ fn hypemanctl_available_shows_blockers() {
     );
     assert!(text.contains("0000:00:01.0 [bridge]:"), "{text}");
 }
+
+/// *(issue 28)* The driver the kernel means: on a Grace Hopper fixture, the
+/// GH200 goes to `nvgrace_gpu_vfio_pci` (modprobed first, bound through
+/// `driver_override`, as the simulated kernel binds a variant only when
+/// asked), counts as on vfio (`BoundToVfio`, a VF on `mlx5_vfio_pci` in its
+/// group cedes, so Attach may take the group), and goes back to `nvidia`;
+/// an L4 still takes `vfio-pci`. ListAvailable, records and
+/// `Device1.VfioDriver` say which driver Bind uses.
+#[test]
+fn a_variant_driver_is_chosen_bound_and_counted_as_vfio() {
+    const GH: &str = "0009:01:00.0";
+    const VF: &str = "0009:02:00.1";
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::simulate(&bus, state.path(), "grace-hopper.toml");
+    let available = bus.manager("ListAvailable", &[]).unwrap();
+    let driver_of = |a: &str| {
+        available[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["pci_address"]["data"] == a)
+            .map(|r| r["vfio_driver"]["data"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(driver_of(GH), "nvgrace_gpu_vfio_pci");
+    assert_eq!(driver_of(VF), "mlx5_vfio_pci");
+    assert_eq!(driver_of("0000:a2:00.0"), "vfio-pci");
+
+    let (path, _) = {
+        let r = bus.manager("Register", &["ss", GH, "gh200"]).unwrap();
+        (r[0].as_str().unwrap().to_string(), r)
+    };
+    let mut signals = Signals::watch(&bus, Some(&path));
+    bus.manager("Attach", &["ss", "gh200", "vm-1"]).unwrap();
+    signals.wait_set(Some(&path), "BoundToVfio", true);
+    assert_eq!(bus.host_driver(GH).as_deref(), Some("nvgrace_gpu_vfio_pci"));
+    let writes = bus.writes();
+    assert!(
+        writes.contains(&format!("set_override {GH} nvgrace_gpu_vfio_pci")),
+        "{writes:?}"
+    );
+    // Not loaded at boot: modprobed before the override was written.
+    assert!(
+        d.log().contains("simulator: module loaded") && d.log().contains("nvgrace_gpu_vfio_pci"),
+        "{}",
+        d.log()
+    );
+    let got = bus.manager("Get", &["s", "gh200"]).unwrap();
+    assert_eq!(got[0]["bound_to_vfio"]["data"], true, "{got}");
+    assert_eq!(got[0]["vfio_driver"]["data"], "nvgrace_gpu_vfio_pci");
+    let out = bus.busctl(&[
+        "get-property",
+        NAME,
+        &path,
+        "org.hypeman.Device1",
+        "VfioDriver",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "s \"nvgrace_gpu_vfio_pci\""
+    );
+
+    bus.manager("Detach", &["s", "gh200"]).unwrap();
+    bus.manager("Unbind", &["s", "gh200"]).unwrap();
+    assert_eq!(bus.host_driver(GH).as_deref(), Some("nvidia"));
+
+    bus.manager("Register", &["ss", "0000:a2:00.0", "l4"])
+        .unwrap();
+    bus.manager("Bind", &["s", "l4"]).unwrap();
+    assert_eq!(bus.host_driver("0000:a2:00.0").as_deref(), Some("vfio-pci"));
+    let out = bus.hypemanctl(&["--json", "available", "--all"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gh = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pci_address"] == GH)
+        .unwrap();
+    assert_eq!(gh["vfio_driver"], "nvgrace_gpu_vfio_pci", "{gh}");
+}

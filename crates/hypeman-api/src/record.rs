@@ -84,6 +84,10 @@ pub struct Record {
     /// registered: what was registered and what is there now. Absent when
     /// it is the same (or unplugged).
     pub hardware_changed: Option<String>,
+    /// *(issue 28)* The vfio driver the function is on, or that Bind would
+    /// use: `vfio-pci`, or the variant the kernel's `modules.alias` names
+    /// for it (`nvgrace_gpu_vfio_pci`). Absent while unplugged.
+    pub vfio_driver: Option<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`
@@ -140,6 +144,8 @@ pub struct Available {
     pub blockers: Vec<Blocker>,
     /// *(issue 28)* As in [`Record`].
     pub reset_method: Option<String>,
+    /// *(issue 28)* As in [`Record`].
+    pub vfio_driver: Option<String>,
     /// *(issue 28)* What a client should know that does not block:
     /// `no-reset` (the kernel cannot reset it between tenants) and
     /// `acs-override` (the IOMMU groups are not isolation boundaries on this

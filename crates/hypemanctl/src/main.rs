@@ -442,6 +442,9 @@ fn print_available(devices: &[Available], json: bool, all: bool) {
                 if let Some(r) = &d.reset_method {
                     doc["reset_method"] = json!(r);
                 }
+                if let Some(v) = &d.vfio_driver {
+                    doc["vfio_driver"] = json!(v);
+                }
                 doc
             })
             .collect();

@@ -28,6 +28,9 @@ pub struct Options {
     pub sysfs_root: PathBuf,
     /// procfs, for how the host uses its devices.
     pub proc_root: PathBuf,
+    /// *(issue 28)* The kernel modules' directory (`modules.alias` names
+    /// the vfio variant drivers).
+    pub modules_root: PathBuf,
     /// Where Hypeman's REST API is served (systemd's socket wins); none: not.
     pub api_socket: Option<PathBuf>,
     /// A fixture: serve a simulated host instead of sysfs.
@@ -156,7 +159,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let (sim, opened, ids) = (sim?, opened?, ids?);
     let host: Arc<dyn Host> = match &sim {
         Some(sim) => sim.clone(),
-        None => Arc::new(SysfsHost::new(&opts.sysfs_root).with_proc(&opts.proc_root)),
+        None => Arc::new(
+            SysfsHost::new(&opts.sysfs_root)
+                .with_proc(&opts.proc_root)
+                .with_modules(&opts.modules_root),
+        ),
     };
     let running_kernel = opts.sysfs_root == std::path::Path::new("/sys");
     // Services that hold devices are systemd's on the running kernel, the
@@ -239,8 +246,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     tracing::debug!(elapsed_ms = ms(), "host enumerated");
     // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.
-    // *(issue 28)* Before anything is re-bound: identities learned, a card
-    // that is not the registered one said.
+    // *(issue 28)* Before anything is re-bound: the vfio variant drivers
+    // this kernel has, identities learned, a card that is not the
+    // registered one said.
+    let variants = door.load_vfio_aliases().await;
+    tracing::info!(variants, "vfio variant drivers named by modules.alias");
     service.check_identities().await;
     service.reconcile().await;
     // vGPUs claimed before a crash: kept or undone before anyone is answered.

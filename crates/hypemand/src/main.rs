@@ -95,6 +95,7 @@ fn main() -> ExitCode {
             .sysfs_root
             .unwrap_or_else(|| args.host_root.join("sys")),
         proc_root: args.host_root.join("proc"),
+        modules_root: args.host_root.join("lib/modules"),
         api_socket: match args.api_socket {
             Some(p) if p.as_os_str() == "none" => None,
             Some(p) => Some(p),

@@ -253,6 +253,20 @@ impl Door {
             .copied()
     }
 
+    /// *(issue 28)* Reads the host's `alias vfio_pci:` table once, for the
+    /// daemon's life ([`super::variant`]); says how many variant drivers it
+    /// names.
+    pub async fn load_vfio_aliases(&self) -> usize {
+        let text = self
+            .call(Key::Host, |h, _| Ok(h.vfio_aliases()))
+            .await
+            .unwrap_or_default();
+        let table = super::variant::VfioAliases::parse(&text);
+        let variants = table.variants();
+        super::variant::set_table(table);
+        variants
+    }
+
     /// *(issue 28)* Whether the kernel runs with `pcie_acs_override=`: read
     /// once, then remembered (the command line is the boot's).
     pub async fn acs_override(&self) -> Result<bool, StepError> {
@@ -391,8 +405,9 @@ impl Door {
     }
 
     /// Loads a driver module if needed; true when it is loaded afterwards.
-    pub async fn load_driver(&self, driver: &'static str) -> Result<bool, StepError> {
-        self.call(Key::Host, move |h, _| Ok(h.load_driver(driver)))
+    pub async fn load_driver(&self, driver: &str) -> Result<bool, StepError> {
+        let driver = driver.to_string();
+        self.call(Key::Host, move |h, _| Ok(h.load_driver(&driver)))
             .await
     }
 

@@ -21,6 +21,7 @@ pub mod sriov;
 pub mod sysfs;
 pub mod units;
 pub mod usage;
+pub mod variant;
 pub mod vfio;
 pub mod vgpu;
 
@@ -58,6 +59,9 @@ pub struct HostDevice {
     /// when a function has no method). `None`: the kernel does not say (no
     /// `reset_method` but a `reset`: a kernel before 5.15).
     pub reset_method: Option<String>,
+    /// *(issue 28)* The function's VFIO device (`vfio-dev/vfioN`, kernel
+    /// 6.2+), by name: only a vfio-pci-core driver registers one.
+    pub vfio_dev: Option<String>,
 }
 
 /// *(issue 28)* Whether a kernel command line has `pcie_acs_override=`
@@ -366,6 +370,10 @@ pub trait Host: Send + Sync + 'static {
     /// *(issue 28)* The kernel command line (`/proc/cmdline`), at most
     /// 4 KiB of it; empty when it cannot be read.
     fn kernel_cmdline(&self) -> String;
+
+    /// *(issue 28)* The `alias vfio_pci:` lines of the running kernel's
+    /// `modules.alias`; empty when there is none.
+    fn vfio_aliases(&self) -> String;
 
     /// How the host uses each of its functions (mounts, swap, routed
     /// interfaces, open device nodes), walking /proc until `deadline`;

@@ -13,6 +13,8 @@ pub struct SysfsHost {
     root: PathBuf,
     /// procfs, for how the host uses a device (`--host-root`/proc).
     proc_root: PathBuf,
+    /// *(issue 28)* `/lib/modules` (`--host-root`/lib/modules).
+    modules_root: PathBuf,
     /// `modprobe` is tried at most once per driver name per daemon run.
     modprobed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -22,6 +24,7 @@ impl SysfsHost {
         SysfsHost {
             root: root.into(),
             proc_root: PathBuf::from("/proc"),
+            modules_root: PathBuf::from("/lib/modules"),
             modprobed: Default::default(),
         }
     }
@@ -29,6 +32,13 @@ impl SysfsHost {
     /// Reads procfs at `proc_root` instead of `/proc`.
     pub fn with_proc(mut self, proc_root: impl Into<PathBuf>) -> Self {
         self.proc_root = proc_root.into();
+        self
+    }
+
+    /// Reads the kernel modules' files under `modules_root` instead of
+    /// `/lib/modules`.
+    pub fn with_modules(mut self, modules_root: impl Into<PathBuf>) -> Self {
+        self.modules_root = modules_root.into();
         self
     }
 
@@ -101,8 +111,24 @@ impl SysfsHost {
             // whose name is its address.
             physfn: link_name(&dir.join("physfn")).and_then(|n| PciAddress::parse(&n).ok()),
             reset_method: read_reset_method(dir),
+            vfio_dev: read_vfio_dev(dir),
         })
     }
+}
+
+/// *(issue 28)* The `vfioN` under the function's `vfio-dev/` (kernel 6.2+,
+/// registered by vfio-pci-core drivers): the first well-formed entry.
+fn read_vfio_dev(dir: &Path) -> Option<String> {
+    std::fs::read_dir(dir.join("vfio-dev"))
+        .ok()?
+        .take(16)
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| {
+            n.strip_prefix("vfio").is_some_and(|d| {
+                !d.is_empty() && d.len() <= 10 && d.bytes().all(|b| b.is_ascii_digit())
+            })
+        })
 }
 
 /// *(issue 28)* The kernel's `reset_method` (5.15+). The kernel shows the
@@ -167,6 +193,34 @@ impl Host for SysfsHost {
             self.root.display(),
             self.proc_root.display()
         )
+    }
+
+    fn vfio_aliases(&self) -> String {
+        use std::io::{BufRead, Read};
+        // The running kernel's release, as procfs under the host root says.
+        let mut release = String::new();
+        let _ = std::fs::File::open(self.proc_root.join("sys/kernel/osrelease"))
+            .and_then(|f| f.take(256).read_to_string(&mut release));
+        let release = release.trim();
+        if release.is_empty() || release.contains('/') || release.starts_with('.') {
+            return String::new();
+        }
+        let Ok(file) = std::fs::File::open(self.modules_root.join(release).join("modules.alias"))
+        else {
+            return String::new();
+        };
+        // A distribution's file is a few MiB; only vfio_pci's lines are kept.
+        let mut out = String::new();
+        for line in std::io::BufReader::new(file.take(64 << 20))
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("alias vfio_pci:") && out.len() < 1 << 20 {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn kernel_cmdline(&self) -> String {

@@ -38,8 +38,10 @@ impl std::fmt::Display for Unceded {
 pub enum VfioError {
     #[error("{0} has no IOMMU group: the host runs without an IOMMU. Enable VT-d (Intel) or AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on (iommu=pt is fine)")]
     NoIommu(PciAddress),
-    #[error("vfio-pci is not available on this host: load it with `modprobe vfio-pci` (the module is in the kernel package on most distributions)")]
-    VfioUnavailable,
+    /// *(issue 28)* The vfio driver the function needs (vfio-pci or a
+    /// variant of it) cannot be loaded.
+    #[error("{0} is not available on this host: load it with `modprobe {0}` (the module is in the kernel package on most distributions)")]
+    VfioUnavailable(String),
     #[error("IOMMU group {group} of {address} also holds {}: register each of them and bind it to vfio-pci (or unbind it from its driver) first", list(.unceded))]
     GroupConflict {
         address: PciAddress,
@@ -111,17 +113,21 @@ impl Door {
         movable: impl Fn(PciAddress) -> bool,
     ) -> Result<(), VfioError> {
         let group = dev.iommu_group.ok_or(VfioError::NoIommu(dev.address))?;
-        let loaded = self.load_driver(VFIO_DRIVER).await.unwrap_or(false);
+        // *(issue 28)* The driver Bind will use, modprobed first.
+        let driver = super::variant::vfio_driver(dev);
+        let loaded = self.load_driver(&driver).await.unwrap_or(false);
         if !loaded {
-            return Err(VfioError::VfioUnavailable);
+            return Err(VfioError::VfioUnavailable(driver));
         }
         let unceded: Vec<Unceded> = members
             .into_iter()
             .filter(|m| m.address != dev.address && !is_pci_bridge(m.class))
+            // *(issue 28)* Every variant of vfio-pci cedes too.
             .filter(|m| {
                 m.driver
                     .as_deref()
                     .is_some_and(|d| !CEDING_DRIVERS.contains(&d))
+                    && !super::variant::on_vfio(m)
             })
             .filter(|m| strict || !movable(m.address))
             .map(|m| Unceded {
@@ -140,10 +146,12 @@ impl Door {
         }
     }
 
-    /// Moves `before` (the device as it is now) to vfio-pci; returns it after.
+    /// Moves `before` (the device as it is now) to its vfio driver
+    /// *(issue 28: vfio-pci or the variant the kernel means for it)*;
+    /// returns it after.
     pub async fn take(&self, before: &HostDevice) -> Result<HostDevice, VfioError> {
-        self.take_to(before, VFIO_DRIVER, "binding to vfio-pci")
-            .await
+        let driver = super::variant::vfio_driver(before);
+        self.take_to(before, &driver, "binding to vfio-pci").await
     }
 
     /// Moves `before` to `driver` the same way (override, unbind, probe,
@@ -197,8 +205,9 @@ impl Door {
                 .await
                 .map_err(|e| ("drivers_probe".to_string(), e))?;
             let Some(orig) = &original else {
+                let vfio = before.driver.as_deref().unwrap_or(VFIO_DRIVER);
                 return self
-                    .verify_not(a, VFIO_DRIVER)
+                    .verify_not(a, vfio)
                     .await
                     .map_err(|e| ("verify".to_string(), e));
             };

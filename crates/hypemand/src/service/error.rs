@@ -22,7 +22,7 @@ impl From<VfioError> for Error {
         let message = e.to_string();
         match e {
             VfioError::NoIommu(_) => Error::NoIommu(message),
-            VfioError::VfioUnavailable => Error::VfioUnavailable(message),
+            VfioError::VfioUnavailable(_) => Error::VfioUnavailable(message),
             VfioError::GroupConflict { .. } => Error::IommuGroupConflict(message),
             VfioError::Step { .. } if e.is_timeout() => Error::Timeout(message),
             VfioError::Step { .. } => Error::BindFailed(message),

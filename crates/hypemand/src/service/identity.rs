@@ -139,6 +139,7 @@ mod tests {
             sriov: None,
             physfn: None,
             reset_method: None,
+            vfio_dev: None,
         }
     }
 

@@ -47,7 +47,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use hypeman_api::{Available, Record, VFIO_DRIVER};
+use hypeman_api::{Available, Record};
 
 use crate::host::door::Door;
 use crate::host::HostDevice;
@@ -71,8 +71,11 @@ impl DeviceView {
     pub fn driver(&self) -> Option<&str> {
         self.live.as_ref()?.driver.as_deref()
     }
+    /// On vfio-pci or a variant of it *(issue 28)*.
     pub fn bound_to_vfio(&self) -> bool {
-        self.driver() == Some(VFIO_DRIVER)
+        self.live
+            .as_ref()
+            .is_some_and(crate::host::variant::on_vfio)
     }
     pub fn present(&self) -> bool {
         self.live.is_some()
@@ -95,6 +98,7 @@ impl DeviceView {
             .live
             .as_ref()
             .and_then(|l| identity::changed(&self.stored, l));
+        let vfio_driver = self.live.as_ref().map(crate::host::variant::shown);
         let (driver, numa_node, sriov, physfn, reset_method) = match self.live {
             Some(l) => (l.driver, l.numa_node, l.sriov, l.physfn, l.reset_method),
             None => (None, None, None, None, None),
@@ -131,6 +135,7 @@ impl DeviceView {
             subsystem_device_id: registered.map(|i| i.subsystem_device.clone()),
             registered_iommu_group: registered.and_then(|i| i.iommu_group).map(i64::from),
             hardware_changed,
+            vfio_driver,
         }
     }
 }
@@ -195,6 +200,7 @@ impl AvailableView {
                 .map(blockers::Blocker::record)
                 .collect(),
             reset_method: self.host.reset_method.clone(),
+            vfio_driver: Some(crate::host::variant::shown(&self.host)),
             warnings: self.warnings.clone(),
         }
     }

@@ -3,8 +3,6 @@
 //! Unbind, Delete, the start-up reconcile and the re-claim after a replug all
 //! ask it, so the rule cannot drift between them.
 
-use hypeman_api::VFIO_DRIVER;
-
 use crate::host::HostDevice;
 use crate::store::StoredDevice;
 
@@ -69,8 +67,9 @@ impl Placement {
 pub fn placement(stored: &StoredDevice, live: Option<&HostDevice>) -> Placement {
     let now = match live {
         None => Where::Absent,
+        // *(issue 28)* vfio-pci or a variant of it.
+        Some(d) if crate::host::variant::on_vfio(d) => Where::OnVfio,
         Some(d) => match d.driver.as_deref() {
-            Some(VFIO_DRIVER) => Where::OnVfio,
             None if stored.original_driver.is_some() => Where::Stranded,
             _ => Where::Host,
         },
@@ -87,6 +86,7 @@ mod tests {
     use super::*;
     use crate::pci::PciAddress;
     use crate::store::registry::tests::sample;
+    use hypeman_api::VFIO_DRIVER;
 
     fn live(driver: Option<&str>) -> HostDevice {
         HostDevice {
@@ -104,6 +104,7 @@ mod tests {
             physfn: None,
             boot_vga: false,
             reset_method: None,
+            vfio_dev: None,
         }
     }
 

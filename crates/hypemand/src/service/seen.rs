@@ -8,8 +8,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use hypeman_api::VFIO_DRIVER;
-
 use super::error::{device_not_found, host_error, Result};
 use super::{DeviceView, Service};
 use crate::host::HostDevice;
@@ -35,7 +33,7 @@ impl Seen {
     /// Records what is now known of `address`; returns what was known before.
     pub fn set(&self, address: PciAddress, live: Option<HostDevice>) -> Option<Option<HostDevice>> {
         let mut known = self.known();
-        if live.as_ref().and_then(|l| l.driver.as_deref()) == Some(VFIO_DRIVER) {
+        if live.as_ref().is_some_and(crate::host::variant::on_vfio) {
             known.on_vfio.insert(address);
         } else {
             known.on_vfio.remove(&address);

@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use hypeman_api::{Error, VFIO_DRIVER};
+use hypeman_api::Error;
 
 use super::error::{in_use, Result};
 use super::{DeviceView, Service, Target};
@@ -63,7 +63,7 @@ impl Service {
             match dev.driver.as_deref() {
                 // vfio-pci takes a count only with its enable_sriov
                 // parameter, and a VM may hold the function whole.
-                Some(VFIO_DRIVER) => {
+                _ if crate::host::variant::on_vfio(&dev) => {
                     return Err(Error::InUse(format!(
                         "{} ({}) is on vfio-pci: give it back to its driver first (`hypemanctl unbind {}`)",
                         s.name, s.pci_address, s.name
@@ -146,7 +146,7 @@ impl Service {
                 continue;
             };
             let live = self.live(*a).await?;
-            let on_vfio = live.as_ref().and_then(|l| l.driver.as_deref()) == Some(VFIO_DRIVER);
+            let on_vfio = live.as_ref().is_some_and(crate::host::variant::on_vfio);
             match (&r.attached_to, on_vfio) {
                 (Some(i), _) => held.push(format!("{} ({a}) is attached to {i}", r.name)),
                 (None, true) => held.push(format!("{} ({a}) is on vfio-pci", r.name)),

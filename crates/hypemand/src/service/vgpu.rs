@@ -373,6 +373,7 @@ mod tests {
                 sriov: None,
                 physfn: None,
                 reset_method: None,
+                vfio_dev: None,
             },
             slots: vec![
                 slot("0000:41:00.4", Some(1151)),

@@ -64,6 +64,7 @@ mod tests {
             sriov: None,
             physfn: None,
             reset_method: reset_method.map(String::from),
+            vfio_dev: None,
         }
     }
 

@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 26] = [
+static ROWS: [Row; 27] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -159,6 +159,13 @@ static ROWS: [Row; 26] = [
     row("Type", "s", Emits::Const, "", |r| r.kind.clone().into()),
     row("VendorId", "s", Emits::Const, "", |r| r.vendor_id.clone().into()),
     row("VendorName", "s", Emits::Const, "", |r| r.vendor_name.clone().into()),
+    row(
+        "VfioDriver",
+        "s",
+        Emits::True,
+        "The vfio driver the function is on, or that Bind would use (issue 28): vfio-pci or a variant (nvgrace_gpu_vfio_pci); \"\" while unplugged.",
+        |r| r.vfio_driver.clone().unwrap_or_default().into(),
+    ),
 ];
 
 /// The order `PropertiesChanged` signals go in, one per changed property
@@ -166,7 +173,7 @@ static ROWS: [Row; 26] = [
 /// detached before its driver moves, as a lease's `give-back` does, and the
 /// driver move before `BoundToVfio`). `Name` is
 /// announced as it always was, though no operation renames a device.
-const SIGNAL_ORDER: [&str; 13] = [
+const SIGNAL_ORDER: [&str; 14] = [
     "Tags",
     "HolderPid",
     "HolderUnit",
@@ -174,6 +181,7 @@ const SIGNAL_ORDER: [&str; 13] = [
     "OnRelease",
     "AttachedTo",
     "Driver",
+    "VfioDriver",
     "BoundToVfio",
     "Present",
     "IommuGroup",

@@ -56,6 +56,10 @@ pub struct Fixture {
     /// *(issue 28)* The kernel command line (`/proc/cmdline`).
     #[serde(default)]
     pub kernel_cmdline: String,
+    /// *(issue 28)* The running kernel's `modules.alias` lines (the
+    /// `alias vfio_pci:` ones name the vfio variant drivers).
+    #[serde(default)]
+    pub modules_alias: String,
     /// The drivers the kernel has (`[[driver]]`).
     #[serde(default, rename = "driver")]
     pub drivers: Vec<FixtureDriver>,
@@ -258,6 +262,7 @@ pub struct SimDriver {
 pub struct SimState {
     pub virtual_machine: bool,
     pub kernel_cmdline: String,
+    pub modules_alias: String,
     pub drivers: BTreeMap<String, SimDriver>,
     pub devices: BTreeMap<PciAddress, HostDevice>,
     /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
@@ -424,6 +429,7 @@ impl Fixture {
                 numa_node: d.numa_node.and_then(|n| u32::try_from(n).ok()),
                 boot_vga: d.boot_vga,
                 reset_method: d.reset_method.as_deref().map(crate::host::reset_methods),
+                vfio_dev: None,
                 sriov: match d.sriov_total_vfs {
                     Some(total_vfs) => Some(crate::host::Sriov {
                         total_vfs,
@@ -575,6 +581,7 @@ impl Fixture {
         Ok(SimState {
             virtual_machine: self.virtual_machine,
             kernel_cmdline: self.kernel_cmdline.clone(),
+            modules_alias: self.modules_alias.clone(),
             drivers,
             devices,
             unplugged: BTreeMap::new(),

@@ -36,7 +36,7 @@ impl SimHost {
     /// Whether an active service's process holds `address` open while
     /// `driver` has it: then the driver's unbind waits for it.
     pub(super) fn held_by_service(state: &SimState, address: PciAddress, driver: &str) -> bool {
-        let bound = driver != hypeman_api::VFIO_DRIVER
+        let bound = !crate::host::variant::is_vfio_driver(driver)
             && state
                 .devices
                 .get(&address)
@@ -73,6 +73,10 @@ impl Host for SimHost {
 
     fn kernel_cmdline(&self) -> String {
         self.state().kernel_cmdline.clone()
+    }
+
+    fn vfio_aliases(&self) -> String {
+        self.state().modules_alias.clone()
     }
 
     fn devices(&self) -> Result<Vec<HostDevice>, HostError> {
@@ -115,7 +119,7 @@ impl Host for SimHost {
                 let own = d
                     .driver
                     .as_deref()
-                    .is_some_and(|n| n != hypeman_api::VFIO_DRIVER);
+                    .is_some_and(|n| !crate::host::variant::is_vfio_driver(n));
                 let uses: Vec<Use> = state
                     .usage
                     .get(a)?

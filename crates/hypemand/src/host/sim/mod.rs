@@ -255,6 +255,7 @@ mod tests {
             "sriov-nic.toml",
             "l40s-vgpu.toml",
             "a100-mdev.toml",
+            "grace-hopper.toml",
         ] {
             let host = SimHost::from_file(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             let state = host.state().clone();
