@@ -697,3 +697,66 @@ async fn an_mdev_profile_answers_its_uuid() {
     let status = node.plugin.signal_and_wait("TERM");
     assert!(status.success(), "{status:?}");
 }
+
+/// *(issue 28)* Where the kernel offers the VFIO device cdev, records carry
+/// it (`vfio_devices`: the cdev and `/dev/iommu`, once a vfio driver has the
+/// function), and the plugin's `iommufd` decides what a pod gets: `auto`
+/// both the group node and the cdev, `prefer` the cdev only, `never` the
+/// group node only. Each mode with a plugin of its own, stopped by pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn iommufd_decides_which_vfio_nodes_a_pod_gets() {
+    const L4: &str = "0000:a2:00.0";
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let _daemon = Daemon::simulate(&bus, state.path(), "grace-hopper.toml");
+    bus.manager("Register", &["ss", L4, "l4"]).unwrap();
+    let got = bus.manager("Get", &["s", "l4"]).unwrap();
+    assert!(
+        got[0]
+            .get("vfio_devices")
+            .is_none_or(|v| v["data"] == serde_json::json!([])),
+        "no cdev before a vfio driver has it: {got}"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let pods = Pods::default();
+    let pods_sock = work.path().join("pod-resources.sock");
+    let _pods_server = pod_resources(&pods_sock, pods.clone());
+    let cdev = "/dev/vfio/devices/vfio0";
+    for (mode, nodes) in [
+        (
+            "auto",
+            vec!["/dev/vfio/vfio", "/dev/vfio/82", "/dev/iommu", cdev],
+        ),
+        ("prefer", vec!["/dev/iommu", cdev]),
+        ("never", vec!["/dev/vfio/vfio", "/dev/vfio/82"]),
+    ] {
+        let dir = work.path().join(mode);
+        std::fs::create_dir(&dir).unwrap();
+        let config = work.path().join(format!("{mode}.toml"));
+        std::fs::write(
+            &config,
+            format!("default = false\niommufd = \"{mode}\"\n[[resource]]\nname = \"hypeman.io/l4\"\nselector = \"10de:27b8\"\n"),
+        )
+        .unwrap();
+        let (tx, mut registered) = mpsc::unbounded_channel();
+        let _kubelet = kubelet(&dir, tx);
+        let mut plugin = start_plugin(&bus, &dir, &pods_sock, &config);
+        let reg = next(registered.recv()).await;
+        assert_eq!(reg.resource_name, "hypeman.io/l4");
+        let sock: PathBuf = dir.join(&reg.endpoint);
+        let mut client = DevicePluginClient::new(channel(&sock).await.unwrap());
+        let got = client.allocate(one(L4)).await.unwrap().into_inner();
+        assert_eq!(
+            got,
+            one_container(("PCI_RESOURCE_HYPEMAN_IO_L4", L4), &nodes),
+            "{mode}"
+        );
+        plugin.signal_and_wait("TERM");
+    }
+    let got = bus.manager("Get", &["s", "l4"]).unwrap();
+    assert_eq!(
+        got[0]["vfio_devices"]["data"],
+        serde_json::json!([cdev, "/dev/iommu"]),
+        "{got}"
+    );
+}

@@ -401,5 +401,11 @@ fn the_vfio_driver_is_the_best_alias_of_the_kernels_modules() {
         .unwrap();
     let vf = bus.manager("Get", &["s", "cx7-vf"]).unwrap();
     assert_eq!(vf[0]["bound_to_vfio"]["data"], true, "{vf}");
+    // Its VFIO cdev, as the kernel lays it out, for iommufd.
+    assert_eq!(
+        vf[0]["vfio_devices"]["data"],
+        serde_json::json!(["/dev/vfio/devices/vfio3", "/dev/iommu"]),
+        "{vf}"
+    );
     assert!(d.log().contains("variants=2"), "{}", d.log());
 }

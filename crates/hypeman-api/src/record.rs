@@ -88,6 +88,11 @@ pub struct Record {
     /// use: `vfio-pci`, or the variant the kernel's `modules.alias` names
     /// for it (`nvgrace_gpu_vfio_pci`). Absent while unplugged.
     pub vfio_driver: Option<String>,
+    /// *(issue 28)* What a VMM opens through iommufd, beside the group node
+    /// (`/dev/vfio/<iommu_group>`): the function's VFIO device cdev and
+    /// `/dev/iommu`, while the kernel offers the cdev (6.2+, on a vfio
+    /// driver); empty otherwise.
+    pub vfio_devices: Vec<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`

@@ -25,6 +25,14 @@
 //!
 //! A GPU that offers a named profile (or carries a vGPU of one) is then not
 //! offered whole as well.
+//!
+//! *(issue 28)* Which VFIO nodes a pod gets, where the kernel offers the
+//! device cdev (6.2+) beside the group node:
+//!
+//! ```toml
+//! iommufd = "auto"     # both (the default); "prefer": the cdev and
+//!                      # /dev/iommu only; "never": the group node only
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -53,6 +61,24 @@ pub struct Config {
     /// *(issue 26)* The vGPU profiles offered as resources.
     #[serde(default, rename = "vgpu")]
     pub vgpus: Vec<VgpuRule>,
+    /// *(issue 28)* Which VFIO nodes a pod gets.
+    #[serde(default)]
+    pub iommufd: Iommufd,
+}
+
+/// *(issue 28)* Which VFIO nodes Allocate gives, for a device whose kernel
+/// offers its VFIO cdev (a device without one always gets its group node).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Iommufd {
+    /// The group node (and `/dev/vfio/vfio`) and the cdev (and
+    /// `/dev/iommu`): the VMM chooses (current QEMU, Kata, KubeVirt).
+    #[default]
+    Auto,
+    /// The cdev and `/dev/iommu` only.
+    Prefer,
+    /// The group node and `/dev/vfio/vfio` only (VMMs before iommufd).
+    Never,
 }
 
 fn yes() -> bool {
@@ -65,6 +91,7 @@ impl Default for Config {
             default: true,
             resources: Vec::new(),
             vgpus: Vec::new(),
+            iommufd: Iommufd::default(),
         }
     }
 }
@@ -257,6 +284,21 @@ fn parse_selector(s: &str) -> Option<(String, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// *(issue 28)* `iommufd` is auto unless said, and only its three words.
+    #[test]
+    fn iommufd_is_auto_prefer_or_never() {
+        assert_eq!(Config::parse("", "t").unwrap().iommufd, Iommufd::Auto);
+        for (text, want) in [
+            ("iommufd = \"auto\"", Iommufd::Auto),
+            ("iommufd = \"prefer\"", Iommufd::Prefer),
+            ("iommufd = \"never\"", Iommufd::Never),
+        ] {
+            assert_eq!(Config::parse(text, "t").unwrap().iommufd, want);
+        }
+        let e = Config::parse("iommufd = \"always\"", "t").unwrap_err();
+        assert!(e.to_string().contains("auto"), "{e}");
+    }
 
     #[test]
     fn rules_in_order_then_the_default() {

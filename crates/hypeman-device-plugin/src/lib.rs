@@ -38,6 +38,9 @@ pub const API_VERSION: &str = "v1beta1";
 /// Where an allocated device is reachable: the VFIO container and its group.
 pub const VFIO_CONTAINER: &str = "/dev/vfio/vfio";
 
+/// *(issue 28)* What a VMM opens beside a VFIO device cdev (iommufd).
+pub const IOMMU_DEVICE: &str = "/dev/iommu";
+
 /// The environment variable KubeVirt reads the PCI addresses of a resource
 /// from: `PCI_RESOURCE_` and the resource name, uppercased, `.` and `/` as `_`
 /// (KubeVirt's `util.ResourceNameToEnvVar`; `-` stays).

@@ -33,6 +33,8 @@ pub struct NodeDevice {
     pub iommu_group: Option<i64>,
     pub attached_to: Option<String>,
     pub bound_to_vfio: bool,
+    /// *(issue 28)* The VFIO cdev and `/dev/iommu`, when the kernel offers them.
+    pub vfio_devices: Vec<String>,
 }
 
 /// What the plugin offers: every registered device that belongs to a
@@ -80,6 +82,7 @@ pub async fn read(client: &Client, config: &Config) -> Result<View, ClientError>
                 iommu_group: r.iommu_group,
                 attached_to: r.attached_to,
                 bound_to_vfio: r.bound_to_vfio,
+                vfio_devices: r.vfio_devices,
             })
         })
         .collect();

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::deviceplugin as dp;
 use crate::api::deviceplugin::device_plugin_server::DevicePlugin;
+use crate::config::Iommufd;
 use crate::node::{Node, NodeDevice, View};
 use crate::vgpu::Slot;
 
@@ -291,6 +292,7 @@ impl Plugin {
         bound_here: &mut Vec<String>,
     ) -> Result<dp::ContainerAllocateResponse, Status> {
         let mut groups = BTreeSet::new();
+        let mut cdevs: Vec<String> = Vec::new();
         for addr in ids {
             let d = snapshot
                 .iter()
@@ -317,21 +319,42 @@ impl Plugin {
                     sibling.attached_to.as_deref().unwrap_or_default()
                 )));
             }
-            if !d.bound_to_vfio {
-                self.node
-                    .client
-                    .bind(&d.id)
-                    .await
-                    .map_err(|e| Status::failed_precondition(format!("binding {addr}: {e}")))?;
-                bound_here.push(d.id.clone());
-            }
+            // The cdev appears only once a vfio driver has the function:
+            // the record Bind answers says it.
+            let vfio_devices =
+                if d.bound_to_vfio {
+                    d.vfio_devices.clone()
+                } else {
+                    let bound =
+                        self.node.client.bind(&d.id).await.map_err(|e| {
+                            Status::failed_precondition(format!("binding {addr}: {e}"))
+                        })?;
+                    bound_here.push(d.id.clone());
+                    bound.vfio_devices
+                };
             let group = d
                 .iommu_group
                 .ok_or_else(|| Status::failed_precondition(format!("{addr} has no IOMMU group")))?;
-            groups.insert(group);
+            let cdev = vfio_devices
+                .iter()
+                .find(|n| n.starts_with("/dev/vfio/devices/"))
+                .filter(|_| self.node.config.iommufd != Iommufd::Never);
+            if cdev.is_none() || self.node.config.iommufd == Iommufd::Auto {
+                groups.insert(group);
+            }
+            if let Some(c) = cdev {
+                cdevs.push(c.clone());
+            }
         }
-        let mut devices = vec![spec(crate::VFIO_CONTAINER)];
-        devices.extend(groups.iter().map(|g| spec(&format!("/dev/vfio/{g}"))));
+        let mut devices = Vec::new();
+        if !groups.is_empty() {
+            devices.push(spec(crate::VFIO_CONTAINER));
+            devices.extend(groups.iter().map(|g| spec(&format!("/dev/vfio/{g}"))));
+        }
+        if !cdevs.is_empty() {
+            devices.push(spec(crate::IOMMU_DEVICE));
+            devices.extend(cdevs.iter().map(|c| spec(c)));
+        }
         let envs = HashMap::from([(crate::pci_resource_env(&self.resource), ids.join(","))]);
         Ok(dp::ContainerAllocateResponse {
             envs,
@@ -493,6 +516,7 @@ mod tests {
             iommu_group: Some(group),
             attached_to: None,
             bound_to_vfio: false,
+            vfio_devices: Vec::new(),
         }
     }
 

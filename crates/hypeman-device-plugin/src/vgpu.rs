@@ -150,7 +150,7 @@ pub fn response(resource: &str, vgpus: &[Vgpu]) -> dp::ContainerAllocateResponse
         add(crate::VFIO_CONTAINER);
     }
     if all.iter().any(|n| n.starts_with("/dev/vfio/devices/")) {
-        add("/dev/iommu");
+        add(crate::IOMMU_DEVICE);
     }
     for n in all {
         add(n);

@@ -99,6 +99,12 @@ impl DeviceView {
             .as_ref()
             .and_then(|l| identity::changed(&self.stored, l));
         let vfio_driver = self.live.as_ref().map(crate::host::variant::shown);
+        let vfio_devices = self
+            .live
+            .as_ref()
+            .and_then(|l| l.vfio_dev.as_ref())
+            .map(|n| vec![format!("/dev/vfio/devices/{n}"), "/dev/iommu".to_string()])
+            .unwrap_or_default();
         let (driver, numa_node, sriov, physfn, reset_method) = match self.live {
             Some(l) => (l.driver, l.numa_node, l.sriov, l.physfn, l.reset_method),
             None => (None, None, None, None, None),
@@ -136,6 +142,7 @@ impl DeviceView {
             registered_iommu_group: registered.and_then(|i| i.iommu_group).map(i64::from),
             hardware_changed,
             vfio_driver,
+            vfio_devices,
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Fixture {
     /// *(issue 28)* The kernel command line (`/proc/cmdline`).
     #[serde(default)]
     pub kernel_cmdline: String,
+    /// *(issue 28)* The kernel offers the VFIO device cdev (6.2+): a
+    /// function on a vfio driver has `vfio-dev/vfioN`.
+    #[serde(default)]
+    pub vfio_cdev: bool,
     /// *(issue 28)* The running kernel's `modules.alias` lines (the
     /// `alias vfio_pci:` ones name the vfio variant drivers).
     #[serde(default)]
@@ -263,6 +267,7 @@ pub struct SimState {
     pub virtual_machine: bool,
     pub kernel_cmdline: String,
     pub modules_alias: String,
+    pub vfio_cdev: bool,
     pub drivers: BTreeMap<String, SimDriver>,
     pub devices: BTreeMap<PciAddress, HostDevice>,
     /// Devices taken off the bus by `unplug`, kept so `plug` can bring them back.
@@ -582,6 +587,7 @@ impl Fixture {
             virtual_machine: self.virtual_machine,
             kernel_cmdline: self.kernel_cmdline.clone(),
             modules_alias: self.modules_alias.clone(),
+            vfio_cdev: self.vfio_cdev,
             drivers,
             devices,
             unplugged: BTreeMap::new(),

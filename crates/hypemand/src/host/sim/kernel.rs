@@ -30,6 +30,21 @@ impl SimHost {
             .find(|(_, drv)| drv.loaded && drv.ids.iter().any(|m| m.matches(d.vendor, d.device)))
             .map(|(n, _)| n.clone())
     }
+    /// *(issue 28)* A function as read: on a kernel with the VFIO cdev
+    /// (`vfio_cdev`), one bound to a vfio driver has `vfio-dev/vfioN`, N
+    /// its place among the functions (stable while the fixture is).
+    pub(super) fn shown(state: &SimState, d: &HostDevice) -> HostDevice {
+        let mut d = d.clone();
+        let on_vfio = d
+            .driver
+            .as_deref()
+            .is_some_and(crate::host::variant::is_vfio_driver);
+        d.vfio_dev = (state.vfio_cdev && on_vfio)
+            .then(|| state.devices.keys().position(|a| *a == d.address))
+            .flatten()
+            .map(|n| format!("vfio{n}"));
+        d
+    }
     pub(super) fn loaded(state: &SimState, driver: &str) -> bool {
         state.drivers.get(driver).is_some_and(|d| d.loaded)
     }
@@ -80,12 +95,18 @@ impl Host for SimHost {
     }
 
     fn devices(&self) -> Result<Vec<HostDevice>, HostError> {
-        Ok(self.state().devices.values().cloned().collect())
+        let state = self.state();
+        Ok(state
+            .devices
+            .values()
+            .map(|d| Self::shown(&state, d))
+            .collect())
     }
 
     fn device(&self, address: PciAddress) -> Result<Option<HostDevice>, HostError> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(self.state().devices.get(&address).cloned())
+        let state = self.state();
+        Ok(state.devices.get(&address).map(|d| Self::shown(&state, d)))
     }
 
     fn group_members(&self, group: u32) -> Result<Vec<HostDevice>, HostError> {
@@ -97,7 +118,7 @@ impl Host for SimHost {
             .iter()
             .filter_map(|a| state.devices.get(a))
             .filter(|d| d.iommu_group == Some(group))
-            .cloned()
+            .map(|d| Self::shown(&state, d))
             .collect())
     }
 
