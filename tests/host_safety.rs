@@ -640,3 +640,46 @@ fn a_record_of_before_learns_its_identity_at_start() {
     assert_eq!(got[0]["subsystem_device_id"]["data"], "16ca", "{got}");
     assert!(d.log().contains("took the identity"), "{}", d.log());
 }
+
+/// *(issue 28)* The re-claim after a replug: a bound GPU is unplugged,
+/// another card goes into its slot (`Simulator1.Swap`) and is plugged. The
+/// daemon would move a returning device to vfio-pci again; this one it
+/// refuses, and the new card keeps its native driver, nothing written.
+#[test]
+fn a_card_swapped_while_unplugged_is_not_reclaimed() {
+    const ADDR: &str = "0000:01:00.0";
+    let bus = TestBus::start_sim();
+    let state = tempfile::tempdir().unwrap();
+    let host = format!(
+        "{}subsystem_vendor = \"10de\"\nsubsystem_device = \"16ca\"\n",
+        device(ADDR, GPU, "nvidia", 20)
+    );
+    let d = on_host(&bus, state.path(), &host);
+    let reg = bus.manager("Register", &["ss", ADDR, "gpu"]).unwrap();
+    let path = reg[0].as_str().unwrap().to_string();
+    bus.manager("Bind", &["s", "gpu"]).unwrap();
+    let mut signals = Signals::watch(&bus, Some(&path));
+    bus.sim("Unplug", &["s", ADDR]);
+    signals.wait_set(Some(&path), "Present", false);
+    bus.sim("Swap", &["ss", ADDR, "10de:2236"]);
+    let before = bus.writes().len();
+    bus.sim("Plug", &["s", ADDR]);
+    signals.wait_set(Some(&path), "Present", true);
+    wait_until(|| d.log().contains("could not move the returning device"));
+    assert!(
+        d.log().contains("HardwareChanged") || d.log().contains("another card"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        bus.writes()[before..],
+        [] as [String; 0],
+        "written after the plug"
+    );
+    assert_eq!(bus.host_driver(ADDR).as_deref(), Some("nvidia"));
+    let got = bus.manager("Get", &["s", "gpu"]).unwrap();
+    let why = got[0]["hardware_changed"]["data"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("10de:2236"), "{got}");
+}

@@ -349,3 +349,38 @@ fn make_install_with_a_local_prefix_keeps_the_daemon_files_where_they_are_read()
     );
     assert!(!d.join("usr/local/share/dbus-1").exists());
 }
+
+/// *(issue 28)* A kernel booted with `pcie_acs_override=`: systemd's status
+/// line says the IOMMU groups are not isolation boundaries, from READY on.
+#[test]
+fn the_status_line_says_the_acs_override() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let host = state.path().join("host.toml");
+    let l4 = std::fs::read_to_string(fixture("l4.toml")).unwrap();
+    std::fs::write(
+        &host,
+        format!("kernel_cmdline = \"ro pcie_acs_override=downstream,multifunction\"\n{l4}"),
+    )
+    .unwrap();
+    let sock_path = bus.dir.path().join("notify-acs.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let _daemon = Proc {
+        child: Daemon::command(&bus, state.path(), &["--simulate", host.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let mut all = Vec::new();
+    let ready = recv_until(&sock, |m| m.contains("READY=1"), &mut all);
+    assert!(
+        ready.contains(
+            "STATUS=0 devices registered, 0 on vfio-pci, 0 attached; pcie_acs_override= is set: IOMMU groups are not isolation boundaries"
+        ),
+        "{ready}"
+    );
+}

@@ -66,6 +66,23 @@ impl Simulator {
         self.sim.plug(a).map_err(fdo::Error::InvalidArgs)
     }
 
+    /// *(issue 28)* Puts another card (`vvvv:dddd`) into an unplugged
+    /// device's slot.
+    async fn swap(&self, pci_address: &str, ids: &str) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let hex = |s: &str| {
+            (s.len() == 4)
+                .then(|| u16::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        let (v, d) = ids
+            .split_once(':')
+            .and_then(|(v, d)| Some((hex(v)?, hex(d)?)))
+            .ok_or_else(|| fdo::Error::InvalidArgs(format!("{ids:?} is not vvvv:dddd")))?;
+        self.sim.swap(a, v, d).map_err(fdo::Error::InvalidArgs)
+    }
+
     /// An outside actor binds `driver` to the device.
     async fn driver_bind(&self, pci_address: &str, driver: &str) -> fdo::Result<()> {
         let a =

@@ -177,6 +177,24 @@ impl SimHost {
         Ok(())
     }
 
+    /// *(issue 28)* Another card put into an unplugged device's slot: its
+    /// vendor and device ids, and its subsystem vendor, become `vendor` and
+    /// `device` (the next `plug` brings the new card).
+    pub fn swap(&self, address: PciAddress, vendor: u16, device: u16) -> Result<(), String> {
+        let mut state = self.state();
+        let Some(dev) = state.unplugged.get_mut(&address) else {
+            return Err(format!(
+                "{address} is not unplugged (unplug it before swapping the card)"
+            ));
+        };
+        dev.vendor = vendor;
+        dev.device = device;
+        dev.subsystem_vendor = vendor;
+        self.save(&state);
+        tracing::info!(pci_address = %address, vendor = %format!("{vendor:04x}"), device = %format!("{device:04x}"), "simulator: card swapped");
+        Ok(())
+    }
+
     /// Hot-adds a device that was unplugged: it appears (`add`) with no driver
     /// and no override, then its native driver probes it (`bind`), as the
     /// kernel would.
