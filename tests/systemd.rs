@@ -384,3 +384,39 @@ fn the_status_line_says_the_acs_override() {
         "{ready}"
     );
 }
+
+/// *(issue 28)* A registered function already on a variant of vfio-pci at
+/// start-up (no `vfio-dev/` to prove it) is counted on the status line:
+/// the kernel's table of variants is read before the host is enumerated.
+#[test]
+fn a_function_on_a_variant_at_start_is_counted_on_vfio() {
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let host = state.path().join("host.toml");
+    let gh = std::fs::read_to_string(fixture("grace-hopper.toml")).unwrap();
+    std::fs::write(&host, gh.replace("vfio_cdev = true\n", "")).unwrap();
+    let args = ["--simulate", host.to_str().unwrap()];
+    let mut first = Daemon::start(&bus, state.path(), &args);
+    bus.manager("Register", &["ss", "0009:02:00.1", "cx7-vf"])
+        .unwrap();
+    assert!(first.proc.signal_and_wait("TERM").success());
+
+    let sock_path = bus.dir.path().join("notify-variant.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let _daemon = Proc {
+        child: Daemon::command(&bus, state.path(), &args)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let mut all = Vec::new();
+    let ready = recv_until(&sock, |m| m.contains("READY=1"), &mut all);
+    assert!(
+        ready.contains("STATUS=1 device registered, 1 on vfio-pci, 0 attached"),
+        "{ready}"
+    );
+}

@@ -215,6 +215,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         service.set_status_note(notes.join("; "));
     }
 
+    // *(issue 28)* The vfio variant drivers this kernel has, before the
+    // host is enumerated: what is on vfio is counted by them from the first
+    // event on.
+    let variants = door.load_vfio_aliases().await;
+    tracing::info!(variants, "vfio variant drivers named by modules.alias");
+
     // Events first, enumeration second: nothing can happen in between unseen.
     let (events, rx) = hotplug::channel();
     if let Some(sim) = &sim {
@@ -246,11 +252,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     tracing::debug!(elapsed_ms = ms(), "host enumerated");
     // Desired state next (after a reboot the devices are back on their native
     // drivers), so the first client already sees them where they belong.
-    // *(issue 28)* Before anything is re-bound: the vfio variant drivers
-    // this kernel has, identities learned, a card that is not the
-    // registered one said.
-    let variants = door.load_vfio_aliases().await;
-    tracing::info!(variants, "vfio variant drivers named by modules.alias");
+    // *(issue 28)* Before anything is re-bound: identities learned, a card
+    // that is not the registered one said.
     service.check_identities().await;
     service.reconcile().await;
     // vGPUs claimed before a crash: kept or undone before anyone is answered.
