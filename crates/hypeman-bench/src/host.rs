@@ -8,6 +8,18 @@ pub fn pci_address(i: usize) -> String {
     format!("{dom:04x}:{bus:02x}:{dev:02x}.{func}")
 }
 
+/// The `i`-th generated function: vendor, device, class, native driver and
+/// the record's type.
+fn kind(i: usize) -> (&'static str, &'static str, &'static str, &'static str, &'static str) {
+    match i % 16 {
+        0 => ("10de", "27b8", "030200", "nvidia", "gpu"),
+        1 => ("8086", "1572", "020000", "i40e", "pci"),
+        2..=11 => ("8086", "154c", "020000", "iavf", "pci"),
+        12..=14 => ("144d", "a80a", "010802", "nvme", "pci"),
+        _ => ("1b21", "2142", "0c0330", "xhci_hcd", "pci"),
+    }
+}
+
 /// A host of `n` functions: a mix of GPUs, NIC physical and virtual functions,
 /// NVMe drives and USB controllers, each in its own IOMMU group. (No bridges:
 /// every function must be registrable, and bridges are not.)
@@ -22,13 +34,7 @@ pub fn generated_host(n: usize) -> String {
          [[driver]]\nname = \"vfio-pci\"\n",
     );
     for i in 0..n {
-        let (vendor, device, class, driver) = match i % 16 {
-            0 => ("10de", "27b8", "030200", "nvidia"),
-            1 => ("8086", "1572", "020000", "i40e"),
-            2..=11 => ("8086", "154c", "020000", "iavf"),
-            12..=14 => ("144d", "a80a", "010802", "nvme"),
-            _ => ("1b21", "2142", "0c0330", "xhci_hcd"),
-        };
+        let (vendor, device, class, driver, _) = kind(i);
         let _ = write!(
             s,
             "[[device]]\naddress = \"{}\"\nvendor = \"{vendor}\"\ndevice = \"{device}\"\nclass = \"{class}\"\niommu_group = {i}\ndriver = \"{driver}\"\n",
@@ -42,13 +48,9 @@ pub fn generated_host(n: usize) -> String {
 pub(crate) fn store(n: usize) -> String {
     let devices: Vec<Value> = (0..n)
         .map(|i| {
-            let (vendor, device, kind) = match i % 16 {
-                0 => ("10de", "27b8", "gpu"),
-                1 => ("8086", "1572", "pci"),
-                2..=11 => ("8086", "154c", "pci"),
-                12..=14 => ("144d", "a80a", "pci"),
-                _ => ("1b21", "2142", "pci"),
-            };
+            let (vendor, device, class, _, kind) = kind(i);
+            // As the current daemon stores a record (issue 28's identity),
+            // so start-up measures a registry, not its first migration.
             json!({
                 "id": new_device_id(),
                 "name": format!("dev-{i}"),
@@ -58,6 +60,8 @@ pub(crate) fn store(n: usize) -> String {
                 "type": kind,
                 "created_at": "2025-01-15T10:00:00Z",
                 "want_vfio": false,
+                "identity": {"subsystem_vendor": "0000", "subsystem_device": "0000",
+                             "class": class, "iommu_group": i},
             })
         })
         .collect();

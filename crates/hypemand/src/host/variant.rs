@@ -25,39 +25,57 @@ use hypeman_api::VFIO_DRIVER;
 /// The most `alias vfio_pci:` lines kept (a kernel has a few dozen).
 const MAX_ALIASES: usize = 4096;
 
-/// The seven fields of a modalias, or of a pattern (`*` for any).
+/// The seven fields of a pattern, as numbers; `None` is `*` (any).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fields([String; 7]);
+struct Fields([Option<u32>; 7]);
 
 impl Fields {
-    /// `v…d…sv…sd…bc…sc…i…` (after `pci:` or `vfio_pci:`).
+    /// `v…d…sv…sd…bc…sc…i…` (after `vfio_pci:`), each field hex or `*`.
     fn parse(s: &str) -> Option<Fields> {
         let mut rest = s.strip_prefix('v')?;
-        let mut out: [String; 7] = Default::default();
+        let mut text: [&str; 7] = [""; 7];
         for (i, sep) in ["d", "sv", "sd", "bc", "sc", "i"].iter().enumerate() {
             let (before, after) = rest.split_once(sep)?;
-            out[i] = before.to_string();
+            text[i] = before;
             rest = after;
         }
-        out[6] = rest.to_string();
-        out.iter()
-            .all(|f| f == "*" || (!f.is_empty() && f.bytes().all(|b| b.is_ascii_hexdigit())))
-            .then_some(Fields(out))
+        text[6] = rest;
+        let mut out = [None; 7];
+        for (slot, t) in out.iter_mut().zip(text) {
+            if t != "*" {
+                let ok = !t.is_empty() && t.len() <= 8 && t.bytes().all(|b| b.is_ascii_hexdigit());
+                *slot = Some(u32::from_str_radix(t, 16).ok().filter(|_| ok)?);
+            }
+        }
+        Some(Fields(out))
     }
 
-    /// Whether `pattern` matches these (a device's) fields, and with how
-    /// many wildcards.
-    fn matched_by(&self, pattern: &Fields) -> Option<usize> {
+    /// Whether this pattern matches a device's fields, and with how many
+    /// wildcards. Numbers, not text: a List asks it of every record.
+    fn matches(&self, device: &[u32; 7]) -> Option<usize> {
         let mut wild = 0;
-        for (mine, theirs) in self.0.iter().zip(&pattern.0) {
-            if theirs == "*" {
-                wild += 1;
-            } else if !mine.eq_ignore_ascii_case(theirs) {
-                return None;
+        for (pattern, mine) in self.0.iter().zip(device) {
+            match pattern {
+                None => wild += 1,
+                Some(p) if p == mine => {}
+                Some(_) => return None,
             }
         }
         Some(wild)
     }
+}
+
+/// A function's modalias fields, as `modalias_show` prints them.
+fn fields_of(dev: &HostDevice) -> [u32; 7] {
+    [
+        u32::from(dev.vendor),
+        u32::from(dev.device),
+        u32::from(dev.subsystem_vendor),
+        u32::from(dev.subsystem_device),
+        (dev.class >> 16) & 0xff,
+        (dev.class >> 8) & 0xff,
+        dev.class & 0xff,
+    ]
 }
 
 /// The `alias vfio_pci:` lines of a `modules.alias`.
@@ -91,21 +109,19 @@ impl VfioAliases {
     /// The driver for `dev`: the best match's (its pci_driver name: the
     /// module's, `vfio-pci` for vfio_pci's own catch-all), `vfio-pci` when
     /// nothing matches.
-    pub fn driver_for(&self, dev: &HostDevice) -> String {
-        let Some(mine) = Fields::parse(&modalias(dev)["pci:".len()..]) else {
-            return VFIO_DRIVER.to_string();
-        };
+    pub fn driver_for(&self, dev: &HostDevice) -> &str {
+        let mine = fields_of(dev);
         let mut best: Option<(usize, &str)> = None;
         for (pattern, module) in &self.aliases {
-            if let Some(w) = mine.matched_by(pattern) {
+            if let Some(w) = pattern.matches(&mine) {
                 if best.is_none_or(|(b, _)| w < b) {
                     best = Some((w, module));
                 }
             }
         }
         match best {
-            Some((_, m)) if m != "vfio_pci" && m != VFIO_DRIVER => m.to_string(),
-            _ => VFIO_DRIVER.to_string(),
+            Some((_, m)) if m != "vfio_pci" && m != VFIO_DRIVER => m,
+            _ => VFIO_DRIVER,
         }
     }
 
@@ -128,8 +144,10 @@ impl VfioAliases {
     }
 }
 
-/// `pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X`, as the kernel prints it.
-pub fn modalias(dev: &HostDevice) -> String {
+/// `pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X`, as the kernel prints it
+/// (the matching uses the same numbers, [`fields_of`]).
+#[cfg(test)]
+fn modalias(dev: &HostDevice) -> String {
     format!(
         "pci:v{:08X}d{:08X}sv{:08X}sd{:08X}bc{:02X}sc{:02X}i{:02X}",
         dev.vendor,
@@ -160,7 +178,7 @@ fn table() -> &'static VfioAliases {
 
 /// The vfio driver Bind uses for `dev` on this host.
 pub fn vfio_driver(dev: &HostDevice) -> String {
-    table().driver_for(dev)
+    table().driver_for(dev).to_string()
 }
 
 /// The vfio driver `dev` is on, or else the one Bind would use.
@@ -223,12 +241,18 @@ alias vfio_pci:v000010DEd00002342sv*sd*bc*sc*i* ../../evil extra
         }
     }
 
+    /// The fields matched are the kernel's modalias's, read back as a
+    /// pattern is.
     #[test]
     fn the_modalias_is_the_kernels() {
+        let gh = dev(0x10de, 0x2342, 0x030200);
+        let text = modalias(&gh);
         assert_eq!(
-            modalias(&dev(0x10de, 0x2342, 0x030200)),
+            text,
             "pci:v000010DEd00002342sv000010DEsd000016E6bc03sc02i00"
         );
+        let parsed = Fields::parse(text.strip_prefix("pci:").unwrap()).unwrap();
+        assert_eq!(parsed.0.map(Option::unwrap), fields_of(&gh));
     }
 
     #[test]

@@ -40,18 +40,23 @@ fn shown(vendor: &str, device: &str, identity: Option<&Identity>) -> String {
 /// Why `host` is not the card `stored` was registered for, or `None` when
 /// it is (vendor, device and, when the record knows them, subsystem ids).
 pub fn changed(stored: &StoredDevice, host: &HostDevice) -> Option<String> {
+    // Compared as numbers: a List asks this of every record, and the same
+    // card (the common case) costs no allocation.
+    let hex = |s: &str| u16::from_str_radix(s, 16).ok();
+    let same_ids =
+        hex(&stored.vendor_id) == Some(host.vendor) && hex(&stored.device_id) == Some(host.device);
+    let same_subsystem = stored.identity.as_ref().is_none_or(|i| {
+        hex(&i.subsystem_vendor) == Some(host.subsystem_vendor)
+            && hex(&i.subsystem_device) == Some(host.subsystem_device)
+    });
+    if same_ids && same_subsystem {
+        return None;
+    }
     let now = of(host);
     let (vendor, device) = (
         format!("{:04x}", host.vendor),
         format!("{:04x}", host.device),
     );
-    let same_ids = vendor == stored.vendor_id && device == stored.device_id;
-    let same_subsystem = stored.identity.as_ref().is_none_or(|i| {
-        i.subsystem_vendor == now.subsystem_vendor && i.subsystem_device == now.subsystem_device
-    });
-    if same_ids && same_subsystem {
-        return None;
-    }
     Some(format!(
         "{} was registered as {} at {}, but {} sits there now: another card. It is not bound or attached; delete {} and register it again to accept the new card",
         stored.name,
@@ -76,6 +81,10 @@ impl Service {
         let records: Vec<std::sync::Arc<StoredDevice>> = self.snapshot().iter().cloned().collect();
         let addresses = records.iter().map(|d| d.pci_address).collect();
         let live = self.door.read_many(addresses).await.unwrap_or_default();
+        // The records to learn an identity are changed all at once: the
+        // store writes changes that wait together in one sync, so a registry
+        // of before costs a few syncs at its first start, not one per device.
+        let mut learn = Vec::new();
         for (s, l) in records.iter().zip(live) {
             let Ok(Some(host)) = l else { continue };
             if let Some(why) = changed(s, &host) {
@@ -89,22 +98,7 @@ impl Service {
                 continue;
             }
             match &s.identity {
-                None => {
-                    let learned = of(&host);
-                    if let Err(e) = self
-                        .modify(&s.id, |d| d.identity = Some(learned.clone()))
-                        .await
-                    {
-                        tracing::warn!(device_id = %s.id, error = %e, "cannot keep the device's identity");
-                    } else {
-                        tracing::info!(
-                            pci_address = %s.pci_address,
-                            device_id = %s.id,
-                            subsystem = %format!("{}:{}", learned.subsystem_vendor, learned.subsystem_device),
-                            "a record of before took the identity of the device at its address"
-                        );
-                    }
-                }
+                None => learn.push((s.clone(), of(&host))),
                 Some(i) if i.iommu_group != host.iommu_group => tracing::warn!(
                     pci_address = %s.pci_address,
                     device_id = %s.id,
@@ -114,6 +108,28 @@ impl Service {
                 ),
                 Some(_) => {}
             }
+        }
+        let learned = learn.iter().map(|(s, identity)| async move {
+            match self
+                .modify(&s.id, |d| d.identity = Some(identity.clone()))
+                .await
+            {
+                Ok(_) => tracing::debug!(
+                    pci_address = %s.pci_address,
+                    device_id = %s.id,
+                    "a record of before took the identity of the device at its address"
+                ),
+                Err(e) => {
+                    tracing::warn!(device_id = %s.id, error = %e, "cannot keep the device's identity")
+                }
+            }
+        });
+        futures_util::future::join_all(learned).await;
+        if !learn.is_empty() {
+            tracing::info!(
+                records = learn.len(),
+                "records of before took the identity of the devices at their addresses"
+            );
         }
     }
 }
