@@ -8,15 +8,31 @@ pub fn pci_address(i: usize) -> String {
     format!("{dom:04x}:{bus:02x}:{dev:02x}.{func}")
 }
 
-/// The `i`-th generated function: vendor, device, class, native driver and
-/// the record's type.
-fn kind(i: usize) -> (&'static str, &'static str, &'static str, &'static str, &'static str) {
-    match i % 16 {
+/// What the `i`-th generated function is.
+struct Kind {
+    vendor: &'static str,
+    device: &'static str,
+    class: &'static str,
+    /// Its native driver.
+    driver: &'static str,
+    /// The record's type.
+    kind: &'static str,
+}
+
+fn kind(i: usize) -> Kind {
+    let (vendor, device, class, driver, kind) = match i % 16 {
         0 => ("10de", "27b8", "030200", "nvidia", "gpu"),
         1 => ("8086", "1572", "020000", "i40e", "pci"),
         2..=11 => ("8086", "154c", "020000", "iavf", "pci"),
         12..=14 => ("144d", "a80a", "010802", "nvme", "pci"),
         _ => ("1b21", "2142", "0c0330", "xhci_hcd", "pci"),
+    };
+    Kind {
+        vendor,
+        device,
+        class,
+        driver,
+        kind,
     }
 }
 
@@ -34,7 +50,13 @@ pub fn generated_host(n: usize) -> String {
          [[driver]]\nname = \"vfio-pci\"\n",
     );
     for i in 0..n {
-        let (vendor, device, class, driver, _) = kind(i);
+        let Kind {
+            vendor,
+            device,
+            class,
+            driver,
+            ..
+        } = kind(i);
         let _ = write!(
             s,
             "[[device]]\naddress = \"{}\"\nvendor = \"{vendor}\"\ndevice = \"{device}\"\nclass = \"{class}\"\niommu_group = {i}\ndriver = \"{driver}\"\n",
@@ -48,7 +70,13 @@ pub fn generated_host(n: usize) -> String {
 pub(crate) fn store(n: usize) -> String {
     let devices: Vec<Value> = (0..n)
         .map(|i| {
-            let (vendor, device, class, _, kind) = kind(i);
+            let Kind {
+                vendor,
+                device,
+                class,
+                kind,
+                ..
+            } = kind(i);
             // As the current daemon stores a record (issue 28's identity),
             // so start-up measures a registry, not its first migration.
             json!({
