@@ -389,6 +389,43 @@ fn a_clean_stop_compacts_and_a_torn_write_is_dropped() {
     assert_eq!(journal_len(state.path()), 0, "the torn write is cut");
 }
 
+/// A simulated host whose kernel state outlives each daemon
+/// (`--simulate-state`), in a directory of its own with the state dir.
+struct PersistentHost {
+    _dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    fixture: std::path::PathBuf,
+    sim: std::path::PathBuf,
+}
+
+impl PersistentHost {
+    fn new(fixture_name: &str) -> PersistentHost {
+        let dir = tempfile::tempdir().unwrap();
+        PersistentHost {
+            state: dir.path().join("state"),
+            fixture: fixture(fixture_name),
+            sim: dir.path().join("sim.json"),
+            _dir: dir,
+        }
+    }
+
+    /// The daemon's arguments for it.
+    fn args(&self) -> [&str; 4] {
+        [
+            "--simulate",
+            self.fixture.to_str().unwrap(),
+            "--simulate-state",
+            self.sim.to_str().unwrap(),
+        ]
+    }
+}
+
+/// `hypemanctl ARGS`, which must succeed.
+fn ctl_ok(bus: &TestBus, args: &[&str]) {
+    let out = bus.hypemanctl(args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
 /// *(issue 26)* SIGKILL between a vGPU's claim and its write, and after the
 /// write before it is marked ready: at the next start the claim is resolved
 /// before anyone is answered, by what the host shows: nothing written, the
@@ -397,26 +434,15 @@ fn a_clean_stop_compacts_and_a_torn_write_is_dropped() {
 fn sigkill_around_a_vgpu_write_is_resolved_at_start() {
     let bus = TestBus::start();
     for (point, kept) in [("vgpu-claimed", false), ("vgpu-written", true)] {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let sim = dir.path().join("sim.json");
-        let f = fixture("l40s-vgpu.toml");
-        let args = [
-            "--simulate",
-            f.to_str().unwrap(),
-            "--simulate-state",
-            sim.to_str().unwrap(),
-        ];
-        let d = Daemon::start(&bus, &state, &args);
-        let ok = |a: &[&str]| {
-            let out = bus.hypemanctl(a);
-            assert!(out.status.success(), "{a:?}: {out:?}");
-        };
+        let host = PersistentHost::new("l40s-vgpu.toml");
+        let (state, args) = (&host.state, host.args());
+        let d = Daemon::start(&bus, state, &args);
+        let ok = |a: &[&str]| ctl_ok(&bus, a);
         ok(&["register", "0000:41:00.0", "--name", "l40s"]);
         ok(&["sriov", "l40s", "2"]);
         d.kill9(&bus);
 
-        let mut cmd = Daemon::command(&bus, &state, &args);
+        let mut cmd = Daemon::command(&bus, state, &args);
         cmd.env("HYPEMAN_PAUSE_AT", point);
         let d = Daemon::from_command(&bus, cmd);
         let mut call = Proc {
@@ -440,7 +466,7 @@ fn sigkill_around_a_vgpu_write_is_resolved_at_start() {
         d.kill9(&bus);
         assert!(!call.child.wait().unwrap().success(), "{point}: answered");
 
-        let _d = Daemon::start(&bus, &state, &args);
+        let _d = Daemon::start(&bus, state, &args);
         let out = bus.hypemanctl(&["--json", "vgpu", "list"]);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let resources = bus.hypemanctl(&["--json", "resources"]);
@@ -480,21 +506,10 @@ fn last_journal_line(state: &std::path::Path) -> serde_json::Value {
 fn sigkill_around_a_lease_release_releases_at_start() {
     let bus = TestBus::start();
     for point in [None, Some("holder-ended"), Some("journal-synced")] {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let sim = dir.path().join("sim.json");
-        let f = fixture("l4.toml");
-        let args = [
-            "--simulate",
-            f.to_str().unwrap(),
-            "--simulate-state",
-            sim.to_str().unwrap(),
-        ];
-        let d = Daemon::start(&bus, &state, &args);
-        let ok = |a: &[&str]| {
-            let out = bus.hypemanctl(a);
-            assert!(out.status.success(), "{a:?}: {out:?}");
-        };
+        let host = PersistentHost::new("l4.toml");
+        let (state, args) = (&host.state, host.args());
+        let d = Daemon::start(&bus, state, &args);
+        let ok = |a: &[&str]| ctl_ok(&bus, a);
         ok(&["register", "0000:a2:00.0", "--name", "l4"]);
         ok(&["bind", "l4"]);
         let mut vmm = Proc {
@@ -516,14 +531,14 @@ fn sigkill_around_a_lease_release_releases_at_start() {
             Some(p) => {
                 // The next daemon finds the holder alive and watches it; it
                 // stops itself at `p` once the holder is killed.
-                let mut cmd = Daemon::command(&bus, &state, &args);
+                let mut cmd = Daemon::command(&bus, state, &args);
                 cmd.env("HYPEMAN_PAUSE_AT", p);
                 let d = Daemon::from_command(&bus, cmd);
                 assert_eq!(got(&bus, "l4")["attached_to"], "vm-1", "{p}: kept");
                 vmm.signal_and_wait("KILL");
                 let stopped = d.proc.pid();
                 wait_until(|| process_state(stopped) == 'T');
-                let last = last_journal_line(&state);
+                let last = last_journal_line(state);
                 let released = last["replace"].is_object()
                     && last["replace"].get("attached_to").is_none()
                     && last["replace"].get("lease").is_none();
@@ -534,7 +549,7 @@ fn sigkill_around_a_lease_release_releases_at_start() {
             }
         };
 
-        let d = Daemon::start(&bus, &state, &args);
+        let d = Daemon::start(&bus, state, &args);
         let r = got(&bus, "l4");
         assert!(r["attached_to"].is_null(), "{point:?}: {r}");
         assert!(r.get("lease").is_none(), "{point:?}: {r}");

@@ -350,6 +350,27 @@ fn make_install_with_a_local_prefix_keeps_the_daemon_files_where_they_are_read()
     assert!(!d.join("usr/local/share/dbus-1").exists());
 }
 
+/// Starts the daemon with `args` on a notify socket of its own; the daemon
+/// (stopped by pid when dropped) and its READY message.
+fn ready_message(bus: &TestBus, state: &Path, args: &[&str]) -> (Proc, String) {
+    // The bus's directory is the test's own.
+    let sock_path = bus.dir.path().join("notify-ready.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let daemon = Proc {
+        child: Daemon::command(bus, state, args)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let ready = recv_until(&sock, |m| m.contains("READY=1"), &mut Vec::new());
+    (daemon, ready)
+}
+
 /// *(issue 28)* A kernel booted with `pcie_acs_override=`: systemd's status
 /// line says the IOMMU groups are not isolation boundaries, from READY on.
 #[test]
@@ -363,20 +384,8 @@ fn the_status_line_says_the_acs_override() {
         format!("kernel_cmdline = \"ro pcie_acs_override=downstream,multifunction\"\n{l4}"),
     )
     .unwrap();
-    let sock_path = bus.dir.path().join("notify-acs.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let _daemon = Proc {
-        child: Daemon::command(&bus, state.path(), &["--simulate", host.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", &sock_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
-    let mut all = Vec::new();
-    let ready = recv_until(&sock, |m| m.contains("READY=1"), &mut all);
+    let (_daemon, ready) =
+        ready_message(&bus, state.path(), &["--simulate", host.to_str().unwrap()]);
     assert!(
         ready.contains(
             "STATUS=0 devices registered, 0 on vfio-pci, 0 attached; pcie_acs_override= is set: IOMMU groups are not isolation boundaries"
@@ -401,20 +410,7 @@ fn a_function_on_a_variant_at_start_is_counted_on_vfio() {
         .unwrap();
     assert!(first.proc.signal_and_wait("TERM").success());
 
-    let sock_path = bus.dir.path().join("notify-variant.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let _daemon = Proc {
-        child: Daemon::command(&bus, state.path(), &args)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
-    let mut all = Vec::new();
-    let ready = recv_until(&sock, |m| m.contains("READY=1"), &mut all);
+    let (_daemon, ready) = ready_message(&bus, state.path(), &args);
     assert!(
         ready.contains("STATUS=1 device registered, 1 on vfio-pci, 0 attached"),
         "{ready}"

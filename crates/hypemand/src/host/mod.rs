@@ -64,6 +64,32 @@ pub struct HostDevice {
     pub vfio_dev: Option<String>,
 }
 
+#[cfg(test)]
+impl HostDevice {
+    /// A function for unit tests: an NVIDIA L4 (10de:27b8, class 030200)
+    /// at 0000:a2:00.0 in IOMMU group 82, unbound, with nothing else said.
+    /// A test sets what it is about with struct update syntax.
+    pub fn example() -> HostDevice {
+        HostDevice {
+            address: PciAddress::parse("0000:a2:00.0").expect("an address"),
+            vendor: 0x10de,
+            device: 0x27b8,
+            class: 0x030200,
+            subsystem_vendor: 0,
+            subsystem_device: 0,
+            driver: None,
+            iommu_group: Some(82),
+            driver_override: None,
+            numa_node: None,
+            boot_vga: false,
+            sriov: None,
+            physfn: None,
+            reset_method: None,
+            vfio_dev: None,
+        }
+    }
+}
+
 /// *(issue 28)* Whether a kernel command line has `pcie_acs_override=`
 /// (the out-of-tree ACS override patch): then the IOMMU groups the kernel
 /// reports are not isolation boundaries.

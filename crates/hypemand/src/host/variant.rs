@@ -204,7 +204,6 @@ pub fn is_vfio_driver(driver: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::PciAddress;
 
     /// Lines as depmod writes them for the drivers' id tables
     /// (drivers/vfio/pci/nvgrace-gpu/main.c: 0x2342, 0x2345, 0x2348;
@@ -223,21 +222,12 @@ alias vfio_pci:v000010DEd00002342sv*sd*bc*sc*i* ../../evil extra
 
     fn dev(vendor: u16, device: u16, class: u32) -> HostDevice {
         HostDevice {
-            address: PciAddress::parse("0000:01:00.0").unwrap(),
             vendor,
             device,
             class,
             subsystem_vendor: vendor,
             subsystem_device: 0x16e6,
-            driver: None,
-            iommu_group: Some(1),
-            driver_override: None,
-            numa_node: None,
-            boot_vga: false,
-            sriov: None,
-            physfn: None,
-            reset_method: None,
-            vfio_dev: None,
+            ..HostDevice::example()
         }
     }
 

@@ -141,21 +141,12 @@ mod tests {
 
     fn host(vendor: u16, device: u16, sub: (u16, u16), group: Option<u32>) -> HostDevice {
         HostDevice {
-            address: crate::pci::PciAddress::parse("0000:a2:00.0").unwrap(),
             vendor,
             device,
-            class: 0x030200,
             subsystem_vendor: sub.0,
             subsystem_device: sub.1,
-            driver: None,
             iommu_group: group,
-            driver_override: None,
-            numa_node: None,
-            boot_vga: false,
-            sriov: None,
-            physfn: None,
-            reset_method: None,
-            vfio_dev: None,
+            ..HostDevice::example()
         }
     }
 

@@ -118,6 +118,13 @@ fn exited(fd: RawFd) -> bool {
     n > 0
 }
 
+/// Whether a pidfd's process still runs: it takes signals (or answers
+/// `EPERM`) and has not exited. An exited process not yet reaped still
+/// takes signals; its pidfd is readable, and that is its end.
+fn still_running(fd: RawFd) -> bool {
+    pidfd_alive(fd).is_ok() && !exited(fd)
+}
+
 /// A small `/proc` file, at most [`PROC_READ_LIMIT`] bytes.
 fn read_proc(path: &str) -> std::io::Result<String> {
     let mut s = String::new();
@@ -212,11 +219,8 @@ impl LeaseRequest {
             Err(e) => return Err(Error::Failed(format!("cannot read the holder's pidfd: {e}"))),
         };
         let start_time = start_time(pid).map_err(|_| gone())?;
-        // Read while the pidfd shows its process alive: the pid was its. A
-        // process that has exited but is not yet reaped still takes signals;
-        // its pidfd is readable, and that is its end.
-        pidfd_alive(raw).map_err(|_| gone())?;
-        if exited(raw) {
+        // Read while the pidfd shows its process running: the pid was its.
+        if !still_running(raw) {
             return Err(gone());
         }
         let boot_id =
@@ -289,8 +293,7 @@ impl LeaseRequest {
                 "pid {pid} is another process now (start time {found}, the holder's was {t})"
             ));
         }
-        pidfd_alive(fd.as_raw_fd()).map_err(|_| format!("process {pid} has exited"))?;
-        if exited(fd.as_raw_fd()) {
+        if !still_running(fd.as_raw_fd()) {
             return Err(format!("process {pid} has exited"));
         }
         watched(fd).map_err(|e| format!("cannot watch process {pid}: {e}"))

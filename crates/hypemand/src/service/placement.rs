@@ -84,27 +84,13 @@ pub fn placement(stored: &StoredDevice, live: Option<&HostDevice>) -> Placement 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::PciAddress;
     use crate::store::registry::tests::sample;
     use hypeman_api::VFIO_DRIVER;
 
     fn live(driver: Option<&str>) -> HostDevice {
         HostDevice {
-            address: PciAddress::parse("0000:a2:00.0").unwrap(),
-            vendor: 0x10de,
-            device: 0x27b8,
-            class: 0x030200,
-            subsystem_vendor: 0,
-            subsystem_device: 0,
             driver: driver.map(str::to_string),
-            iommu_group: Some(82),
-            driver_override: None,
-            numa_node: None,
-            sriov: None,
-            physfn: None,
-            boot_vga: false,
-            reset_method: None,
-            vfio_dev: None,
+            ..HostDevice::example()
         }
     }
 

@@ -360,20 +360,10 @@ mod tests {
         let parent = Parent {
             host: HostDevice {
                 address: a("0000:41:00.0"),
-                vendor: 0x10de,
                 device: 0x26b9,
-                class: 0x030200,
-                subsystem_vendor: 0,
-                subsystem_device: 0,
                 driver: Some("nvidia".into()),
                 iommu_group: Some(30),
-                driver_override: None,
-                numa_node: None,
-                boot_vga: false,
-                sriov: None,
-                physfn: None,
-                reset_method: None,
-                vfio_dev: None,
+                ..HostDevice::example()
             },
             slots: vec![
                 slot("0000:41:00.4", Some(1151)),

@@ -46,25 +46,11 @@ pub fn of(host: &HostDevice, acs_override: bool) -> Vec<hypeman_api::Blocker> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::PciAddress;
 
     fn device(reset_method: Option<&str>) -> HostDevice {
         HostDevice {
-            address: PciAddress::parse("0000:a2:00.0").unwrap(),
-            vendor: 0x10de,
-            device: 0x27b8,
-            class: 0x030200,
-            subsystem_vendor: 0,
-            subsystem_device: 0,
-            driver: None,
-            iommu_group: Some(82),
-            driver_override: None,
-            numa_node: None,
-            boot_vga: false,
-            sriov: None,
-            physfn: None,
             reset_method: reset_method.map(String::from),
-            vfio_dev: None,
+            ..HostDevice::example()
         }
     }
 
