@@ -26,6 +26,21 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update
 # --no-upgrade: what is installed already stays as it is (nothing is upgraded).
 apt-get install -y --no-install-recommends --no-upgrade "${packages[@]}"
+# promtool (tests/metrics.rs checks a scrape with it) ships only in Debian's
+# prometheus package, whose postinst starts a Prometheus server. Nothing is
+# started: a policy-rc.d that refuses every start, for this one install.
+if ! command -v promtool >/dev/null; then
+  if [ -e /usr/sbin/policy-rc.d ]; then
+    apt-get install -y --no-install-recommends --no-upgrade prometheus
+  else
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    apt-get install -y --no-install-recommends --no-upgrade prometheus
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+fi
 # rustfmt and clippy check the style in scripts/test.sh; the machine's
 # toolchain ships them, rustup adds them where it does not.
 for component in rustfmt clippy; do

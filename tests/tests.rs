@@ -16,6 +16,7 @@ mod hostile;
 mod hotplug;
 mod hypemanctl;
 mod lease;
+mod metrics;
 mod polkit;
 mod registry;
 mod rest;

@@ -812,16 +812,29 @@ pub const SDK: &str = "hypeman==0.28.0";
 /// binary, the first test to ask makes it and the others wait for it.
 pub fn sdk_python() -> PathBuf {
     static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    MADE.get_or_init(make_sdk_python).clone()
+    MADE.get_or_init(|| make_venv("sdk-venv", SDK)).clone()
 }
 
-fn make_sdk_python() -> PathBuf {
-    let dir = root().join("target/sdk-venv");
+/// *(issue 29)* The parser the metrics are checked with, independently of
+/// hypemand's encoder.
+pub const PROMETHEUS_CLIENT: &str = "prometheus_client==0.26.0";
+
+/// *(issue 29)* A virtualenv with [`PROMETHEUS_CLIENT`] from PyPI, made as
+/// [`sdk_python`]'s is.
+pub fn metrics_python() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| make_venv("metrics-venv", PROMETHEUS_CLIENT))
+        .clone()
+}
+
+/// `target/<name>` with `requirement` installed, made once.
+fn make_venv(name: &str, requirement: &str) -> PathBuf {
+    let dir = root().join("target").join(name);
     let python = dir.join("bin/python");
     if dir.join(".ready").exists() {
         return python;
     }
-    let mine = root().join(format!("target/sdk-venv.{}", std::process::id()));
+    let mine = root().join(format!("target/{name}.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&mine);
     let st = Command::new("/usr/bin/python3")
         .args(["-m", "venv"])
@@ -836,16 +849,16 @@ fn make_sdk_python() -> PathBuf {
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            SDK,
+            requirement,
         ])
         .output()
         .expect("pip");
     assert!(
         out.status.success(),
-        "pip install {SDK} failed: {}",
+        "pip install {requirement} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::write(mine.join(".ready"), SDK).unwrap();
+    std::fs::write(mine.join(".ready"), requirement).unwrap();
     if dir.exists() && !dir.join(".ready").exists() {
         let _ = std::fs::remove_dir_all(&dir); // left by a killed run
     }

@@ -93,6 +93,10 @@ pub struct Record {
     /// `/dev/iommu`, while the kernel offers the cdev (6.2+, on a vfio
     /// driver); empty otherwise.
     pub vfio_devices: Vec<String>,
+    /// *(issue 29)* `ok`, `degraded` (new non-fatal or correctable PCIe
+    /// errors since registration, past the daemon's threshold) or `failed`
+    /// (a fatal error, or gone while on vfio or attached).
+    pub health: Option<String>,
 }
 
 /// Why a PCI function must not be taken from the host *(issue 14)*: `code`

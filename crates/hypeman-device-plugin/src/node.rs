@@ -27,7 +27,8 @@ pub struct NodeDevice {
     /// The kubelet's device ID.
     pub pci_address: String,
     pub resource: String,
-    /// Present, passable, and not attached outside Kubernetes.
+    /// Present, passable, not failed *(issue 29)*, and not attached
+    /// outside Kubernetes.
     pub healthy: bool,
     pub numa_node: Option<i64>,
     pub iommu_group: Option<i64>,
@@ -73,8 +74,12 @@ pub async fn read(client: &Client, config: &Config) -> Result<View, ClientError>
                 .attached_to
                 .as_deref()
                 .is_some_and(|a| !a.starts_with(K8S_PREFIX));
+            // *(issue 29)* A device hypemand judges failed (a fatal PCIe
+            // error, or gone under a VM) is Unhealthy; degraded is still
+            // offered.
+            let failed = r.health.as_deref() == Some("failed");
             Some(NodeDevice {
-                healthy: r.present && passable && !outside,
+                healthy: r.present && passable && !outside && !failed,
                 id: r.id,
                 pci_address: r.pci_address,
                 resource,

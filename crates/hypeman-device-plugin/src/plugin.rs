@@ -302,7 +302,7 @@ impl Plugin {
                 })?;
             if !d.healthy {
                 return Err(Status::failed_precondition(format!(
-                    "{addr} is not healthy (unplugged, in use by the host, or attached outside Kubernetes)"
+                    "{addr} is not healthy (unplugged, failed, in use by the host, or attached outside Kubernetes)"
                 )));
             }
             // A VM holding one function of an IOMMU group reaches them all.

@@ -116,11 +116,20 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
                 if let (Some(o), Some(h)) = (doc.as_object_mut(), &d.hardware_changed) {
                     o.insert("hardware_changed".into(), h.as_str().into());
                 }
+                // *(issue 29)* Said when it is not ok: the seed's document
+                // stays the seed's for a healthy device.
+                let unwell = d.health.as_deref().filter(|h| *h != "ok");
+                if let (Some(o), Some(h)) = (doc.as_object_mut(), unwell) {
+                    o.insert("health".into(), h.into());
+                }
                 pretty(&doc);
             } else {
                 print_devices(std::slice::from_ref(&d), json, true);
                 if let Some(h) = &d.hardware_changed {
                     println!("hardware changed: {h}");
+                }
+                if let Some(h) = &d.health {
+                    println!("health: {h}");
                 }
                 print_reset(d.reset_method.as_deref());
                 print_lease(&d);

@@ -11,7 +11,7 @@ use hypeman_api::BusChoice;
 #[command(
     name = "hypemand",
     version,
-    after_help = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 any other failure; 2 bad options; 3 the state cannot be used; 4 the bus name is taken (another hypemand runs); 5 the bus cannot be reached; 6 the host cannot be used; 7 the REST API socket cannot be served."
+    after_help = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 any other failure; 2 bad options; 3 the state cannot be used; 4 the bus name is taken (another hypemand runs); 5 the bus cannot be reached; 6 the host cannot be used; 7 the REST API socket cannot be served; 8 the metrics address cannot be served."
 )]
 pub struct DaemonArgs {
     /// Bus to serve on: system, session, or a D-Bus address.
@@ -39,6 +39,15 @@ pub struct DaemonArgs {
     /// [default: /run/hypeman/devices.sock on the system bus, else none]
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Serve OpenMetrics at http://ADDR:PORT/metrics (reads only, no
+    /// authorization; port 0 picks a free one, logged at start-up)
+    /// [default: not served]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How many new non-fatal and correctable PCIe errors since
+    /// registration make a device's health "degraded".
+    #[arg(long, value_name = "COUNT", default_value_t = crate::service::health::DEFAULT_THRESHOLD)]
+    pub health_threshold: u64,
     /// Deadline of each sysfs operation, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub sysfs_timeout: f64,

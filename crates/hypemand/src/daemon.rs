@@ -44,6 +44,11 @@ pub struct Options {
     pub usage_timeout: std::time::Duration,
     /// The journal's compaction size (none: the default rule).
     pub journal_limit: Option<u64>,
+    /// *(issue 29)* Where OpenMetrics is served; none: not.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// *(issue 29)* New non-fatal and correctable errors that make a
+    /// device `degraded`.
+    pub health_threshold: u64,
 }
 
 /// Why the daemon stopped with a failure. Each kind has its own exit status (see
@@ -71,6 +76,15 @@ pub enum DaemonError {
     /// The REST socket cannot be served.
     #[error(transparent)]
     Api(#[from] crate::edge::rest::SocketError),
+    /// *(issue 29)* The metrics address cannot be served.
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        /// The address asked for.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// SIGTERM and SIGINT cannot be handled.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -98,6 +112,8 @@ pub mod exit {
     pub const HOST: u8 = 6;
     /// The REST socket cannot be served.
     pub const API: u8 = 7;
+    /// *(issue 29)* The metrics address cannot be served.
+    pub const METRICS: u8 = 8;
 }
 
 impl DaemonError {
@@ -109,6 +125,7 @@ impl DaemonError {
             DaemonError::Bus(ServeError::NameTaken) => exit::NAME_TAKEN,
             DaemonError::Bus(_) => exit::BUS,
             DaemonError::Api(_) => exit::API,
+            DaemonError::Metrics { .. } => exit::METRICS,
             DaemonError::Signals(_) | DaemonError::Writer(_) | DaemonError::Thread(_) => {
                 exit::FAILURE
             }
@@ -199,6 +216,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .with_units(units);
     let commits = Commits::start(store, opened, opts.journal_limit).map_err(DaemonError::Writer)?;
     let service = Service::new(door.clone(), ids, commits);
+    service.set_health_threshold(opts.health_threshold);
     // *(issue 28)* A boot whose IOMMU groups are overridden is said on the
     // status line for as long as the daemon runs.
     let acs_override = door.acs_override().await.unwrap_or(false);
@@ -280,6 +298,15 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             None => None,
         },
     };
+    // *(issue 29)* Likewise the metrics address.
+    let metrics = match opts.metrics_listen {
+        Some(address) => Some(
+            crate::edge::metrics::listen(address)
+                .await
+                .map_err(|source| DaemonError::Metrics { address, source })?,
+        ),
+        None => None,
+    };
     tracing::debug!(elapsed_ms = ms(), "serving on the bus");
     // One connection, one bouncer and one gate for the daemon's life, shared
     // by every edge: the REST edge holds no bus connection of its own.
@@ -292,6 +319,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _api = api_socket.map(|l| {
         let api = crate::edge::rest::Api::new(service.clone(), authz.clone());
         AbortOnDrop(tokio::spawn(crate::edge::rest::serve(l.listener, api)))
+    });
+    let _metrics = metrics.map(|l| {
+        AbortOnDrop(tokio::spawn(crate::edge::metrics::serve(
+            l,
+            service.clone(),
+        )))
     });
     let summary = service.summary();
     tracing::info!(name = hypeman_api::BUS_NAME, status = %summary, elapsed_ms = ms(), "ready");

@@ -10,6 +10,7 @@
 //! - [`daemon`]: wires it all together for one run of `hypemand`;
 //! - [`args`]: the command line;
 //! - [`memory`]: giving freed heap back to the system;
+//! - `telemetry`: what every layer counts, for the metrics edge;
 //! - `pause`: a test seam that stops a simulated daemon mid-write.
 //!
 //! The contract with clients (names, records, errors) is the `hypeman-api`
@@ -28,6 +29,7 @@ pub(crate) mod pause;
 pub(crate) mod pci;
 pub(crate) mod service;
 pub(crate) mod store;
+pub(crate) mod telemetry;
 
 /// What the fuzz targets in `fuzz/` reach: the parsers of everything the
 /// daemon reads from outside (fixtures, addresses, sysfs attributes, the

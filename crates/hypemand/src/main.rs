@@ -107,6 +107,8 @@ fn main() -> ExitCode {
         sysfs_timeout: std::time::Duration::from_secs_f64(args.sysfs_timeout),
         usage_timeout: std::time::Duration::from_secs_f64(args.usage_timeout),
         journal_limit: args.journal_limit,
+        metrics_listen: args.metrics_listen,
+        health_threshold: args.health_threshold,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -194,6 +194,36 @@ pub trait Authorizer: Send + Sync {
     ) -> Result<(), Error>;
 }
 
+/// *(issue 29)* One operation as metrics count it: its result whatever
+/// refused it (the arguments, the lookup, polkit or the service), and its
+/// time from authorization to its end.
+struct Counted {
+    operation: &'static str,
+    authorized: Option<std::time::Instant>,
+}
+
+impl Counted {
+    fn new(operation: &'static str) -> Self {
+        Counted {
+            operation,
+            authorized: None,
+        }
+    }
+
+    fn authorized(&mut self) {
+        self.authorized = Some(std::time::Instant::now());
+    }
+
+    fn done<T>(self, result: Result<T, Error>) -> Result<T, Error> {
+        crate::telemetry::get().operation(
+            self.operation,
+            result.as_ref().map(drop).map_err(Error::short_name),
+            self.authorized.map(|t| t.elapsed()),
+        );
+        result
+    }
+}
+
 /// The gate every change passes.
 pub struct Authz {
     service: Arc<Service>,
@@ -211,7 +241,18 @@ impl Authz {
 
     async fn check(&self, caller: &Caller<'_>, method: Method, d: &Details) -> Result<(), Error> {
         for action in method.actions() {
-            self.authorizer.check(caller, *action, d).await?;
+            let began = std::time::Instant::now();
+            let answer = self.authorizer.check(caller, *action, d).await;
+            // *(issue 29)* Every check, by action and what it answered.
+            let result = match &answer {
+                Ok(()) => "granted",
+                Err(Error::AccessDenied(_)) => "denied",
+                Err(Error::InteractiveAuthorizationRequired(_)) => "interaction_required",
+                Err(Error::Busy(_)) => "busy",
+                Err(_) => "error",
+            };
+            crate::telemetry::get().polkit_check(action.id(), result, began.elapsed());
+            answer?;
         }
         Ok(())
     }
@@ -225,17 +266,23 @@ impl Authz {
         id_or_name: &str,
         op: Op,
     ) -> Result<DeviceView, Error> {
-        op.validate()?;
-        let method = Method::of(&op);
-        let target = self.service.resolve(id_or_name)?;
-        self.check(caller, method, &Self::details(target.record()))
-            .await?;
-        let target: Target = if method.forces() {
-            target.forced()
-        } else {
-            target
-        };
-        self.service.apply(&target, op).await
+        let mut counted = Counted::new(op.name());
+        let result = async {
+            op.validate()?;
+            let method = Method::of(&op);
+            let target = self.service.resolve(id_or_name)?;
+            self.check(caller, method, &Self::details(target.record()))
+                .await?;
+            let target: Target = if method.forces() {
+                target.forced()
+            } else {
+                target
+            };
+            counted.authorized();
+            self.service.apply(&target, op).await
+        }
+        .await;
+        counted.done(result)
     }
 
     /// *(issue 26)* Places `req` on a registered GPU, authorizes
@@ -246,34 +293,46 @@ impl Authz {
         req: hypeman_api::VgpuRequest,
         lease: Option<crate::service::leases::LeaseRequest>,
     ) -> Result<hypeman_api::Vgpu, Error> {
-        let plan = self.service.plan_vgpu(&req).await?;
-        self.check(
-            caller,
-            Method::Partition,
-            &Self::details(plan.parent.record()),
-        )
-        .await?;
-        self.service.create_vgpu(plan, req, lease).await
+        let mut counted = Counted::new("create_vgpu");
+        let result = async {
+            let plan = self.service.plan_vgpu(&req).await?;
+            self.check(
+                caller,
+                Method::Partition,
+                &Self::details(plan.parent.record()),
+            )
+            .await?;
+            counted.authorized();
+            self.service.create_vgpu(plan, req, lease).await
+        }
+        .await;
+        counted.done(result)
     }
 
     /// *(issue 26)* Authorizes partitioning the vGPU's GPU, then deletes it.
     pub async fn delete_vgpu(&self, caller: &Caller<'_>, id: &str) -> Result<(), Error> {
-        let record = self.service.vgpu_record(id)?;
-        let parent = self
-            .service
-            .snapshot()
-            .by_address(record.parent_pci_address)
-            .map(|d| (**d).clone());
-        let details = match &parent {
-            Some(p) => Self::details(p),
-            None => Details {
-                pci_address: record.parent_pci_address.to_string(),
-                device_id: String::new(),
-                name: String::new(),
-            },
-        };
-        self.check(caller, Method::Partition, &details).await?;
-        self.service.delete_vgpu(id).await
+        let mut counted = Counted::new("delete_vgpu");
+        let result = async {
+            let record = self.service.vgpu_record(id)?;
+            let parent = self
+                .service
+                .snapshot()
+                .by_address(record.parent_pci_address)
+                .map(|d| (**d).clone());
+            let details = match &parent {
+                Some(p) => Self::details(p),
+                None => Details {
+                    pci_address: record.parent_pci_address.to_string(),
+                    device_id: String::new(),
+                    name: String::new(),
+                },
+            };
+            self.check(caller, Method::Partition, &details).await?;
+            counted.authorized();
+            self.service.delete_vgpu(id).await
+        }
+        .await;
+        counted.done(result)
     }
 
     fn details(d: &crate::store::StoredDevice) -> Details {
@@ -293,18 +352,24 @@ impl Authz {
         name: &str,
         tags: std::collections::BTreeMap<String, String>,
     ) -> Result<DeviceView, Error> {
-        let candidate: Candidate = self.service.propose(pci_address, name, tags).await?;
-        let details = Details {
-            pci_address: candidate.host().address.to_string(),
-            device_id: format!(
-                "{:04x}:{:04x}",
-                candidate.host().vendor,
-                candidate.host().device
-            ),
-            name: candidate.name().to_string(),
-        };
-        self.check(caller, Method::Register, &details).await?;
-        self.service.register(candidate).await
+        let mut counted = Counted::new("register");
+        let result = async {
+            let candidate: Candidate = self.service.propose(pci_address, name, tags).await?;
+            let details = Details {
+                pci_address: candidate.host().address.to_string(),
+                device_id: format!(
+                    "{:04x}:{:04x}",
+                    candidate.host().vendor,
+                    candidate.host().device
+                ),
+                name: candidate.name().to_string(),
+            };
+            self.check(caller, Method::Register, &details).await?;
+            counted.authorized();
+            self.service.register(candidate).await
+        }
+        .await;
+        counted.done(result)
     }
 }
 

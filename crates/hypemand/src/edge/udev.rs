@@ -136,6 +136,14 @@ fn to_host_event(event: &udev::Event) -> Option<HostEvent> {
         return None;
     };
     let mut ev = HostEvent::new(kind, address);
-    ev.error_event = event.property_value("ERROR_EVENT").is_some();
+    let text = |key: &str| {
+        event
+            .property_value(key)
+            .map(|v| v.to_string_lossy().into_owned())
+    };
+    ev.aer = crate::host::aer::Recovery::from_uevent(
+        text("ERROR_EVENT").as_deref(),
+        text("DEVICE_ONLINE").as_deref(),
+    );
     Some(ev)
 }

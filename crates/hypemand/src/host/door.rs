@@ -239,6 +239,34 @@ impl Door {
         Ok(read)
     }
 
+    /// *(issue 29)* The AER totals of many functions in one blocking call;
+    /// a function stuck, or whose counters cannot be read, is `None`.
+    pub async fn aer_many(
+        &self,
+        addresses: Vec<PciAddress>,
+    ) -> Result<Vec<Option<super::aer::AerCounts>>, StepError> {
+        let stuck: Vec<bool> = addresses
+            .iter()
+            .map(|a| self.is_stuck(Key::Device(*a)))
+            .collect();
+        self.call(Key::Host, move |h, progress| {
+            Ok(addresses
+                .into_iter()
+                .zip(stuck)
+                .map(|(a, stuck)| {
+                    if stuck {
+                        return None;
+                    }
+                    progress.at(Some(a));
+                    let r = h.aer(a).ok().flatten();
+                    progress.at(None);
+                    r
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Every PCI function on the host.
     pub async fn devices(&self) -> Result<Vec<HostDevice>, StepError> {
         self.call(Key::Host, |h, _| h.devices()).await

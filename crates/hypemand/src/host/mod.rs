@@ -13,8 +13,10 @@
 //! - [`vgpu`]: where vGPUs are made and what the drivers offer;
 //! - [`sysfs`]: the real kernel; [`sim`]: the simulated one;
 //! - [`usage`]: how the host uses a function (mounts, routes, open nodes);
-//! - [`units`]: the systemd services that hold devices (nvidia-persistenced).
+//! - [`units`]: the systemd services that hold devices (nvidia-persistenced);
+//! - [`aer`]: a function's PCIe error counters.
 
+pub mod aer;
 pub mod door;
 pub mod sim;
 pub mod sriov;
@@ -187,8 +189,9 @@ impl EventKind {
 pub struct HostEvent {
     pub kind: EventKind,
     pub address: PciAddress,
-    /// A `change` carrying `ERROR_EVENT` (AER recovery).
-    pub error_event: bool,
+    /// *(issue 29)* A `change` from the kernel's AER recovery
+    /// (`ERROR_EVENT`, `DEVICE_ONLINE`).
+    pub aer: Option<aer::Recovery>,
     /// Produced by the start-up enumeration rather than by the kernel.
     pub enumerated: bool,
     /// The device as the enumeration read it (saves reading it again).
@@ -200,7 +203,7 @@ impl HostEvent {
         HostEvent {
             kind,
             address,
-            error_event: false,
+            aer: None,
             enumerated: false,
             device: None,
         }
@@ -405,6 +408,10 @@ pub trait Host: Send + Sync + 'static {
     /// interfaces, open device nodes), walking /proc until `deadline`;
     /// functions it does not use are absent.
     fn usage(&self, deadline: std::time::Instant) -> usage::Walked;
+
+    /// *(issue 29)* The function's AER error totals; `Ok(None)` when the
+    /// kernel shows none (no AER capability, no AER driver, not present).
+    fn aer(&self, address: PciAddress) -> Result<Option<aer::AerCounts>, HostError>;
 
     /// Whether `drivers/<name>` exists.
     fn driver_loaded(&self, driver: &str) -> bool;

@@ -186,6 +186,19 @@ fn driver_name(dir: &Path) -> Option<String> {
         .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
+/// *(issue 29)* The AER totals under a function's directory; `None` when a
+/// file is missing or does not end with its total. Each read is bounded.
+fn read_aer(dir: &Path) -> Option<super::aer::AerCounts> {
+    use std::io::Read;
+    let mut texts: [String; 3] = Default::default();
+    for ((file, _), text) in super::aer::FILES.iter().zip(texts.iter_mut()) {
+        std::fs::File::open(dir.join(file))
+            .and_then(|f| f.take(super::aer::MAX_FILE).read_to_string(text))
+            .ok()?;
+    }
+    super::aer::AerCounts::parse([&texts[0], &texts[1], &texts[2]])
+}
+
 impl Host for SysfsHost {
     fn describe(&self) -> String {
         format!(
@@ -333,6 +346,10 @@ impl Host for SysfsHost {
             proc: self.proc_root.clone(),
         }
         .read(deadline)
+    }
+
+    fn aer(&self, address: PciAddress) -> Result<Option<super::aer::AerCounts>, HostError> {
+        Ok(read_aer(&self.device_dir(address)))
     }
 
     fn driver_loaded(&self, driver: &str) -> bool {

@@ -104,6 +104,7 @@ impl Commits {
             closed: false,
         }));
         let (tx, rx) = mpsc::channel();
+        crate::telemetry::get().journal_len(opened.journal.len());
         let writer = Writer {
             store,
             journal: opened.journal,
@@ -278,6 +279,7 @@ impl Writer {
             }
         }
         let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+        let began = std::time::Instant::now();
         if let Err(f) = self.journal.append(&bytes) {
             let why = format!(
                 "cannot write the journal {}: {}",
@@ -288,6 +290,7 @@ impl Writer {
             self.needs_reset = !f.rolled_back;
             return self.fail(batch, &why);
         }
+        crate::telemetry::get().commit(began.elapsed(), self.journal.len());
         pause::at(Point::JournalSynced);
         let mut answers = Vec::with_capacity(batch.len());
         {
@@ -413,6 +416,7 @@ impl Writer {
                     tracing::error!(error = %e, path = %self.journal.path().display(), "cannot cut the compacted journal");
                     self.retry_at = self.journal.len() + self.threshold();
                 }
+                crate::telemetry::get().journal_len(self.journal.len());
                 tracing::debug!(
                     seq,
                     snapshot_bytes = bytes,

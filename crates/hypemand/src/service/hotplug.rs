@@ -22,12 +22,30 @@ impl Service {
         let mut order: Vec<PciAddress> = Vec::new();
         let mut last: HashMap<PciAddress, EventKind> = HashMap::new();
         let mut added: std::collections::HashSet<PciAddress> = Default::default();
+        // *(issue 29)* Registered functions the kernel's AER recovery spoke
+        // of: their counters are read once the batch is handled.
+        let mut recovering: Vec<PciAddress> = Vec::new();
         for ev in &batch {
-            if ev.error_event {
-                tracing::warn!(pci_address = %ev.address, "the kernel reports a PCIe error event (AER recovery) for this device");
+            if let Some(r) = &ev.aer {
+                tracing::warn!(
+                    pci_address = %ev.address,
+                    error_event = %r.error_event,
+                    device_online = %r.device_online.map_or("unknown", |o| if o { "1" } else { "0" }),
+                    "the kernel's PCIe error recovery reports on this device"
+                );
+                if self.snapshot().by_address(ev.address).is_some()
+                    && !recovering.contains(&ev.address)
+                {
+                    recovering.push(ev.address);
+                }
             }
             tracing::debug!(pci_address = %ev.address, action = ev.kind.as_str(), enumerated = ev.enumerated, "host event");
             if !ev.enumerated {
+                crate::telemetry::get().hotplug(ev.kind.as_str());
+                // A function that comes or goes starts its counters again.
+                if matches!(ev.kind, EventKind::Add | EventKind::Remove) {
+                    self.aer.forget(ev.address);
+                }
                 if let Some(p) = self.publisher() {
                     match ev.kind {
                         EventKind::Add => p.host_added(ev.address).await,
@@ -85,6 +103,7 @@ impl Service {
             };
             self.refresh(address, live, added.contains(&address)).await;
         }
+        self.read_health(recovering).await;
         self.hotplug.send_modify(|n| *n = n.wrapping_add(1));
     }
 

@@ -21,13 +21,17 @@
 //! - [`sriov`]: a physical function's virtual functions;
 //! - [`vgpu`]: the vGPU types registered GPUs offer, and GPU capacity;
 //! - [`vgpus`]: the vGPUs made (Create, Delete, List, start-up);
+//! - [`census`]: what a metrics scrape shows of the devices;
+//! - [`health`]: a verdict per device from its PCIe error counters;
 //! - [`status`]: the summary systemd's status line shows;
 //! - [`error`]: the daemon's failures as the contract's errors.
 
 pub mod blockers;
+pub mod census;
 pub mod commit;
 pub mod error;
 pub mod group;
+pub mod health;
 pub mod hotplug;
 pub mod identity;
 pub mod leases;
@@ -65,6 +69,8 @@ pub struct DeviceView {
     pub live: Option<HostDevice>,
     pub vendor_name: String,
     pub device_name: String,
+    /// *(issue 29)* The verdict from the counters last read.
+    pub health: health::Health,
 }
 
 impl DeviceView {
@@ -111,6 +117,7 @@ impl DeviceView {
         };
         let s = self.stored;
         let lease = LeaseShown::of(s.lease.as_ref());
+        let health = Some(self.health.as_str().to_string());
         let registered = s.identity.as_ref();
         Record {
             id: s.id,
@@ -143,6 +150,7 @@ impl DeviceView {
             hardware_changed,
             vfio_driver,
             vfio_devices,
+            health,
         }
     }
 }
@@ -294,6 +302,8 @@ pub struct Service {
     status_note: OnceLock<String>,
     /// *(issue 27)* The watched leases.
     leases: leases::Leases,
+    /// *(issue 29)* The PCIe error counters last read, for the verdicts.
+    aer: health::Counters,
     /// *(issue 27)* The bus systemd is asked on about unit holders.
     holders_bus: OnceLock<zbus::Connection>,
     /// The service itself, for the tasks that watch leases.
@@ -317,6 +327,7 @@ impl Service {
             status_note: OnceLock::new(),
             leases: leases::Leases::default(),
             holders_bus: OnceLock::new(),
+            aer: health::Counters::default(),
             me: me.clone(),
         })
     }
@@ -392,11 +403,13 @@ impl Service {
 
     pub(crate) fn view(&self, stored: StoredDevice, live: Option<HostDevice>) -> DeviceView {
         let (vendor_name, device_name) = self.names_of(&stored);
+        let health = self.health_of(&stored, live.as_ref());
         DeviceView {
             stored,
             live,
             vendor_name,
             device_name,
+            health,
         }
     }
 

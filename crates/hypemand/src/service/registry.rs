@@ -80,6 +80,12 @@ impl Service {
             tags,
             lease: None,
             identity: Some(super::identity::of(&host)),
+            aer_baseline: self
+                .door
+                .aer_many(vec![address])
+                .await
+                .ok()
+                .and_then(|r| r.into_iter().next().flatten()),
         };
 
         // Under the address's lock, so a Delete of this device cannot be
@@ -89,6 +95,7 @@ impl Service {
         self.refuse_if_stopping()?;
         self.commit(Change::Add(stored.clone())).await?;
         self.seen().set(address, Some(host.clone()));
+        self.aer.set_read(address, stored.aer_baseline);
         let view = self.view(stored, Some(host));
         tracing::info!(
             pci_address = %address,
@@ -137,6 +144,8 @@ impl Service {
     pub async fn get(&self, id_or_name: &str) -> Result<DeviceView> {
         let stored = self.resolve(id_or_name)?.0;
         let live = self.live(stored.pci_address).await?;
+        // *(issue 29)* Asked for: the verdict from the counters now.
+        self.read_health(vec![stored.pci_address]).await;
         Ok(self.view(Arc::unwrap_or_clone(stored), live))
     }
 

@@ -55,6 +55,20 @@ pub enum Op {
 }
 
 impl Op {
+    /// *(issue 29)* The operation's name in metrics
+    /// (`hypeman_operations_total{operation}`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Delete => "delete",
+            Op::Bind { .. } => "bind",
+            Op::Unbind => "unbind",
+            Op::Attach { .. } => "attach",
+            Op::Detach => "detach",
+            Op::SetVirtualFunctions { .. } => "set_virtual_functions",
+            Op::SetTags { .. } => "set_tags",
+        }
+    }
+
     /// Checks the arguments the caller gave, before anyone is asked to
     /// authorize the change (a malformed request is the caller's to fix).
     pub fn validate(&self) -> Result<()> {

@@ -47,6 +47,11 @@ pub struct StoredDevice {
     /// first start that sees the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<Identity>,
+    /// *(issue 29)* The PCIe error totals when it was registered: the
+    /// health verdict counts errors since then. Absent in records of before
+    /// (counted from zero) and for a function whose kernel shows none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aer_baseline: Option<crate::host::aer::AerCounts>,
 }
 
 /// *(issue 28)* The hardware a record was registered for: compared with
@@ -658,6 +663,7 @@ pub(crate) mod tests {
             tags: BTreeMap::new(),
             lease: None,
             identity: None,
+            aer_baseline: None,
         }
     }
 

@@ -60,7 +60,7 @@ const fn row(
 
 /// Every property, in introspection order. A new property is a row here
 /// (and a field of [`Record`]).
-static ROWS: [Row; 27] = [
+static ROWS: [Row; 28] = [
     row("AttachedTo", "s", Emits::True, "The instance holding the device, \"\" when none.", |r| {
         r.attached_to.clone().unwrap_or_default().into()
     }),
@@ -86,6 +86,13 @@ static ROWS: [Row; 27] = [
         Emits::False,
         "Another card sits at the address than the one registered (issue 28): what was registered and what is there; \"\" when it is the same.",
         |r| r.hardware_changed.clone().unwrap_or_default().into(),
+    ),
+    row(
+        "Health",
+        "s",
+        Emits::True,
+        "ok, degraded (new non-fatal or correctable PCIe errors since registration, past the daemon's threshold) or failed (a fatal error, or gone while on vfio or attached); issue 29. Reading it, or GetAll, reads the error counters now.",
+        |r| r.health.clone().unwrap_or_else(|| "ok".into()).into(),
     ),
     row(
         "HolderInvocation",
@@ -173,7 +180,7 @@ static ROWS: [Row; 27] = [
 /// detached before its driver moves, as a lease's `give-back` does, and the
 /// driver move before `BoundToVfio`). `Name` is
 /// announced as it always was, though no operation renames a device.
-const SIGNAL_ORDER: [&str; 14] = [
+const SIGNAL_ORDER: [&str; 15] = [
     "Tags",
     "HolderPid",
     "HolderUnit",
@@ -184,6 +191,7 @@ const SIGNAL_ORDER: [&str; 14] = [
     "VfioDriver",
     "BoundToVfio",
     "Present",
+    "Health",
     "IommuGroup",
     "NumaNode",
     "SriovVfs",
@@ -269,8 +277,20 @@ impl DeviceObject {
         Ok(all)
     }
 
+    /// *(issue 29)* Reads the device's error counters now (its health
+    /// asked for).
+    async fn read_health(&self) {
+        let service = &self.manager.service;
+        if let Some(d) = service.snapshot().by_id(&self.id) {
+            service.read_health(vec![d.pci_address]).await;
+        }
+    }
+
     /// One property, from one record (or the blockers' read).
     async fn one(&self, name: &str) -> fdo::Result<OwnedValue> {
+        if name == "Health" {
+            self.read_health().await;
+        }
         match ROWS.iter().find(|row| row.declared.name == name) {
             Some(Row {
                 value: Some(value), ..
@@ -286,7 +306,10 @@ impl AllProperties for DeviceObject {
         &DECLARED
     }
     fn all_properties(&self) -> Option<PropertiesFuture<'_>> {
-        Some(Box::pin(self.all()))
+        Some(Box::pin(async {
+            self.read_health().await;
+            self.all().await
+        }))
     }
     fn property<'a>(&'a self, name: &'a str) -> Option<PropertyFuture<'a>> {
         ROWS.iter()

@@ -83,6 +83,50 @@ impl Simulator {
         self.sim.swap(a, v, d).map_err(fdo::Error::InvalidArgs)
     }
 
+    /// *(issue 29)* Sets the device's AER totals (`aer_dev_correctable`,
+    /// `aer_dev_nonfatal`, `aer_dev_fatal`); no uevent, as the kernel sends
+    /// none for a counted error.
+    async fn set_aer_counters(
+        &self,
+        pci_address: &str,
+        correctable: u64,
+        nonfatal: u64,
+        fatal: u64,
+    ) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        let counts = crate::host::aer::AerCounts {
+            correctable,
+            nonfatal,
+            fatal,
+        };
+        self.sim.set_aer(a, counts).map_err(fdo::Error::InvalidArgs)
+    }
+
+    /// *(issue 29)* Sends the kernel's AER recovery uevent for the device:
+    /// `change` with `ERROR_EVENT` (BEGIN_RECOVERY, SUCCESSFUL_RECOVERY,
+    /// FAILED_RECOVERY) and `DEVICE_ONLINE` (0 or 1).
+    async fn recovery_event(
+        &self,
+        pci_address: &str,
+        error_event: &str,
+        device_online: bool,
+    ) -> fdo::Result<()> {
+        let a =
+            PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
+        if !crate::host::aer::Recovery::EVENTS.contains(&error_event) {
+            return Err(fdo::Error::InvalidArgs(format!(
+                "{error_event:?} is not BEGIN_RECOVERY, SUCCESSFUL_RECOVERY or FAILED_RECOVERY"
+            )));
+        }
+        let online = if device_online { "1" } else { "0" };
+        let recovery = crate::host::aer::Recovery::from_uevent(Some(error_event), Some(online))
+            .ok_or_else(|| fdo::Error::InvalidArgs("no event".into()))?;
+        self.sim
+            .recovery_event(a, recovery)
+            .map_err(fdo::Error::InvalidArgs)
+    }
+
     /// An outside actor binds `driver` to the device.
     async fn driver_bind(&self, pci_address: &str, driver: &str) -> fdo::Result<()> {
         let a =

@@ -6,9 +6,10 @@ use super::*;
 use crate::edge::polkit::start_time;
 
 /// What the deadlines of one connection share: when the response being
-/// written must be written by.
+/// written must be written by. *(issue 29)* The metrics edge's connections
+/// have the same deadlines.
 #[derive(Default)]
-struct Phase {
+pub(in crate::edge) struct Phase {
     write_by: Mutex<Option<tokio::time::Instant>>,
 }
 
@@ -24,13 +25,22 @@ impl Phase {
 /// The connection's socket, with the write deadline: a write that cannot
 /// make progress past [`Phase::write_by`] fails, and hyper closes the
 /// connection.
-struct Deadlined {
-    io: TokioIo<tokio::net::UnixStream>,
+pub(in crate::edge) struct Deadlined<S> {
+    io: TokioIo<S>,
     phase: Arc<Phase>,
     sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Deadlined {
+impl<S> Deadlined<S> {
+    /// `stream`, whose writes must make progress by `phase`'s deadline.
+    pub(in crate::edge) fn new(stream: S, phase: Arc<Phase>) -> Self {
+        Deadlined {
+            io: TokioIo::new(stream),
+            phase,
+            sleep: None,
+        }
+    }
+
     fn stalled<T>(
         &mut self,
         cx: &mut std::task::Context<'_>,
@@ -56,7 +66,7 @@ impl Deadlined {
     }
 }
 
-impl hyper::rt::Read for Deadlined {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Read for Deadlined<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -66,7 +76,7 @@ impl hyper::rt::Read for Deadlined {
     }
 }
 
-impl hyper::rt::Write for Deadlined {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Write for Deadlined<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -125,7 +135,7 @@ fn closing(e: ApiError) -> Response {
 /// [`BODY_TIMEOUT`] (and [`MAX_BODY`]), the router runs on a task of its own
 /// (so neither a client leaving nor [`REQUEST_TIMEOUT`] cuts a change short),
 /// and the response must then be written within [`WRITE_TIMEOUT`].
-async fn handle(
+pub(in crate::edge) async fn handle(
     router: Router,
     phase: Arc<Phase>,
     req: axum::http::Request<hyper::body::Incoming>,
@@ -232,11 +242,7 @@ async fn serve_with(listener: UnixListener, api: Arc<Api>, etc: &std::path::Path
         };
         let router = router.clone().layer(Extension(peer));
         let phase = Arc::new(Phase::default());
-        let io = Deadlined {
-            io: TokioIo::new(stream),
-            phase: phase.clone(),
-            sleep: None,
-        };
+        let io = Deadlined::new(stream, phase.clone());
         let slots = slots.clone();
         tokio::spawn(async move {
             let service =

@@ -274,7 +274,7 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-mod conn;
+pub(in crate::edge) mod conn;
 mod slots;
 mod socket;
 

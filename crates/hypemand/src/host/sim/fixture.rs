@@ -290,6 +290,10 @@ pub struct SimState {
     pub next_mdev: u64,
     /// VFIO nodes a process holds open (a VMM), by node: (pid, comm).
     pub vfio_holders: BTreeMap<String, (u32, String)>,
+    /// *(issue 29)* Each present function's AER totals (absent: none
+    /// counted yet); set at run time (`Simulator1.SetAerCounters`), and
+    /// gone with an unplug, as a new device's counters start at 0.
+    pub aer: BTreeMap<PciAddress, crate::host::aer::AerCounts>,
 }
 
 impl Fixture {
@@ -599,6 +603,7 @@ impl Fixture {
             mdevs: BTreeMap::new(),
             next_mdev: 0,
             vfio_holders: BTreeMap::new(),
+            aer: BTreeMap::new(),
         })
     }
 }

@@ -157,6 +157,14 @@ impl Host for SimHost {
         }
     }
 
+    fn aer(&self, address: PciAddress) -> Result<Option<crate::host::aer::AerCounts>, HostError> {
+        let state = self.state();
+        Ok(state
+            .devices
+            .contains_key(&address)
+            .then(|| state.aer.get(&address).copied().unwrap_or_default()))
+    }
+
     fn driver_loaded(&self, driver: &str) -> bool {
         Self::loaded(&self.state(), driver)
     }

@@ -166,6 +166,7 @@ impl SimHost {
             };
             let had = dev.driver.is_some();
             state.unplugged.insert(address, dev);
+            state.aer.remove(&address);
             self.save(&state);
             had
         };
@@ -223,6 +224,41 @@ impl SimHost {
             }
             self.save(&self.state());
             self.emit(EventKind::Bind, address);
+        }
+        Ok(())
+    }
+
+    /// *(issue 29)* The device's AER totals become `counts`, as the
+    /// kernel's AER driver counts errors: silently (no uevent).
+    pub fn set_aer(
+        &self,
+        address: PciAddress,
+        counts: super::aer::AerCounts,
+    ) -> Result<(), String> {
+        let mut state = self.state();
+        if !state.devices.contains_key(&address) {
+            return Err(format!("{address} is not on the simulated host"));
+        }
+        state.aer.insert(address, counts);
+        self.save(&state);
+        tracing::info!(pci_address = %address, correctable = counts.correctable, nonfatal = counts.nonfatal, fatal = counts.fatal, "simulator: AER counters set");
+        Ok(())
+    }
+
+    /// *(issue 29)* The kernel's AER recovery reports on the device: a
+    /// `change` uevent with `ERROR_EVENT` and `DEVICE_ONLINE`.
+    pub fn recovery_event(
+        &self,
+        address: PciAddress,
+        recovery: super::aer::Recovery,
+    ) -> Result<(), String> {
+        if !self.state().devices.contains_key(&address) {
+            return Err(format!("{address} is not on the simulated host"));
+        }
+        let mut ev = HostEvent::new(EventKind::Change, address);
+        ev.aer = Some(recovery);
+        if let Some(sink) = &*self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
+            sink(ev);
         }
         Ok(())
     }

@@ -32,6 +32,9 @@ struct Saved {
     mdevs: BTreeMap<String, (String, String)>,
     #[serde(default)]
     next_mdev: u64,
+    /// *(issue 29)* Function -> AER totals.
+    #[serde(default)]
+    aer: BTreeMap<String, crate::host::aer::AerCounts>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,6 +77,11 @@ pub(super) fn restore(state: &mut SimState, file: &Path) -> Result<(), FixtureEr
             }
         }
         state.next_mdev = saved.next_mdev;
+        for (addr, counts) in saved.aer {
+            if let Ok(a) = PciAddress::parse(&addr) {
+                state.aer.insert(a, counts);
+            }
+        }
         for addr in &saved.unplugged {
             let Ok(a) = PciAddress::parse(addr) else {
                 continue;
@@ -142,6 +150,7 @@ impl SimHost {
                 .map(|(u, (a, id))| (u.clone(), (a.to_string(), id.clone())))
                 .collect(),
             next_mdev: state.next_mdev,
+            aer: state.aer.iter().map(|(a, c)| (a.to_string(), *c)).collect(),
         };
         let tmp = file.with_extension("tmp");
         let result = serde_json::to_vec(&saved)
