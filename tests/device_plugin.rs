@@ -250,6 +250,27 @@ async fn the_kubelet_sees_hypemands_devices() {
         devices(&msg(&mut nics).await),
         [("0000:06:00.0".into(), "Healthy".into(), None)]
     );
+    // *(issue 29)* A fatal PCIe error and the kernel's failed recovery:
+    // hypemand judges the device failed, and the kubelet hears Unhealthy;
+    // its counters reset and recovered, Healthy again.
+    bus.sim("SetAerCounters", &["sttt", "0000:06:00.0", "0", "0", "1"]);
+    bus.sim(
+        "RecoveryEvent",
+        &["ssb", "0000:06:00.0", "FAILED_RECOVERY", "false"],
+    );
+    assert_eq!(
+        devices(&msg(&mut nics).await),
+        [("0000:06:00.0".into(), "Unhealthy".into(), None)]
+    );
+    bus.sim("SetAerCounters", &["sttt", "0000:06:00.0", "0", "0", "0"]);
+    bus.sim(
+        "RecoveryEvent",
+        &["ssb", "0000:06:00.0", "SUCCESSFUL_RECOVERY", "true"],
+    );
+    assert_eq!(
+        devices(&msg(&mut nics).await),
+        [("0000:06:00.0".into(), "Healthy".into(), None)]
+    );
 
     // Allocate: bound through hypemand, the exact response.
     let got = nic

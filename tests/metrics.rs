@@ -24,16 +24,13 @@ const HANG_GUARD: Duration = Duration::from_secs(120);
 /// address it says it bound.
 fn start(bus: &TestBus, state: &std::path::Path) -> (Daemon, SocketAddr) {
     let f = fixture("l4.toml");
-    let d = Daemon::start(
-        bus,
-        state,
-        &[
-            "--simulate",
-            f.to_str().unwrap(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    start_on(bus, state, &["--simulate", f.to_str().unwrap()])
+}
+
+/// `hypemand HOST_ARGS --metrics-listen 127.0.0.1:0`, and the address.
+fn start_on(bus: &TestBus, state: &std::path::Path, host_args: &[&str]) -> (Daemon, SocketAddr) {
+    let args = [host_args, &["--metrics-listen", "127.0.0.1:0"]].concat();
+    let d = Daemon::start(bus, state, &args);
     // Logged before the bus name is taken, so it is in the log by now.
     let log = d.log();
     let addr = log
@@ -431,4 +428,101 @@ fn sixty_four_silent_connections_leave_metrics_answering() {
     let got = String::from_utf8_lossy(&got);
     assert!(got.starts_with("HTTP/1.1 413"), "{got}");
     drop(silent);
+}
+
+/// The kernel's own files (`aer_dev_correctable`, `aer_dev_nonfatal`,
+/// `aer_dev_fatal`, in drivers/pci/pcie/aer.c's format) in a `--sysfs-root`
+/// tree: their totals are the counters, read when Health is asked for; a
+/// function without them has none.
+#[test]
+fn the_kernels_aer_files_are_the_counters() {
+    let tree = SysfsTree::new();
+    let gpu: &[(&str, &[u8])] = &[
+        ("vendor", b"0x10de\n"),
+        ("device", b"0x27b8\n"),
+        ("class", b"0x030200\n"),
+    ];
+    let aer = |dev: &std::path::Path, cor: u64, nonfatal: u64, fatal: u64| {
+        std::fs::write(
+            dev.join("aer_dev_correctable"),
+            format!("RxErr 0\nBadTLP {cor}\nBadDLLP 0\nRollover 0\nTimeout 0\nNonFatalErr 0\nCorrIntErr 0\nHeaderOF 0\nTOTAL_ERR_COR {cor}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dev.join("aer_dev_nonfatal"),
+            format!("Undefined 0\nDLP 0\nSDES 0\nTLP 0\nFCP 0\nCmpltTO {nonfatal}\nCmpltAbrt 0\nUnxCmplt 0\nRxOF 0\nMalfTLP 0\nECRC 0\nUnsupReq 0\nACSViol 0\nTOTAL_ERR_NONFATAL {nonfatal}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dev.join("aer_dev_fatal"),
+            format!("Undefined 0\nDLP {fatal}\nSDES 0\nTLP 0\nTOTAL_ERR_FATAL {fatal}\n"),
+        )
+        .unwrap();
+    };
+    let with = tree.function(&Function {
+        address: "0000:a2:00.0",
+        parent: "pci0000:a0",
+        attrs: gpu,
+        driver: None,
+        group: Some("82"),
+    });
+    aer(&with, 2, 0, 0);
+    tree.function(&Function {
+        address: "0000:a3:00.0",
+        parent: "pci0000:a0",
+        attrs: gpu,
+        driver: None,
+        group: Some("83"),
+    });
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = tree.root().to_str().unwrap();
+    let (_d, addr) = start_on(&bus, state.path(), &["--sysfs-root", root]);
+    bus.manager("Register", &["ss", "0000:a2:00.0", "with"])
+        .unwrap();
+    bus.manager("Register", &["ss", "0000:a3:00.0", "without"])
+        .unwrap();
+    let path_of = |name: &str| {
+        let got = bus.hypemanctl(&["--json", "get", name]);
+        let doc: Value = serde_json::from_slice(&got.stdout).unwrap();
+        hypeman_api::device_path(doc["id"].as_str().unwrap()).unwrap()
+    };
+    let (with_path, without_path) = (path_of("with"), path_of("without"));
+    let health = |path: &str| {
+        let out = bus.busctl(&["get-property", NAME, path, "org.hypeman.Device1", "Health"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(health(with_path.as_str()), "s \"ok\"");
+    assert_eq!(health(without_path.as_str()), "s \"ok\"");
+    let (_, _, text) = scrape(addr, OPENMETRICS);
+    let s = parse(&text, "openmetrics");
+    let errors = |s: &[Value], address: &str, severity: &str| {
+        value(
+            s,
+            "hypeman_device_pcie_errors_total",
+            &[("pci_address", address), ("severity", severity)],
+        )
+    };
+    assert_eq!(
+        errors(&s, "0000:a2:00.0", "correctable"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(errors(&s, "0000:a3:00.0", "correctable"), None, "{text}");
+
+    // The kernel counts more: 11 new since registration, then a fatal one.
+    let mut signals = Signals::watch(&bus, Some(with_path.as_str()));
+    aer(&with, 8, 5, 0);
+    assert_eq!(health(with_path.as_str()), "s \"degraded\"");
+    signals.wait_set(Some(with_path.as_str()), "Health", "degraded".to_string());
+    aer(&with, 8, 5, 1);
+    let get = bus.hypemanctl(&["--json", "get", "with"]);
+    let doc: Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(doc["health"], "failed", "{doc}");
+    signals.wait_set(Some(with_path.as_str()), "Health", "failed".to_string());
+    // A file the kernel did not write (no total) is not believed.
+    std::fs::write(with.join("aer_dev_fatal"), "DLP 1\n").unwrap();
+    let (_, _, text) = scrape(addr, OPENMETRICS);
+    let s = parse(&text, "openmetrics");
+    assert_eq!(errors(&s, "0000:a2:00.0", "fatal"), None, "{text}");
 }
