@@ -36,6 +36,8 @@ fn bench_smoke_run_reports_every_figure() {
         "hotplug_to_signal_p99_ms",
         "lease_release_p50_ms",
         "lease_release_p99_ms",
+        "metrics_scrape_ms",
+        "metrics_scrape_over_list",
         "concurrent_get_per_s",
         "errors",
     ] {

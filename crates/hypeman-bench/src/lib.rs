@@ -144,6 +144,10 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     notify
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(err("timeout"))?;
+    // *(issue 29)* A free port for the metrics (the bench reads no log).
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(err("a free port"))?;
     let started = Instant::now();
     let daemon = Guard(
         Command::new(&cfg.hypemand)
@@ -151,6 +155,7 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
             .arg(format!("--state-dir={}/state", d.display()))
             .arg(format!("--simulate={}/host.toml", d.display()))
             .args(["--log-level", "warn"])
+            .arg(format!("--metrics-listen={metrics}"))
             .env("NOTIFY_SOCKET", d.join("notify"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -237,10 +242,14 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     };
     let mut lists = Vec::new();
     let mut avail = Vec::new();
+    let mut scrapes = Vec::new();
     for _ in 0..if cfg.quick { 3 } else { 7 } {
         let t = Instant::now();
         call(&conn, IFACE, "List", m, Value::Null).await?;
         lists.push(t.elapsed());
+        let t = Instant::now();
+        scrape(metrics).await?;
+        scrapes.push(t.elapsed());
         let t = Instant::now();
         call(&conn, IFACE, "ListAvailable", m, Value::Null).await?;
         avail.push(t.elapsed());
@@ -422,6 +431,12 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         json!(round(list_ms / list_floor_ms.max(1e-6))),
     );
     out.insert("available_ms".into(), json!(round(median_ms(&mut avail))));
+    let scrape_ms = median_ms(&mut scrapes);
+    out.insert("metrics_scrape_ms".into(), json!(round(scrape_ms)));
+    out.insert(
+        "metrics_scrape_over_list".into(),
+        json!(round(scrape_ms / list_ms.max(1e-6))),
+    );
     out.insert("register_per_s".into(), json!(round(register_per_s)));
     out.insert("register_16_per_s".into(), json!(round(register_16_per_s)));
     out.insert("startup_ready_ms".into(), json!(round(startup_ready_ms)));
@@ -447,6 +462,30 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     drop(daemon);
     drop(bus);
     Ok(out)
+}
+
+/// *(issue 29)* One `GET /metrics` in OpenMetrics, read whole; an error
+/// unless it answered 200 with the families of N devices.
+async fn scrape(address: std::net::SocketAddr) -> BenchResult<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(err("connect to the metrics"))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: application/openmetrics-text\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(err("send the scrape"))?;
+    let mut got = Vec::with_capacity(1 << 20);
+    s.read_to_end(&mut got)
+        .await
+        .map_err(err("read the scrape"))?;
+    let ok = got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"# EOF\n");
+    if !ok {
+        return Err(format!(
+            "the scrape did not answer 200 and # EOF: {}",
+            String::from_utf8_lossy(&got[..got.len().min(200)])
+        ));
+    }
+    Ok(got.len())
 }
 
 /// The `PropertiesChanged` of the object at `path`, subscribed.
