@@ -43,7 +43,9 @@ for path in \
   ./usr/share/man/man8/hypemand.8.gz \
   ./usr/share/bash-completion/completions/hypemanctl \
   ./usr/share/zsh/vendor-completions/_hypemanctl \
-  ./usr/share/fish/vendor_completions.d/hypemanctl.fish
+  ./usr/share/fish/vendor_completions.d/hypemanctl.fish \
+  ./usr/share/doc/hypeman-devices/examples/metrics.conf \
+  ./usr/share/doc/hypeman-devices/examples/grafana-hypeman-devices.json
 do
   if ! grep -q " $path\$" target/debian/contents.txt; then
     echo "test-deb: $path is missing from the package" >&2

@@ -175,6 +175,19 @@ ctl unbind l4-gpu | grep -q nvidia
 ctl delete l4-gpu >/dev/null
 check "Register, Bind, Attach, Detach, Unbind and Delete over the system bus (simulated host)"
 
+echo "== 3a. metrics under the hardened unit, with the shipped drop-in (issue 29)"
+in_ct sh -c 'cat >/etc/systemd/system/hypemand.service.d/metrics.conf' \
+  <examples/systemd/hypemand.service.d/metrics.conf
+in_ct systemctl daemon-reload
+in_ct systemctl restart hypemand
+ctl register 0000:a2:00.0 --name l4-gpu >/dev/null
+# bash's /dev/tcp: the container has no HTTP client.
+scrape=$(in_ct timeout 60 bash -c 'exec 3<>/dev/tcp/127.0.0.1/9977 &&
+  printf "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" >&3 && cat <&3')
+expect_in "$scrape" 'hypeman_devices{state="registered"} 1' "the drop-in serves /metrics from inside the unit's sandbox"
+expect_in "$scrape" "# EOF" "the scrape is whole OpenMetrics"
+ctl delete l4-gpu >/dev/null
+
 echo "== 3b. leases on systemd units (issue 27), with the system's systemd"
 # Each release is waited for on the device's own signal: a monitor started
 # before the unit ends, read line by line until AttachedTo is cleared (or

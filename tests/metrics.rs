@@ -301,6 +301,70 @@ fn a_scrape_counts_what_happened_and_parses_independently() {
         value(&p, "hypeman_devices", &[("state", "on_vfio")]),
         Some(1.0)
     );
+    the_dashboard_asks_for_what_is_served(&s);
+}
+
+/// `examples/grafana/hypeman-devices.json`: every query is PromQL that
+/// promtool accepts (as recording rules, Grafana's variables given values),
+/// and every series it names is in the scrape `served`.
+fn the_dashboard_asks_for_what_is_served(served: &[Value]) {
+    let text =
+        std::fs::read_to_string(root().join("examples/grafana/hypeman-devices.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let names: std::collections::BTreeSet<&str> =
+        served.iter().filter_map(|s| s["name"].as_str()).collect();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(at) = rest.find("hypeman_") {
+            let series: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            assert!(
+                names.contains(series.as_str()),
+                "{series} (in {e}) is not served: {names:?}"
+            );
+            rest = &rest[at + series.len()..];
+        }
+    }
+    let rules: String = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e
+                .replace("$__rate_interval", "5m")
+                .replace("$instance", ".*");
+            format!(
+                "      - record: dashboard:query{i}\n        expr: {}\n",
+                serde_json::to_string(&e).unwrap()
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard.rules.yml");
+    std::fs::write(
+        &file,
+        format!("groups:\n  - name: dashboard\n    rules:\n{rules}"),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -42,7 +42,7 @@ pub struct DaemonArgs {
     /// Serve OpenMetrics at http://ADDR:PORT/metrics (reads only, no
     /// authorization; port 0 picks a free one, logged at start-up)
     /// [default: not served]
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", env = "HYPEMAND_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How many new non-fatal and correctable PCIe errors since
     /// registration make a device's health "degraded".
