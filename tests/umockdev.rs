@@ -53,6 +53,7 @@ fn uevents_reach_clients() {
         "add_to_present_true_ms",
         "bind_to_driver_changed_ms",
         "new_device_add_to_signal_ms",
+        "aer_event_to_health_ms",
     ] {
         assert!(v[key].is_number(), "{key} missing from {report}");
     }

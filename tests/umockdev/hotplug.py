@@ -164,6 +164,21 @@ def scenario(tb, bus, daemon):
     if get("l4-gpu").get("driver") != "vfio-pci":
         raise Fail("Get does not show the new driver")
 
+    # (issue 29) the kernel's AER recovery: a fatal error counted in the
+    # kernel's own files, then the `change` uevent with ERROR_EVENT and
+    # DEVICE_ONLINE. The daemon reads the counters and says failed.
+    seen.clear()
+    for name, total, n in (("aer_dev_correctable", "TOTAL_ERR_COR", 0),
+                           ("aer_dev_nonfatal", "TOTAL_ERR_NONFATAL", 0),
+                           ("aer_dev_fatal", "TOTAL_ERR_FATAL", 1)):
+        tb.set_attribute(GPU, name, f"Undefined 0\nDLP {n}\n{total} {n}\n")
+    tb.set_property(GPU, "ERROR_EVENT", "FAILED_RECOVERY")
+    tb.set_property(GPU, "DEVICE_ONLINE", "0")
+    t0 = time.monotonic()
+    tb.uevent(GPU, "change")
+    s = wait_for(prop_changed(gpu_path, "Health", "failed"), "Health failed after the AER recovery uevent")
+    latency["aer_event_to_health_ms"] = (s[0] - t0) * 1000
+
     # a new device's add: HostDeviceAdded, and nothing on device objects.
     seen.clear()
     t0 = time.monotonic()

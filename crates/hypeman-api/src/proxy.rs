@@ -124,4 +124,8 @@ pub trait Device {
     /// Why the host must keep it, read when asked (no change signal).
     #[zbus(property)]
     fn blockers(&self) -> zbus::Result<Vec<crate::record::Blocker>>;
+    /// *(issue 29)* `ok`, `degraded` or `failed`, from the PCIe error
+    /// counters read when asked.
+    #[zbus(property)]
+    fn health(&self) -> zbus::Result<String>;
 }

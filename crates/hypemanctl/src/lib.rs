@@ -207,6 +207,19 @@ impl Client {
         Ok(device.blockers().await?)
     }
 
+    /// *(issue 29)* A device's health, its PCIe error counters read now
+    /// (the `Health` property).
+    pub async fn health(&self, id: &str) -> Result<String, ClientError> {
+        let path = hypeman_api::device_path(id)
+            .ok_or_else(|| ClientError::Failed(format!("{id} is not a device id")))?;
+        let device = DeviceProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        Ok(device.health().await?)
+    }
+
     /// `Unbind`: gives a device back to its host driver.
     pub async fn unbind(&self, id_or_name: &str) -> Result<Record, ClientError> {
         self.call("Unbind", &(id_or_name,)).await

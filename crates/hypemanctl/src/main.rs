@@ -103,7 +103,10 @@ async fn run(args: CtlArgs) -> Result<u8, ClientError> {
             }
         }
         CtlCommand::Get { id_or_name } => {
-            let d = client.get(&id_or_name).await?;
+            let mut d = client.get(&id_or_name).await?;
+            // *(issue 29)* Asked for: the counters read now, not the
+            // verdict of the last read that Get shows.
+            d.health = Some(client.health(&d.id).await?);
             if json {
                 // The seed's document, and the lease when there is one.
                 let mut doc = serde_json::to_value(d.seed()).unwrap_or_default();

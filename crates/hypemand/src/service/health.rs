@@ -12,11 +12,12 @@
 //! (the host rebooted, the device was re-enumerated), so all of it is new.
 //! A record of before, without a baseline, counts from zero.
 //!
-//! The counters are read when asked (`Get`, `Device1.Health`, `GetAll`), at
-//! every scrape of the metrics, and when the kernel's AER recovery sends its
-//! `change` uevent; never on a timer. Every read that moves a device's
-//! verdict is signalled (`PropertiesChanged` of `Health`). `List` and
-//! `GetManagedObjects` show the verdict of the last read, without reading.
+//! The counters are read when asked (reading `Device1.Health`, which
+//! `hypemanctl get` does), at every scrape of the metrics, and when the
+//! kernel's AER recovery sends its `change` uevent; never on a timer. Every
+//! read that moves a device's verdict is signalled (`PropertiesChanged` of
+//! `Health`). `Get`, `List`, `GetAll` and `GetManagedObjects` show the
+//! verdict of the last read without reading: reads stay at the bus's cost.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -144,8 +144,6 @@ impl Service {
     pub async fn get(&self, id_or_name: &str) -> Result<DeviceView> {
         let stored = self.resolve(id_or_name)?.0;
         let live = self.live(stored.pci_address).await?;
-        // *(issue 29)* Asked for: the verdict from the counters now.
-        self.read_health(vec![stored.pci_address]).await;
         Ok(self.view(Arc::unwrap_or_clone(stored), live))
     }
 

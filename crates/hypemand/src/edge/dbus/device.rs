@@ -91,7 +91,7 @@ static ROWS: [Row; 28] = [
         "Health",
         "s",
         Emits::True,
-        "ok, degraded (new non-fatal or correctable PCIe errors since registration, past the daemon's threshold) or failed (a fatal error, or gone while on vfio or attached); issue 29. Reading it, or GetAll, reads the error counters now.",
+        "ok, degraded (new non-fatal or correctable PCIe errors since registration, past the daemon's threshold) or failed (a fatal error, or gone while on vfio or attached); issue 29. Reading it alone reads the error counters now; GetAll and GetManagedObjects show the last read.",
         |r| r.health.clone().unwrap_or_else(|| "ok".into()).into(),
     ),
     row(
@@ -306,10 +306,7 @@ impl AllProperties for DeviceObject {
         &DECLARED
     }
     fn all_properties(&self) -> Option<PropertiesFuture<'_>> {
-        Some(Box::pin(async {
-            self.read_health().await;
-            self.all().await
-        }))
+        Some(Box::pin(self.all()))
     }
     fn property<'a>(&'a self, name: &'a str) -> Option<PropertyFuture<'a>> {
         ROWS.iter()
