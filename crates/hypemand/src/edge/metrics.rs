@@ -16,7 +16,7 @@
 //! so a full table makes room by closing its oldest connection that has no
 //! request under way: connections that never send a request cannot keep a
 //! scraper out; they are closed as new ones come, and by the header
-//! deadline.
+//! deadline. At most [`MAX_SCRAPES`] scrapes are built at once.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +43,18 @@ use crate::service::Service;
 /// Connections open at once.
 pub const MAX_CONNECTIONS: usize = 32;
 
+/// Scrapes answered at once; the others wait their turn (each within the
+/// answer's deadline). A scrape reads every registered device's counters
+/// and builds its text: many at once would only share the same cores and
+/// hold their texts together.
+pub const MAX_SCRAPES: usize = 2;
+
+/// What the handler shares: the service, and the turns of scrapes.
+struct Shared {
+    service: Arc<Service>,
+    turns: tokio::sync::Semaphore,
+}
+
 /// The OpenMetrics text format's content type.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -56,9 +68,13 @@ pub async fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListene
 
 /// The routes: `GET /metrics`, and nothing else.
 pub fn router(service: Arc<Service>) -> Router {
+    let shared = Arc::new(Shared {
+        service,
+        turns: tokio::sync::Semaphore::new(MAX_SCRAPES),
+    });
     Router::new()
         .route("/metrics", get(scrape))
-        .with_state(service)
+        .with_state(shared)
 }
 
 /// One connection in the table: whether a request is under way, and how
@@ -158,14 +174,17 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
 
 /// `GET /metrics`: OpenMetrics, or the Prometheus text format 0.0.4 for a
 /// client that asks for `text/plain` and not OpenMetrics.
-async fn scrape(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+async fn scrape(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let openmetrics =
         accept.contains("application/openmetrics-text") || !accept.contains("text/plain");
-    let devices = Devices(service.census().await);
+    let Ok(_turn) = shared.turns.acquire().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let devices = Devices(shared.service.census().await);
     let mut registry = Registry::default();
     crate::telemetry::get().register(&mut registry);
     registry.register_collector(Box::new(devices));
