@@ -40,19 +40,74 @@ const FLOOR_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-
 </busconfig>
 "#;
 
-/// The floor of a List: a peer that answers with a reply of the same size
-/// and shape, built once. What the bus and the two ends' (de)serialisation
-/// cost, with no registry, no host and no work of the daemon's.
-struct Floor(Vec<hypeman_api::Record>);
+/// A device object's properties, as `GetAll` answers them.
+type Properties = HashMap<String, OwnedVariant>;
+/// `GetManagedObjects`' answer.
+type Objects = HashMap<zbus::OwnedObjectPath, HashMap<String, Properties>>;
+
+/// The floors: a peer that answers each measured call with a reply of the
+/// same size and shape as the daemon's, built once, to a request of the
+/// same shape. What the bus and the two ends' (de)serialisation cost, with
+/// no registry, no host and no work of the daemon's. *(issue 30)* `Get`,
+/// a device's `GetAll` and `GetManagedObjects` beside `List`.
+struct Floor {
+    list: Vec<hypeman_api::Record>,
+    get: hypeman_api::Record,
+    get_all: Properties,
+    objects: Objects,
+}
 
 #[zbus::interface(name = "org.hypeman.BenchFloor1")]
 impl Floor {
     fn list(&self) -> Vec<hypeman_api::Record> {
-        self.0.clone()
+        self.list.clone()
+    }
+    fn get(&self, _id_or_name: &str) -> hypeman_api::Record {
+        self.get.clone()
+    }
+    fn get_all(&self, _interface: &str) -> Properties {
+        self.get_all.clone()
+    }
+    fn get_managed_objects(&self) -> Objects {
+        self.objects.clone()
     }
 }
+
+/// One call's answer, deserialised.
+async fn answer<T>(
+    conn: &Connection,
+    path: &str,
+    iface: &str,
+    method: &str,
+    body: &(impl serde::Serialize + zbus::zvariant::DynamicType),
+) -> BenchResult<T>
+where
+    T: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type,
+{
+    let r = conn
+        .call_method(Some(hypeman_api::BUS_NAME), path, Some(iface), method, body)
+        .await
+        .map_err(err(method))?;
+    r.body().deserialize().map_err(err(method))
+}
+
+/// How long one call takes.
+async fn timed(
+    conn: &Connection,
+    destination: &str,
+    path: &str,
+    iface: &str,
+    method: &str,
+    body: &(impl serde::Serialize + zbus::zvariant::DynamicType),
+) -> BenchResult<Duration> {
+    let t = Instant::now();
+    conn.call_method(Some(destination), path, Some(iface), method, body)
+        .await
+        .map_err(err(method))?;
+    Ok(t.elapsed())
+}
 use hypeman_api::{
-    MANAGER_IFACE as IFACE, SIMULATOR_IFACE as SIM_IFACE, SIMULATOR_PATH as SIM_PATH,
+    DEVICE_IFACE, MANAGER_IFACE as IFACE, SIMULATOR_IFACE as SIM_IFACE, SIMULATOR_PATH as SIM_PATH,
 };
 
 pub type BenchResult<T> = Result<T, String>;
@@ -263,12 +318,75 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         .map_err(err("List"))?;
     let records: Vec<hypeman_api::Record> =
         reply.body().deserialize().map_err(err("List reply"))?;
+    let device = hypeman_api::device_path(&device_id(&conn, &target_name).await?)
+        .ok_or("no device path")?
+        .to_string();
+    const PROPS: &str = "org.freedesktop.DBus.Properties";
+    const OBJECTS: &str = "org.freedesktop.DBus.ObjectManager";
+    let floor = Floor {
+        list: records,
+        get: answer(&conn, m, IFACE, "Get", &(target_name.as_str(),)).await?,
+        get_all: answer(&conn, &device, PROPS, "GetAll", &(DEVICE_IFACE,)).await?,
+        objects: answer(&conn, m, OBJECTS, "GetManagedObjects", &()).await?,
+    };
     let floor_conn = zbus::connection::Builder::address(address.as_str())
-        .serve_at("/floor", Floor(records))
+        .serve_at("/floor", floor)
         .name(FLOOR_NAME)
         .build()
         .await
         .map_err(err("floor connection"))?;
+    // *(issue 30)* Get and a device's GetAll against their floors, each
+    // pair back to back on one connection; GetManagedObjects likewise.
+    const FLOOR_IFACE: &str = "org.hypeman.BenchFloor1";
+    let (mut g, mut gf, mut a, mut af) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let key = (target_name.as_str(),);
+    for _ in 0..rounds {
+        let bus_name = hypeman_api::BUS_NAME;
+        g.push(timed(&conn, bus_name, m, IFACE, "Get", &key).await?);
+        gf.push(timed(&conn, FLOOR_NAME, "/floor", FLOOR_IFACE, "Get", &key).await?);
+        a.push(timed(&conn, bus_name, &device, PROPS, "GetAll", &(DEVICE_IFACE,)).await?);
+        af.push(
+            timed(
+                &conn,
+                FLOOR_NAME,
+                "/floor",
+                FLOOR_IFACE,
+                "GetAll",
+                &(DEVICE_IFACE,),
+            )
+            .await?,
+        );
+    }
+    let (mut mo, mut mof) = (Vec::new(), Vec::new());
+    for _ in 0..if cfg.quick { 3 } else { 7 } {
+        mo.push(
+            timed(
+                &conn,
+                hypeman_api::BUS_NAME,
+                m,
+                OBJECTS,
+                "GetManagedObjects",
+                &(),
+            )
+            .await?,
+        );
+        mof.push(
+            timed(
+                &conn,
+                FLOOR_NAME,
+                "/floor",
+                FLOOR_IFACE,
+                "GetManagedObjects",
+                &(),
+            )
+            .await?,
+        );
+    }
+    let p50 = |v: &[Duration]| percentile(&sorted_us(v), 0.5);
+    let get_over_floor = p50(&g) / p50(&gf);
+    let getall_over_floor = p50(&a) / p50(&af);
+    let managed_objects_ms = median_ms(&mut mo);
+    let managed_objects_floor_ms = median_ms(&mut mof);
     let mut floors = Vec::new();
     for _ in 0..if cfg.quick { 3 } else { 7 } {
         let t = Instant::now();
@@ -431,6 +549,22 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
         json!(round(list_ms / list_floor_ms.max(1e-6))),
     );
     out.insert("available_ms".into(), json!(round(median_ms(&mut avail))));
+    out.insert("get_over_floor".into(), json!(round(get_over_floor)));
+    out.insert("getall_over_floor".into(), json!(round(getall_over_floor)));
+    out.insert(
+        "managed_objects_ms".into(),
+        json!(round(managed_objects_ms)),
+    );
+    out.insert(
+        "managed_objects_floor_ms".into(),
+        json!(round(managed_objects_floor_ms)),
+    );
+    out.insert(
+        "managed_objects_over_floor".into(),
+        json!(round(
+            managed_objects_ms / managed_objects_floor_ms.max(1e-6)
+        )),
+    );
     let scrape_ms = median_ms(&mut scrapes);
     out.insert("metrics_scrape_ms".into(), json!(round(scrape_ms)));
     out.insert(
@@ -609,8 +743,9 @@ mod tests {
     use super::*;
 
     fn run(n: u64, register: f64, startup: f64, rss: f64) -> serde_json::Map<String, Value> {
+        let over = if n == 4096 { 1.25 } else { 1.1 };
         json!({"devices": n, "register_per_s": register, "bind_unbind_per_s": 100.0,
-               "startup_ready_ms": startup, "rss_idle_kib": rss})
+               "startup_ready_ms": startup, "rss_idle_kib": rss, "list_over_floor": over})
         .as_object()
         .cloned()
         .unwrap()
@@ -629,6 +764,7 @@ mod tests {
                 "register_per_s at N = 16384 / at N = 256: 0.79 (>= 0.8: MISSED)",
                 "bind_unbind_per_s at N = 16384 / at N = 256: 1.00 (>= 0.8: met)",
                 "startup_ready_ms at N = 16384: 151 (<= 150: MISSED)",
+                "list_over_floor: 1.1 at N = 256, 1.25 at N = 4096, 1.1 at N = 16384 (<= 1.2 at every size: MISSED)",
                 "rss_idle_kib at N = 4096: 17000 (<= 16384: MISSED)",
             ]
         );

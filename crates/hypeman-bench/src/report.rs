@@ -5,13 +5,17 @@ use super::*;
 
 /// The targets at N = 4096 (issues 8 and 18; issue 27's release within
 /// 1 s of the holder's end; issue 29's scrape at no more than a List's
-/// cost): (figure, bound, true when the
+/// cost; issue 30's reads at the bus's own cost, each against a floor
+/// measured in the same run): (figure, bound, true when the
 /// figure must be at most the bound). Issue 18's targets across sizes are
 /// checked by [`scaling_verdicts`].
-pub const TARGETS: [(&str, f64, bool); 12] = [
+pub const TARGETS: [(&str, f64, bool); 15] = [
     ("get_over_ping", 1.3, true),
+    ("get_over_floor", 1.1, true),
+    ("getall_over_floor", 1.15, true),
+    ("managed_objects_over_floor", 1.3, true),
     ("list_ms", 25.0, true),
-    ("list_over_floor", 1.5, true),
+    ("list_over_floor", 1.2, true),
     ("available_ms", 50.0, true),
     ("startup_ready_ms", 150.0, true),
     ("rss_idle_kib", 16384.0, true),
@@ -39,8 +43,9 @@ pub(crate) fn sorted_us(v: &[Duration]) -> Vec<f64> {
 
 /// Issue 18's targets across sizes, from a `--scaling` run: changes flat in
 /// N (at the largest N at least 0.8 of the smallest's), start-up at the
-/// largest N at most 150 ms, idle RSS at N = 4096 at most 16 MiB. One line
-/// each: what was measured and whether it is met.
+/// largest N at most 150 ms, idle RSS at N = 4096 at most 16 MiB; and
+/// issue 30's `list_over_floor` at most 1.2 at every size. One line each:
+/// what was measured and whether it is met.
 pub fn scaling_verdicts(runs: &[serde_json::Map<String, Value>]) -> Vec<String> {
     let at = |n: u64| {
         runs.iter()
@@ -69,6 +74,21 @@ pub fn scaling_verdicts(runs: &[serde_json::Map<String, Value>]) -> Vec<String> 
             "startup_ready_ms at N = {}: {ms} (<= 150: {})",
             n(large),
             verdict(ms <= 150.0)
+        ));
+    }
+    let overs: Vec<(f64, f64)> = runs
+        .iter()
+        .filter_map(|r| Some((n(r), fig(r, "list_over_floor")?)))
+        .collect();
+    if !overs.is_empty() {
+        let shown: Vec<String> = overs
+            .iter()
+            .map(|(n, x)| format!("{x} at N = {n}"))
+            .collect();
+        out.push(format!(
+            "list_over_floor: {} (<= 1.2 at every size: {})",
+            shown.join(", "),
+            verdict(overs.iter().all(|(_, x)| *x <= 1.2))
         ));
     }
     if let Some(kib) = at(4096).and_then(|r| fig(r, "rss_idle_kib")) {
