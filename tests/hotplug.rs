@@ -94,6 +94,52 @@ fn an_unregistered_device_emits_nothing_on_device_objects() {
     all.wait_set(None, "BoundToVfio", true);
 }
 
+/// *(issue 30)* Events the kernel dropped (its uevent queue overflowed:
+/// the monitor's ENOBUFS) are made up for by reading every function again:
+/// a driver changed behind the daemon's back, a function unplugged and one
+/// that came back are each announced, as their events would have been.
+#[test]
+fn lost_events_lead_to_a_reread_that_announces_what_they_carried() {
+    let _s = serial();
+    let Sim {
+        bus,
+        state: _state,
+        daemon: d,
+    } = Sim::start("l4.toml");
+    let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    let path = reg[0].as_str().unwrap().to_string();
+    let nvme = "0000:5e:00.0";
+    let mut all = Signals::watch(&bus, None);
+    bus.sim("Unplug", &["s", nvme]);
+    all.wait_host(false, nvme);
+    let driver = || {
+        let out = bus.busctl(&["get-property", NAME, &path, "org.hypeman.Device1", "Driver"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(driver(), "s \"nvidia\"");
+
+    bus.sim("LoseEvents", &["b", "true"]);
+    bus.sim("DriverBind", &["ss", GPU, "vfio-pci"]);
+    bus.sim("Unplug", &["s", NIC]);
+    bus.sim("Plug", &["s", nvme]);
+    assert_eq!(bus.host_driver(GPU).as_deref(), Some("vfio-pci"));
+    // Nothing was delivered: the property still says what was last seen.
+    assert_eq!(driver(), "s \"nvidia\"");
+
+    bus.sim("LoseEvents", &["b", "false"]);
+    all.wait_set(Some(&path), "Driver", "vfio-pci".to_string());
+    all.wait_set(Some(&path), "BoundToVfio", true);
+    all.wait_host(false, NIC);
+    all.wait_host(true, nvme);
+    assert_eq!(driver(), "s \"vfio-pci\"");
+    assert!(
+        d.log()
+            .contains("read every function again after lost events"),
+        "{}",
+        d.log()
+    );
+}
+
 #[test]
 fn the_simulator_exists_only_when_simulating() {
     let _s = serial();

@@ -246,6 +246,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         sim.set_event_sink(Box::new(move |e| {
             let _ = tx.send(hotplug::Msg::Event(e));
         }));
+        let tx = events.clone();
+        sim.set_lost_sink(Box::new(move || {
+            let _ = tx.send(hotplug::Msg::Lost);
+        }));
     } else if running_kernel {
         if let Err(e) = hotplug::open_udev(events.clone()) {
             tracing::warn!(error = %e, "cannot open the udev monitor; hotplug will not be followed");

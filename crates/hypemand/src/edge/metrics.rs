@@ -200,6 +200,9 @@ async fn scrape(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         )
     };
+    // The text (megabytes at thousands of devices) is freed once it is
+    // written: the heap is trimmed then, as after a large bus reply.
+    crate::memory::trim_soon();
     match encoded {
         Ok(()) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
         Err(e) => (

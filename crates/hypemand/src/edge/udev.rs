@@ -26,6 +26,9 @@ pub enum Msg {
     Event(HostEvent),
     /// Answered once every event sent before it has been handled.
     Sync(oneshot::Sender<()>),
+    /// *(issue 30)* Events were lost (the monitor's ENOBUFS): every
+    /// function is read again.
+    Lost,
 }
 
 /// Where events are sent.
@@ -45,11 +48,13 @@ pub fn spawn_dispatcher(service: Arc<Service>, mut rx: Receiver) -> tokio::task:
         while let Some(first) = rx.recv().await {
             let mut batch = Vec::new();
             let mut syncs = Vec::new();
+            let mut lost = false;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Event(e) => batch.push(e),
                     Msg::Sync(s) => syncs.push(s),
+                    Msg::Lost => lost = true,
                 }
                 if batch.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
@@ -57,6 +62,11 @@ pub fn spawn_dispatcher(service: Arc<Service>, mut rx: Receiver) -> tokio::task:
             }
             if !batch.is_empty() {
                 service.on_events(batch).await;
+            }
+            // After the events that did arrive: the re-read then sees
+            // what they left, and what was lost besides.
+            if lost {
+                service.reread().await;
             }
             for s in syncs {
                 let _ = s.send(());
@@ -112,6 +122,15 @@ pub fn open_udev(tx: Sender) -> std::io::Result<()> {
                     continue;
                 };
                 if tx.send(Msg::Event(ev)).is_err() {
+                    return;
+                }
+            }
+            // *(issue 30)* The iterator ends where libudev's receive
+            // returned nothing, with errno set by that receive: ENOBUFS
+            // means the kernel dropped events the socket had no room for.
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                tracing::warn!("the uevent queue overflowed (ENOBUFS): events were lost; every device is read again");
+                if tx.send(Msg::Lost).is_err() {
                     return;
                 }
             }

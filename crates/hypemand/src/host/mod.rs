@@ -194,6 +194,9 @@ pub struct HostEvent {
     pub aer: Option<aer::Recovery>,
     /// Produced by the start-up enumeration rather than by the kernel.
     pub enumerated: bool,
+    /// *(issue 30)* Stands for events that were lost: what a re-read of
+    /// every function found different from what clients were told.
+    pub reread: bool,
     /// The device as the enumeration read it (saves reading it again).
     pub device: Option<HostDevice>,
 }
@@ -205,6 +208,7 @@ impl HostEvent {
             address,
             aer: None,
             enumerated: false,
+            reread: false,
             device: None,
         }
     }

@@ -41,7 +41,9 @@ impl Service {
             }
             tracing::debug!(pci_address = %ev.address, action = ev.kind.as_str(), enumerated = ev.enumerated, "host event");
             if !ev.enumerated {
-                crate::telemetry::get().hotplug(ev.kind.as_str());
+                if !ev.reread {
+                    crate::telemetry::get().hotplug(ev.kind.as_str());
+                }
                 // A function that comes or goes starts its counters again.
                 if matches!(ev.kind, EventKind::Add | EventKind::Remove) {
                     self.aer.forget(ev.address);
@@ -105,6 +107,48 @@ impl Service {
         }
         self.read_health(recovering).await;
         self.hotplug.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// *(issue 30)* Events were lost (the kernel's uevent queue overflowed,
+    /// ENOBUFS): every function is read again, and whatever differs from
+    /// what clients were told is handled as the lost events would have
+    /// been: a function that came is announced (and a registered one that
+    /// should be on vfio re-claimed), one that went is announced, and a
+    /// registered device that changed signals what changed.
+    pub async fn reread(self: &Arc<Self>) {
+        let devices = match self.door.devices().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the host's PCI devices again after lost events");
+                return;
+            }
+        };
+        let known: HashMap<PciAddress, bool> = self.seen().addresses().into_iter().collect();
+        let mut found: std::collections::HashSet<PciAddress> = Default::default();
+        let mut batch = Vec::new();
+        for d in devices {
+            found.insert(d.address);
+            let kind = match known.get(&d.address) {
+                Some(true) => EventKind::Change,
+                _ => EventKind::Add,
+            };
+            let mut ev = HostEvent::new(kind, d.address);
+            ev.reread = true;
+            ev.device = Some(d);
+            batch.push(ev);
+        }
+        for (address, present) in known {
+            if present && !found.contains(&address) {
+                let mut ev = HostEvent::new(EventKind::Remove, address);
+                ev.reread = true;
+                batch.push(ev);
+            }
+        }
+        tracing::info!(
+            functions = found.len(),
+            "read every function again after lost events"
+        );
+        self.on_events(batch).await;
     }
 
     async fn refresh(

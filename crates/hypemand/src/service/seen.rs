@@ -50,6 +50,15 @@ impl Seen {
         self.known().by_address.contains_key(&address)
     }
 
+    /// *(issue 30)* Every address looked at, and whether it was present.
+    pub fn addresses(&self) -> Vec<(PciAddress, bool)> {
+        self.known()
+            .by_address
+            .iter()
+            .map(|(a, l)| (*a, l.is_some()))
+            .collect()
+    }
+
     /// The addresses last seen on vfio-pci.
     pub fn on_vfio(&self) -> Vec<PciAddress> {
         self.known().on_vfio.iter().copied().collect()

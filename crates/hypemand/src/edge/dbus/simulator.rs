@@ -127,6 +127,13 @@ impl Simulator {
             .map_err(fdo::Error::InvalidArgs)
     }
 
+    /// *(issue 30)* `true`: the simulated kernel's events are lost from now
+    /// on, as when its uevent queue overflows; `false`: they flow again,
+    /// and the monitor reports that some were lost (ENOBUFS), if any were.
+    async fn lose_events(&self, lose: bool) {
+        self.sim.lose_events(lose);
+    }
+
     /// An outside actor binds `driver` to the device.
     async fn driver_bind(&self, pci_address: &str, driver: &str) -> fdo::Result<()> {
         let a =

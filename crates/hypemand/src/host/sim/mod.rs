@@ -39,6 +39,11 @@ pub struct SimHost {
     state_file: Option<PathBuf>,
     /// Where hotplug events go (the daemon's event path), once connected.
     sink: Mutex<Option<EventSink>>,
+    /// *(issue 30)* While `Some`, events are lost (as when the kernel's
+    /// uevent queue overflows), and how many were.
+    dropping: Mutex<Option<u64>>,
+    /// *(issue 30)* Told when events were lost (the monitor's ENOBUFS).
+    lost: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// Wakes an unbind waiting for a service to let go of its device.
     state_changed: Condvar,
     /// Every write attempted and every service stopped or started, in order,
@@ -78,6 +83,8 @@ impl SimHost {
             faults_cleared: Condvar::new(),
             state_file: state_file.map(Path::to_path_buf),
             sink: Mutex::new(None),
+            dropping: Mutex::new(None),
+            lost: Mutex::new(None),
             state_changed: Condvar::new(),
             journal: Mutex::default(),
             reads: Default::default(),
@@ -151,8 +158,48 @@ impl SimHost {
     }
 
     fn emit(&self, kind: EventKind, address: PciAddress) {
+        self.deliver(HostEvent::new(kind, address));
+    }
+
+    /// Hands `ev` to the daemon's event path, unless events are being lost.
+    fn deliver(&self, ev: HostEvent) {
+        if let Some(n) = &mut *self.dropping.lock().unwrap_or_else(|p| p.into_inner()) {
+            *n += 1;
+            tracing::info!(pci_address = %ev.address, action = ev.kind.as_str(), "simulator: event lost");
+            return;
+        }
         if let Some(sink) = &*self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
-            sink(HostEvent::new(kind, address));
+            sink(ev);
+        }
+    }
+
+    /// *(issue 30)* Connects what is told when events were lost.
+    pub fn set_lost_sink(&self, lost: Box<dyn Fn() + Send + Sync>) {
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(lost);
+    }
+
+    /// *(issue 30)* `true`: events are lost from now on, as when the
+    /// kernel's uevent queue overflows. `false`: they flow again, and if
+    /// any was lost the monitor says so (its ENOBUFS).
+    pub fn lose_events(&self, lose: bool) {
+        let lost = {
+            let mut dropping = self.dropping.lock().unwrap_or_else(|p| p.into_inner());
+            let was = if lose {
+                dropping.get_or_insert(0);
+                None
+            } else {
+                dropping.take()
+            };
+            was.unwrap_or(0)
+        };
+        if lost > 0 {
+            tracing::info!(
+                lost,
+                "simulator: events were lost; the monitor reports ENOBUFS"
+            );
+            if let Some(f) = &*self.lost.lock().unwrap_or_else(|p| p.into_inner()) {
+                f();
+            }
         }
     }
 
@@ -257,9 +304,7 @@ impl SimHost {
         }
         let mut ev = HostEvent::new(EventKind::Change, address);
         ev.aer = Some(recovery);
-        if let Some(sink) = &*self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
-            sink(ev);
-        }
+        self.deliver(ev);
         Ok(())
     }
 
