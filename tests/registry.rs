@@ -480,3 +480,68 @@ fn startup_refusals_have_clear_messages() {
         "{truncated"
     );
 }
+
+/// *(issue 30)* `GetManagedObjects` reads every device's blockers in one
+/// go; each must be exactly what the device's own `Blockers` property reads
+/// (every kind the workstation has: boot VGA, a process and a service
+/// holding nodes, mounts and swap, routes, a group shared with a bridge).
+#[test]
+fn managed_objects_show_each_devices_own_blockers() {
+    // The workstation, and a NIC in the RTX's group that the host routes
+    // through: the GPU's blockers name a member of its group.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host.toml");
+    std::fs::write(
+        &host,
+        std::fs::read_to_string(fixture("workstation.toml")).unwrap()
+            + "\n[[device]]\naddress = \"0000:01:00.2\"\nvendor = \"8086\"\ndevice = \"15f3\"\nclass = \"020000\"\niommu_group = 1\ndriver = \"igc\"\n[[device.interface]]\nname = \"enp1s0f2\"\nup = true\nroutes = [\"default\"]\n",
+    )
+    .unwrap();
+    let bus = TestBus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(&bus, state.path(), &["--simulate", host.to_str().unwrap()]);
+    let addresses = [
+        "0000:00:02.0",
+        "0000:01:00.0",
+        "0000:01:00.1",
+        "0000:02:00.0",
+        "0000:03:00.0",
+        "0000:05:00.0",
+        "0000:06:00.0",
+    ];
+    for a in addresses {
+        bus.manager("Register", &["ss", a, ""]).unwrap();
+    }
+    let all = bus
+        .call(
+            PATH,
+            "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects",
+            &[],
+        )
+        .unwrap();
+    let objects = all[0].as_object().unwrap();
+    assert_eq!(objects.len(), addresses.len(), "{all}");
+    let mut with_blockers = 0;
+    for (path, ifaces) in objects {
+        let listed = &ifaces["org.hypeman.Device1"]["Blockers"]["data"];
+        let own = bus
+            .call(
+                path,
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                &["ss", "org.hypeman.Device1", "Blockers"],
+            )
+            .unwrap();
+        assert_eq!(listed, &own[0]["data"], "{path}");
+        if !listed.as_array().unwrap().is_empty() {
+            with_blockers += 1;
+        }
+    }
+    assert!(
+        with_blockers >= 4,
+        "the workstation's devices are blocked: {all}"
+    );
+    let text = all.to_string();
+    assert!(text.contains("enp1s0f2"), "the group member's route: {all}");
+}

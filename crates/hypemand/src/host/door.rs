@@ -432,6 +432,34 @@ impl Door {
             .await
     }
 
+    /// *(issue 30)* The vGPU slots of many functions in one blocking call,
+    /// each with its own outcome; a function known to be stuck is not read.
+    pub async fn vgpu_slots_many(
+        &self,
+        parents: Vec<HostDevice>,
+    ) -> Result<Vec<Result<Vec<super::vgpu::Slot>, StepError>>, StepError> {
+        let stuck: Vec<bool> = parents
+            .iter()
+            .map(|p| self.is_stuck(Key::Device(p.address)))
+            .collect();
+        self.call(Key::Host, move |h, progress| {
+            Ok(parents
+                .iter()
+                .zip(stuck)
+                .map(|(p, stuck)| {
+                    if stuck {
+                        return Err(StepError::Stuck(Key::Device(p.address)));
+                    }
+                    progress.at(Some(p.address));
+                    let r = h.vgpu_slots(p).map_err(StepError::Host);
+                    progress.at(None);
+                    r
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Loads a driver module if needed; true when it is loaded afterwards.
     pub async fn load_driver(&self, driver: &str) -> Result<bool, StepError> {
         let driver = driver.to_string();

@@ -8,7 +8,7 @@ use super::placement::placement;
 use super::{AvailableView, DeviceView, Service, Target};
 use crate::host::HostDevice;
 use crate::pci::{DeviceType, PciAddress};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::store::registry::{new_device_id, now_rfc3339, tags_match};
@@ -201,6 +201,72 @@ impl Service {
             .iter()
             .map(super::blockers::Blocker::record)
             .collect())
+    }
+
+    /// *(issue 30)* Every registered device's blockers, as
+    /// [`Service::device_blockers`] reads them one by one, read in one go:
+    /// one enumeration (the groups from it), one walk of /proc for every
+    /// function they concern, one host call for the vGPU slots. A device
+    /// not on the host has none; one whose slots could not be read is left
+    /// out (its own read then says why). What `GetManagedObjects` shows.
+    pub async fn all_device_blockers(&self) -> Result<HashMap<String, Vec<hypeman_api::Blocker>>> {
+        let snapshot = self.snapshot();
+        let devices = self
+            .door
+            .devices()
+            .await
+            .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
+        let vm = self.door.virtual_machine().await.unwrap_or(false);
+        let mut groups: HashMap<u32, Vec<HostDevice>> = HashMap::new();
+        for d in &devices {
+            if let Some(g) = d.iommu_group {
+                groups.entry(g).or_default().push(d.clone());
+            }
+        }
+        let members = |d: &HostDevice| -> Vec<HostDevice> {
+            d.iommu_group
+                .and_then(|g| groups.get(&g))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let present: Vec<(Arc<StoredDevice>, HostDevice)> = devices
+            .iter()
+            .filter_map(|d| Some((snapshot.by_address(d.address)?.clone(), d.clone())))
+            .collect();
+        let mut addresses: Vec<PciAddress> = Vec::new();
+        for (_, d) in &present {
+            addresses.extend(members(d).iter().map(|m| m.address));
+            addresses.push(d.address);
+        }
+        addresses.sort();
+        addresses.dedup();
+        let walked = self.host_usage(addresses).await?;
+        let slots = self
+            .door
+            .vgpu_slots_many(present.iter().map(|(_, d)| d.clone()).collect())
+            .await
+            .map_err(|e| host_error("cannot read the vGPUs of the registered devices".into(), e))?;
+        let mut out: HashMap<String, Vec<hypeman_api::Blocker>> = snapshot
+            .iter()
+            .map(|s| (s.id.clone(), Vec::new()))
+            .collect();
+        for ((stored, dev), slots) in present.iter().zip(slots) {
+            let Ok(slots) = slots else {
+                out.remove(&stored.id);
+                continue;
+            };
+            let mut blockers = super::blockers::of(dev, &members(dev), vm, &walked);
+            blockers.extend(super::blockers::vgpus(dev.address, &slots));
+            blockers.extend(super::blockers::hardware_changed(stored, dev));
+            out.insert(
+                stored.id.clone(),
+                blockers
+                    .iter()
+                    .map(super::blockers::Blocker::record)
+                    .collect(),
+            );
+        }
+        Ok(out)
     }
 
     /// `ListAvailable`: every PCI function on the host, registered or not.

@@ -265,12 +265,26 @@ impl DeviceObject {
 
     /// Every property, from one record and one read of the blockers.
     pub async fn all(&self) -> fdo::Result<Properties> {
+        self.all_with(None).await
+    }
+
+    /// Every property, from one record, with `blockers` when they were
+    /// read already (*issue 30*: `GetManagedObjects` reads every device's
+    /// in one go), else with one read of them.
+    pub async fn all_with(
+        &self,
+        blockers: Option<Vec<hypeman_api::Blocker>>,
+    ) -> fdo::Result<Properties> {
         let record = self.record().await?;
         let mut all = Properties::with_capacity(ROWS.len());
+        let mut blockers = blockers;
         for row in &ROWS {
             let value = match row.value {
                 Some(value) => owned(value(&record))?,
-                None => self.blockers().await?,
+                None => match blockers.take() {
+                    Some(b) => owned(Value::from(b))?,
+                    None => self.blockers().await?,
+                },
             };
             all.insert(row.declared.name.to_string(), value);
         }

@@ -48,11 +48,23 @@ impl Objects {
             .iter()
             .map(|d| d.id.clone())
             .collect();
+        // *(issue 30)* Every device's blockers in one go (one walk of
+        // /proc, not one per device); a device the batch could not answer
+        // for reads its own, as before.
+        let mut blockers = match self.manager.service.all_device_blockers().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the blockers in one go; reading them one by one");
+                HashMap::new()
+            }
+        };
         let mut out = ManagedObjects::with_capacity(ids.len());
         for id in ids {
             let path = device_path(&id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
+            let mine = blockers.remove(&id);
             // A device deleted meanwhile is simply left out.
-            if let Ok(props) = DeviceObject::new(self.manager.clone(), id).all().await {
+            let object = DeviceObject::new(self.manager.clone(), id);
+            if let Ok(props) = object.all_with(mine).await {
                 out.insert(path, HashMap::from([(DEVICE_IFACE.to_string(), props)]));
             }
         }
