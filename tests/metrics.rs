@@ -69,23 +69,30 @@ const OPENMETRICS: &str =
     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
 const PROMETHEUS: &str = "text/plain;version=0.0.4";
 
-/// The samples prometheus_client's parser reads from `text`.
-fn parse(text: &str, format: &str) -> Vec<Value> {
-    let mut child = Command::new(metrics_python())
-        .arg(root().join("tests/data/parse_metrics.py"))
-        .arg(format)
+/// What `cmd` wrote, given `text` on its stdin; it is waited for.
+fn fed(mut cmd: Command, text: &str) -> std::process::Output {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{cmd:?} (promtool: apt-get install prometheus): {e}"));
     child
         .stdin
         .take()
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The samples prometheus_client's parser reads from `text`.
+fn parse(text: &str, format: &str) -> Vec<Value> {
+    let mut parser = Command::new(metrics_python());
+    parser
+        .arg(root().join("tests/data/parse_metrics.py"))
+        .arg(format);
+    let out = fed(parser, text);
     assert!(
         out.status.success(),
         "prometheus_client cannot parse the {format} scrape: {}\n{text}",
@@ -115,20 +122,9 @@ fn value(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> 
 
 /// `promtool check metrics` on `text`: its exit status and what it said.
 fn promtool(text: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut promtool = Command::new("promtool");
+    promtool.args(["check", "metrics"]);
+    let out = fed(promtool, text);
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), said)

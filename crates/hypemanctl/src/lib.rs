@@ -195,29 +195,26 @@ impl Client {
         .await
     }
 
-    /// Why the host must keep a registered device (its `Blockers` property).
-    pub async fn blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>, ClientError> {
+    /// The object of device `id`, its properties read anew at each ask.
+    async fn device(&self, id: &str) -> Result<DeviceProxy<'_>, ClientError> {
         let path = hypeman_api::device_path(id)
             .ok_or_else(|| ClientError::Failed(format!("{id} is not a device id")))?;
-        let device = DeviceProxy::builder(&self.conn)
+        Ok(DeviceProxy::builder(&self.conn)
             .path(path)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
-            .await?;
-        Ok(device.blockers().await?)
+            .await?)
+    }
+
+    /// Why the host must keep a registered device (its `Blockers` property).
+    pub async fn blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>, ClientError> {
+        Ok(self.device(id).await?.blockers().await?)
     }
 
     /// *(issue 29)* A device's health, its PCIe error counters read now
     /// (the `Health` property).
     pub async fn health(&self, id: &str) -> Result<String, ClientError> {
-        let path = hypeman_api::device_path(id)
-            .ok_or_else(|| ClientError::Failed(format!("{id} is not a device id")))?;
-        let device = DeviceProxy::builder(&self.conn)
-            .path(path)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await?;
-        Ok(device.health().await?)
+        Ok(self.device(id).await?.health().await?)
     }
 
     /// `Unbind`: gives a device back to its host driver.

@@ -24,6 +24,17 @@ fn require_key(id_or_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Each IOMMU group's functions, from one enumeration (in its order).
+fn groups_of(devices: &[HostDevice]) -> HashMap<u32, Vec<HostDevice>> {
+    let mut groups: HashMap<u32, Vec<HostDevice>> = HashMap::new();
+    for d in devices {
+        if let Some(g) = d.iommu_group {
+            groups.entry(g).or_default().push(d.clone());
+        }
+    }
+    groups
+}
+
 impl Service {
     /// Resolves what a caller named (an id, or an exact name) to one record,
     /// once. Everything that acts afterwards acts on that record's id.
@@ -203,6 +214,19 @@ impl Service {
             .collect())
     }
 
+    /// Every function on the host, each IOMMU group's functions from that
+    /// one enumeration, and whether the host is a virtual machine.
+    async fn enumerated(&self) -> Result<(Vec<HostDevice>, HashMap<u32, Vec<HostDevice>>, bool)> {
+        let devices = self
+            .door
+            .devices()
+            .await
+            .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
+        let vm = self.door.virtual_machine().await.unwrap_or(false);
+        let groups = groups_of(&devices);
+        Ok((devices, groups, vm))
+    }
+
     /// *(issue 30)* Every registered device's blockers, as
     /// [`Service::device_blockers`] reads them one by one, read in one go:
     /// one enumeration (the groups from it), one walk of /proc for every
@@ -211,18 +235,7 @@ impl Service {
     /// out (its own read then says why). What `GetManagedObjects` shows.
     pub async fn all_device_blockers(&self) -> Result<HashMap<String, Vec<hypeman_api::Blocker>>> {
         let snapshot = self.snapshot();
-        let devices = self
-            .door
-            .devices()
-            .await
-            .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
-        let vm = self.door.virtual_machine().await.unwrap_or(false);
-        let mut groups: HashMap<u32, Vec<HostDevice>> = HashMap::new();
-        for d in &devices {
-            if let Some(g) = d.iommu_group {
-                groups.entry(g).or_default().push(d.clone());
-            }
-        }
+        let (devices, groups, vm) = self.enumerated().await?;
         let members = |d: &HostDevice| -> Vec<HostDevice> {
             d.iommu_group
                 .and_then(|g| groups.get(&g))
@@ -271,20 +284,9 @@ impl Service {
 
     /// `ListAvailable`: every PCI function on the host, registered or not.
     pub async fn list_available(&self) -> Result<Vec<AvailableView>> {
-        let devices = self
-            .door
-            .devices()
-            .await
-            .map_err(|e| host_error("cannot list the host's PCI devices".into(), e))?;
-        let vm = self.door.virtual_machine().await.unwrap_or(false);
-        let acs_override = self.door.acs_override().await.unwrap_or(false);
         // Groups from the one enumeration: no read per function.
-        let mut groups: std::collections::HashMap<u32, Vec<HostDevice>> = Default::default();
-        for d in &devices {
-            if let Some(g) = d.iommu_group {
-                groups.entry(g).or_default().push(d.clone());
-            }
-        }
+        let (devices, groups, vm) = self.enumerated().await?;
+        let acs_override = self.door.acs_override().await.unwrap_or(false);
         // One walk of /proc for every function.
         let walked = self
             .host_usage(devices.iter().map(|d| d.address).collect())
