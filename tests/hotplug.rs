@@ -248,4 +248,13 @@ async fn a_burst_of_events() {
     assert_eq!(nic["present"]["data"], true);
     assert_eq!(nic["driver"]["data"], "i40e");
     assert_eq!(bus.host_driver(NIC).as_deref(), Some("i40e"));
+    // The state the properties answer from, kept by the events and the
+    // re-claims, ends where the kernel is: a read of the burst made before
+    // a re-claim must not overwrite what the re-claim published.
+    let path = format!("{PATH}/{}", gpu["id"]["data"].as_str().unwrap());
+    let property = || {
+        let out = bus.busctl(&["get-property", NAME, &path, "org.hypeman.Device1", "Driver"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_until(|| property() == "s \"vfio-pci\"");
 }
