@@ -611,6 +611,14 @@ fn a_swapped_card_is_never_bound_until_it_is_registered_again() {
     );
 }
 
+/// A host with the GPU at `address` on nvidia, its subsystem ids said.
+fn gpu_with_subsystem(address: &str) -> String {
+    format!(
+        "{}subsystem_vendor = \"10de\"\nsubsystem_device = \"16ca\"\n",
+        device(address, GPU, "nvidia", 20)
+    )
+}
+
 /// *(issue 28)* A record stored before identities existed takes the
 /// identity of the card at its address at the first start that sees it.
 #[test]
@@ -618,10 +626,7 @@ fn a_record_of_before_learns_its_identity_at_start() {
     const ADDR: &str = "0000:01:00.0";
     let bus = TestBus::start();
     let state = tempfile::tempdir().unwrap();
-    let host = format!(
-        "{}subsystem_vendor = \"10de\"\nsubsystem_device = \"16ca\"\n",
-        device(ADDR, GPU, "nvidia", 20)
-    );
+    let host = gpu_with_subsystem(ADDR);
     let mut d = on_host(&bus, state.path(), &host);
     bus.manager("Register", &["ss", ADDR, "gpu"]).unwrap();
     assert!(d.proc.signal_and_wait("TERM").success());
@@ -650,10 +655,7 @@ fn a_card_swapped_while_unplugged_is_not_reclaimed() {
     const ADDR: &str = "0000:01:00.0";
     let bus = TestBus::start_sim();
     let state = tempfile::tempdir().unwrap();
-    let host = format!(
-        "{}subsystem_vendor = \"10de\"\nsubsystem_device = \"16ca\"\n",
-        device(ADDR, GPU, "nvidia", 20)
-    );
+    let host = gpu_with_subsystem(ADDR);
     let d = on_host(&bus, state.path(), &host);
     let reg = bus.manager("Register", &["ss", ADDR, "gpu"]).unwrap();
     let path = reg[0].as_str().unwrap().to_string();

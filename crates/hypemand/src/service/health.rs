@@ -106,17 +106,13 @@ impl Counters {
         self.last().get(&address).copied()
     }
 
-    /// Records a read; returns what was known before.
-    fn set(&self, address: PciAddress, counts: Option<AerCounts>) -> Option<AerCounts> {
+    /// Records a read (Register's, or one asked for); returns what was
+    /// known before.
+    pub fn set(&self, address: PciAddress, counts: Option<AerCounts>) -> Option<AerCounts> {
         match counts {
             Some(c) => self.last().insert(address, c),
             None => self.last().remove(&address),
         }
-    }
-
-    /// Records what Register read.
-    pub fn set_read(&self, address: PciAddress, counts: Option<AerCounts>) {
-        self.set(address, counts);
     }
 
     /// A function left or came: its counters start again.

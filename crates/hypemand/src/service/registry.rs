@@ -106,7 +106,7 @@ impl Service {
         self.refuse_if_stopping()?;
         self.commit(Change::Add(stored.clone())).await?;
         self.seen().set(address, Some(host.clone()));
-        self.aer.set_read(address, stored.aer_baseline);
+        self.aer.set(address, stored.aer_baseline);
         let view = self.view(stored, Some(host));
         tracing::info!(
             pci_address = %address,
