@@ -545,3 +545,60 @@ fn managed_objects_show_each_devices_own_blockers() {
     let text = all.to_string();
     assert!(text.contains("enp1s0f2"), "the group member's route: {all}");
 }
+
+/// *(issue 30)* Introspection lists every device object, whether it was
+/// exported at start-up from the store or registered since: `busctl tree`
+/// shows each path, and each one's introspection is `Device1` with its
+/// methods and properties. A deleted device's object is gone from both.
+#[test]
+fn introspection_lists_every_device_object() {
+    let Sim { bus, state, daemon } = Sim::on(TestBus::start(), "l4.toml");
+    let (gpu, _) = register(&bus, "0000:a2:00.0", "l4-gpu");
+    let (nic, _) = register(&bus, "0000:3b:00.0", "nic");
+    // Restarted: these two come from the store; the third is new.
+    drop(daemon);
+    wait_name(&bus, NAME, false, None);
+    let _d = Daemon::simulate(&bus, state.path(), "l4.toml");
+    let (nvme, _) = register(&bus, "0000:5e:00.0", "nvme");
+    let paths = [&gpu, &nic, &nvme];
+
+    let tree = |bus: &TestBus| {
+        let out = bus.busctl(&["tree", "--list", NAME]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let listed = tree(&bus);
+    for p in paths {
+        assert!(listed.contains(p), "{p} not in {listed:?}");
+        let out = bus.busctl(&["introspect", "--xml-interface", NAME, p]);
+        let xml = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        for want in [
+            "<interface name=\"org.hypeman.Device1\">",
+            "<method name=\"Bind\">",
+            "<property name=\"Driver\" type=\"s\" access=\"read\"",
+            "<interface name=\"org.freedesktop.DBus.Properties\">",
+        ] {
+            assert!(xml.contains(want), "{p}: no {want} in {xml}");
+        }
+    }
+    let devices = listed
+        .iter()
+        .filter(|l| l.starts_with(&format!("{PATH}/")))
+        .count();
+    assert_eq!(devices, 3, "{listed:?}");
+
+    bus.call(&nic, "org.hypeman.Device1", "Delete", &[])
+        .unwrap();
+    let listed = tree(&bus);
+    assert!(!listed.contains(&nic), "{listed:?}");
+    assert!(
+        listed.contains(&gpu) && listed.contains(&nvme),
+        "{listed:?}"
+    );
+    let out = bus.busctl(&["introspect", NAME, &nic]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("org.hypeman.Device1"));
+}

@@ -318,6 +318,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .await
         .map_err(|e| DaemonError::Bus(ServeError::Connect(e)))?;
     let authz = Arc::new(Authz::new(service.clone(), Arc::new(bouncer)));
+    let sim = sim.map(|s| (s, events.clone()));
     bus::serve(&conn, service.clone(), authz.clone(), sim).await?;
     let api_created = api_socket.as_ref().and_then(|l| l.created.clone());
     let _api = api_socket.map(|l| {

@@ -45,11 +45,20 @@ pub fn channel() -> (Sender, Receiver) {
 /// Runs until every sender is gone.
 pub fn spawn_dispatcher(service: Arc<Service>, mut rx: Receiver) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
+        loop {
+            // *(issue 30)* A read-through that found a device unlike its
+            // events asks for what lost events get: a full re-read, in order
+            // with the events.
+            let (first, mut lost) = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(m) => (Some(m), false),
+                    None => break,
+                },
+                () = service.reread_wanted() => (None, true),
+            };
             let mut batch = Vec::new();
             let mut syncs = Vec::new();
-            let mut lost = false;
-            let mut next = Some(first);
+            let mut next = first;
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Event(e) => batch.push(e),

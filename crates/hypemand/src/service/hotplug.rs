@@ -75,6 +75,13 @@ impl Service {
             .copied()
             .filter(|a| !known.contains_key(a) && last.get(a) != Some(&EventKind::Remove))
             .collect();
+        // *(issue 30)* What each address's state was before the read: an
+        // operation that publishes meanwhile read the device later, and
+        // this read must not be announced over what it published.
+        let generations: HashMap<PciAddress, u64> = order
+            .iter()
+            .map(|a| (*a, self.seen().generation(*a)))
+            .collect();
         let read: Vec<_> = match self.door.read_many(to_read.clone()).await {
             Ok(results) => to_read.iter().copied().zip(results).collect(),
             Err(e) => {
@@ -103,7 +110,9 @@ impl Service {
             } else {
                 continue;
             };
-            self.refresh(address, live, added.contains(&address)).await;
+            let generation = generations.get(&address).copied().unwrap_or(0);
+            self.refresh(address, live, added.contains(&address), generation)
+                .await;
         }
         self.read_health(recovering).await;
         self.hotplug.send_modify(|n| *n = n.wrapping_add(1));
@@ -156,6 +165,7 @@ impl Service {
         address: PciAddress,
         live: Option<HostDevice>,
         came_back: bool,
+        generation: u64,
     ) {
         let first_sight = !self.seen().knows(address);
         let stored = {
@@ -180,7 +190,10 @@ impl Service {
             // state itself, so the intermediate steps it causes are not announced.
             let lock = self.device_lock(address);
             let held = lock.try_lock();
-            if held.is_ok() {
+            // An operation published after this event's read: what it
+            // published is newer than what this read saw.
+            let overtaken = self.seen().generation(address) != generation;
+            if held.is_ok() && !overtaken {
                 if let Some(prev) = self.seen().get(address) {
                     if prev != live {
                         let before = self.view((*stored).clone(), prev);

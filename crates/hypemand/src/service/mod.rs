@@ -291,6 +291,9 @@ pub struct Service {
     seen: seen::Seen,
     /// Woken on every registry or device change (for systemd's status line).
     change_notify: tokio::sync::Notify,
+    /// *(issue 30)* Woken when a read-through found a device unlike what
+    /// its events said: the event path reads every function again.
+    reread_wanted: tokio::sync::Notify,
     /// Counts the batches of host events the hotplug path has handled: what
     /// waits for functions to appear ([`sriov`]) wakes on it.
     hotplug: tokio::sync::watch::Sender<u64>,
@@ -322,6 +325,7 @@ impl Service {
             stopping: std::sync::atomic::AtomicBool::new(false),
             seen: seen::Seen::default(),
             change_notify: tokio::sync::Notify::new(),
+            reread_wanted: tokio::sync::Notify::new(),
             hotplug: tokio::sync::watch::Sender::new(0),
             vgpu_capacity: Mutex::default(),
             status_note: OnceLock::new(),

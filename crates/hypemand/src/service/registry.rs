@@ -120,7 +120,7 @@ impl Service {
         Ok(view)
     }
 
-    /// `List`: every registered device with its live state, read in one go.
+    /// `List`: every registered device with its host state as last seen.
     pub async fn list(&self) -> Result<Vec<DeviceView>> {
         self.list_tagged(&BTreeMap::new()).await
     }
@@ -135,15 +135,8 @@ impl Service {
             .map(|d| (**d).clone())
             .collect();
         let addresses: Vec<PciAddress> = stored.iter().map(|d| d.pci_address).collect();
-        let what = "cannot read the registered devices from the host";
-        let live = self
-            .door
-            .read_many(addresses)
-            .await
-            .map_err(|e| host_error(what.into(), e))?
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| host_error(what.into(), e))?;
+        // *(issue 30)* From the state the events keep, as the properties.
+        let live = self.cached_live_many(addresses).await?;
         Ok(stored
             .into_iter()
             .zip(live)
@@ -151,10 +144,11 @@ impl Service {
             .collect())
     }
 
-    /// `Get`: one device by id or exact name.
+    /// `Get`: one device by id or exact name, with its host state as last
+    /// seen (*issue 30*: no host read; the events keep it current).
     pub async fn get(&self, id_or_name: &str) -> Result<DeviceView> {
         let stored = self.resolve(id_or_name)?.0;
-        let live = self.live(stored.pci_address).await?;
+        let live = self.cached_live(&stored).await?;
         Ok(self.view(Arc::unwrap_or_clone(stored), live))
     }
 
@@ -178,8 +172,8 @@ impl Service {
         }
         next.extend(set);
         validate_tags(&next)?;
-        let live = self.live(before_stored.pci_address).await?;
-        let before = self.view(before_stored, live.clone());
+        let (live, told) = self.read_through(before_stored.pci_address).await?;
+        let before = self.view(before_stored, told.unwrap_or_else(|| live.clone()));
         let stored = self.modify(target.id(), |d| d.tags = next).await?;
         let after = self.view(stored, live);
         tracing::info!(

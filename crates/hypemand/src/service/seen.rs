@@ -1,9 +1,17 @@
-//! The host state clients were last told about, per address.
+//! The host state clients were last told about, per address: the daemon's
+//! picture of every function, kept as udisks keeps its devices.
 //!
-//! Property reads answer from it without a host read, and hotplug events
-//! compare against it so that `PropertiesChanged` goes out only on a real
-//! change. `None` for an address means known to be absent; no entry means
-//! never looked at.
+//! It is kept current by the kernel's events (add, remove, bind, unbind,
+//! change: `service/hotplug.rs`) and by the daemon's own operations, which
+//! publish what they did. *(issue 30)* `Get`, `List` and every property
+//! answer from it without a host read; what changes a device still reads the
+//! device first, and a difference from what is kept here means events were
+//! missed: every function is then read again ([`Service::want_reread`]).
+//! `None` for an address means known to be absent; no entry means never
+//! looked at.
+//!
+//! Each address carries a generation, bumped at every change, so an event's
+//! read that an operation's publication overtook is not announced over it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -20,6 +28,8 @@ pub struct Seen(Mutex<Known>);
 #[derive(Default)]
 struct Known {
     by_address: HashMap<PciAddress, Option<HostDevice>>,
+    /// Each address's generation: bumped at every [`Seen::set`].
+    generation: HashMap<PciAddress, u64>,
     /// The addresses last seen on vfio-pci: the status line counts them
     /// without walking every device at every change.
     on_vfio: HashSet<PciAddress>,
@@ -38,7 +48,13 @@ impl Seen {
         } else {
             known.on_vfio.remove(&address);
         }
+        *known.generation.entry(address).or_default() += 1;
         known.by_address.insert(address, live)
+    }
+
+    /// *(issue 30)* How many times `address` was set (0: never).
+    pub fn generation(&self, address: PciAddress) -> u64 {
+        self.known().generation.get(&address).copied().unwrap_or(0)
     }
 
     pub fn get(&self, address: PciAddress) -> Option<Option<HostDevice>> {
@@ -88,16 +104,91 @@ impl Service {
     }
 
     /// A device's host state as last seen (kept current by hotplug events and by
-    /// every operation), without a host read: what property reads answer from.
+    /// every operation), without a host read: what `Get` and the properties
+    /// answer from. An address never looked at is read once.
     pub async fn cached_live(&self, stored: &StoredDevice) -> Result<Option<HostDevice>> {
-        match self.seen.get(stored.pci_address) {
-            Some(l) => Ok(l),
-            None => {
-                let l = self.live(stored.pci_address).await?;
-                self.seen.set(stored.pci_address, l.clone());
-                Ok(l)
+        let mut all = self.cached_live_many(vec![stored.pci_address]).await?;
+        Ok(all.pop().flatten())
+    }
+
+    /// *(issue 30)* [`Service::cached_live`] for many addresses (`List`),
+    /// in their order: the ones never looked at are read in one go.
+    pub async fn cached_live_many(
+        &self,
+        addresses: Vec<PciAddress>,
+    ) -> Result<Vec<Option<HostDevice>>> {
+        let mut out: Vec<Option<Option<HostDevice>>> = {
+            let known = self.seen.known();
+            addresses
+                .iter()
+                .map(|a| known.by_address.get(a).cloned())
+                .collect()
+        };
+        let unknown: Vec<PciAddress> = addresses
+            .iter()
+            .zip(&out)
+            .filter(|(_, l)| l.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        if !unknown.is_empty() {
+            let what = "cannot read the registered devices from the host";
+            let read = self
+                .door
+                .read_many(unknown.clone())
+                .await
+                .map_err(|e| host_error(what.into(), e))?;
+            let mut read: HashMap<PciAddress, Option<HostDevice>> = unknown
+                .into_iter()
+                .zip(read)
+                .map(|(a, r)| r.map(|l| (a, l)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| host_error(what.into(), e))?;
+            for (a, slot) in addresses.iter().zip(out.iter_mut()) {
+                if slot.is_none() {
+                    let l = read.remove(a).flatten();
+                    self.seen.set(*a, l.clone());
+                    *slot = Some(l);
+                }
             }
         }
+        Ok(out.into_iter().map(Option::flatten).collect())
+    }
+
+    /// *(issue 30)* The read an operation acts on: the device read now, and
+    /// what clients were last told of it when that differs (`None` when it
+    /// is the same, or was never told). A difference means the events that
+    /// would have carried it were missed: every function is read again
+    /// (after this operation, by the event path), and the operation
+    /// announces its change from what clients were told, so they see the
+    /// missed change too.
+    pub(crate) async fn read_through(
+        &self,
+        address: PciAddress,
+    ) -> Result<(Option<HostDevice>, Option<Option<HostDevice>>)> {
+        let now = self.live(address).await?;
+        let told = self.seen.get(address).filter(|t| *t != now);
+        if let Some(t) = &told {
+            tracing::info!(
+                pci_address = %address,
+                told_driver = %t.as_ref().and_then(|d| d.driver.as_deref()).unwrap_or("(none)"),
+                driver = %now.as_ref().and_then(|d| d.driver.as_deref()).unwrap_or("(none)"),
+                present = now.is_some(),
+                "the device is not what its events said: every function is read again"
+            );
+            self.want_reread();
+        }
+        Ok((now, told))
+    }
+
+    /// *(issue 30)* Asks the event path for a full re-read of the host
+    /// (coalesced: many asks before it runs make one).
+    pub(crate) fn want_reread(&self) {
+        self.reread_wanted.notify_one();
+    }
+
+    /// Resolves when a full re-read was asked for ([`Service::want_reread`]).
+    pub async fn reread_wanted(&self) {
+        self.reread_wanted.notified().await;
     }
 
     /// After the start-up enumeration: registered devices it did not find are

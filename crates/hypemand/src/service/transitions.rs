@@ -38,9 +38,16 @@ impl Service {
         let _held = lock.lock().await;
         self.refuse_if_stopping()?;
         let stored = self.current(target)?;
-        let initial = self.live(stored.pci_address).await?;
+        // *(issue 30)* The device read now; what clients were told of it, if
+        // that differs (events were missed): the change is announced from
+        // what they were told.
+        let (initial, told) = self.read_through(stored.pci_address).await?;
         match op(stored.clone(), initial.clone()).await {
             Ok((before, after)) => {
+                let before = match told {
+                    Some(t) => self.view(before.stored, t),
+                    None => before,
+                };
                 self.publish_change(&before, &after).await;
                 Ok(after)
             }
@@ -50,7 +57,7 @@ impl Service {
                 // true now.
                 if let Ok(now) = self.live(stored.pci_address).await {
                     let current = self.current(target).unwrap_or_else(|_| stored.clone());
-                    let before = self.view(stored, initial);
+                    let before = self.view(stored, told.unwrap_or(initial));
                     let after = self.view(current, now);
                     self.publish_change(&before, &after).await;
                 }

@@ -69,7 +69,7 @@ pub async fn serve(
     conn: &Connection,
     service: Arc<Service>,
     authz: Arc<Authz>,
-    sim: Option<Arc<crate::host::sim::SimHost>>,
+    sim: Option<(Arc<crate::host::sim::SimHost>, crate::edge::udev::Sender)>,
 ) -> Result<(), ServeError> {
     let manager = Arc::new(Manager::new(service.clone(), authz));
     let server = conn.object_server();
@@ -80,11 +80,11 @@ pub async fn serve(
         )
         .await
         .map_err(ServeError::Export)?;
-    if let Some(sim) = sim {
+    if let Some((sim, events)) = sim {
         server
             .at(
                 hypeman_api::SIMULATOR_PATH,
-                Exported::new(simulator::Simulator::new(sim)),
+                Exported::new(simulator::Simulator::new(sim, events)),
             )
             .await
             .map_err(ServeError::Export)?;

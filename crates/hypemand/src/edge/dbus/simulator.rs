@@ -2,6 +2,12 @@
 //! `--simulate`: lets tests reach every error path of the simulated kernel.
 //! The production bus policy does not open this interface; test buses add
 //! `tests/data/simulator.conf`.
+//!
+//! *(issue 30)* A call that makes the simulated kernel send events answers
+//! once the daemon has handled them (as `udevadm settle` waits for udev):
+//! what it did is then in `Get` and has been signalled. A re-claim it set
+//! off (a registered device coming back) runs in its own task and may
+//! still be under way.
 
 use std::sync::Arc;
 
@@ -13,11 +19,19 @@ use crate::pci::PciAddress;
 
 pub struct Simulator {
     sim: Arc<SimHost>,
+    /// The daemon's event path, to wait until it has handled what was sent.
+    events: crate::edge::udev::Sender,
 }
 
 impl Simulator {
-    pub fn new(sim: Arc<SimHost>) -> Self {
-        Simulator { sim }
+    pub fn new(sim: Arc<SimHost>, events: crate::edge::udev::Sender) -> Self {
+        Simulator { sim, events }
+    }
+
+    /// `result`, once the daemon has handled every event sent so far.
+    async fn settled<T>(&self, result: T) -> T {
+        crate::edge::udev::sync(&self.events).await;
+        result
     }
 }
 
@@ -55,7 +69,8 @@ impl Simulator {
     async fn unplug(&self, pci_address: &str) -> fdo::Result<()> {
         let a =
             PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
-        self.sim.unplug(a).map_err(fdo::Error::InvalidArgs)
+        self.settled(self.sim.unplug(a).map_err(fdo::Error::InvalidArgs))
+            .await
     }
 
     /// Brings an unplugged device back; its native driver binds first, as the
@@ -63,7 +78,8 @@ impl Simulator {
     async fn plug(&self, pci_address: &str) -> fdo::Result<()> {
         let a =
             PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
-        self.sim.plug(a).map_err(fdo::Error::InvalidArgs)
+        self.settled(self.sim.plug(a).map_err(fdo::Error::InvalidArgs))
+            .await
     }
 
     /// *(issue 28)* Puts another card (`vvvv:dddd`) into an unplugged
@@ -122,9 +138,11 @@ impl Simulator {
         let online = if device_online { "1" } else { "0" };
         let recovery = crate::host::aer::Recovery::from_uevent(Some(error_event), Some(online))
             .ok_or_else(|| fdo::Error::InvalidArgs("no event".into()))?;
-        self.sim
+        let sent = self
+            .sim
             .recovery_event(a, recovery)
-            .map_err(fdo::Error::InvalidArgs)
+            .map_err(fdo::Error::InvalidArgs);
+        self.settled(sent).await
     }
 
     /// *(issue 30)* `true`: the simulated kernel's events are lost from now
@@ -132,15 +150,18 @@ impl Simulator {
     /// and the monitor reports that some were lost (ENOBUFS), if any were.
     async fn lose_events(&self, lose: bool) {
         self.sim.lose_events(lose);
+        self.settled(()).await
     }
 
     /// An outside actor binds `driver` to the device.
     async fn driver_bind(&self, pci_address: &str, driver: &str) -> fdo::Result<()> {
         let a =
             PciAddress::parse(pci_address).map_err(|e| fdo::Error::InvalidArgs(e.to_string()))?;
-        self.sim
+        let bound = self
+            .sim
             .driver_bind(a, driver)
-            .map_err(|e| fdo::Error::Failed(e.to_string()))
+            .map_err(|e| fdo::Error::Failed(e.to_string()));
+        self.settled(bound).await
     }
 
     /// *(issue 26)* An outside tool makes a vGPU of `type_id` on a function

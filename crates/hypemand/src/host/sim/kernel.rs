@@ -245,6 +245,9 @@ impl Host for SimHost {
         }
         self.save(&state);
         drop(state);
+        // *(issue 30)* The kernel announces every driver change, the
+        // daemon's own writes included.
+        self.emit(EventKind::Unbind, address);
         if grabbed {
             self.emit(EventKind::Bind, address);
         }
@@ -279,6 +282,8 @@ impl Host for SimHost {
             d.driver = Some(driver.to_string());
         }
         self.save(&state);
+        drop(state);
+        self.emit(EventKind::Bind, address);
         Ok(())
     }
 
@@ -303,6 +308,8 @@ impl Host for SimHost {
                 d.driver = Some(c);
             }
             self.save(&state);
+            drop(state);
+            self.emit(EventKind::Bind, address);
         }
         Ok(())
     }

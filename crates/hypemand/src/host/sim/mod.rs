@@ -319,8 +319,8 @@ impl SimHost {
             if c == driver {
                 return Ok(());
             }
+            // The simulated kernel's unbind and bind send their own events.
             self.unbind(address, &c)?;
-            self.emit(EventKind::Unbind, address);
         }
         if let Err(e) = self.bind(address, driver) {
             // The way driverctl does it: an override makes the driver take a
@@ -331,7 +331,6 @@ impl SimHost {
             self.set_override(address, Some(driver))?;
             self.bind(address, driver)?;
         }
-        self.emit(EventKind::Bind, address);
         Ok(())
     }
 }
