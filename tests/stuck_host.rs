@@ -3,11 +3,9 @@
 //! In a `--sysfs-root` tree, one registered device's `vendor` is a FIFO whose
 //! write end the test holds open: reading it blocks, as reading
 //! `driver_override` does on a real kernel while a driver is stuck in
-//! `remove()`. That device's `Blockers` (read from the host when asked;
-//! *issue 30*: `Get` answers from the state events keep, without a read)
-//! answers `Timeout` at the deadline; meanwhile `Peer.Ping`, the other
-//! device's `Blockers` and `Get` are answered; the next read of the stuck
-//! device answers `Timeout` at once without another stuck thread; and
+//! `remove()`. That device's Get answers `Timeout` at the deadline; meanwhile
+//! `Peer.Ping` and the other device's Get are answered; the next Get of the
+//! stuck device answers `Timeout` at once without another stuck thread; and
 //! SIGTERM still stops the daemon.
 
 use crate::common;
@@ -54,27 +52,10 @@ fn a_stuck_read_holds_only_its_own_device() {
             "3",
         ],
     );
-    let stuck = bus
-        .manager("Register", &["ss", STUCK, "stuck-gpu"])
-        .unwrap()[0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let other = bus
-        .manager("Register", &["ss", OTHER, "other-gpu"])
-        .unwrap()[0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let blockers = |path: &str| {
-        bus.busctl(&[
-            "get-property",
-            NAME,
-            path,
-            "org.hypeman.Device1",
-            "Blockers",
-        ])
-    };
+    bus.manager("Register", &["ss", STUCK, "stuck-gpu"])
+        .unwrap();
+    bus.manager("Register", &["ss", OTHER, "other-gpu"])
+        .unwrap();
 
     let vendor = root.join("devices/pci0000:00").join(STUCK).join("vendor");
     std::fs::remove_file(&vendor).unwrap();
@@ -84,17 +65,19 @@ fn a_stuck_read_holds_only_its_own_device() {
         .unwrap()
         .success());
 
-    // Root's read of the stuck device, in the background.
+    // Root's Get of the stuck device, in the background.
     let out = bus.dir.path().join("get-stuck.out");
     let mut get = Proc {
         child: Command::new("busctl")
             .args([
                 &format!("--address={}", bus.address),
-                "get-property",
+                "call",
                 NAME,
-                &stuck,
-                "org.hypeman.Device1",
-                "Blockers",
+                PATH,
+                IFACE,
+                "Get",
+                "s",
+                "stuck-gpu",
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&out).unwrap())
@@ -113,33 +96,27 @@ fn a_stuck_read_holds_only_its_own_device() {
         writer.is_some()
     });
 
-    // While that read is stuck: the bus's Ping, the other device's read
-    // and Get, and the stuck device's Get (from the state events keep).
+    // While that read is stuck: the bus's Ping and the other device's Get.
     bus.call(PATH, "org.freedesktop.DBus.Peer", "Ping", &[])
         .unwrap();
-    let read = blockers(&other);
-    assert!(read.status.success(), "{read:?}");
     let got = bus.manager("Get", &["s", "other-gpu"]).unwrap();
     assert_eq!(got[0]["pci_address"]["data"], OTHER);
-    let got = bus.manager("Get", &["s", "stuck-gpu"]).unwrap();
-    assert_eq!(got[0]["pci_address"]["data"], STUCK);
     assert!(
         get.child.try_wait().unwrap().is_none(),
-        "the stuck read finished before Ping and the other device's read were answered"
+        "the stuck Get finished before Ping and the other Get were answered"
     );
 
-    // The stuck read answers Timeout (at the deadline).
+    // The stuck Get answers Timeout (at the deadline).
     let status = get.child.wait().unwrap();
     assert!(!status.success());
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains("did not answer within"), "{text}");
 
-    // The next read of that device answers Timeout at once: its read is
-    // still stuck (the FIFO is still held), and no second thread joins it.
-    let e = blockers(&stuck);
-    let e = String::from_utf8_lossy(&e.stderr);
+    // The next Get of that device answers Timeout at once: its read is still
+    // stuck (the FIFO is still held), and no second thread joins it.
+    let e = bus.manager("Get", &["s", "stuck-gpu"]).unwrap_err();
     assert!(e.contains("still stuck in the kernel"), "{e}");
-    assert!(blockers(&other).status.success());
+    assert!(bus.manager("Get", &["s", "other-gpu"]).is_ok());
 
     // SIGTERM stops the daemon with the read still stuck.
     let status = d.proc.signal_and_wait("TERM");

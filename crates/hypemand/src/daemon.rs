@@ -250,9 +250,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         sim.set_lost_sink(Box::new(move || {
             let _ = tx.send(hotplug::Msg::Lost);
         }));
+        service.follow_events();
     } else if running_kernel {
-        if let Err(e) = hotplug::open_udev(events.clone()) {
-            tracing::warn!(error = %e, "cannot open the udev monitor; hotplug will not be followed");
+        match hotplug::open_udev(events.clone()) {
+            Ok(()) => service.follow_events(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the udev monitor; hotplug will not be followed, and every read goes to sysfs")
+            }
         }
     } else {
         tracing::info!(sysfs_root = %opts.sysfs_root.display(), "not the running kernel's sysfs: hotplug is not followed");

@@ -294,6 +294,11 @@ pub struct Service {
     /// *(issue 30)* Woken when a read-through found a device unlike what
     /// its events said: the event path reads every function again.
     reread_wanted: tokio::sync::Notify,
+    /// *(issue 30)* Set once the host's events are followed (the udev
+    /// monitor, or the simulated kernel): reads then answer from the state
+    /// they keep. Without events (a `--sysfs-root` tree that is not the
+    /// running kernel) every read goes to the host.
+    events_followed: std::sync::atomic::AtomicBool,
     /// Counts the batches of host events the hotplug path has handled: what
     /// waits for functions to appear ([`sriov`]) wakes on it.
     hotplug: tokio::sync::watch::Sender<u64>,
@@ -326,6 +331,7 @@ impl Service {
             seen: seen::Seen::default(),
             change_notify: tokio::sync::Notify::new(),
             reread_wanted: tokio::sync::Notify::new(),
+            events_followed: std::sync::atomic::AtomicBool::new(false),
             hotplug: tokio::sync::watch::Sender::new(0),
             vgpu_capacity: Mutex::default(),
             status_note: OnceLock::new(),
@@ -505,6 +511,7 @@ pub(crate) mod testing {
     pub async fn service_on_events(fixture: &Path, deadline: Duration) -> Fixture {
         use crate::host::{EventKind, Host, HostEvent};
         let f = service_on(fixture, deadline);
+        f.service.follow_events();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         f.sim.set_event_sink(Box::new(move |e| {
             let _ = tx.send(e);

@@ -107,16 +107,44 @@ impl Service {
     /// every operation), without a host read: what `Get` and the properties
     /// answer from. An address never looked at is read once.
     pub async fn cached_live(&self, stored: &StoredDevice) -> Result<Option<HostDevice>> {
+        if !self.events_followed() {
+            return self.live(stored.pci_address).await;
+        }
         let mut all = self.cached_live_many(vec![stored.pci_address]).await?;
         Ok(all.pop().flatten())
     }
 
+    /// *(issue 30)* The host's events are followed from now on: reads
+    /// answer from the state they keep.
+    pub fn follow_events(&self) {
+        self.events_followed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether reads answer from the state the events keep.
+    pub(crate) fn events_followed(&self) -> bool {
+        self.events_followed
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// *(issue 30)* [`Service::cached_live`] for many addresses (`List`),
-    /// in their order: the ones never looked at are read in one go.
+    /// in their order: the ones never looked at are read in one go. Without
+    /// events every one is read (nothing would keep the state current).
     pub async fn cached_live_many(
         &self,
         addresses: Vec<PciAddress>,
     ) -> Result<Vec<Option<HostDevice>>> {
+        if !self.events_followed() {
+            let what = "cannot read the registered devices from the host";
+            return self
+                .door
+                .read_many(addresses)
+                .await
+                .map_err(|e| host_error(what.into(), e))?
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| host_error(what.into(), e));
+        }
         let mut out: Vec<Option<Option<HostDevice>>> = {
             let known = self.seen.known();
             addresses
