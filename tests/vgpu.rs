@@ -524,3 +524,80 @@ fn the_real_backend_writes_vgpus() {
     );
     assert_eq!(ctl(&bus, &["vgpu", "list"]), json!([]));
 }
+
+/// *(issue 30)* `GetAll` and `GetManagedObjects` show a device's blockers as
+/// last read; reading `Blockers` alone reads the host now. A vGPU made
+/// behind the daemon's back (no event) is in `Blockers` at once, and in
+/// `GetAll` once read; after a change the daemon sees, `GetAll` reads again.
+#[test]
+fn getall_shows_the_blockers_last_read() {
+    let Sim {
+        bus,
+        state: _state,
+        daemon: _d,
+    } = Sim::start("l40s-vgpu.toml");
+    let gpu = ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
+    let path = format!("/org/hypeman/Devices/{}", gpu["id"].as_str().unwrap());
+    ctl(&bus, &["sriov", "l40s", "2"]);
+    let codes = |blockers: &Value| -> Vec<String> {
+        blockers
+            .as_array()
+            .unwrap_or_else(|| panic!("{blockers}"))
+            .iter()
+            .map(|b| b["code"]["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let get_all = || {
+        let all = bus
+            .call(
+                &path,
+                "org.freedesktop.DBus.Properties",
+                "GetAll",
+                &["s", "org.hypeman.Device1"],
+            )
+            .unwrap();
+        codes(&all[0]["Blockers"]["data"])
+    };
+    let managed = || {
+        let all = bus
+            .call(
+                PATH,
+                "org.freedesktop.DBus.ObjectManager",
+                "GetManagedObjects",
+                &[],
+            )
+            .unwrap();
+        codes(&all[0][&path]["org.hypeman.Device1"]["Blockers"]["data"])
+    };
+    let alone = || {
+        let out = bus.busctl(&[
+            "--json=short",
+            "get-property",
+            NAME,
+            &path,
+            "org.hypeman.Device1",
+            "Blockers",
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        codes(&v["data"])
+    };
+    let vgpus = "vgpus".to_string();
+    assert!(!get_all().contains(&vgpus));
+
+    bus.sim("SetVgpu", &["ss", "0000:41:00.4", "1152"]);
+    assert!(!get_all().contains(&vgpus), "GetAll shows the last read");
+    assert!(!managed().contains(&vgpus), "so does GetManagedObjects");
+    assert!(alone().contains(&vgpus), "Blockers alone reads now");
+    assert!(
+        get_all().contains(&vgpus),
+        "the last read is now the new one"
+    );
+    assert!(managed().contains(&vgpus));
+
+    bus.sim("SetVgpu", &["ss", "0000:41:00.4", ""]);
+    assert!(get_all().contains(&vgpus));
+    // A change the daemon sees: the next GetAll reads again.
+    ctl(&bus, &["tag", "l40s", "pool=a"]);
+    assert!(!get_all().contains(&vgpus));
+    assert!(!managed().contains(&vgpus));
+}

@@ -469,6 +469,7 @@ impl Service {
     /// Checks `change`, waits until it is on disk, and publishes it.
     pub(crate) async fn commit(&self, change: Change) -> Result<()> {
         self.commits.commit_with(|_| Ok((Some(change), ()))).await?;
+        self.forget_blockers();
         self.change_notify.notify_one();
         Ok(())
     }
@@ -495,6 +496,7 @@ impl Service {
                 Ok((change, after))
             })
             .await?;
+        self.forget_blockers();
         self.change_notify.notify_one();
         Ok(after)
     }

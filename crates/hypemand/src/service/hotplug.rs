@@ -19,6 +19,9 @@ impl Service {
     /// back and should be on vfio-pci is bound again, through the same code and
     /// rollback as `Bind`, in a task of its own so events keep flowing.
     pub async fn on_events(self: &Arc<Self>, batch: Vec<HostEvent>) {
+        // *(issue 30)* A function that came, went or changed driver may
+        // change any registered device's blockers (its group's).
+        self.forget_blockers();
         let mut order: Vec<PciAddress> = Vec::new();
         let mut last: HashMap<PciAddress, EventKind> = HashMap::new();
         let mut added: std::collections::HashSet<PciAddress> = Default::default();

@@ -312,6 +312,10 @@ pub struct Service {
     leases: leases::Leases,
     /// *(issue 29)* The PCIe error counters last read, for the verdicts.
     aer: health::Counters,
+    /// *(issue 30)* Each registered device's blockers as last read, by id:
+    /// what `GetAll` and `GetManagedObjects` show. Forgotten at every change
+    /// the daemon sees (an event, an operation, a registration).
+    blockers_read: Mutex<HashMap<String, Vec<hypeman_api::Blocker>>>,
     /// *(issue 27)* The bus systemd is asked on about unit holders.
     holders_bus: OnceLock<zbus::Connection>,
     /// The service itself, for the tasks that watch leases.
@@ -338,6 +342,7 @@ impl Service {
             leases: leases::Leases::default(),
             holders_bus: OnceLock::new(),
             aer: health::Counters::default(),
+            blockers_read: Mutex::default(),
             me: me.clone(),
         })
     }

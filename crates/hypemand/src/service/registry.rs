@@ -187,10 +187,61 @@ impl Service {
         Ok(after)
     }
 
+    /// *(issue 30)* Forgets every device's blockers as last read: something
+    /// the daemon sees changed (a device, its group, the registry).
+    pub(crate) fn forget_blockers(&self) {
+        self.blockers_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn blockers_read(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<hypeman_api::Blocker>>> {
+        self.blockers_read.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// *(issue 30)* A device's blockers as last read (`GetAll`), read now
+    /// if they were not read since the last change the daemon saw.
+    pub async fn last_blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>> {
+        if let Some(b) = self.blockers_read().get(id) {
+            return Ok(b.clone());
+        }
+        self.device_blockers(id).await
+    }
+
+    /// *(issue 30)* Every registered device's blockers as last read
+    /// (`GetManagedObjects`); those not read since the last change are read
+    /// in one go ([`Service::all_device_blockers`]).
+    pub async fn all_last_blockers(&self) -> Result<HashMap<String, Vec<hypeman_api::Blocker>>> {
+        let snapshot = self.snapshot();
+        {
+            let read = self.blockers_read();
+            if snapshot.iter().all(|d| read.contains_key(&d.id)) {
+                return Ok(snapshot
+                    .iter()
+                    .filter_map(|d| Some((d.id.clone(), read.get(&d.id)?.clone())))
+                    .collect());
+            }
+        }
+        drop(snapshot);
+        let all = self.all_device_blockers().await?;
+        self.blockers_read()
+            .extend(all.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(all)
+    }
+
     /// `Device1.Blockers`: why the host must keep a registered device, read
     /// now (none while it is unplugged, or once it is on vfio-pci: then the
-    /// host no longer uses it).
+    /// host no longer uses it); *(issue 30)* kept as the device's last read.
     pub async fn device_blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>> {
+        let b = self.device_blockers_now(id).await?;
+        self.blockers_read().insert(id.to_string(), b.clone());
+        Ok(b)
+    }
+
+    async fn device_blockers_now(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>> {
         let stored = self
             .snapshot()
             .by_id(id)

@@ -97,6 +97,7 @@ impl Service {
     /// Tells clients what changed, and remembers it.
     pub(crate) async fn publish_change(&self, before: &DeviceView, after: &DeviceView) {
         self.seen.set(after.stored.pci_address, after.live.clone());
+        self.forget_blockers();
         self.change_notify.notify_one();
         if let Some(p) = self.publisher() {
             p.changed(before, after).await;

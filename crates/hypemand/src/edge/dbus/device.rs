@@ -69,7 +69,7 @@ static ROWS: [Row; 28] = [
             name: "Blockers",
             signature: "aa{sv}",
             emits: Emits::False,
-            doc: "Why the host must keep this device (`code`, `message`,\n`pci_address`), read from the host when asked: mounts, routes and\nopen nodes change without an event, so no change signal is sent.",
+            doc: "Why the host must keep this device (`code`, `message`,\n`pci_address`). Reading it alone reads the host now; GetAll and\nGetManagedObjects show the last read, taken again after any change\nthe daemon sees (issue 30). Mounts, routes and open nodes change\nwithout an event, so no change signal is sent.",
         },
         value: None,
     },
@@ -252,14 +252,16 @@ impl DeviceObject {
         Ok(service.view(stored, live).into_record())
     }
 
-    /// Why the host must keep this device, read from the host now.
-    async fn blockers(&self) -> fdo::Result<OwnedValue> {
-        let blockers = self
-            .manager
-            .service
-            .device_blockers(&self.id)
-            .await
-            .map_err(|e| fdo::Error::Failed(e.to_string()))?;
+    /// Why the host must keep this device: read from the host now (`now`:
+    /// the property read alone), or as last read (*issue 30*: `GetAll`).
+    async fn blockers(&self, now: bool) -> fdo::Result<OwnedValue> {
+        let service = &self.manager.service;
+        let blockers = if now {
+            service.device_blockers(&self.id).await
+        } else {
+            service.last_blockers(&self.id).await
+        }
+        .map_err(|e| fdo::Error::Failed(e.to_string()))?;
         owned(Value::from(blockers))
     }
 
@@ -283,7 +285,7 @@ impl DeviceObject {
                 Some(value) => owned(value(&record))?,
                 None => match blockers.take() {
                     Some(b) => owned(Value::from(b))?,
-                    None => self.blockers().await?,
+                    None => self.blockers(false).await?,
                 },
             };
             all.insert(row.declared.name.to_string(), value);
@@ -309,7 +311,7 @@ impl DeviceObject {
             Some(Row {
                 value: Some(value), ..
             }) => owned(value(&self.record().await?)),
-            Some(Row { value: None, .. }) => self.blockers().await,
+            Some(Row { value: None, .. }) => self.blockers(true).await,
             None => Err(fdo::Error::UnknownProperty(format!("no property {name}"))),
         }
     }

@@ -48,10 +48,11 @@ impl Objects {
             .iter()
             .map(|d| d.id.clone())
             .collect();
-        // *(issue 30)* Every device's blockers in one go (one walk of
-        // /proc, not one per device); a device the batch could not answer
-        // for reads its own, as before.
-        let mut blockers = match self.manager.service.all_device_blockers().await {
+        // *(issue 30)* Every device's blockers as last read; those not read
+        // since the last change the daemon saw are read in one go (one
+        // walk of /proc, not one per device); a device the batch could not
+        // answer for reads its own, as before.
+        let mut blockers = match self.manager.service.all_last_blockers().await {
             Ok(b) => b,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the blockers in one go; reading them one by one");
