@@ -219,6 +219,26 @@ pub fn changed_properties(before: &Record, after: &Record) -> Vec<(&'static str,
         .collect()
 }
 
+/// *(issue 30)* Every property of a device, in introspection order, from
+/// its record and its blockers: what `GetAll`, `GetManagedObjects` and
+/// `InterfacesAdded` carry. No read, no await: `GetManagedObjects` builds
+/// thousands.
+pub fn table(
+    record: &Record,
+    blockers: Vec<hypeman_api::Blocker>,
+) -> Vec<(&'static str, Value<'static>)> {
+    let mut blockers = Some(blockers);
+    ROWS.iter()
+        .map(|row| {
+            let value = match row.value {
+                Some(value) => value(record),
+                None => Value::from(blockers.take().unwrap_or_default()),
+            };
+            (row.declared.name, value)
+        })
+        .collect()
+}
+
 fn owned(v: Value<'_>) -> fdo::Result<OwnedValue> {
     OwnedValue::try_from(v).map_err(|e| fdo::Error::Failed(e.to_string()))
 }
@@ -272,25 +292,25 @@ impl DeviceObject {
 
     /// Every property, from one record, with `blockers` when they were
     /// read already (*issue 30*: `GetManagedObjects` reads every device's
-    /// in one go), else with one read of them.
+    /// in one go), else with their last read.
     pub async fn all_with(
         &self,
         blockers: Option<Vec<hypeman_api::Blocker>>,
     ) -> fdo::Result<Properties> {
         let record = self.record().await?;
-        let mut all = Properties::with_capacity(ROWS.len());
-        let mut blockers = blockers;
-        for row in &ROWS {
-            let value = match row.value {
-                Some(value) => owned(value(&record))?,
-                None => match blockers.take() {
-                    Some(b) => owned(Value::from(b))?,
-                    None => self.blockers(false).await?,
-                },
-            };
-            all.insert(row.declared.name.to_string(), value);
-        }
-        Ok(all)
+        let blockers = match blockers {
+            Some(b) => b,
+            None => self
+                .manager
+                .service
+                .last_blockers(&self.id)
+                .await
+                .map_err(|e| fdo::Error::Failed(e.to_string()))?,
+        };
+        table(&record, blockers)
+            .into_iter()
+            .map(|(name, v)| Ok((name.to_string(), owned(v)?)))
+            .collect()
     }
 
     /// *(issue 29)* Reads the device's error counters now (its health

@@ -13,15 +13,17 @@ use std::sync::Arc;
 
 use zbus::fdo;
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{Connection, ObjectPath, OwnedObjectPath, Variant};
 
 use super::device::DeviceObject;
 use super::device_path;
 use super::manager::Manager;
 use hypeman_api::{DEVICE_IFACE, MANAGER_PATH};
 
-/// Per object, per interface, the properties.
-pub type ManagedObjects = HashMap<OwnedObjectPath, HashMap<String, HashMap<String, OwnedVariant>>>;
+/// Per object, per interface, the properties (`a{oa{sa{sv}}}`). *(issue
+/// 30)* Names are the table's own strings: no copy per property.
+pub type ManagedObjects =
+    HashMap<OwnedObjectPath, HashMap<&'static str, HashMap<&'static str, Variant<'static>>>>;
 
 /// The ObjectManager of the manager's path.
 pub struct Objects {
@@ -41,33 +43,37 @@ impl super::exported::AllProperties for Objects {}
 impl Objects {
     /// Every registered device and its `org.hypeman.Device1` properties.
     async fn get_managed_objects(&self) -> fdo::Result<ManagedObjects> {
-        let ids: Vec<String> = self
-            .manager
-            .service
-            .snapshot()
-            .iter()
-            .map(|d| d.id.clone())
-            .collect();
-        // *(issue 30)* Every device's blockers as last read; those not read
-        // since the last change the daemon saw are read in one go (one
-        // walk of /proc, not one per device); a device the batch could not
-        // answer for reads its own, as before.
-        let mut blockers = match self.manager.service.all_last_blockers().await {
+        let service = &self.manager.service;
+        // *(issue 30)* Every device from one snapshot and the state the
+        // events keep (no host read), and every device's blockers as last
+        // read; those not read since the last change are read in one go
+        // (one walk of /proc, not one per device); a device the batch could
+        // not answer for reads its own, as before.
+        let views = service
+            .list()
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        let mut blockers = match service.all_last_blockers().await {
             Ok(b) => b,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the blockers in one go; reading them one by one");
                 HashMap::new()
             }
         };
-        let mut out = ManagedObjects::with_capacity(ids.len());
-        for id in ids {
-            let path = device_path(&id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
-            let mine = blockers.remove(&id);
-            // A device deleted meanwhile is simply left out.
-            let object = DeviceObject::new(self.manager.clone(), id);
-            if let Ok(props) = object.all_with(mine).await {
-                out.insert(path, HashMap::from([(DEVICE_IFACE.to_string(), props)]));
-            }
+        let mut out = ManagedObjects::with_capacity(views.len());
+        for view in views {
+            let record = view.into_record();
+            let path = device_path(&record.id).map_err(|e| fdo::Error::Failed(e.to_string()))?;
+            let mine = match blockers.remove(&record.id) {
+                Some(b) => b,
+                // A device deleted meanwhile is simply left out.
+                None => match service.last_blockers(&record.id).await {
+                    Ok(b) => b,
+                    Err(_) => continue,
+                },
+            };
+            let props = super::device::table(&record, mine).into_iter().collect();
+            out.insert(path, HashMap::from([(DEVICE_IFACE, props)]));
         }
         crate::memory::trim_soon();
         Ok(out)
