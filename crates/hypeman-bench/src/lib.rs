@@ -461,11 +461,14 @@ pub async fn run(cfg: &Config) -> BenchResult<serde_json::Map<String, Value>> {
     }
     let bind_unbind_per_s = cycles as f64 / t.elapsed().as_secs_f64();
 
-    // hotplug_to_signal: Unplug/Plug to PropertiesChanged(Present) seen here.
-    let gpu_path = format!("{m}/{}", device_id(&conn, "dev-16").await?);
+    // hotplug_to_signal: Unplug/Plug to PropertiesChanged(Present) seen here,
+    // on device 16 (device 0 on a host of fewer: `--devices 1` measures the
+    // idle RSS of a one-device daemon).
+    let hot: usize = if n > 16 { 16 } else { 0 };
+    let gpu_path = format!("{m}/{}", device_id(&conn, &format!("dev-{hot}")).await?);
     let mut stream = changes_of(&conn, &gpu_path).await?;
     let mut hotplug = Vec::new();
-    let addr16 = pci_address(16);
+    let addr16 = pci_address(hot);
     for _ in 0..if cfg.quick { 5 } else { 50 } {
         for (method, want) in [("Unplug", false), ("Plug", true)] {
             let t = Instant::now();

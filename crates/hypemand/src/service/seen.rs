@@ -27,9 +27,9 @@ pub struct Seen(Mutex<Known>);
 
 #[derive(Default)]
 struct Known {
-    by_address: HashMap<PciAddress, Option<HostDevice>>,
-    /// Each address's generation: bumped at every [`Seen::set`].
-    generation: HashMap<PciAddress, u64>,
+    /// What is known of each address, and its generation (bumped at every
+    /// [`Seen::set`]; one map, not two: it holds every function).
+    by_address: HashMap<PciAddress, (Option<HostDevice>, u64)>,
     /// The addresses last seen on vfio-pci: the status line counts them
     /// without walking every device at every change.
     on_vfio: HashSet<PciAddress>,
@@ -48,17 +48,20 @@ impl Seen {
         } else {
             known.on_vfio.remove(&address);
         }
-        *known.generation.entry(address).or_default() += 1;
-        known.by_address.insert(address, live)
+        let entry = known.by_address.entry(address).or_insert((None, 0));
+        let before = std::mem::replace(&mut entry.0, live);
+        entry.1 += 1;
+        // The first set of an address had nothing before it.
+        (entry.1 > 1).then_some(before)
     }
 
     /// *(issue 30)* How many times `address` was set (0: never).
     pub fn generation(&self, address: PciAddress) -> u64 {
-        self.known().generation.get(&address).copied().unwrap_or(0)
+        self.known().by_address.get(&address).map_or(0, |e| e.1)
     }
 
     pub fn get(&self, address: PciAddress) -> Option<Option<HostDevice>> {
-        self.known().by_address.get(&address).cloned()
+        self.known().by_address.get(&address).map(|e| e.0.clone())
     }
 
     /// Whether `address` was looked at (present or known to be absent).
@@ -71,7 +74,7 @@ impl Seen {
         self.known()
             .by_address
             .iter()
-            .map(|(a, l)| (*a, l.is_some()))
+            .map(|(a, l)| (*a, l.0.is_some()))
             .collect()
     }
 
@@ -150,7 +153,7 @@ impl Service {
             let known = self.seen.known();
             addresses
                 .iter()
-                .map(|a| known.by_address.get(a).cloned())
+                .map(|a| known.by_address.get(a).map(|e| e.0.clone()))
                 .collect()
         };
         let unknown: Vec<PciAddress> = addresses
@@ -225,7 +228,7 @@ impl Service {
     pub fn remember_absent(&self) {
         let mut known = self.seen.known();
         for s in self.snapshot().iter() {
-            known.by_address.entry(s.pci_address).or_insert(None);
+            known.by_address.entry(s.pci_address).or_insert((None, 1));
         }
     }
 }
@@ -236,4 +239,26 @@ pub(crate) fn absent(stored: &StoredDevice) -> hypeman_api::Error {
         "{} (registered as {}; it is not on the host now, unplugged?)",
         stored.pci_address, stored.name
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each set bumps the address's generation and answers what was known
+    /// before (`None`: never looked at); what the event path compares to
+    /// tell an overtaken read.
+    #[test]
+    fn each_set_bumps_the_generation_and_answers_what_was_known() {
+        let seen = Seen::default();
+        let a = PciAddress::parse("0000:a2:00.0").unwrap();
+        assert_eq!(seen.generation(a), 0);
+        assert!(!seen.knows(a));
+        assert_eq!(seen.set(a, None), None);
+        assert_eq!(seen.generation(a), 1);
+        assert_eq!(seen.get(a), Some(None));
+        assert_eq!(seen.set(a, None), Some(None));
+        assert_eq!(seen.generation(a), 2);
+        assert_eq!(seen.addresses(), vec![(a, false)]);
+    }
 }
