@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     }
     if args.scaling {
         let maps: Vec<_> = runs.iter().filter_map(|r| r.as_object().cloned()).collect();
-        eprintln!("== across sizes (issue 18)");
+        eprintln!("== across sizes (issues 18 and 30)");
         for line in bench::scaling_verdicts(&maps) {
             eprintln!("{line}");
         }
