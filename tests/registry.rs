@@ -172,16 +172,9 @@ fn tree_properties_and_object_manager() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), value, "{prop}");
     }
 
-    let managed = bus
-        .call(
-            PATH,
-            "org.freedesktop.DBus.ObjectManager",
-            "GetManagedObjects",
-            &[],
-        )
-        .unwrap();
+    let managed = bus.managed_objects();
     assert!(
-        managed[0][&path]["org.hypeman.Device1"]["Name"]["data"] == "l4-gpu",
+        managed[&path]["org.hypeman.Device1"]["Name"]["data"] == "l4-gpu",
         "{managed}"
     );
 
@@ -512,15 +505,8 @@ fn managed_objects_show_each_devices_own_blockers() {
     for a in addresses {
         bus.manager("Register", &["ss", a, ""]).unwrap();
     }
-    let all = bus
-        .call(
-            PATH,
-            "org.freedesktop.DBus.ObjectManager",
-            "GetManagedObjects",
-            &[],
-        )
-        .unwrap();
-    let objects = all[0].as_object().unwrap();
+    let all = bus.managed_objects();
+    let objects = all.as_object().unwrap();
     assert_eq!(objects.len(), addresses.len(), "{all}");
     let mut with_blockers = 0;
     for (path, ifaces) in objects {

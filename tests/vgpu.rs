@@ -248,6 +248,13 @@ fn the_real_backend_reads_vgpus_from_sysfs() {
     assert!(ok, "{report}");
 }
 
+/// The L40S registered as `l40s` with two virtual functions: its object path.
+fn l40s_with_two_vfs(bus: &TestBus) -> String {
+    let gpu = ctl(bus, &["register", "0000:41:00.0", "--name", "l40s"]);
+    ctl(bus, &["sriov", "l40s", "2"]);
+    format!("/org/hypeman/Devices/{}", gpu["id"].as_str().unwrap())
+}
+
 /// A vGPU made behind the daemon's back (Simulator1.SetVgpu, as another
 /// tool would): the GPU shows the `vgpus` blocker naming it, keeps its
 /// virtual functions and its registration (`InUse`), and the capacity counts
@@ -259,9 +266,7 @@ fn a_gpu_carrying_vgpus_stays_as_it_is() {
         state: _state,
         daemon: _d,
     } = Sim::start("l40s-vgpu.toml");
-    let gpu = ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
-    let path = format!("/org/hypeman/Devices/{}", gpu["id"].as_str().unwrap());
-    ctl(&bus, &["sriov", "l40s", "2"]);
+    let path = l40s_with_two_vfs(&bus);
     bus.sim("SetVgpu", &["ss", "0000:41:00.4", "1152"]);
     let out = bus.busctl(&[
         "--json=short",
@@ -536,9 +541,7 @@ fn getall_shows_the_blockers_last_read() {
         state: _state,
         daemon: _d,
     } = Sim::start("l40s-vgpu.toml");
-    let gpu = ctl(&bus, &["register", "0000:41:00.0", "--name", "l40s"]);
-    let path = format!("/org/hypeman/Devices/{}", gpu["id"].as_str().unwrap());
-    ctl(&bus, &["sriov", "l40s", "2"]);
+    let path = l40s_with_two_vfs(&bus);
     let codes = |blockers: &Value| -> Vec<String> {
         blockers
             .as_array()
@@ -558,17 +561,8 @@ fn getall_shows_the_blockers_last_read() {
             .unwrap();
         codes(&all[0]["Blockers"]["data"])
     };
-    let managed = || {
-        let all = bus
-            .call(
-                PATH,
-                "org.freedesktop.DBus.ObjectManager",
-                "GetManagedObjects",
-                &[],
-            )
-            .unwrap();
-        codes(&all[0][&path]["org.hypeman.Device1"]["Blockers"]["data"])
-    };
+    let managed =
+        || codes(&bus.managed_objects()[&path]["org.hypeman.Device1"]["Blockers"]["data"]);
     let alone = || {
         let out = bus.busctl(&[
             "--json=short",

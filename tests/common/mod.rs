@@ -462,6 +462,20 @@ impl TestBus {
         Available(all[0].as_array().expect("an array").clone())
     }
 
+    /// `GetManagedObjects` on the manager's path: every object path to its
+    /// interfaces and their properties (busctl's JSON).
+    pub fn managed_objects(&self) -> Value {
+        let all = self
+            .call(
+                PATH,
+                "org.freedesktop.DBus.ObjectManager",
+                "GetManagedObjects",
+                &[],
+            )
+            .expect("GetManagedObjects");
+        all[0].clone()
+    }
+
     /// A manager method through busctl.
     pub fn manager(&self, method: &str, sig_and_args: &[&str]) -> Result<Value, String> {
         self.call(PATH, IFACE, method, sig_and_args)
