@@ -255,6 +255,20 @@ fn l40s_with_two_vfs(bus: &TestBus) -> String {
     format!("/org/hypeman/Devices/{}", gpu["id"].as_str().unwrap())
 }
 
+/// A device's `Blockers` read alone (busctl's JSON data).
+fn blockers_read_alone(bus: &TestBus, path: &str) -> Value {
+    let out = bus.busctl(&[
+        "--json=short",
+        "get-property",
+        NAME,
+        path,
+        "org.hypeman.Device1",
+        "Blockers",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["data"].clone()
+}
+
 /// A vGPU made behind the daemon's back (Simulator1.SetVgpu, as another
 /// tool would): the GPU shows the `vgpus` blocker naming it, keeps its
 /// virtual functions and its registration (`InUse`), and the capacity counts
@@ -268,16 +282,8 @@ fn a_gpu_carrying_vgpus_stays_as_it_is() {
     } = Sim::start("l40s-vgpu.toml");
     let path = l40s_with_two_vfs(&bus);
     bus.sim("SetVgpu", &["ss", "0000:41:00.4", "1152"]);
-    let out = bus.busctl(&[
-        "--json=short",
-        "get-property",
-        NAME,
-        &path,
-        "org.hypeman.Device1",
-        "Blockers",
-    ]);
-    let blockers: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let vgpus = blockers["data"]
+    let blockers = blockers_read_alone(&bus, &path);
+    let vgpus = blockers
         .as_array()
         .unwrap()
         .iter()
@@ -563,18 +569,7 @@ fn getall_shows_the_blockers_last_read() {
     };
     let managed =
         || codes(&bus.managed_objects()[&path]["org.hypeman.Device1"]["Blockers"]["data"]);
-    let alone = || {
-        let out = bus.busctl(&[
-            "--json=short",
-            "get-property",
-            NAME,
-            &path,
-            "org.hypeman.Device1",
-            "Blockers",
-        ]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        codes(&v["data"])
-    };
+    let alone = || codes(&blockers_read_alone(&bus, &path));
     let vgpus = "vgpus".to_string();
     assert!(!get_all().contains(&vgpus));
 
