@@ -199,7 +199,9 @@ impl Service {
     ) -> Result<(Option<HostDevice>, Option<Option<HostDevice>>)> {
         let now = self.live(address).await?;
         let told = self.seen.get(address).filter(|t| *t != now);
-        if let Some(t) = &told {
+        // Without events a difference is expected (nothing kept the state):
+        // the change is announced from what clients were told all the same.
+        if let Some(t) = told.as_ref().filter(|_| self.events_followed()) {
             tracing::info!(
                 pci_address = %address,
                 told_driver = %t.as_ref().and_then(|d| d.driver.as_deref()).unwrap_or("(none)"),
