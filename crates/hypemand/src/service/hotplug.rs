@@ -231,3 +231,42 @@ impl Service {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::service::testing::{example, service_on};
+    use hypeman_api::VFIO_DRIVER;
+    use std::time::Duration;
+
+    /// *(issue 30)* An event's read that an operation's publication
+    /// overtook is not announced over it: the state then says what the
+    /// operation published, not the older read. (The simulated kernel's
+    /// events are not wired here, so nothing else moves the state.)
+    #[tokio::test]
+    async fn an_overtaken_read_is_not_announced() {
+        let f = service_on(&example("l4.toml"), Duration::from_secs(5));
+        let s = &f.service;
+        s.register_at("0000:a2:00.0", "l4-gpu", Default::default())
+            .await
+            .unwrap();
+        let address = s.resolve("l4-gpu").unwrap().record().pci_address;
+        // What an event's read saw, and the generation it was read at.
+        let read = s.seen().get(address).unwrap();
+        let generation = s.seen().generation(address);
+        assert_eq!(read.as_ref().unwrap().driver.as_deref(), Some("nvidia"));
+
+        // Bind publishes meanwhile.
+        s.bind(&s.resolve("l4-gpu").unwrap()).await.unwrap();
+        s.refresh(address, read, false, generation).await;
+        let kept = s.seen().get(address).unwrap();
+        assert_eq!(kept.unwrap().driver.as_deref(), Some(VFIO_DRIVER));
+
+        // A read taken after the publication is announced as usual.
+        let fresh = s.live(address).await.unwrap();
+        let mut unbound = fresh.clone().unwrap();
+        unbound.driver = None;
+        s.refresh(address, Some(unbound), false, s.seen().generation(address))
+            .await;
+        assert_eq!(s.seen().get(address).unwrap().unwrap().driver, None);
+    }
+}
