@@ -343,6 +343,33 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hosts")
     }
 
+    /// *(issue 30)* The simulated kernel announces every driver change as
+    /// the real one does, the daemon's own writes included: an unbind, a
+    /// bind, a probe that binds, and an outside actor's rebind, each event
+    /// once.
+    #[test]
+    fn every_driver_change_sends_its_event_once() {
+        let host = SimHost::from_file(&examples().join("l4.toml")).unwrap();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        host.set_event_sink(Box::new(move |e| {
+            sink.lock().unwrap().push((e.kind, e.address));
+        }));
+        let gpu = PciAddress::parse("0000:a2:00.0").unwrap();
+        let take = || std::mem::take(&mut *seen.lock().unwrap());
+        host.unbind(gpu, "nvidia").unwrap();
+        assert_eq!(take(), [(EventKind::Unbind, gpu)]);
+        host.probe(gpu).unwrap();
+        assert_eq!(take(), [(EventKind::Bind, gpu)]);
+        host.set_override(gpu, Some("vfio-pci")).unwrap();
+        assert_eq!(take(), [], "driver_override sends no uevent");
+        host.unbind(gpu, "nvidia").unwrap();
+        host.bind(gpu, "vfio-pci").unwrap();
+        assert_eq!(take(), [(EventKind::Unbind, gpu), (EventKind::Bind, gpu)]);
+        host.driver_bind(gpu, "nvidia").unwrap();
+        assert_eq!(take(), [(EventKind::Unbind, gpu), (EventKind::Bind, gpu)]);
+    }
+
     #[test]
     fn shipped_fixtures_load() {
         for name in [
