@@ -139,15 +139,7 @@ impl Service {
         addresses: Vec<PciAddress>,
     ) -> Result<Vec<Option<HostDevice>>> {
         if !self.events_followed() {
-            let what = "cannot read the registered devices from the host";
-            return self
-                .door
-                .read_many(addresses)
-                .await
-                .map_err(|e| host_error(what.into(), e))?
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| host_error(what.into(), e));
+            return self.read_registered(addresses).await;
         }
         let mut out: Vec<Option<Option<HostDevice>>> = {
             let known = self.seen.known();
@@ -163,18 +155,9 @@ impl Service {
             .map(|(a, _)| *a)
             .collect();
         if !unknown.is_empty() {
-            let what = "cannot read the registered devices from the host";
-            let read = self
-                .door
-                .read_many(unknown.clone())
-                .await
-                .map_err(|e| host_error(what.into(), e))?;
-            let mut read: HashMap<PciAddress, Option<HostDevice>> = unknown
-                .into_iter()
-                .zip(read)
-                .map(|(a, r)| r.map(|l| (a, l)))
-                .collect::<Result<_, _>>()
-                .map_err(|e| host_error(what.into(), e))?;
+            let read = self.read_registered(unknown.clone()).await?;
+            let mut read: HashMap<PciAddress, Option<HostDevice>> =
+                unknown.into_iter().zip(read).collect();
             for (a, slot) in addresses.iter().zip(out.iter_mut()) {
                 if slot.is_none() {
                     let l = read.remove(a).flatten();
@@ -184,6 +167,18 @@ impl Service {
             }
         }
         Ok(out.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Registered devices read from the host now, in one go.
+    async fn read_registered(&self, addresses: Vec<PciAddress>) -> Result<Vec<Option<HostDevice>>> {
+        let what = "cannot read the registered devices from the host";
+        self.door
+            .read_many(addresses)
+            .await
+            .map_err(|e| host_error(what.into(), e))?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| host_error(what.into(), e))
     }
 
     /// *(issue 30)* The read an operation acts on: the device read now, and
