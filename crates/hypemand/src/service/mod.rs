@@ -315,7 +315,7 @@ pub struct Service {
     /// *(issue 30)* Each registered device's blockers as last read, by id:
     /// what `GetAll` and `GetManagedObjects` show. Forgotten at every change
     /// the daemon sees (an event, an operation, a registration).
-    blockers_read: Mutex<HashMap<String, Vec<hypeman_api::Blocker>>>,
+    blockers_read: Mutex<registry::BlockersRead>,
     /// *(issue 27)* The bus systemd is asked on about unit holders.
     holders_bus: OnceLock<zbus::Connection>,
     /// The service itself, for the tasks that watch leases.

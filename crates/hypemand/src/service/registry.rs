@@ -35,6 +35,35 @@ fn groups_of(devices: &[HostDevice]) -> HashMap<u32, Vec<HostDevice>> {
     groups
 }
 
+/// *(issue 30)* Every registered device's blockers as last read, by id, and
+/// how many times they were forgotten: a read that a change overtook (it
+/// began before the change was forgotten) is not kept, or it would show the
+/// state before the change until the next one.
+#[derive(Default)]
+pub struct BlockersRead {
+    epoch: u64,
+    by_id: HashMap<String, Vec<hypeman_api::Blocker>>,
+}
+
+impl BlockersRead {
+    fn forget(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.by_id.clear();
+    }
+
+    /// Keeps what a read that began at `epoch` found, unless a change was
+    /// forgotten since.
+    fn keep(
+        &mut self,
+        epoch: u64,
+        read: impl IntoIterator<Item = (String, Vec<hypeman_api::Blocker>)>,
+    ) {
+        if epoch == self.epoch {
+            self.by_id.extend(read);
+        }
+    }
+}
+
 impl Service {
     /// Resolves what a caller named (an id, or an exact name) to one record,
     /// once. Everything that acts afterwards acts on that record's id.
@@ -190,22 +219,17 @@ impl Service {
     /// *(issue 30)* Forgets every device's blockers as last read: something
     /// the daemon sees changed (a device, its group, the registry).
     pub(crate) fn forget_blockers(&self) {
-        self.blockers_read
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.blockers_read().forget();
     }
 
-    fn blockers_read(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<hypeman_api::Blocker>>> {
+    fn blockers_read(&self) -> std::sync::MutexGuard<'_, BlockersRead> {
         self.blockers_read.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// *(issue 30)* A device's blockers as last read (`GetAll`), read now
     /// if they were not read since the last change the daemon saw.
     pub async fn last_blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>> {
-        if let Some(b) = self.blockers_read().get(id) {
+        if let Some(b) = self.blockers_read().by_id.get(id) {
             return Ok(b.clone());
         }
         self.device_blockers(id).await
@@ -216,19 +240,20 @@ impl Service {
     /// in one go ([`Service::all_device_blockers`]).
     pub async fn all_last_blockers(&self) -> Result<HashMap<String, Vec<hypeman_api::Blocker>>> {
         let snapshot = self.snapshot();
-        {
+        let epoch = {
             let read = self.blockers_read();
-            if snapshot.iter().all(|d| read.contains_key(&d.id)) {
+            if snapshot.iter().all(|d| read.by_id.contains_key(&d.id)) {
                 return Ok(snapshot
                     .iter()
-                    .filter_map(|d| Some((d.id.clone(), read.get(&d.id)?.clone())))
+                    .filter_map(|d| Some((d.id.clone(), read.by_id.get(&d.id)?.clone())))
                     .collect());
             }
-        }
+            read.epoch
+        };
         drop(snapshot);
         let all = self.all_device_blockers().await?;
         self.blockers_read()
-            .extend(all.iter().map(|(k, v)| (k.clone(), v.clone())));
+            .keep(epoch, all.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(all)
     }
 
@@ -236,8 +261,10 @@ impl Service {
     /// now (none while it is unplugged, or once it is on vfio-pci: then the
     /// host no longer uses it); *(issue 30)* kept as the device's last read.
     pub async fn device_blockers(&self, id: &str) -> Result<Vec<hypeman_api::Blocker>> {
+        let epoch = self.blockers_read().epoch;
         let b = self.device_blockers_now(id).await?;
-        self.blockers_read().insert(id.to_string(), b.clone());
+        self.blockers_read()
+            .keep(epoch, [(id.to_string(), b.clone())]);
         Ok(b)
     }
 
@@ -399,5 +426,29 @@ impl Service {
             p.removed(&removed.id).await;
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockersRead;
+
+    /// *(issue 30)* A blockers read that a change overtook is not kept: the
+    /// next `GetAll` reads again instead of showing the state before the
+    /// change.
+    #[test]
+    fn a_read_overtaken_by_a_change_is_not_kept() {
+        let stale = hypeman_api::Blocker {
+            code: "open-by".into(),
+            message: "held open by qemu (pid 4242)".into(),
+            pci_address: "0000:a2:00.0".into(),
+        };
+        let mut read = BlockersRead::default();
+        let began = read.epoch;
+        read.forget();
+        read.keep(began, [("gpu".to_string(), vec![stale.clone()])]);
+        assert!(!read.by_id.contains_key("gpu"));
+        read.keep(read.epoch, [("gpu".to_string(), vec![stale])]);
+        assert_eq!(read.by_id["gpu"].len(), 1);
     }
 }

@@ -55,6 +55,17 @@ impl Seen {
         (entry.1 > 1).then_some(before)
     }
 
+    /// *(issue 30)* Records what a first read of `address` found, unless
+    /// something was recorded meanwhile (an event or an operation, newer
+    /// than that read); returns what is known now.
+    pub fn learn(&self, address: PciAddress, live: Option<HostDevice>) -> Option<HostDevice> {
+        if let Some(known) = self.known().by_address.get(&address) {
+            return known.0.clone();
+        }
+        self.set(address, live.clone());
+        live
+    }
+
     /// *(issue 30)* How many times `address` was set (0: never).
     pub fn generation(&self, address: PciAddress) -> u64 {
         self.known().by_address.get(&address).map_or(0, |e| e.1)
@@ -160,9 +171,7 @@ impl Service {
                 unknown.into_iter().zip(read).collect();
             for (a, slot) in addresses.iter().zip(out.iter_mut()) {
                 if slot.is_none() {
-                    let l = read.remove(a).flatten();
-                    self.seen.set(*a, l.clone());
-                    *slot = Some(l);
+                    *slot = Some(self.seen.learn(*a, read.remove(a).flatten()));
                 }
             }
         }
@@ -257,5 +266,28 @@ mod tests {
         assert_eq!(seen.set(a, None), Some(None));
         assert_eq!(seen.generation(a), 2);
         assert_eq!(seen.addresses(), vec![(a, false)]);
+    }
+
+    /// A first read does not overwrite what was recorded while it ran.
+    #[test]
+    fn a_first_read_does_not_overwrite_a_newer_one() {
+        let seen = Seen::default();
+        let a = PciAddress::parse("0000:a2:00.0").unwrap();
+        let b = PciAddress::parse("0000:3b:00.0").unwrap();
+        use crate::host::Host;
+        let host =
+            crate::host::sim::SimHost::from_file(&crate::service::testing::example("l4.toml"))
+                .unwrap();
+        let gpu = host.device(a).unwrap().unwrap();
+        let device = |driver: &str| HostDevice {
+            driver: Some(driver.to_string()),
+            ..gpu.clone()
+        };
+        assert_eq!(seen.learn(b, None), None);
+        assert_eq!(seen.generation(b), 1);
+        seen.set(a, Some(device("vfio-pci")));
+        let kept = seen.learn(a, Some(device("nvidia")));
+        assert_eq!(kept.unwrap().driver.as_deref(), Some("vfio-pci"));
+        assert_eq!(seen.generation(a), 1);
     }
 }
