@@ -576,6 +576,62 @@ fn introspection_lists_every_device_object() {
         .filter(|l| l.starts_with(&format!("{PATH}/")))
         .count();
     assert_eq!(devices, 3, "{listed:?}");
+    // *(issue 30)* No device is an exported object: the manager's node
+    // lists each as a child, and calls on one that is not registered, or on
+    // an interface it does not have, are refused with zbus's own words.
+    let out = bus.busctl(&["introspect", "--xml-interface", NAME, PATH]);
+    let xml = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for p in paths {
+        let id = p.rsplit('/').next().unwrap();
+        assert!(
+            xml.contains(&format!("<node name=\"{id}\"/>")),
+            "{id} not in {xml}"
+        );
+    }
+    assert!(
+        xml.contains("<interface name=\"org.hypeman.Devices1\">"),
+        "{xml}"
+    );
+    let e = bus
+        .call(
+            &gpu,
+            "org.freedesktop.DBus.Properties",
+            "Get",
+            &["ss", "org.example.Nope", "Driver"],
+        )
+        .unwrap_err();
+    assert!(e.contains("Unknown interface 'org.example.Nope'"), "{e}");
+    let e = bus
+        .call(
+            &gpu,
+            "org.freedesktop.DBus.Properties",
+            "Get",
+            &["ss", "org.hypeman.Device1", "Nope"],
+        )
+        .unwrap_err();
+    assert!(e.contains("Nope"), "{e}");
+    let address = bus
+        .call(
+            &gpu,
+            "org.freedesktop.DBus.Properties",
+            "Get",
+            &["ss", "org.hypeman.Device1", "PciAddress"],
+        )
+        .unwrap();
+    assert_eq!(address[0]["data"], "0000:a2:00.0", "{address}");
+    let e = bus
+        .call(
+            &format!("{PATH}/nosuchdevice"),
+            "org.hypeman.Device1",
+            "Bind",
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        e.contains(&format!("Unknown object '{PATH}/nosuchdevice'")),
+        "{e}"
+    );
 
     bus.call(&nic, "org.hypeman.Device1", "Delete", &[])
         .unwrap();
@@ -587,4 +643,8 @@ fn introspection_lists_every_device_object() {
     );
     let out = bus.busctl(&["introspect", NAME, &nic]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("org.hypeman.Device1"));
+    let e = bus
+        .call(&nic, "org.hypeman.Device1", "Bind", &[])
+        .unwrap_err();
+    assert!(e.contains(&format!("Unknown object '{nic}'")), "{e}");
 }

@@ -287,7 +287,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // Leases whose holder ended while hypemand was not watching: released.
     // Unit holders are asked about on the daemon's own bus, connected here
     // (nothing is exported and no name is taken until serve).
-    let conn = bus::connect(&opts.bus).await?;
+    let (conn, fallback) = bus::connect(&opts.bus).await?;
     service.set_holders_bus(conn.clone());
     service.reconcile_leases().await;
     tracing::debug!(elapsed_ms = ms(), "host reconciled");
@@ -323,7 +323,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(|e| DaemonError::Bus(ServeError::Connect(e)))?;
     let authz = Arc::new(Authz::new(service.clone(), Arc::new(bouncer)));
     let sim = sim.map(|s| (s, events.clone()));
-    bus::serve(&conn, service.clone(), authz.clone(), sim).await?;
+    bus::serve(&conn, &fallback, service.clone(), authz.clone(), sim).await?;
     let api_created = api_socket.as_ref().and_then(|l| l.created.clone());
     let _api = api_socket.map(|l| {
         let api = crate::edge::rest::Api::new(service.clone(), authz.clone());

@@ -8,15 +8,20 @@
 //! - [`device`]: `org.hypeman.Device1`, one object per registered device,
 //!   whose methods are the manager's with the device's own id;
 //! - [`objects`]: the ObjectManager, announcing registrations and deletions;
+//! - [`socket`] and [`fallback`]: *(issue 30)* the bus socket, whose reader
+//!   hands calls on device objects to the fallback, which makes each object
+//!   for the call: no device costs an exported object;
 //! - [`simulator`]: `org.hypeman.Simulator1`, only under `--simulate`.
 //!
 //! Authorization is [`crate::edge::authz`]'s, for every edge.
 
 pub mod device;
 pub mod exported;
+pub mod fallback;
 pub mod manager;
 pub mod objects;
 pub mod simulator;
+pub mod socket;
 pub mod vgpu;
 
 use std::sync::Arc;
@@ -29,8 +34,8 @@ use zbus::OwnedObjectPath;
 
 use super::authz::Authz;
 use crate::service::{BoxFuture, DeviceView, Publisher, Service};
-use device::DeviceObject;
 use exported::Exported;
+use fallback::Fallback;
 use manager::Manager;
 
 pub use hypeman_api::BusChoice;
@@ -46,6 +51,8 @@ pub fn device_path(id: &str) -> Result<OwnedObjectPath, Error> {
 pub enum ServeError {
     #[error("cannot connect to the bus: {0}")]
     Connect(#[source] zbus::Error),
+    #[error("cannot connect to the bus: {0}")]
+    Socket(#[source] socket::SocketError),
     #[error("cannot export objects: {0}")]
     Export(#[source] zbus::Error),
     #[error(
@@ -57,9 +64,25 @@ pub enum ServeError {
     Name(#[source] zbus::Error),
 }
 
-/// Connects to the bus (nothing is exported and no name is taken yet).
-pub async fn connect(bus: &BusChoice) -> Result<Connection, ServeError> {
-    bus.builder().build().await.map_err(ServeError::Connect)
+/// Connects to the bus (nothing is exported and no name is taken yet),
+/// over the daemon's own socket ([`socket`]): calls on device objects go to
+/// the returned [`Fallback`], which answers them as unknown until [`serve`].
+pub async fn connect(bus: &BusChoice) -> Result<(Connection, Arc<Fallback>), ServeError> {
+    let address = match bus {
+        BusChoice::System => zbus::Address::system(),
+        BusChoice::Session => zbus::Address::session(),
+        BusChoice::Address(a) => a.parse(),
+    }
+    .map_err(|e| ServeError::Socket(socket::SocketError::Address(e)))?;
+    let (socket, calls) = socket::connect(address, fallback::takes)
+        .await
+        .map_err(ServeError::Socket)?;
+    let conn = zbus::connection::Builder::socket(socket)
+        .build()
+        .await
+        .map_err(ServeError::Connect)?;
+    let fallback = Fallback::start(&conn, calls);
+    Ok((conn, fallback))
 }
 
 /// Exports the manager, the ObjectManager and every registered device on
@@ -67,6 +90,7 @@ pub async fn connect(bus: &BusChoice) -> Result<Connection, ServeError> {
 /// name sees everything.
 pub async fn serve(
     conn: &Connection,
+    fallback: &Fallback,
     service: Arc<Service>,
     authz: Arc<Authz>,
     sim: Option<(Arc<crate::host::sim::SimHost>, crate::edge::udev::Sender)>,
@@ -89,18 +113,6 @@ pub async fn serve(
             .await
             .map_err(ServeError::Export)?;
     }
-    for d in service.snapshot().iter() {
-        let path = device_path(&d.id)
-            .map_err(|e| ServeError::Export(zbus::Error::Failure(e.to_string())))?;
-        server
-            .at(path, DeviceObject::exported(manager.clone(), d.id.clone()))
-            .await
-            .map_err(ServeError::Export)?;
-    }
-    tracing::debug!(
-        devices = service.snapshot().len(),
-        "device objects exported"
-    );
     for v in service.snapshot().vgpus() {
         if let Some(path) = hypeman_api::vgpu_path(&v.id) {
             server
@@ -121,6 +133,9 @@ pub async fn serve(
         .await
         .map_err(ServeError::Export)?;
     tracing::debug!("object manager exported");
+    // *(issue 30)* Every registered device's object, and those registered
+    // from now on: none is exported, the fallback makes each for its calls.
+    fallback.serve(manager.clone());
     service.set_publisher(Arc::new(BusPublisher {
         conn: conn.clone(),
         manager: Arc::downgrade(&manager),
@@ -202,18 +217,9 @@ impl Publisher for BusPublisher {
             let Some(manager) = self.manager.upgrade() else {
                 return;
             };
-            let id = device.stored.id.clone();
-            let Ok(path) = device_path(&id) else { return };
-            if let Err(e) = self
-                .conn
-                .object_server()
-                .at(path, DeviceObject::exported(manager.clone(), id.clone()))
-                .await
-            {
-                tracing::error!(device_id = %id, error = %e, "cannot export the device object");
-                return;
-            }
-            if let Err(e) = objects::announce_added(&manager, &self.conn, &id).await {
+            // The object exists from the registry's change on (`fallback`).
+            let id = &device.stored.id;
+            if let Err(e) = objects::announce_added(&manager, &self.conn, id).await {
                 tracing::warn!(device_id = %id, error = %e, "cannot emit InterfacesAdded");
             }
         })
@@ -314,16 +320,6 @@ impl Publisher for BusPublisher {
     fn removed<'a>(&'a self, id: &'a str) -> BoxFuture<'a> {
         Box::pin(async move {
             crate::memory::trim_soon();
-            let Ok(path) = device_path(id) else { return };
-            if let Err(e) = self
-                .conn
-                .object_server()
-                .remove::<Exported<DeviceObject>, _>(path)
-                .await
-            {
-                tracing::error!(device_id = %id, error = %e, "cannot remove the device object");
-                return;
-            }
             if let Err(e) = objects::announce_removed(&self.conn, id).await {
                 tracing::warn!(device_id = %id, error = %e, "cannot emit InterfacesRemoved");
             }
