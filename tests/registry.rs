@@ -593,32 +593,19 @@ fn introspection_lists_every_device_object() {
         xml.contains("<interface name=\"org.hypeman.Devices1\">"),
         "{xml}"
     );
-    let e = bus
-        .call(
+    let get = |iface: &str, prop: &str| {
+        bus.call(
             &gpu,
             "org.freedesktop.DBus.Properties",
             "Get",
-            &["ss", "org.example.Nope", "Driver"],
+            &["ss", iface, prop],
         )
-        .unwrap_err();
+    };
+    let e = get("org.example.Nope", "Driver").unwrap_err();
     assert!(e.contains("Unknown interface 'org.example.Nope'"), "{e}");
-    let e = bus
-        .call(
-            &gpu,
-            "org.freedesktop.DBus.Properties",
-            "Get",
-            &["ss", "org.hypeman.Device1", "Nope"],
-        )
-        .unwrap_err();
+    let e = get("org.hypeman.Device1", "Nope").unwrap_err();
     assert!(e.contains("Nope"), "{e}");
-    let address = bus
-        .call(
-            &gpu,
-            "org.freedesktop.DBus.Properties",
-            "Get",
-            &["ss", "org.hypeman.Device1", "PciAddress"],
-        )
-        .unwrap();
+    let address = get("org.hypeman.Device1", "PciAddress").unwrap();
     assert_eq!(address[0]["data"], "0000:a2:00.0", "{address}");
     let e = bus
         .call(
