@@ -456,6 +456,22 @@ fn startup_refusals_have_clear_messages() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 
+    // *(issue 30)* The daemon's bus socket is a unix socket: another kind of
+    // address is refused, saying which kinds it takes.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("hypemand"))
+        .arg("--bus=tcp:host=127.0.0.1,port=9")
+        .arg(format!("--state-dir={}", fresh.path().display()))
+        .args(["--simulate", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a unix socket") && err.contains("unix:path="),
+        "{err}"
+    );
+
     // A registry that does not parse is refused and left untouched (issue 13:
     // it may be the only record of who holds which device).
     std::fs::write(state.path().join("devices.json"), "{truncated").unwrap();
