@@ -1,5 +1,6 @@
 //! `org.hypeman.Device1`: one object per registered device, at
-//! `/org/hypeman/Devices/<id>`.
+//! `/org/hypeman/Devices/<id>`, made for each call that names it
+//! ([`super::fallback`], *issue 30*).
 //!
 //! The object holds only the id. Every property is a field of the device's
 //! [`Record`] (the same record `Get` answers), built from the registry and the

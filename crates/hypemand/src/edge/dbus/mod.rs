@@ -85,9 +85,9 @@ pub async fn connect(bus: &BusChoice) -> Result<(Connection, Arc<Fallback>), Ser
     Ok((conn, fallback))
 }
 
-/// Exports the manager, the ObjectManager and every registered device on
-/// `conn`, then takes the well-known name, so the first client to see the
-/// name sees everything.
+/// Exports the manager and the ObjectManager on `conn`, has the fallback
+/// serve every registered device (*issue 30*: none is exported), then takes
+/// the well-known name, so the first client to see the name sees everything.
 pub async fn serve(
     conn: &Connection,
     fallback: &Fallback,
@@ -179,7 +179,8 @@ impl BusPublisher {
     }
 }
 
-/// Turns the service's changes into exported or removed device objects.
+/// Turns the service's changes into signals (and vGPU objects); a device's
+/// object exists while the registry holds it (`fallback`).
 struct BusPublisher {
     conn: Connection,
     /// Weak: the service holds this publisher, and the manager the service.

@@ -94,7 +94,7 @@ impl Objects {
     ) -> zbus::Result<()>;
 }
 
-/// Announces a newly exported device object.
+/// Announces a newly registered device's object.
 pub async fn announce_added(
     manager: &Arc<Manager>,
     conn: &Connection,
@@ -117,7 +117,7 @@ pub async fn announce_added(
     .await
 }
 
-/// Announces a device object that went away.
+/// Announces a device object that went away (its device deleted).
 pub async fn announce_removed(conn: &Connection, id: &str) -> zbus::Result<()> {
     let path = device_path(id).map_err(|e| zbus::Error::Failure(e.to_string()))?;
     let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
