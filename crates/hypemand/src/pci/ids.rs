@@ -266,17 +266,21 @@ mod tests {
         assert_eq!(ids.device_name(0x10de, 0xfffe), None);
     }
 
+    /// `text` as a system pci.ids, loaded if newer than the embedded one.
+    fn system_file(text: &str) -> Option<PciIds> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pci.ids");
+        std::fs::write(&path, text).unwrap();
+        PciIds::from_file_if_newer(&path)
+    }
+
     /// A system file is searched line by line: unsorted, it still answers.
     #[test]
     fn an_unsorted_system_file_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pci.ids");
-        std::fs::write(
-            &path,
+        let ids = system_file(
             "# Version: 2099.01.01\n8086  Intel\n\t1234  Some NIC\n10de  NVIDIA\n# note\n\t27b8  L4\nC 03  Display\n\t00  VGA\n",
         )
-        .unwrap();
-        let ids = PciIds::from_file_if_newer(&path).expect("newer");
+        .expect("newer");
         assert_eq!(ids.vendor_name(0x10de).as_deref(), Some("NVIDIA"));
         assert_eq!(ids.device_name(0x10de, 0x27b8).as_deref(), Some("L4"));
         assert_eq!(ids.device_name(0x8086, 0x1234).as_deref(), Some("Some NIC"));
@@ -286,14 +290,10 @@ mod tests {
 
     #[test]
     fn newer_system_file_wins_older_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let newer = dir.path().join("new.ids");
-        std::fs::write(
-            &newer,
+        let ids = system_file(
             "#\tVersion: 2099.01.01\n10de  NVIDIA Corp (test)\n\t27b8  L4 (test)\n\t\t10de 16ca  sub\nC 00  Unclassified\n",
         )
-        .unwrap();
-        let ids = PciIds::from_file_if_newer(&newer).expect("newer file used");
+        .expect("newer file used");
         assert_eq!(
             ids.vendor_name(0x10de).as_deref(),
             Some("NVIDIA Corp (test)")
@@ -304,9 +304,7 @@ mod tests {
         );
         assert_eq!(ids.source(), "system 2099.01.01");
 
-        let older = dir.path().join("old.ids");
-        std::fs::write(&older, "#\tVersion: 2001.01.01\n10de  Old\n").unwrap();
-        assert!(PciIds::from_file_if_newer(&older).is_none());
-        assert!(PciIds::from_file_if_newer(&dir.path().join("missing")).is_none());
+        assert!(system_file("#\tVersion: 2001.01.01\n10de  Old\n").is_none());
+        assert!(PciIds::from_file_if_newer(Path::new("/nonexistent/pci.ids")).is_none());
     }
 }
