@@ -23,6 +23,12 @@ fn get(bus: &TestBus, key: &str) -> serde_json::Value {
     bus.manager("Get", &["s", key]).unwrap()[0].clone()
 }
 
+/// Registers the L4 as `l4-gpu`; its object path.
+fn register_gpu(bus: &TestBus) -> String {
+    let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
+    reg[0].as_str().unwrap().to_string()
+}
+
 #[test]
 fn unplug_and_plug_bring_the_gpu_back_to_vfio() {
     let _s = serial();
@@ -31,8 +37,7 @@ fn unplug_and_plug_bring_the_gpu_back_to_vfio() {
         state: _state,
         daemon: _d,
     } = Sim::start("l4.toml");
-    let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
-    let path = reg[0].as_str().unwrap().to_string();
+    let path = register_gpu(&bus);
     bus.manager("Bind", &["s", "l4-gpu"]).unwrap();
     let mut dev = Signals::watch(&bus, Some(&path));
     let mut mgr = Signals::watch(&bus, Some(PATH));
@@ -106,8 +111,7 @@ fn lost_events_lead_to_a_reread_that_announces_what_they_carried() {
         state: _state,
         daemon: d,
     } = Sim::start("l4.toml");
-    let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
-    let path = reg[0].as_str().unwrap().to_string();
+    let path = register_gpu(&bus);
     let nvme = "0000:5e:00.0";
     let mut all = Signals::watch(&bus, None);
     bus.sim("Unplug", &["s", nvme]);
@@ -155,8 +159,7 @@ fn a_driver_change_behind_the_daemons_back_is_seen_and_signalled() {
         state: _state,
         daemon: d,
     } = Sim::start("l4.toml");
-    let reg = bus.manager("Register", &["ss", GPU, "l4-gpu"]).unwrap();
-    let path = reg[0].as_str().unwrap().to_string();
+    let path = register_gpu(&bus);
     let mut all = Signals::watch(&bus, None);
 
     bus.sim("DriverBind", &["ss", GPU, "vfio-pci"]);

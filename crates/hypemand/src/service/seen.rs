@@ -274,14 +274,9 @@ mod tests {
         let seen = Seen::default();
         let a = PciAddress::parse("0000:a2:00.0").unwrap();
         let b = PciAddress::parse("0000:3b:00.0").unwrap();
-        use crate::host::Host;
-        let host =
-            crate::host::sim::SimHost::from_file(&crate::service::testing::example("l4.toml"))
-                .unwrap();
-        let gpu = host.device(a).unwrap().unwrap();
         let device = |driver: &str| HostDevice {
             driver: Some(driver.to_string()),
-            ..gpu.clone()
+            ..HostDevice::example()
         };
         assert_eq!(seen.learn(b, None), None);
         assert_eq!(seen.generation(b), 1);

@@ -286,29 +286,23 @@ impl DeviceObject {
         owned(Value::from(blockers))
     }
 
-    /// Every property, from one record and one read of the blockers.
-    pub async fn all(&self) -> fdo::Result<Properties> {
-        self.all_with(None).await
+    /// Every property, in introspection order, from one record and the
+    /// blockers as last read (`InterfacesAdded` sends this as it is).
+    pub async fn table(&self) -> fdo::Result<Vec<(&'static str, Value<'static>)>> {
+        let record = self.record().await?;
+        let blockers = self
+            .manager
+            .service
+            .last_blockers(&self.id)
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        Ok(table(&record, blockers))
     }
 
-    /// Every property, from one record, with `blockers` when they were
-    /// read already (*issue 30*: `GetManagedObjects` reads every device's
-    /// in one go), else with their last read.
-    pub async fn all_with(
-        &self,
-        blockers: Option<Vec<hypeman_api::Blocker>>,
-    ) -> fdo::Result<Properties> {
-        let record = self.record().await?;
-        let blockers = match blockers {
-            Some(b) => b,
-            None => self
-                .manager
-                .service
-                .last_blockers(&self.id)
-                .await
-                .map_err(|e| fdo::Error::Failed(e.to_string()))?,
-        };
-        table(&record, blockers)
+    /// Every property, by name (`GetAll`).
+    pub async fn all(&self) -> fdo::Result<Properties> {
+        self.table()
+            .await?
             .into_iter()
             .map(|(name, v)| Ok((name.to_string(), owned(v)?)))
             .collect()

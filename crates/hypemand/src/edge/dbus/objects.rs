@@ -101,13 +101,11 @@ pub async fn announce_added(
     id: &str,
 ) -> zbus::Result<()> {
     let path = device_path(id).map_err(|e| zbus::Error::Failure(e.to_string()))?;
-    let props = DeviceObject::new(manager.clone(), id.to_string())
-        .all()
-        .await?;
-    let props = props
-        .iter()
-        .map(|(k, v)| Ok((k.as_str(), Variant::try_from(v)?)))
-        .collect::<zbus::Result<HashMap<&str, Variant<'_>>>>()?;
+    let props: HashMap<&str, Variant<'_>> = DeviceObject::new(manager.clone(), id.to_string())
+        .table()
+        .await?
+        .into_iter()
+        .collect();
     let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
     Objects::interfaces_added(
         &emitter,
